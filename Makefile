@@ -1,0 +1,55 @@
+# Reproducible set-up and experiments. `make run` and `make test` do all the set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+RECIPE ?= recipes/resnet_int8.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint format clean data bench
+
+setup: $(STAMP) data
+
+# Reinstalls only when the dependency list or the pinned versions change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' -c constraints.txt
+	touch $(STAMP)
+
+# The real dataset: Debian's package, installed where apt is available and it is missing.
+data:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing and apt-get is not available: set data.root in the recipe" \
+	         "to a folder with the four idx files, or data.download: true"; \
+	  fi; \
+	fi
+
+run: setup
+	$(PY) -m compress run $(RECIPE)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) scripts/bench_quantize.py
+
+lint: setup
+	$(PY) -m ruff check compress tests scripts
+	$(PY) -m ruff format --check compress tests scripts
+
+format: setup
+	$(PY) -m ruff check --fix compress tests scripts
+	$(PY) -m ruff format compress tests scripts
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,125 @@
+"""The command line: ``python -m compress {run,eval,validate,list}``.
+
+Exit codes: 0 success; 2 a bad recipe, option or path (one line on stderr naming the key,
+the value and what is allowed); 1 a runtime failure (a short explanation, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from compress.recipe import RecipeError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, as for a bad recipe
+        self.exit(2, f"error: {message} (see `python -m compress {self.prog.split()[-1]} --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="compress", description="Compress a PyTorch model as a YAML recipe says,"
+                     " and measure what each stage buys and costs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a recipe value, e.g. --set data.batch_size=64 (repeatable)")
+        return p
+
+    run = recipe_command("run", "run the recipe: baseline, every stage, the report")
+    run.add_argument("--out", help="run directory (default runs/<recipe name>/<timestamp>); must be new")
+    ev = recipe_command("eval", "evaluate the baseline (or --model) only, with the recipe's data and settings")
+    ev.add_argument("--model", help="a saved model folder to evaluate instead of the recipe's baseline")
+    recipe_command("validate", "check a recipe and print it resolved, without running it")
+    sub.add_parser("list", help="list stages, methods, models and datasets",
+                   description="list stages, methods, models and datasets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="compress: %(message)s", stream=sys.stderr)
+    # Library chatter that says nothing to a user of compress: a pytree deprecation notice
+    # printed when torchao is imported, and "No CUDA runtime is found" on CPU machines.
+    for name in ("torch.utils._pytree", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return _COMMANDS[args.command](args)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - runtime failure: explain briefly, exit 1
+        from compress.pipeline import RunDirError
+
+        if isinstance(error, RunDirError):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        text = str(error).strip() or type(error).__name__
+        print(f"failed: {type(error).__name__}: {text.splitlines()[0][:500]}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from compress.pipeline import run
+
+    report = run(args.recipe, out=args.out, overrides=args.overrides)
+    print(report.table())
+    print(f"\nrun directory: {report.run_dir}")
+    return 0
+
+
+def _eval(args) -> int:
+    from compress.artifact import load
+    from compress.data import build_data
+    from compress.evaluate import environment, evaluate
+    from compress.pipeline import baseline_model, resolve_device
+    from compress.recipe import load_recipe
+    from compress.report import Report
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    device = resolve_device(recipe.device)
+    data = build_data(recipe.data, seed=recipe.seed)
+    model = load(args.model).to(device) if args.model else baseline_model(recipe, data, device)
+    name = args.model or "baseline"
+    report = Report(recipe.name, environment(device))
+    report.evaluations.append(evaluate(model, data, recipe.evaluate, name=name, device=device,
+                                       artifact=args.model))
+    print(report.table())
+    return 0
+
+
+def _validate(args) -> int:
+    import yaml
+
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+    print(f"ok: {args.recipe} is valid", file=sys.stderr)
+    return 0
+
+
+def _list(args) -> int:
+    from compress.data import DATASETS
+    from compress.models import torchvision_models
+    from compress.quantize import QUANTIZE_METHODS
+    from compress.recipe import STAGE_CONFIGS
+
+    methods = {"quantize": sorted(QUANTIZE_METHODS)}
+    print("stages and methods:")
+    for stage in STAGE_CONFIGS:
+        print(f"  {stage}: {', '.join(methods.get(stage, []))}")
+    print(f"datasets: {', '.join(DATASETS)}")
+    print("models: any 'package.module:factory', or a torchvision classification model:")
+    print("  " + ", ".join(torchvision_models()))
+    return 0
+
+
+_COMMANDS = {"run": _run, "eval": _eval, "validate": _validate, "list": _list}

@@ -1,0 +1,217 @@
+"""Datasets and splits: Fashion-MNIST (embedded default), CIFAR-10, ImageFolder, synthetic.
+
+Every dataset yields three splits: ``train``, ``calibration`` (a held-out slice of the
+training set, never the test split) and ``test``. Nothing is downloaded unless the recipe
+says ``download: true``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from compress.recipe import DataConfig
+
+# Debian's `dataset-fashion-mnist` package installs the four idx files here.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Per-dataset normalisation (mean, std per channel), measured on each training set.
+_NORMALISATION = {
+    "fashion_mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "imagefolder": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # ImageNet statistics
+    "synthetic": ([0.0], [1.0]),
+}
+DATASETS = tuple(_NORMALISATION)
+
+
+class DataError(RuntimeError):
+    """The data the recipe names cannot be found or read."""
+
+
+@dataclass
+class Data:
+    """The three splits of one dataset, plus what a model needs to know about it.
+
+    Example:
+        >>> data = build_data(DataConfig(name="synthetic", synthetic_size=64))
+        >>> images, labels = next(iter(data.loader("test")))
+    """
+
+    train: Dataset
+    calibration: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]  # channels, height, width of one image
+    config: DataConfig
+
+    def loader(self, split: str, batch_size: int | None = None, shuffle: bool = False,
+               seed: int = 0) -> DataLoader:
+        """A DataLoader over one split; the batch size defaults to the recipe's."""
+        dataset = getattr(self, split)
+        if batch_size is None:
+            batch_size = self.config.batch_size if split == "train" else self.config.eval_batch_size
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.config.workers)
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A batch of real test images, for tracing, export and latency measurement."""
+        images = torch.stack([self.test[i][0] for i in range(min(batch_size, len(self.test)))])
+        if images.shape[0] < batch_size:  # a tiny test split: repeat to the batch size asked
+            images = images.repeat((batch_size + images.shape[0] - 1) // images.shape[0], 1, 1, 1)
+        return images[:batch_size]
+
+
+def build_data(config: DataConfig, seed: int = 0) -> Data:
+    """Load the dataset a recipe's ``data`` section names and split it.
+
+    Example:
+        >>> data = build_data(DataConfig())  # Fashion-MNIST from the Debian package
+        >>> len(data.test)
+        10000
+    """
+    mean, std = config.mean or _NORMALISATION[config.name][0], config.std or _NORMALISATION[config.name][1]
+    if config.name == "fashion_mnist":
+        train, test, num_classes = _fashion_mnist(config, mean, std)
+    elif config.name == "synthetic":
+        train, test, num_classes = _synthetic(config, seed)
+    else:
+        train, test, num_classes = _torchvision_folder(config, mean, std)
+    train, calibration = _hold_out(train, config.calibration_size, seed)
+    train = _first(train, config.train_subset)
+    test = _first(test, config.test_subset)
+    input_shape = tuple(test[0][0].shape)
+    return Data(train, calibration, test, num_classes, input_shape, config)
+
+
+def _first(dataset: Dataset, count: int | None) -> Dataset:
+    if count is None or count >= len(dataset):
+        return dataset
+    return Subset(dataset, range(count))
+
+
+def _hold_out(train: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
+    """Split a fixed, seeded calibration slice off the training set."""
+    if size >= len(train):
+        raise DataError(f"data.calibration_size={size} leaves no training images "
+                        f"(the training set has {len(train)}); lower it")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(train, order[size:]), Subset(train, order[:size])
+
+
+def _normalised(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    images = images.float().div_(255.0)
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return images.sub_(mean_t).div_(std_t)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (optionally gzipped): big-endian header, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz", folder / "FashionMNIST" / "raw" / stem,
+                      folder / "FashionMNIST" / "raw" / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist_folder(root: str | None, download: bool = False) -> Path:
+    """The first folder holding all four Fashion-MNIST idx files.
+
+    Looks in the recipe's ``root``, then Debian's package folder, then (only with
+    ``download``) lets torchvision fetch the files into ``root``.
+    """
+    searched = [Path(root).expanduser()] if root else []
+    searched.append(DEBIAN_FASHION_MNIST)
+    for folder in searched:
+        if all(_find_idx(folder, stem) for pair in _FASHION_FILES.values() for stem in pair):
+            return folder
+    if download:
+        import torchvision
+
+        target = Path(root or ".cache/data").expanduser()
+        torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
+        return target
+    places = ", ".join(str(p) for p in searched)
+    raise DataError(
+        f"Fashion-MNIST not found (searched: {places}). Fix: `apt-get install dataset-fashion-mnist`"
+        " (what `make setup` does), point data.root at a folder with the four idx files, or set"
+        " data.download: true to let torchvision fetch them.")
+
+
+def _fashion_mnist(config: DataConfig, mean, std):
+    folder = fashion_mnist_folder(config.root, config.download)
+    splits = []
+    for split in ("train", "test"):
+        image_stem, label_stem = _FASHION_FILES[split]
+        images = torch.from_numpy(_read_idx(_find_idx(folder, image_stem)).copy()).unsqueeze(1)
+        labels = torch.from_numpy(_read_idx(_find_idx(folder, label_stem)).astype(np.int64))
+        if config.image_size and config.image_size != images.shape[-1]:
+            images = torch.nn.functional.interpolate(images.float(), size=config.image_size,
+                                                     mode="bilinear", antialias=True)
+        splits.append(TensorDataset(_normalised(images, mean, std), labels))
+    return splits[0], splits[1], 10
+
+
+def _synthetic(config: DataConfig, seed: int):
+    """Random images with random labels: for latency-only runs and tests, never accuracy."""
+    generator = torch.Generator().manual_seed(seed)
+    channels, size = config.synthetic_channels, config.image_size or 28
+    splits = []
+    for count in (config.synthetic_size + config.calibration_size, config.synthetic_size):
+        images = torch.randn(count, channels, size, size, generator=generator)
+        labels = torch.randint(0, config.synthetic_classes, (count,), generator=generator)
+        splits.append(TensorDataset(images, labels))
+    return splits[0], splits[1], config.synthetic_classes
+
+
+def _torchvision_folder(config: DataConfig, mean, std):
+    import torchvision
+    from torchvision import transforms
+
+    if not config.root:
+        raise DataError(f"data.root is required for data.name={config.name!r}: "
+                        "the folder that holds the dataset")
+    root = Path(config.root).expanduser()
+    steps = [transforms.Resize(config.image_size)] if config.image_size else []
+    if config.image_size:
+        steps.append(transforms.CenterCrop(config.image_size))
+    transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+    try:
+        if config.name == "cifar10":
+            train = torchvision.datasets.CIFAR10(str(root), True, transform, download=config.download)
+            test = torchvision.datasets.CIFAR10(str(root), False, transform, download=config.download)
+            return train, test, 10
+        # imagefolder: root/train/<class>/*.jpg and root/test/<class>/*.jpg (or root/val)
+        test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+        if not (root / "train").is_dir() or test_dir is None:
+            raise DataError(f"data.root={str(root)!r} must hold train/ and test/ (or val/) folders"
+                            " with one sub-folder per class")
+        train = torchvision.datasets.ImageFolder(str(root / "train"), transform)
+        test = torchvision.datasets.ImageFolder(str(test_dir), transform)
+        return train, test, len(train.classes)
+    except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{config.name} not readable under data.root={str(root)!r}: {error}."
+                        " Fix the path, or set data.download: true") from None
+

@@ -1,0 +1,281 @@
+"""The shared evaluator: one function measures the baseline and every compressed model.
+
+Figures: parameters (total, non-zero), artifact size on disk, FLOPs/MACs
+(``torch.utils.flop_counter``), memory-access bytes, latency percentiles, throughput,
+achieved GFLOP/s, top-1/top-5 accuracy and the drop against a baseline.
+
+A model may tell the evaluator about itself (compressed models do):
+``model.reference_module`` — the module to count FLOPs and memory access on when the
+runnable one is compiled; ``model.param_counts`` — ``(total, nonzero)``;
+``model.element_bytes`` — bytes per weight/activation element as executed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from compress.data import Data
+from compress.recipe import EvaluateConfig
+
+# A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
+# below ~5 % the difference is within run-to-run noise on a shared machine.
+NOT_FASTER_RATIO = 0.95
+
+
+@dataclass
+class Evaluation:
+    """What the evaluator measured for one model (one row of the report)."""
+
+    name: str
+    params: int
+    nonzero_params: int
+    size_bytes: int
+    flops: int  # per image, at batch 1
+    macs: int  # multiply-accumulates per image (flops / 2 for conv and matmul)
+    memory_access_bytes: int  # weights + activations read and written per image
+    compute_dtype: str  # what the MACs run in: float32, int8, ...
+    latency_ms: dict[str, float]  # p50, p90, p99, mean of one call at `batch_size`
+    batch_size: int
+    threads: int
+    throughput_per_s: float  # images per second at `batch_size` (from the p50)
+    gflops_per_s: float  # achieved, from the p50
+    accuracy_top1: float | None  # percent, on the test split
+    accuracy_top5: float | None
+    accuracy_drop: dict[str, float] | None = None  # {"points": ..., "percent": ...} vs baseline
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model: nn.Module, data: Data, config: EvaluateConfig | None = None,
+             baseline: Evaluation | None = None, name: str = "model",
+             artifact: str | Path | None = None, device: str = "cpu") -> Evaluation:
+    """Measure ``model`` on ``data``; compare with ``baseline`` when given.
+
+    ``artifact`` is the saved model's folder or file; without it the model is saved to a
+    temporary folder to measure its size.
+
+    Example:
+        >>> base = evaluate(model, data, name="baseline")
+        >>> after = evaluate(quantized, data, baseline=base, name="quantize")
+        >>> after.latency_ms["p50"] / base.latency_ms["p50"]
+    """
+    config = config or EvaluateConfig()
+    threads = set_threads(config.threads)
+    model.eval()
+    reference = getattr(model, "reference_module", model)
+    one_image = data.example_input(1).to(device)
+    flops = count_flops(reference, one_image)
+    element_bytes = getattr(model, "element_bytes", None)
+    memory = count_memory_access(reference, one_image, element_bytes)
+    total, nonzero = getattr(model, "param_counts", None) or count_params(model)
+    latency = measure_latency(model, data.example_input(config.latency_batch_size).to(device),
+                              config.warmup, config.iterations)
+    top1 = top5 = None
+    if config.accuracy:
+        top1, top5 = accuracy(model, data, device)
+    p50_s = latency["p50"] / 1e3
+    notes = list(getattr(model, "notes", []))
+    result = Evaluation(
+        name=name, params=total, nonzero_params=nonzero,
+        size_bytes=artifact_size(model, artifact, one_image.cpu(), notes),
+        flops=flops, macs=flops // 2, memory_access_bytes=memory,
+        compute_dtype=getattr(model, "compute_dtype", _dtype_name(model)),
+        latency_ms=latency, batch_size=config.latency_batch_size, threads=threads,
+        throughput_per_s=config.latency_batch_size / p50_s,
+        gflops_per_s=flops * config.latency_batch_size / p50_s / 1e9,
+        accuracy_top1=top1, accuracy_top5=top5, notes=notes)
+    if baseline is not None:
+        compare(result, baseline)
+    return result
+
+
+def compare(result: Evaluation, baseline: Evaluation) -> None:
+    """Fill in the accuracy drop and the plain-words notes against the baseline."""
+    if result.accuracy_top1 is not None and baseline.accuracy_top1 is not None:
+        points = baseline.accuracy_top1 - result.accuracy_top1
+        result.accuracy_drop = {"points": points,
+                                "percent": 100.0 * points / max(baseline.accuracy_top1, 1e-9)}
+    ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
+    if ratio >= NOT_FASTER_RATIO:
+        result.notes.append(f"not faster than the baseline on this machine: p50 is {ratio:.2f}x"
+                            f" the baseline's at batch {result.batch_size}, {result.threads} threads")
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` intra-op threads (default: every core this process may run on)."""
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, non-zero) parameter elements."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p).item())
+    return total, nonzero
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``example`` (per image), via torch.utils.flop_counter."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return counter.get_total_flops() // example.shape[0]
+
+
+class _MemoryAccess(TorchDispatchMode):
+    """Bytes read and written by every op that touches memory, as it would run.
+
+    Views cost nothing. Quantize/dequantize pairs are folded away: a tensor that is
+    dequantized before use is read at its stored width (1 byte for int8), and an op output
+    that is quantized right after is written at the quantized width.
+    """
+
+    def __init__(self, element_bytes: int | None):
+        super().__init__()
+        self.element_bytes = element_bytes
+        self.total = 0
+        self.stored_width: dict[int, int] = {}  # id(tensor) -> bytes per element as stored
+        self.written: dict[int, int] = {}  # id(tensor) -> bytes charged when written
+        self.keep: list[torch.Tensor] = []  # keeps ids unique during one forward
+
+    def _width(self, t: torch.Tensor) -> int:
+        return self.stored_width.get(id(t), self.element_bytes or t.element_size())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        namespace = func.namespace
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if namespace == "quantized_decomposed" and "dequantize" in func.__name__:
+            for o in outputs:
+                self.stored_width[id(o)] = inputs[0].element_size()
+            self.keep += outputs
+        elif namespace == "quantized_decomposed" and "quantize" in func.__name__:
+            source = inputs[0]
+            if id(source) in self.written:  # the producer really writes the quantized width
+                self.total -= source.numel() * (self.written[id(source)] - outputs[0].element_size())
+                self.written[id(source)] = outputs[0].element_size()
+            self.keep += outputs
+        elif not func.is_view and outputs:
+            self.total += sum(t.numel() * self._width(t) for t in inputs)
+            for o in outputs:
+                width = self.element_bytes or o.element_size()
+                self.total += o.numel() * width
+                self.written[id(o)] = width
+            self.keep += outputs
+        return out
+
+
+def count_memory_access(model: nn.Module, example: torch.Tensor, element_bytes: int | None = None) -> int:
+    """Bytes of weights and activations read and written per image (memory access cost)."""
+    with torch.inference_mode(), _MemoryAccess(element_bytes) as counter:
+        model(example)
+    return counter.total // example.shape[0]
+
+
+def measure_latency(model: nn.Module, batch: torch.Tensor, warmup: int = 10,
+                    iterations: int = 100) -> dict[str, float]:
+    """Per-call wall time in ms (p50, p90, p99, mean) after ``warmup`` untimed calls."""
+    cuda = batch.is_cuda
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(batch)
+        times = []
+        for _ in range(iterations):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(batch)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(times))}
+
+
+def accuracy(model: nn.Module, data: Data, device: str = "cpu") -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) on the test split."""
+    top1 = top5 = seen = 0
+    with torch.inference_mode():
+        for images, labels in data.loader("test"):
+            logits = model(images.to(device)).float()
+            labels = labels.to(device)
+            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += (best[:, 0] == labels).sum().item()
+            top5 += (best == labels[:, None]).any(dim=1).sum().item()
+            seen += labels.numel()
+    return 100.0 * top1 / seen, 100.0 * top5 / seen
+
+
+def artifact_size(model: nn.Module, artifact: str | Path | None = None,
+                  example: torch.Tensor | None = None, notes: list[str] | None = None) -> int:
+    """Bytes on disk of the saved model (a file, or every file in a folder).
+
+    Without ``artifact`` the model is saved to a temporary folder; a model that can be
+    neither rebuilt from a spec nor exported is measured as a plain state_dict file, and
+    ``notes`` says so.
+    """
+    if artifact is None:
+        from compress.artifact import save
+
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                return artifact_size(model, save(model, Path(folder) / "model", example))
+            except Exception as error:  # noqa: BLE001 - export failures are many and varied
+                torch.save(model.state_dict(), Path(folder) / "state_dict.pt")
+                if notes is not None:
+                    notes.append("size is the state_dict's: the model could not be saved as an"
+                                 f" artifact ({str(error).strip().splitlines()[0][:120]})")
+                return (Path(folder) / "state_dict.pt").stat().st_size
+    path = Path(artifact)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def environment(device: str = "cpu") -> dict:
+    """Where the figures were measured: versions, device, threads, CPU."""
+    import torchvision
+
+    try:
+        import torchao
+
+        torchao_version = torchao.__version__
+    except ImportError:
+        torchao_version = None
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "torchao": torchao_version,
+           "python": platform.python_version(), "device": device, "threads": torch.get_num_threads(),
+           "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cores_usable": len(os.sched_getaffinity(0))}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _dtype_name(model: nn.Module) -> str:
+    first = next(iter(model.parameters()), None)
+    return str(first.dtype).replace("torch.", "") if first is not None else "float32"

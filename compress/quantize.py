@@ -1,0 +1,218 @@
+"""The quantize stage: INT8 static post-training quantization on torchao's PT2E path.
+
+Flow: ``torch.export`` (batch dimension dynamic) → ``prepare_pt2e`` with
+``X86InductorQuantizer`` → calibration on the calibration split → ``convert_pt2e`` →
+``torch.compile`` with inductor freezing, which lowers the quantize/dequantize patterns
+to oneDNN INT8 kernels. The uncompiled converted graph is kept as ``reference_module``:
+it computes the same numbers with fake-quant ops, and the evaluator counts FLOPs on it.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from compress.data import Data
+from compress.evaluate import count_params
+from compress.recipe import QuantizeConfig
+
+# Exported graphs accept batches of 1..MAX_BATCH images. The compiled model is built per
+# power-of-two batch bucket (static shapes are what the INT8 lowering handles), so a batch
+# of 250 runs in the 256 bucket and at most log2(MAX_BATCH) + 1 kernels are compiled.
+MAX_BATCH = 4096
+
+
+class QuantizationError(RuntimeError):
+    """The model cannot be quantized as asked."""
+
+
+class QuantizedModel(nn.Module):
+    """A converted PT2E graph, run through inductor's INT8 lowering.
+
+    ``reference_module`` is the converted graph (quantize/dequantize ops around float
+    convolutions): exact, portable and slow. ``forward`` runs the compiled form; if
+    compilation is unavailable it falls back to the reference and says so in ``notes``.
+    """
+
+    compute_dtype = "int8"
+    element_bytes = 1  # int8 weights and activations
+
+    def __init__(self, reference: nn.Module, param_counts: tuple[int, int], notes: list[str] | None = None,
+                 compile: bool = True):
+        super().__init__()
+        self.reference_module = reference
+        self.param_counts = tuple(param_counts)
+        self.notes = list(notes or [])
+        self._compile = compile
+        self._compiled = None
+        self._shapes_compiled: set[torch.Size] = set()
+        self.int8_kernels: int | None = None  # INT8 ops inductor lowered at the last new shape
+
+    def train(self, mode: bool = True) -> QuantizedModel:
+        # Exported graphs refuse train()/eval(); a converted INT8 graph is inference-only.
+        if mode:
+            raise QuantizationError("a converted INT8 model cannot be trained; fine-tune before"
+                                    " quantizing, or use quantization-aware training")
+        self.training = False
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n > MAX_BATCH:  # split very large batches rather than fail
+            return torch.cat([self(chunk) for chunk in x.split(MAX_BATCH)])
+        bucket = 1 << (n - 1).bit_length()
+        if bucket != n:
+            x = torch.cat([x, x.new_zeros(bucket - n, *x.shape[1:])])
+        return self._run(x)[:n]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._compile:
+            return self.reference_module(x)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.reference_module, dynamic=False)
+        new_shape = x.shape not in self._shapes_compiled
+        before = _int8_lowerings() if new_shape else 0
+        try:
+            # Freezing turns the int8 weights into constants so that inductor can pre-pack
+            # them for oneDNN; without it the graph stays fake-quant and gains nothing.
+            with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = self._compiled(x)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: run the reference
+            self._compile = False
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            self.notes.append("INT8 kernels unavailable (torch.compile failed: "
+                              f"{reason}); ran the fake-quant reference graph, which is not faster")
+            return self.reference_module(x)
+        if new_shape:
+            self._shapes_compiled.add(x.shape)
+            self.int8_kernels = _int8_lowerings() - before
+            if self.int8_kernels == 0 and not any("no INT8 kernel" in n for n in self.notes):
+                self.notes.append("inductor lowered no INT8 kernel: the model runs fake-quant"
+                                  " (quantize/dequantize around float ops) and is not faster")
+        return out
+
+
+def quantize(model: nn.Module, data: Data, config: QuantizeConfig | None = None, **options) -> nn.Module:
+    """Quantize ``model`` as ``config`` (or keyword options) says; returns a new model.
+
+    Example:
+        >>> qmodel = quantize(model, data, method="int8_static", calibration_batches=8)
+    """
+    if config is None:
+        from compress.recipe import parse_stage_options
+
+        config = parse_stage_options("quantize", options)
+    elif options:
+        raise TypeError("pass either a QuantizeConfig or keyword options, not both")
+    return QUANTIZE_METHODS[config.method](model, data, config)
+
+
+def _int8_static(model: nn.Module, data: Data, config: QuantizeConfig) -> nn.Module:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    model = model.cpu().eval()  # X86InductorQuantizer targets x86 CPUs
+    param_counts = count_params(model)
+    exported = export_model(model, data.example_input(2))
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=not _has_vnni()))
+    skipped = matching_modules(model, config.skip)
+    for name in skipped:
+        quantizer.set_module_name_qconfig(name, None)
+    with warnings.catch_warnings():
+        # "The input of maxpool2d is not quantized, skip annotate": expected for skipped layers.
+        warnings.filterwarnings("ignore", message="The input of .* is not quantized")
+        prepared = prepare_pt2e(exported, quantizer)
+    calibrate(prepared, data, config.calibration_batches)
+    converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
+    notes = [f"kept in float: {', '.join(skipped)}"] if skipped else []
+    return QuantizedModel(converted, param_counts, notes)
+
+
+QUANTIZE_METHODS = {"int8_static": _int8_static}
+
+
+def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``torch.export`` with a dynamic batch dimension; a clear error when it cannot trace.
+
+    The example batch has 2 images: an exported batch of 1 would be specialised to 1.
+    """
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        # strict=True: the X86 quantizer matches conv/linear patterns by the source
+        # partitions that strict (dynamo) tracing records.
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True).module()
+    except Exception as error:  # noqa: BLE001 - report the first line, not a stack trace
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise QuantizationError(f"torch.export could not trace {type(model).__name__}: {first[:300]}") from None
+
+
+def calibrate(prepared: nn.Module, data: Data, batches: int) -> None:
+    """Run ``batches`` batches of the calibration split through the observers."""
+    loader = data.loader("calibration")
+    with torch.no_grad():
+        for i, (images, _) in enumerate(tqdm(loader, total=min(batches, len(loader)), desc="calibrate",
+                                             unit="batch", leave=False, disable=None)):
+            if i >= batches:
+                break
+            prepared(images)
+
+
+def matching_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the modules that ``patterns`` select (dotted names or ``re:`` regexes)."""
+    names = [name for name, _ in model.named_modules() if name]
+    selected = []
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            regex = re.compile(pattern[3:])
+            found = [n for n in names if regex.fullmatch(n)]
+        else:
+            found = [pattern] if pattern in names else []
+        if not found:
+            import difflib
+
+            close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise QuantizationError(f"skip: {pattern!r} matches no module of {type(model).__name__}{hint}")
+        selected += [n for n in found if n not in selected]
+    return selected
+
+
+def _int8_lowerings() -> int:
+    """How many quantized ops (qconv, qlinear, ...) inductor has lowered to INT8 kernels so far."""
+    from torch._dynamo.utils import counters
+
+    return sum(v for k, v in counters["inductor"].items() if k.startswith("q") and k.endswith("_lower_count"))
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI int8 dot products.
+
+    Without VNNI, uint8 x int8 products can saturate 16-bit intermediates, so activations
+    must use 7 bits (``reduce_range``), as torchao's X86 quantizer recommends.
+    """
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True  # not Linux: assume a current CPU
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
+    """Delete the float weights that conversion replaced with int8 constants.
+
+    They are no longer read by the graph, but ``torch.export`` would still save them,
+    making the "quantized" artifact larger than the float one.
+    """
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*graph_module.named_parameters(), *graph_module.named_buffers()]:
+        if name not in used:
+            owner_name, _, attr = name.rpartition(".")
+            owner = graph_module.get_submodule(owner_name) if owner_name else graph_module
+            delattr(owner, attr)

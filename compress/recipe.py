@@ -1,0 +1,307 @@
+"""Recipes: the YAML schema as typed configs, loading, validation and ``--set`` overrides.
+
+A recipe is read with ``yaml.safe_load`` only and validated into the dataclasses below.
+Every problem is a :class:`RecipeError` naming the file, the key path
+(``stages[0].quantize.observer``), the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override, or an option) that is not valid."""
+
+
+def _range(low: float | None = None, high: float | None = None) -> dict:
+    return {"min": low, "max": high}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from."""
+
+    # A torchvision classification builder ("resnet18", "mobilenet_v2", ...) or an import
+    # path "package.module:factory" called with `kwargs`.
+    name: str = "resnet18"
+    # A local state_dict (.pt/.pth, loaded with weights_only=True) or a compress artifact
+    # folder. When absent on Fashion-MNIST, `run` trains the baseline once and caches it.
+    checkpoint: str | None = None
+    # torchvision weights enum name, e.g. "DEFAULT". Downloads: for users with a network only.
+    weights: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Which data, how it is split and batched."""
+
+    name: Literal["fashion_mnist", "cifar10", "imagefolder", "synthetic"] = "fashion_mnist"
+    root: str | None = None  # folder holding the dataset; searched first
+    download: bool = False  # let torchvision fetch the dataset into `root` (needs a network)
+    batch_size: int = field(default=128, metadata=_range(1))  # training batch
+    eval_batch_size: int = field(default=250, metadata=_range(1))  # 250 divides 10,000 evenly
+    workers: int = field(default=0, metadata=_range(0))  # DataLoader worker processes
+    image_size: int | None = field(default=None, metadata=_range(8))  # pixels; None = native
+    mean: list[float] | None = None  # per channel; default: the dataset's statistics
+    std: list[float] | None = None
+    calibration_size: int = field(default=1000, metadata=_range(1))  # images held out of train
+    train_subset: int | None = field(default=None, metadata=_range(1))  # first N, for quick runs
+    test_subset: int | None = field(default=None, metadata=_range(1))
+    synthetic_size: int = field(default=512, metadata=_range(1))  # images per synthetic split
+    synthetic_classes: int = field(default=10, metadata=_range(2))
+    synthetic_channels: int = field(default=3, metadata=_range(1))
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's settings (baseline training; later fine-tunes)."""
+
+    epochs: int = field(default=4, metadata=_range(0))  # resnet18 on Fashion-MNIST: ~91 % in ~4 min on 2 cores
+    max_steps: int | None = field(default=None, metadata=_range(1))  # stop early, for quick runs
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = field(default=0.05, metadata=_range(0.0))  # peak learning rate
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))  # sgd only
+    weight_decay: float = field(default=5e-4, metadata=_range(0.0))
+    schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
+    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 0.5))
+    grad_clip: float | None = field(default=None, metadata=_range(0.0))  # max grad L2 norm
+
+
+@dataclass
+class QuantizeConfig:
+    """`stages: - quantize: {...}`"""
+
+    method: Literal["int8_static"] = "int8_static"
+    calibration_batches: int = field(default=16, metadata=_range(1))  # of data.eval_batch_size
+    # Layers kept in float: dotted module names, or "re:<regex>" patterns.
+    skip: list[str] = field(default_factory=list)
+
+
+# Stage name -> config class. A stage's module registers its function under the same name.
+STAGE_CONFIGS: dict[str, type] = {"quantize": QuantizeConfig}
+
+
+@dataclass
+class Stage:
+    """One item of `stages:`: its kind and its typed options."""
+
+    kind: str
+    config: Any
+
+    @property
+    def name(self) -> str:
+        method = getattr(self.config, "method", None)
+        return f"{self.kind}:{method}" if method else self.kind
+
+
+@dataclass
+class EvaluateConfig:
+    """What the shared evaluator measures, and how."""
+
+    latency_batch_size: int = field(default=1, metadata=_range(1))  # images per timed call
+    warmup: int = field(default=10, metadata=_range(0))  # untimed calls before timing
+    iterations: int = field(default=100, metadata=_range(1))  # timed calls
+    threads: int | None = field(default=None, metadata=_range(1))  # None: all usable cores
+    accuracy: bool = True  # False for latency-only runs (synthetic data)
+    max_accuracy_drop: float | None = field(default=None, metadata=_range(0.0))  # points
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. Build one with :func:`load_recipe` or :func:`parse_recipe`."""
+
+    name: str = "recipe"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[Stage] = field(default_factory=list)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what `recipe.yaml` in a run holds)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("model", "data", "train", "evaluate"):
+            out[key] = dataclasses.asdict(out[key])
+        out["stages"] = [{s.kind: dataclasses.asdict(s.config)} for s in self.stages]
+        return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe file, applying ``key.path=value`` overrides.
+
+    Example:
+        >>> recipe = load_recipe("recipes/resnet_int8.yaml", ["data.batch_size=64"])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    raw = {} if raw is None else raw
+    for override in overrides:
+        raw = apply_override(raw, override, source=str(path))
+    return parse_recipe(raw, source=str(path))
+
+
+def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
+    """Validate plain data (a parsed YAML document) into a :class:`Recipe`."""
+    recipe = _parse_dataclass(Recipe, raw, "", source)
+    from compress.models import check_model_name  # here: models imports this module
+
+    try:
+        check_model_name(recipe.model.name)
+    except RecipeError as error:
+        raise RecipeError(f"{source}: {error}") from None
+    return recipe
+
+
+def parse_stage_options(kind: str, options: dict, source: str = "<options>") -> Any:
+    """Validate one stage's options (as the Python API receives them) into its config."""
+    return _parse_stage({kind: options}, "stages[0]", source).config
+
+
+def apply_override(raw: Any, override: str, source: str = "<recipe>") -> dict:
+    """Apply one ``key.path=value`` (value parsed as YAML) to the raw recipe data."""
+    if "=" not in override:
+        raise RecipeError(f"--set {override!r}: expected key.path=value, e.g. data.batch_size=64")
+    key_path, value_text = override.split("=", 1)
+    value = yaml.safe_load(value_text)
+    keys = [k for k in key_path.replace("[", ".").replace("]", "").split(".") if k]
+    if not keys:
+        raise RecipeError(f"--set {override!r}: empty key path")
+    raw = {} if raw is None else raw
+    node = raw
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"{source}: --set {key_path}: index {key!r} is out of range"
+                                  f" (the list has {len(node)} items)")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"{source}: --set {key_path}: {'.'.join(keys[:depth])} is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+    return raw
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _fail(source: str, path: str, message: str) -> RecipeError:
+    return RecipeError(f"{source}: {path or '<top>'}: {message}")
+
+
+def _suggest(bad: Any, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(str(bad), [str(a) for a in allowed], n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}(allowed: {', '.join(str(a) for a in allowed)})"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parse_dataclass(cls: type, raw: Any, path: str, source: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _fail(source, path, f"expected a mapping of keys, got {raw!r}")
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields_by_name:
+            raise _fail(source, _join(path, str(key)),
+                        f"unknown key {key!r}; {_suggest(key, list(fields_by_name))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key_path = _join(path, name)
+        if name == "stages" and cls is Recipe:
+            if not isinstance(value, list):
+                raise _fail(source, key_path, "expected a list of stages, e.g. [{quantize: {method: int8_static}}]")
+            values[name] = [_parse_stage(item, f"{key_path}[{i}]", source) for i, item in enumerate(value)]
+            continue
+        values[name] = _coerce(hints[name], value, key_path, source, fields_by_name[name].metadata)
+    return cls(**values)
+
+
+def _parse_stage(item: Any, path: str, source: str) -> Stage:
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise _fail(source, path, f"each stage is a mapping with one key, the stage name; got {item!r}"
+                    f" (allowed stages: {', '.join(STAGE_CONFIGS)})")
+    kind, options = next(iter(item.items()))
+    if kind not in STAGE_CONFIGS:
+        raise _fail(source, f"{path}.{kind}", f"unknown stage {kind!r}; {_suggest(kind, list(STAGE_CONFIGS))}")
+    return Stage(kind, _parse_dataclass(STAGE_CONFIGS[kind], options, f"{path}.{kind}", source))
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _coerce(hint: Any, value: Any, path: str, source: str, limits: dict | Any = None):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(options[0], value, path, source, limits)
+        raise AssertionError(f"unsupported union {hint}")  # schema bug, not user input
+    if value is None:
+        raise _fail(source, path, f"a value is required ({_type_name(hint)}), got null")
+    if origin is Literal:
+        if value not in args:
+            return_text = f"{value!r} is not a valid choice; {_suggest(value, list(args))}"
+            raise _fail(source, path, return_text)
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _parse_dataclass(hint, value, path, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(source, path, f"expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(source, path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _fail(source, path, f"expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise _fail(source, path, f"expected {'an integer' if hint is int else 'a number'}, got {value!r}")
+        low, high = (limits or {}).get("min"), (limits or {}).get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise _fail(source, path, f"{value!r} is out of range (must be {bounds})")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _fail(source, path, f"expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported schema type {hint} at {path}")  # schema bug

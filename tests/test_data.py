@@ -1,0 +1,70 @@
+"""Data: the real Fashion-MNIST files, splits, user folders and clear errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from compress.data import DataError, build_data
+from compress.recipe import DataConfig
+
+
+def test_fashion_mnist_is_real_and_split(fmnist):
+    full = build_data(DataConfig(calibration_size=1000), seed=0)
+    assert (len(full.train), len(full.calibration), len(full.test)) == (59000, 1000, 10000)
+    assert full.input_shape == (1, 28, 28) and full.num_classes == 10
+    # the calibration slice comes out of train, never test, and the two do not overlap
+    assert set(full.train.indices).isdisjoint(full.calibration.indices)
+    labels = torch.stack([full.test[i][1] for i in range(0, 10000, 7)])
+    assert set(labels.tolist()) == set(range(10))  # all ten classes, real labels
+    images = torch.stack([full.test[i][0] for i in range(256)])
+    assert abs(images.mean().item()) < 0.2 and 0.7 < images.std().item() < 1.3  # normalised
+
+
+def test_subsets_and_seeded_calibration():
+    a = build_data(DataConfig(train_subset=100, test_subset=50, calibration_size=20), seed=1)
+    b = build_data(DataConfig(train_subset=100, test_subset=50, calibration_size=20), seed=1)
+    assert (len(a.train), len(a.calibration), len(a.test)) == (100, 20, 50)
+    assert a.calibration.indices == b.calibration.indices
+
+
+def test_missing_data_names_places_and_fix(tmp_path, monkeypatch):
+    import compress.data as data_module
+
+    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(DataError) as info:
+        build_data(DataConfig(root=str(tmp_path / "mine")))
+    message = str(info.value)
+    assert str(tmp_path / "mine") in message and str(tmp_path / "nowhere") in message
+    assert "apt-get install dataset-fashion-mnist" in message and "download: true" in message
+
+
+def test_imagefolder_from_a_local_root(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    data = build_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, calibration_size=2))
+    assert data.num_classes == 2 and data.input_shape == (3, 8, 8)
+    assert (len(data.train), len(data.calibration), len(data.test)) == (10, 2, 12)
+    images, labels = next(iter(data.loader("test", batch_size=4)))
+    assert images.shape == (4, 3, 8, 8)
+
+
+def test_folder_datasets_need_a_root():
+    with pytest.raises(DataError, match="data.root is required"):
+        build_data(DataConfig(name="cifar10"))
+
+
+def test_cifar10_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="cifar10 not readable"):
+        build_data(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_synthetic_shapes(synthetic):
+    images, labels = next(iter(synthetic.loader("test")))
+    assert images.shape == (32, 1, 28, 28) and labels.max() < 10

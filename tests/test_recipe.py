@@ -1,0 +1,133 @@
+"""Recipe validation: every class of bad input names the key path and what is allowed."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from compress.recipe import (
+    QuantizeConfig,
+    RecipeError,
+    apply_override,
+    load_recipe,
+    parse_recipe,
+    parse_stage_options,
+)
+
+GOOD = {"name": "r", "model": {"name": "resnet18"},
+        "stages": [{"quantize": {"method": "int8_static", "calibration_batches": 2}}]}
+
+
+def _error(raw) -> str:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw, source="r.yaml")
+    return str(info.value)
+
+
+def test_good_recipe_is_typed():
+    recipe = parse_recipe(GOOD)
+    assert recipe.stages[0].kind == "quantize"
+    assert isinstance(recipe.stages[0].config, QuantizeConfig)
+    assert recipe.stages[0].config.calibration_batches == 2
+    assert recipe.data.name == "fashion_mnist"  # default
+
+
+@pytest.mark.parametrize(("raw", "path", "expected"), [
+    ({"modle": {}}, "modle", "did you mean 'model'"),
+    ({"data": {"batch_sise": 3}}, "data.batch_sise", "did you mean 'batch_size'"),
+    ({"stages": [{"quantize": {"calibration_batchs": 3}}]}, "stages[0].quantize.calibration_batchs",
+     "did you mean 'calibration_batches'"),
+    ({"stages": [{"quantise": {}}]}, "stages[0].quantise", "did you mean 'quantize'"),
+    ({"stages": [{"quantize": {"method": "int8_statik"}}]}, "stages[0].quantize.method",
+     "did you mean 'int8_static'"),
+    ({"data": {"name": "fashion-mnist"}}, "data.name", "did you mean 'fashion_mnist'"),
+    ({"data": {"batch_size": "big"}}, "data.batch_size", "expected an integer"),
+    ({"data": {"batch_size": 0}}, "data.batch_size", "out of range"),
+    ({"data": {"batch_size": True}}, "data.batch_size", "expected an integer"),
+    ({"train": {"momentum": 1.5}}, "train.momentum", "between 0.0 and 1.0"),
+    ({"device": "tpu"}, "device", "allowed: auto, cpu, cuda"),
+    ({"evaluate": {"accuracy": "yes"}}, "evaluate.accuracy", "expected true or false"),
+    ({"stages": {"quantize": {}}}, "stages", "expected a list of stages"),
+    ({"model": {"name": "resnet181"}}, "model.name", "did you mean 'resnet18'"),
+])
+def test_bad_input_names_key_path_and_allowed(raw, path, expected):
+    message = _error(raw)
+    assert message.startswith("r.yaml: ")
+    assert f" {path}: " in message
+    assert expected in message
+
+
+def test_override_sets_nested_values_and_is_validated():
+    raw = apply_override({"stages": [{"quantize": {}}]}, "stages[0].quantize.calibration_batches=7")
+    raw = apply_override(raw, "data.batch_size=64")
+    recipe = parse_recipe(raw)
+    assert recipe.stages[0].config.calibration_batches == 7
+    assert recipe.data.batch_size == 64
+    bad = apply_override({}, "data.batch_size=-1")
+    assert "data.batch_size" in _error(bad)
+
+
+def test_override_index_out_of_range():
+    with pytest.raises(RecipeError, match="out of range"):
+        apply_override({"stages": []}, "stages.0.quantize.method=int8_static")
+
+
+def test_stage_options_from_python_are_validated():
+    assert parse_stage_options("quantize", {"calibration_batches": 3}).calibration_batches == 3
+    with pytest.raises(RecipeError, match="calibration_batches"):
+        parse_stage_options("quantize", {"calibration_batches": 0})
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted(Path("recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert load_recipe(path).name == path.stem
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_cli_validate_misspelled_key_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(textwrap.dedent("""
+        name: typo
+        stages:
+          - quantize: {method: int8_static, calibraton_batches: 4}
+    """))
+    result = _cli("validate", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "stages[0].quantize.calibraton_batches" in lines[0]
+    assert "did you mean 'calibration_batches'" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_validate_good_recipe_and_set(tmp_path):
+    result = _cli("validate", "recipes/resnet_int8.yaml", "--set", "data.batch_size=32")
+    assert result.returncode == 0, result.stderr
+    assert "batch_size: 32" in result.stdout
+
+
+def test_cli_usage_error_exits_2():
+    result = _cli("run")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr

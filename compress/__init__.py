@@ -22,7 +22,19 @@ from compress.report import Report
 from compress.train import train
 
 __all__ = [
-    "Data", "Evaluation", "Recipe", "RecipeError", "Report",
-    "build_data", "build_model", "evaluate", "load", "load_recipe", "parse_recipe",
-    "quantize", "run", "save", "train",
+    "Data",
+    "Evaluation",
+    "Recipe",
+    "RecipeError",
+    "Report",
+    "build_data",
+    "build_model",
+    "evaluate",
+    "load",
+    "load_recipe",
+    "parse_recipe",
+    "quantize",
+    "run",
+    "save",
+    "train",
 ]

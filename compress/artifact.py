@@ -51,16 +51,24 @@ def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None
             example = _example_for(graph, example)
             program = torch.export.export(graph, (example,), dynamic_shapes=({0: batch},))
             torch.export.save(program, staging / "model.pt2")
-            manifest.update(kind="quantized", file="model.pt2", param_counts=list(model.param_counts),
-                            notes=model.notes, compute_dtype=model.compute_dtype,
-                            element_bytes=model.element_bytes, input_shape=list(example.shape[1:]))
+            manifest.update(
+                kind="quantized",
+                file="model.pt2",
+                param_counts=list(model.param_counts),
+                notes=model.notes,
+                compute_dtype=model.compute_dtype,
+                element_bytes=model.element_bytes,
+                input_shape=list(example.shape[1:]),
+            )
         elif hasattr(model, "compress_spec"):
             torch.save(model.state_dict(), staging / "weights.pt")
             manifest.update(kind="state_dict", file="weights.pt", spec=model.compress_spec)
         else:
             if example is None:
-                raise ArtifactError(f"{type(model).__name__} was not built by compress: pass an example"
-                                    " input to save(), so that it can be exported as a graph")
+                raise ArtifactError(
+                    f"{type(model).__name__} was not built by compress: pass an example"
+                    " input to save(), so that it can be exported as a graph"
+                )
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
             example = _batch_of_two(example)
             program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
@@ -89,7 +97,9 @@ def load(path: str | Path) -> nn.Module:
     except (ValueError, KeyError) as error:
         raise ArtifactError(f"{manifest_path} is malformed: {error}") from None
     if not file.is_file() or file.parent != path:
-        raise ArtifactError(f"{path}: the manifest names {manifest['file']!r}, which is not in the folder")
+        raise ArtifactError(
+            f"{path}: the manifest names {manifest['file']!r}, which is not in the folder"
+        )
     if kind == "state_dict":
         from compress.models import load_state_dict_file, model_from_spec
 
@@ -104,7 +114,9 @@ def load(path: str | Path) -> nn.Module:
 
         model = QuantizedModel(graph, tuple(manifest["param_counts"]), manifest.get("notes", []))
         return model.eval()
-    raise ArtifactError(f"{manifest_path}: unknown kind {kind!r} (allowed: state_dict, quantized, exported)")
+    raise ArtifactError(
+        f"{manifest_path}: unknown kind {kind!r} (allowed: state_dict, quantized, exported)"
+    )
 
 
 def _example_for(graph: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
@@ -113,13 +125,17 @@ def _example_for(graph: nn.Module, example: torch.Tensor | None) -> torch.Tensor
         placeholder = next(n for n in graph.graph.nodes if n.op == "placeholder")
         value = placeholder.meta.get("val")
         if value is None:
-            raise ArtifactError("cannot infer the input shape of the quantized graph; pass example=")
+            raise ArtifactError(
+                "cannot infer the input shape of the quantized graph; pass example="
+            )
         example = torch.zeros(2, *[int(d) for d in value.shape[1:]])
     return _batch_of_two(example)
 
 
 def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
-    return example if example.shape[0] == 2 else example[:1].expand(2, *example.shape[1:]).contiguous()
+    return (
+        example if example.shape[0] == 2 else example[:1].expand(2, *example.shape[1:]).contiguous()
+    )
 
 
 def _load_exported(file: Path) -> nn.Module:
@@ -135,9 +151,13 @@ def _load_exported(file: Path) -> nn.Module:
                 if name.endswith(("_weights_config.json", "_constants_config.json")):
                     for fqn, entry in json.loads(archive.read(name))["config"].items():
                         path_name = entry.get("path_name", "")
-                        if entry.get("use_pickle") or not path_name.startswith(("weight_", "tensor_")):
-                            raise ArtifactError(f"{file}: entry {fqn!r} would be unpickled; refused"
-                                                " (compress loads only plain tensors)")
+                        if entry.get("use_pickle") or not path_name.startswith(
+                            ("weight_", "tensor_")
+                        ):
+                            raise ArtifactError(
+                                f"{file}: entry {fqn!r} would be unpickled; refused"
+                                " (compress loads only plain tensors)"
+                            )
                 elif "/sample_inputs/" in name:
                     torch.load(io.BytesIO(archive.read(name)), weights_only=True)
                 elif name.endswith(".pt") and "/data/" in name:
@@ -147,7 +167,9 @@ def _load_exported(file: Path) -> nn.Module:
     except ArtifactError:
         raise
     except Exception as error:  # noqa: BLE001 - weights_only refused the sample inputs
-        raise ArtifactError(f"{file}: not loadable as data only ({str(error).splitlines()[0]}); refused") from None
+        raise ArtifactError(
+            f"{file}: not loadable as data only ({str(error).splitlines()[0]}); refused"
+        ) from None
     # The quantize/dequantize ops of a PT2E graph live in torchao: register them first.
     import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
 

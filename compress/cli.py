@@ -15,28 +15,48 @@ from compress.recipe import RecipeError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit 2, as for a bad recipe
-        self.exit(2, f"error: {message} (see `python -m compress {self.prog.split()[-1]} --help`)\n")
+        self.exit(
+            2, f"error: {message} (see `python -m compress {self.prog.split()[-1]} --help`)\n"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="compress", description="Compress a PyTorch model as a YAML recipe says,"
-                     " and measure what each stage buys and costs.")
+    parser = _Parser(
+        prog="compress",
+        description="Compress a PyTorch model as a YAML recipe says,"
+        " and measure what each stage buys and costs.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override a recipe value, e.g. --set data.batch_size=64 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a recipe value, e.g. --set data.batch_size=64 (repeatable)",
+        )
         return p
 
     run = recipe_command("run", "run the recipe: baseline, every stage, the report")
-    run.add_argument("--out", help="run directory (default runs/<recipe name>/<timestamp>); must be new")
-    ev = recipe_command("eval", "evaluate the baseline (or --model) only, with the recipe's data and settings")
-    ev.add_argument("--model", help="a saved model folder to evaluate instead of the recipe's baseline")
+    run.add_argument(
+        "--out", help="run directory (default runs/<recipe name>/<timestamp>); must be new"
+    )
+    ev = recipe_command(
+        "eval", "evaluate the baseline (or --model) only, with the recipe's data and settings"
+    )
+    ev.add_argument(
+        "--model", help="a saved model folder to evaluate instead of the recipe's baseline"
+    )
     recipe_command("validate", "check a recipe and print it resolved, without running it")
-    sub.add_parser("list", help="list stages, methods, models and datasets",
-                   description="list stages, methods, models and datasets")
+    sub.add_parser(
+        "list",
+        help="list stages, methods, models and datasets",
+        description="list stages, methods, models and datasets",
+    )
     return parser
 
 
@@ -89,8 +109,9 @@ def _eval(args) -> int:
     model = load(args.model).to(device) if args.model else baseline_model(recipe, data, device)
     name = args.model or "baseline"
     report = Report(recipe.name, environment(device))
-    report.evaluations.append(evaluate(model, data, recipe.evaluate, name=name, device=device,
-                                       artifact=args.model))
+    report.evaluations.append(
+        evaluate(model, data, recipe.evaluate, name=name, device=device, artifact=args.model)
+    )
     print(report.table())
     return 0
 

@@ -53,15 +53,21 @@ class Data:
     input_shape: tuple[int, int, int]  # channels, height, width of one image
     config: DataConfig
 
-    def loader(self, split: str, batch_size: int | None = None, shuffle: bool = False,
-               seed: int = 0) -> DataLoader:
+    def loader(
+        self, split: str, batch_size: int | None = None, shuffle: bool = False, seed: int = 0
+    ) -> DataLoader:
         """A DataLoader over one split; the batch size defaults to the recipe's."""
         dataset = getattr(self, split)
         if batch_size is None:
             batch_size = self.config.batch_size if split == "train" else self.config.eval_batch_size
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.config.workers)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.config.workers,
+        )
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """A batch of real test images, for tracing, export and latency measurement."""
@@ -79,7 +85,10 @@ def build_data(config: DataConfig, seed: int = 0) -> Data:
         >>> len(data.test)
         10000
     """
-    mean, std = config.mean or _NORMALISATION[config.name][0], config.std or _NORMALISATION[config.name][1]
+    mean, std = (
+        config.mean or _NORMALISATION[config.name][0],
+        config.std or _NORMALISATION[config.name][1],
+    )
     if config.name == "fashion_mnist":
         train, test, num_classes = _fashion_mnist(config, mean, std)
     elif config.name == "synthetic":
@@ -102,8 +111,10 @@ def _first(dataset: Dataset, count: int | None) -> Dataset:
 def _hold_out(train: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
     """Split a fixed, seeded calibration slice off the training set."""
     if size >= len(train):
-        raise DataError(f"data.calibration_size={size} leaves no training images "
-                        f"(the training set has {len(train)}); lower it")
+        raise DataError(
+            f"data.calibration_size={size} leaves no training images "
+            f"(the training set has {len(train)}); lower it"
+        )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(train, order[size:]), Subset(train, order[:size])
 
@@ -121,13 +132,17 @@ def _read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz", folder / "FashionMNIST" / "raw" / stem,
-                      folder / "FashionMNIST" / "raw" / f"{stem}.gz"):
+    for candidate in (
+        folder / stem,
+        folder / f"{stem}.gz",
+        folder / "FashionMNIST" / "raw" / stem,
+        folder / "FashionMNIST" / "raw" / f"{stem}.gz",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -155,7 +170,8 @@ def fashion_mnist_folder(root: str | None, download: bool = False) -> Path:
     raise DataError(
         f"Fashion-MNIST not found (searched: {places}). Fix: `apt-get install dataset-fashion-mnist`"
         " (what `make setup` does), point data.root at a folder with the four idx files, or set"
-        " data.download: true to let torchvision fetch them.")
+        " data.download: true to let torchvision fetch them."
+    )
 
 
 def _fashion_mnist(config: DataConfig, mean, std):
@@ -166,8 +182,9 @@ def _fashion_mnist(config: DataConfig, mean, std):
         images = torch.from_numpy(_read_idx(_find_idx(folder, image_stem)).copy()).unsqueeze(1)
         labels = torch.from_numpy(_read_idx(_find_idx(folder, label_stem)).astype(np.int64))
         if config.image_size and config.image_size != images.shape[-1]:
-            images = torch.nn.functional.interpolate(images.float(), size=config.image_size,
-                                                     mode="bilinear", antialias=True)
+            images = torch.nn.functional.interpolate(
+                images.float(), size=config.image_size, mode="bilinear", antialias=True
+            )
         splits.append(TensorDataset(_normalised(images, mean, std), labels))
     return splits[0], splits[1], 10
 
@@ -189,8 +206,10 @@ def _torchvision_folder(config: DataConfig, mean, std):
     from torchvision import transforms
 
     if not config.root:
-        raise DataError(f"data.root is required for data.name={config.name!r}: "
-                        "the folder that holds the dataset")
+        raise DataError(
+            f"data.root is required for data.name={config.name!r}: "
+            "the folder that holds the dataset"
+        )
     root = Path(config.root).expanduser()
     steps = [transforms.Resize(config.image_size)] if config.image_size else []
     if config.image_size:
@@ -198,20 +217,27 @@ def _torchvision_folder(config: DataConfig, mean, std):
     transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
     try:
         if config.name == "cifar10":
-            train = torchvision.datasets.CIFAR10(str(root), True, transform, download=config.download)
-            test = torchvision.datasets.CIFAR10(str(root), False, transform, download=config.download)
+            train = torchvision.datasets.CIFAR10(
+                str(root), True, transform, download=config.download
+            )
+            test = torchvision.datasets.CIFAR10(
+                str(root), False, transform, download=config.download
+            )
             return train, test, 10
         # imagefolder: root/train/<class>/*.jpg and root/test/<class>/*.jpg (or root/val)
         test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
         if not (root / "train").is_dir() or test_dir is None:
-            raise DataError(f"data.root={str(root)!r} must hold train/ and test/ (or val/) folders"
-                            " with one sub-folder per class")
+            raise DataError(
+                f"data.root={str(root)!r} must hold train/ and test/ (or val/) folders"
+                " with one sub-folder per class"
+            )
         train = torchvision.datasets.ImageFolder(str(root / "train"), transform)
         test = torchvision.datasets.ImageFolder(str(test_dir), transform)
         return train, test, len(train.classes)
     except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
         if isinstance(error, DataError):
             raise
-        raise DataError(f"{config.name} not readable under data.root={str(root)!r}: {error}."
-                        " Fix the path, or set data.download: true") from None
-
+        raise DataError(
+            f"{config.name} not readable under data.root={str(root)!r}: {error}."
+            " Fix the path, or set data.download: true"
+        ) from None

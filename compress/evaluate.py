@@ -59,9 +59,15 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluate(model: nn.Module, data: Data, config: EvaluateConfig | None = None,
-             baseline: Evaluation | None = None, name: str = "model",
-             artifact: str | Path | None = None, device: str = "cpu") -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    data: Data,
+    config: EvaluateConfig | None = None,
+    baseline: Evaluation | None = None,
+    name: str = "model",
+    artifact: str | Path | None = None,
+    device: str = "cpu",
+) -> Evaluation:
     """Measure ``model`` on ``data``; compare with ``baseline`` when given.
 
     ``artifact`` is the saved model's folder or file; without it the model is saved to a
@@ -75,28 +81,44 @@ def evaluate(model: nn.Module, data: Data, config: EvaluateConfig | None = None,
     config = config or EvaluateConfig()
     threads = set_threads(config.threads)
     model.eval()
+    notes = list(getattr(model, "notes", []))
+    if getattr(model, "cpu_only", False) and device != "cpu":
+        device = "cpu"
+        notes.append("measured on the CPU: this model's kernels are CPU-only")
     reference = getattr(model, "reference_module", model)
     one_image = data.example_input(1).to(device)
     flops = count_flops(reference, one_image)
     element_bytes = getattr(model, "element_bytes", None)
     memory = count_memory_access(reference, one_image, element_bytes)
     total, nonzero = getattr(model, "param_counts", None) or count_params(model)
-    latency = measure_latency(model, data.example_input(config.latency_batch_size).to(device),
-                              config.warmup, config.iterations)
+    latency = measure_latency(
+        model,
+        data.example_input(config.latency_batch_size).to(device),
+        config.warmup,
+        config.iterations,
+    )
     top1 = top5 = None
     if config.accuracy:
         top1, top5 = accuracy(model, data, device)
     p50_s = latency["p50"] / 1e3
-    notes = list(getattr(model, "notes", []))
     result = Evaluation(
-        name=name, params=total, nonzero_params=nonzero,
+        name=name,
+        params=total,
+        nonzero_params=nonzero,
         size_bytes=artifact_size(model, artifact, one_image.cpu(), notes),
-        flops=flops, macs=flops // 2, memory_access_bytes=memory,
+        flops=flops,
+        macs=flops // 2,
+        memory_access_bytes=memory,
         compute_dtype=getattr(model, "compute_dtype", _dtype_name(model)),
-        latency_ms=latency, batch_size=config.latency_batch_size, threads=threads,
+        latency_ms=latency,
+        batch_size=config.latency_batch_size,
+        threads=threads,
         throughput_per_s=config.latency_batch_size / p50_s,
         gflops_per_s=flops * config.latency_batch_size / p50_s / 1e9,
-        accuracy_top1=top1, accuracy_top5=top5, notes=notes)
+        accuracy_top1=top1,
+        accuracy_top5=top5,
+        notes=notes,
+    )
     if baseline is not None:
         compare(result, baseline)
     return result
@@ -106,12 +128,16 @@ def compare(result: Evaluation, baseline: Evaluation) -> None:
     """Fill in the accuracy drop and the plain-words notes against the baseline."""
     if result.accuracy_top1 is not None and baseline.accuracy_top1 is not None:
         points = baseline.accuracy_top1 - result.accuracy_top1
-        result.accuracy_drop = {"points": points,
-                                "percent": 100.0 * points / max(baseline.accuracy_top1, 1e-9)}
+        result.accuracy_drop = {
+            "points": points,
+            "percent": 100.0 * points / max(baseline.accuracy_top1, 1e-9),
+        }
     ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
     if ratio >= NOT_FASTER_RATIO:
-        result.notes.append(f"not faster than the baseline on this machine: p50 is {ratio:.2f}x"
-                            f" the baseline's at batch {result.batch_size}, {result.threads} threads")
+        result.notes.append(
+            f"not faster than the baseline on this machine: p50 is {ratio:.2f}x"
+            f" the baseline's at batch {result.batch_size}, {result.threads} threads"
+        )
 
 
 def set_threads(threads: int | None) -> int:
@@ -160,7 +186,11 @@ class _MemoryAccess(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         namespace = func.namespace
-        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        inputs = [
+            a
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        ]
         outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
         if namespace == "quantized_decomposed" and "dequantize" in func.__name__:
             for o in outputs:
@@ -169,7 +199,9 @@ class _MemoryAccess(TorchDispatchMode):
         elif namespace == "quantized_decomposed" and "quantize" in func.__name__:
             source = inputs[0]
             if id(source) in self.written:  # the producer really writes the quantized width
-                self.total -= source.numel() * (self.written[id(source)] - outputs[0].element_size())
+                self.total -= source.numel() * (
+                    self.written[id(source)] - outputs[0].element_size()
+                )
                 self.written[id(source)] = outputs[0].element_size()
             self.keep += outputs
         elif not func.is_view and outputs:
@@ -182,15 +214,18 @@ class _MemoryAccess(TorchDispatchMode):
         return out
 
 
-def count_memory_access(model: nn.Module, example: torch.Tensor, element_bytes: int | None = None) -> int:
+def count_memory_access(
+    model: nn.Module, example: torch.Tensor, element_bytes: int | None = None
+) -> int:
     """Bytes of weights and activations read and written per image (memory access cost)."""
     with torch.inference_mode(), _MemoryAccess(element_bytes) as counter:
         model(example)
     return counter.total // example.shape[0]
 
 
-def measure_latency(model: nn.Module, batch: torch.Tensor, warmup: int = 10,
-                    iterations: int = 100) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module, batch: torch.Tensor, warmup: int = 10, iterations: int = 100
+) -> dict[str, float]:
     """Per-call wall time in ms (p50, p90, p99, mean) after ``warmup`` untimed calls."""
     cuda = batch.is_cuda
     with torch.inference_mode():
@@ -223,8 +258,12 @@ def accuracy(model: nn.Module, data: Data, device: str = "cpu") -> tuple[float, 
     return 100.0 * top1 / seen, 100.0 * top5 / seen
 
 
-def artifact_size(model: nn.Module, artifact: str | Path | None = None,
-                  example: torch.Tensor | None = None, notes: list[str] | None = None) -> int:
+def artifact_size(
+    model: nn.Module,
+    artifact: str | Path | None = None,
+    example: torch.Tensor | None = None,
+    notes: list[str] | None = None,
+) -> int:
     """Bytes on disk of the saved model (a file, or every file in a folder).
 
     Without ``artifact`` the model is saved to a temporary folder; a model that can be
@@ -240,8 +279,10 @@ def artifact_size(model: nn.Module, artifact: str | Path | None = None,
             except Exception as error:  # noqa: BLE001 - export failures are many and varied
                 torch.save(model.state_dict(), Path(folder) / "state_dict.pt")
                 if notes is not None:
-                    notes.append("size is the state_dict's: the model could not be saved as an"
-                                 f" artifact ({str(error).strip().splitlines()[0][:120]})")
+                    notes.append(
+                        "size is the state_dict's: the model could not be saved as an"
+                        f" artifact ({str(error).strip().splitlines()[0][:120]})"
+                    )
                 return (Path(folder) / "state_dict.pt").stat().st_size
     path = Path(artifact)
     if path.is_file():
@@ -267,10 +308,17 @@ def environment(device: str = "cpu") -> dict:
                 break
     except OSError:
         pass
-    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "torchao": torchao_version,
-           "python": platform.python_version(), "device": device, "threads": torch.get_num_threads(),
-           "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "cores_usable": len(os.sched_getaffinity(0))}
+    env = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torchao": torchao_version,
+        "python": platform.python_version(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

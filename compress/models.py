@@ -41,8 +41,13 @@ def build_model(config: ModelConfig, num_classes: int, in_channels: int = 3) -> 
         from compress.artifact import load
 
         return load(config.checkpoint)
-    spec = {"name": config.name, "kwargs": dict(config.kwargs), "num_classes": num_classes,
-            "in_channels": in_channels, "weights": config.weights}
+    spec = {
+        "name": config.name,
+        "kwargs": dict(config.kwargs),
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "weights": config.weights,
+    }
     model = model_from_spec(spec)
     if config.checkpoint:
         load_state_dict_file(model, config.checkpoint)
@@ -68,15 +73,19 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "refused"
-        raise ModelError(f"model.checkpoint: {path} is not a weights-only state_dict"
-                         f" ({str(error).splitlines()[0]}); compress never unpickles code") from None
+        raise ModelError(
+            f"model.checkpoint: {path} is not a weights-only state_dict"
+            f" ({str(error).splitlines()[0]}); compress never unpickles code"
+        ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint: take the model's weights
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ModelError(f"model.checkpoint: {path} does not fit model {model.compress_spec['name']!r}:"
-                         f" {str(error).splitlines()[1].strip() if chr(10) in str(error) else error}") from None
+        raise ModelError(
+            f"model.checkpoint: {path} does not fit model {model.compress_spec['name']!r}:"
+            f" {str(error).splitlines()[1].strip() if chr(10) in str(error) else error}"
+        ) from None
 
 
 def _from_import_path(path: str, spec: dict) -> nn.Module:
@@ -84,8 +93,10 @@ def _from_import_path(path: str, spec: dict) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as error:
-        raise RecipeError(f"model.name: cannot import {path!r} ({error}); expected"
-                          " 'package.module:factory' on the Python path") from None
+        raise RecipeError(
+            f"model.name: cannot import {path!r} ({error}); expected"
+            " 'package.module:factory' on the Python path"
+        ) from None
     kwargs = dict(spec["kwargs"])
     # Hand the data's class and channel counts to factories that take them, unless given.
     accepted = inspect.signature(factory).parameters
@@ -94,7 +105,9 @@ def _from_import_path(path: str, spec: dict) -> nn.Module:
             kwargs[key] = spec[key]
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise ModelError(f"model.name: {path!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError(
+            f"model.name: {path!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -108,10 +121,12 @@ def check_model_name(name: str) -> None:
 
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        raise RecipeError(f"model.name: unknown model {name!r}; {hint}(allowed: a torchvision"
-                          f" classification model such as resnet18, mobilenet_v2, efficientnet_b0,"
-                          f" vit_b_16 — `python -m compress list` shows all {len(names)} — or"
-                          " 'package.module:factory')")
+        raise RecipeError(
+            f"model.name: unknown model {name!r}; {hint}(allowed: a torchvision"
+            f" classification model such as resnet18, mobilenet_v2, efficientnet_b0,"
+            f" vit_b_16 — `python -m compress list` shows all {len(names)} — or"
+            " 'package.module:factory')"
+        )
 
 
 def _from_torchvision(name: str, spec: dict) -> nn.Module:
@@ -136,16 +151,26 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                conv = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, child.dilation, child.groups, child.bias is not None,
-                                 child.padding_mode)
+                conv = nn.Conv2d(
+                    in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                    child.padding_mode,
+                )
                 with torch.no_grad():
                     conv.weight.copy_(child.weight.mean(dim=1, keepdim=True).expand_as(conv.weight))
                     if child.bias is not None:
                         conv.bias.copy_(child.bias)
                 setattr(parent, child_name, conv)
                 return
-    raise ModelError(f"cannot adapt {type(model).__name__} to {in_channels} input channels: no Conv2d")
+    raise ModelError(
+        f"cannot adapt {type(model).__name__} to {in_channels} input channels: no Conv2d"
+    )
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
@@ -156,7 +181,9 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
             if isinstance(child, nn.Linear):
                 last = (parent, child_name, child)
     if last is None:
-        raise ModelError(f"{type(model).__name__}: no Linear head to resize to {num_classes} classes")
+        raise ModelError(
+            f"{type(model).__name__}: no Linear head to resize to {num_classes} classes"
+        )
     parent, child_name, child = last
     if child.out_features != num_classes:
         setattr(parent, child_name, nn.Linear(child.in_features, num_classes))

@@ -42,11 +42,15 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device; use auto or cpu")
+        raise RuntimeError(
+            "device: cuda was asked for, but torch sees no CUDA device; use auto or cpu"
+        )
     return device
 
 
-def run(recipe: Recipe | str | Path, out: str | Path | None = None, overrides: list[str] = ()) -> Report:
+def run(
+    recipe: Recipe | str | Path, out: str | Path | None = None, overrides: list[str] = ()
+) -> Report:
     """Run a recipe end to end and return its report; writes the run directory.
 
     Example:
@@ -76,8 +80,17 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, overrides: l
             log.info("stage %d done in %.1f s; evaluating", index, time.perf_counter() - started)
             last = index == len(recipe.stages) - 1
             folder = run_dir / ("model" if last else f"stage{index}_{stage.kind}")
-            report.evaluations.append(evaluate(model, data, recipe.evaluate, baseline=base, name=stage.name,
-                                               artifact=artifact.save(model, folder), device=device))
+            report.evaluations.append(
+                evaluate(
+                    model,
+                    data,
+                    recipe.evaluate,
+                    baseline=base,
+                    name=stage.name,
+                    artifact=artifact.save(model, folder),
+                    device=device,
+                )
+            )
         _check_targets(recipe, report)
         report.write(run_dir)
         report.run_dir = run_dir
@@ -96,8 +109,10 @@ def make_run_dir(recipe: Recipe, out: str | Path | None) -> Path:
     if out is not None:
         path = Path(out)
         if path.exists() and any(path.iterdir()):
-            raise RunDirError(f"--out {path}: the folder exists and is not empty; compress never writes"
-                              " over a run. Choose a new folder.")
+            raise RunDirError(
+                f"--out {path}: the folder exists and is not empty; compress never writes"
+                " over a run. Choose a new folder."
+            )
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -121,16 +136,25 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     """
     channels = data.input_shape[0]
     model = build_model(recipe.model, data.num_classes, channels)
-    needs_training = (not recipe.model.checkpoint and not recipe.model.weights
-                      and recipe.data.name != "synthetic" and recipe.train.epochs > 0)
+    needs_training = (
+        not recipe.model.checkpoint
+        and not recipe.model.weights
+        and recipe.data.name != "synthetic"
+        and recipe.train.epochs > 0
+    )
     if not needs_training:
         return model.to(device).eval()
     cached = cache_dir() / "baselines" / baseline_key(recipe)
     if (cached / artifact.MANIFEST).is_file():
         log.info("using the cached baseline %s", cached)
         return artifact.load(cached).to(device)
-    log.info("training the baseline (%s on %s, %d epochs); cached in %s for later runs",
-             recipe.model.name, recipe.data.name, recipe.train.epochs, cached)
+    log.info(
+        "training the baseline (%s on %s, %d epochs); cached in %s for later runs",
+        recipe.model.name,
+        recipe.data.name,
+        recipe.train.epochs,
+        cached,
+    )
     model = train(model, data, recipe.train, seed=recipe.seed, device=device, desc="baseline")
     try:
         artifact.save(model.cpu(), cached)
@@ -142,9 +166,16 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
 def baseline_key(recipe: Recipe) -> str:
     """A hash of everything that changes the trained baseline."""
     d = recipe.to_dict()
-    data = {k: v for k, v in d["data"].items() if k not in ("eval_batch_size", "workers", "test_subset")}
-    material = {"model": d["model"], "data": data, "seed": recipe.seed, "train": d["train"],
-                "format": artifact.FORMAT_VERSION}
+    data = {
+        k: v for k, v in d["data"].items() if k not in ("eval_batch_size", "workers", "test_subset")
+    }
+    material = {
+        "model": d["model"],
+        "data": data,
+        "seed": recipe.seed,
+        "train": d["train"],
+        "format": artifact.FORMAT_VERSION,
+    }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     return f"{recipe.model.name.replace(':', '_').replace('.', '_')}-{recipe.data.name}-{digest}"
 
@@ -160,8 +191,10 @@ def _check_targets(recipe: Recipe, report: Report) -> None:
         return
     for e in report.evaluations[1:]:
         if e.accuracy_drop and e.accuracy_drop["points"] > limit:
-            report.notes.append(f"{e.name} misses evaluate.max_accuracy_drop={limit}:"
-                                f" it loses {e.accuracy_drop['points']:.2f} points")
+            report.notes.append(
+                f"{e.name} misses evaluate.max_accuracy_drop={limit}:"
+                f" it loses {e.accuracy_drop['points']:.2f} points"
+            )
 
 
 def _log_to(path: Path) -> logging.Handler:

@@ -40,9 +40,15 @@ class QuantizedModel(nn.Module):
 
     compute_dtype = "int8"
     element_bytes = 1  # int8 weights and activations
+    cpu_only = True  # oneDNN INT8 kernels: the evaluator feeds it CPU tensors
 
-    def __init__(self, reference: nn.Module, param_counts: tuple[int, int], notes: list[str] | None = None,
-                 compile: bool = True):
+    def __init__(
+        self,
+        reference: nn.Module,
+        param_counts: tuple[int, int],
+        notes: list[str] | None = None,
+        compile: bool = True,
+    ):
         super().__init__()
         self.reference_module = reference
         self.param_counts = tuple(param_counts)
@@ -55,8 +61,10 @@ class QuantizedModel(nn.Module):
     def train(self, mode: bool = True) -> QuantizedModel:
         # Exported graphs refuse train()/eval(); a converted INT8 graph is inference-only.
         if mode:
-            raise QuantizationError("a converted INT8 model cannot be trained; fine-tune before"
-                                    " quantizing, or use quantization-aware training")
+            raise QuantizationError(
+                "a converted INT8 model cannot be trained; fine-tune before"
+                " quantizing, or use quantization-aware training"
+            )
         self.training = False
         return self
 
@@ -84,20 +92,30 @@ class QuantizedModel(nn.Module):
                 out = self._compiled(x)
         except Exception as error:  # noqa: BLE001 - any compiler failure: run the reference
             self._compile = False
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            self.notes.append("INT8 kernels unavailable (torch.compile failed: "
-                              f"{reason}); ran the fake-quant reference graph, which is not faster")
+            reason = (
+                str(error).strip().splitlines()[0][:200]
+                if str(error).strip()
+                else type(error).__name__
+            )
+            self.notes.append(
+                "INT8 kernels unavailable (torch.compile failed: "
+                f"{reason}); ran the fake-quant reference graph, which is not faster"
+            )
             return self.reference_module(x)
         if new_shape:
             self._shapes_compiled.add(x.shape)
             self.int8_kernels = _int8_lowerings() - before
             if self.int8_kernels == 0 and not any("no INT8 kernel" in n for n in self.notes):
-                self.notes.append("inductor lowered no INT8 kernel: the model runs fake-quant"
-                                  " (quantize/dequantize around float ops) and is not faster")
+                self.notes.append(
+                    "inductor lowered no INT8 kernel: the model runs fake-quant"
+                    " (quantize/dequantize around float ops) and is not faster"
+                )
         return out
 
 
-def quantize(model: nn.Module, data: Data, config: QuantizeConfig | None = None, **options) -> nn.Module:
+def quantize(
+    model: nn.Module, data: Data, config: QuantizeConfig | None = None, **options
+) -> nn.Module:
     """Quantize ``model`` as ``config`` (or keyword options) says; returns a new model.
 
     Example:
@@ -120,7 +138,9 @@ def _int8_static(model: nn.Module, data: Data, config: QuantizeConfig) -> nn.Mod
     param_counts = count_params(model)
     exported = export_model(model, data.example_input(2))
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=not _has_vnni()))
+    quantizer.set_global(
+        xiq.get_default_x86_inductor_quantization_config(reduce_range=not _has_vnni())
+    )
     skipped = matching_modules(model, config.skip)
     for name in skipped:
         quantizer.set_module_name_qconfig(name, None)
@@ -147,18 +167,32 @@ def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
     try:
         # strict=True: the X86 quantizer matches conv/linear patterns by the source
         # partitions that strict (dynamo) tracing records.
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True).module()
+        return torch.export.export(
+            model, (example,), dynamic_shapes=({0: batch},), strict=True
+        ).module()
     except Exception as error:  # noqa: BLE001 - report the first line, not a stack trace
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise QuantizationError(f"torch.export could not trace {type(model).__name__}: {first[:300]}") from None
+        first = next(
+            (line for line in str(error).splitlines() if line.strip()), type(error).__name__
+        )
+        raise QuantizationError(
+            f"torch.export could not trace {type(model).__name__}: {first[:300]}"
+        ) from None
 
 
 def calibrate(prepared: nn.Module, data: Data, batches: int) -> None:
     """Run ``batches`` batches of the calibration split through the observers."""
     loader = data.loader("calibration")
     with torch.no_grad():
-        for i, (images, _) in enumerate(tqdm(loader, total=min(batches, len(loader)), desc="calibrate",
-                                             unit="batch", leave=False, disable=None)):
+        for i, (images, _) in enumerate(
+            tqdm(
+                loader,
+                total=min(batches, len(loader)),
+                desc="calibrate",
+                unit="batch",
+                leave=False,
+                disable=None,
+            )
+        ):
             if i >= batches:
                 break
             prepared(images)
@@ -179,7 +213,9 @@ def matching_modules(model: nn.Module, patterns: list[str]) -> list[str]:
 
             close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise QuantizationError(f"skip: {pattern!r} matches no module of {type(model).__name__}{hint}")
+            raise QuantizationError(
+                f"skip: {pattern!r} matches no module of {type(model).__name__}{hint}"
+            )
         selected += [n for n in found if n not in selected]
     return selected
 
@@ -188,7 +224,11 @@ def _int8_lowerings() -> int:
     """How many quantized ops (qconv, qlinear, ...) inductor has lowered to INT8 kernels so far."""
     from torch._dynamo.utils import counters
 
-    return sum(v for k, v in counters["inductor"].items() if k.startswith("q") and k.endswith("_lower_count"))
+    return sum(
+        v
+        for k, v in counters["inductor"].items()
+        if k.startswith("q") and k.endswith("_lower_count")
+    )
 
 
 def _has_vnni() -> bool:

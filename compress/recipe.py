@@ -66,7 +66,9 @@ class DataConfig:
 class TrainConfig:
     """The one training loop's settings (baseline training; later fine-tunes)."""
 
-    epochs: int = field(default=4, metadata=_range(0))  # resnet18 on Fashion-MNIST: ~91 % in ~4 min on 2 cores
+    epochs: int = field(
+        default=4, metadata=_range(0)
+    )  # resnet18 on Fashion-MNIST: ~91 % in ~4 min on 2 cores
     max_steps: int | None = field(default=None, metadata=_range(1))  # stop early, for quick runs
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = field(default=0.05, metadata=_range(0.0))  # peak learning rate
@@ -152,7 +154,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        raise RecipeError(
+            f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}"
+        ) from None
     raw = {} if raw is None else raw
     for override in overrides:
         raw = apply_override(raw, override, source=str(path))
@@ -191,11 +195,15 @@ def apply_override(raw: Any, override: str, source: str = "<recipe>") -> dict:
         last = depth == len(keys) - 1
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise RecipeError(f"{source}: --set {key_path}: index {key!r} is out of range"
-                                  f" (the list has {len(node)} items)")
+                raise RecipeError(
+                    f"{source}: --set {key_path}: index {key!r} is out of range"
+                    f" (the list has {len(node)} items)"
+                )
             key = int(key)
         elif not isinstance(node, dict):
-            raise RecipeError(f"{source}: --set {key_path}: {'.'.join(keys[:depth])} is not a mapping")
+            raise RecipeError(
+                f"{source}: --set {key_path}: {'.'.join(keys[:depth])} is not a mapping"
+            )
         if last:
             node[key] = value
         else:
@@ -230,16 +238,25 @@ def _parse_dataclass(cls: type, raw: Any, path: str, source: str):
     fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields_by_name:
-            raise _fail(source, _join(path, str(key)),
-                        f"unknown key {key!r}; {_suggest(key, list(fields_by_name))}")
+            raise _fail(
+                source,
+                _join(path, str(key)),
+                f"unknown key {key!r}; {_suggest(key, list(fields_by_name))}",
+            )
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():
         key_path = _join(path, name)
         if name == "stages" and cls is Recipe:
             if not isinstance(value, list):
-                raise _fail(source, key_path, "expected a list of stages, e.g. [{quantize: {method: int8_static}}]")
-            values[name] = [_parse_stage(item, f"{key_path}[{i}]", source) for i, item in enumerate(value)]
+                raise _fail(
+                    source,
+                    key_path,
+                    "expected a list of stages, e.g. [{quantize: {method: int8_static}}]",
+                )
+            values[name] = [
+                _parse_stage(item, f"{key_path}[{i}]", source) for i, item in enumerate(value)
+            ]
             continue
         values[name] = _coerce(hints[name], value, key_path, source, fields_by_name[name].metadata)
     return cls(**values)
@@ -249,11 +266,19 @@ def _parse_stage(item: Any, path: str, source: str) -> Stage:
     if isinstance(item, str):
         item = {item: {}}
     if not isinstance(item, dict) or len(item) != 1:
-        raise _fail(source, path, f"each stage is a mapping with one key, the stage name; got {item!r}"
-                    f" (allowed stages: {', '.join(STAGE_CONFIGS)})")
+        raise _fail(
+            source,
+            path,
+            f"each stage is a mapping with one key, the stage name; got {item!r}"
+            f" (allowed stages: {', '.join(STAGE_CONFIGS)})",
+        )
     kind, options = next(iter(item.items()))
     if kind not in STAGE_CONFIGS:
-        raise _fail(source, f"{path}.{kind}", f"unknown stage {kind!r}; {_suggest(kind, list(STAGE_CONFIGS))}")
+        raise _fail(
+            source,
+            f"{path}.{kind}",
+            f"unknown stage {kind!r}; {_suggest(kind, list(STAGE_CONFIGS))}",
+        )
     return Stage(kind, _parse_dataclass(STAGE_CONFIGS[kind], options, f"{path}.{kind}", source))
 
 
@@ -294,7 +319,11 @@ def _coerce(hint: Any, value: Any, path: str, source: str, limits: dict | Any = 
     if hint in (int, float):
         ok = isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
         if not ok:
-            raise _fail(source, path, f"expected {'an integer' if hint is int else 'a number'}, got {value!r}")
+            raise _fail(
+                source,
+                path,
+                f"expected {'an integer' if hint is int else 'a number'}, got {value!r}",
+            )
         low, high = (limits or {}).get("min"), (limits or {}).get("max")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f">= {low}" if high is None else f"between {low} and {high}"

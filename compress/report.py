@@ -29,8 +29,12 @@ class Report:
         return self.evaluations[-1]
 
     def to_dict(self) -> dict:
-        return {"recipe": self.recipe, "environment": self.environment,
-                "evaluations": [e.to_dict() for e in self.evaluations], "notes": self.notes}
+        return {
+            "recipe": self.recipe,
+            "environment": self.environment,
+            "evaluations": [e.to_dict() for e in self.evaluations],
+            "notes": self.notes,
+        }
 
     def rows(self) -> list[dict[str, str]]:
         """One row per evaluation with figures and ratios against the baseline, as text."""
@@ -38,22 +42,24 @@ class Report:
         rows = []
         for e in self.evaluations:
             drop = e.accuracy_drop["points"] if e.accuracy_drop else None
-            rows.append({
-                "step": e.name,
-                "top-1 %": _num(e.accuracy_top1, ".2f"),
-                "drop pts": _num(drop, "+.2f") if e is not base else "",
-                "size MB": f"{e.size_bytes / 1e6:.2f}",
-                "size x": _ratio(e.size_bytes, base.size_bytes),
-                "params": _count(e.params),
-                "MACs": f"{_count(e.macs)} {e.compute_dtype}",
-                "MACs x": _ratio(e.macs, base.macs),
-                "mem access MB": f"{e.memory_access_bytes / 1e6:.2f}",
-                "p50 ms": f"{e.latency_ms['p50']:.3f}",
-                "p90 ms": f"{e.latency_ms['p90']:.3f}",
-                "p99 ms": f"{e.latency_ms['p99']:.3f}",
-                "p50 x": _ratio(e.latency_ms["p50"], base.latency_ms["p50"]),
-                "img/s": f"{e.throughput_per_s:.0f}",
-            })
+            rows.append(
+                {
+                    "step": e.name,
+                    "top-1 %": _num(e.accuracy_top1, ".2f"),
+                    "drop pts": _num(drop, "+.2f") if e is not base else "",
+                    "size MB": f"{e.size_bytes / 1e6:.2f}",
+                    "size x": _ratio(e.size_bytes, base.size_bytes),
+                    "params": _count(e.params),
+                    "MACs": f"{_count(e.macs)} {e.compute_dtype}",
+                    "MACs x": _ratio(e.macs, base.macs),
+                    "mem access MB": f"{e.memory_access_bytes / 1e6:.2f}",
+                    "p50 ms": f"{e.latency_ms['p50']:.3f}",
+                    "p90 ms": f"{e.latency_ms['p90']:.3f}",
+                    "p99 ms": f"{e.latency_ms['p99']:.3f}",
+                    "p50 x": _ratio(e.latency_ms["p50"], base.latency_ms["p50"]),
+                    "img/s": f"{e.throughput_per_s:.0f}",
+                }
+            )
         return rows
 
     def table(self) -> str:
@@ -72,11 +78,16 @@ class Report:
         headers = list(rows[0])
         base = self.baseline
         env = self.environment
-        out = [f"# {self.recipe}", "",
-               f"Measured on {env.get('cpu')} ({env.get('device')}), {base.threads} threads,"
-               f" latency at batch {base.batch_size}; torch {env.get('torch')}, torchao {env.get('torchao')}.",
-               "Ratios (x) are against the baseline: below 1 is smaller or faster.", "",
-               "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        out = [
+            f"# {self.recipe}",
+            "",
+            f"Measured on {env.get('cpu')} ({env.get('device')}), {base.threads} threads,"
+            f" latency at batch {base.batch_size}; torch {env.get('torch')}, torchao {env.get('torchao')}.",
+            "Ratios (x) are against the baseline: below 1 is smaller or faster.",
+            "",
+            "| " + " | ".join(headers) + " |",
+            "|" + "---|" * len(headers),
+        ]
         out += ["| " + " | ".join(r[h] for h in headers) + " |" for r in rows]
         notes = [f"- **{e.name}**: {n}" for e in self.evaluations for n in e.notes]
         notes += [f"- {n}" for n in self.notes]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -12,6 +13,8 @@ from tqdm import tqdm
 from compress.data import Data
 from compress.recipe import TrainConfig
 
+log = logging.getLogger("compress")
+
 # loss_fn(model, images, labels) -> (loss, logits); the default is cross-entropy.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -20,8 +23,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
 
 
-def train(model: nn.Module, data: Data, config: TrainConfig, seed: int = 0,
-          device: str = "cpu", loss_fn: LossFn | None = None, desc: str = "train") -> nn.Module:
+def train(
+    model: nn.Module,
+    data: Data,
+    config: TrainConfig,
+    seed: int = 0,
+    device: str = "cpu",
+    loss_fn: LossFn | None = None,
+    desc: str = "train",
+) -> nn.Module:
     """Train ``model`` in place on the train split and return it (in eval mode).
 
     Example:
@@ -43,7 +53,9 @@ def train(model: nn.Module, data: Data, config: TrainConfig, seed: int = 0,
 
     step = 0
     # disable=None: a bar on a terminal, silence in logs and CI.
-    progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, leave=False, disable=None)
+    progress = tqdm(
+        total=total_steps, desc=desc, unit="step", dynamic_ncols=True, leave=False, disable=None
+    )
     correct = seen = 0
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         loader = data.loader("train", shuffle=True, seed=seed + epoch)
@@ -52,8 +64,10 @@ def train(model: nn.Module, data: Data, config: TrainConfig, seed: int = 0,
             loss, logits = loss_fn(model, images, labels)
             if not torch.isfinite(loss):
                 progress.close()
-                raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step};"
-                                    " lower train.lr or set train.grad_clip")
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step};"
+                    " lower train.lr or set train.grad_clip"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -64,9 +78,20 @@ def train(model: nn.Module, data: Data, config: TrainConfig, seed: int = 0,
             seen += labels.numel()
             step += 1
             progress.update()
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%")
+            progress.set_postfix(
+                epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%"
+            )
             if step >= total_steps:
                 break
+        log.info(
+            "%s: epoch %d done, step %d/%d, last loss %.3f, train accuracy %.1f %%",
+            desc,
+            epoch,
+            step,
+            total_steps,
+            loss.item(),
+            100 * correct / max(seen, 1),
+        )
         correct = seen = 0
     progress.close()
     return model.eval()
@@ -81,8 +106,10 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on biases and norm scales: decaying them only hurts accuracy.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)
@@ -90,8 +117,9 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 def _scheduler(optimizer, config: TrainConfig, total_steps: int):
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                   pct_start=0.25)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
+        )
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config.schedule == "step":  # divide by 10 at 50 % and 75 % of training

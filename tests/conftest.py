@@ -29,5 +29,13 @@ def trained_tiny(fmnist):
 
 @pytest.fixture(scope="session")
 def synthetic():
-    return build_data(DataConfig(name="synthetic", synthetic_size=64, synthetic_channels=1,
-                                 calibration_size=32, eval_batch_size=32), seed=0)
+    return build_data(
+        DataConfig(
+            name="synthetic",
+            synthetic_size=64,
+            synthetic_channels=1,
+            calibration_size=32,
+            eval_batch_size=32,
+        ),
+        seed=0,
+    )

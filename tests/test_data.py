@@ -48,7 +48,9 @@ def test_imagefolder_from_a_local_root(tmp_path):
             for i in range(6):
                 pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
-    data = build_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, calibration_size=2))
+    data = build_data(
+        DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, calibration_size=2)
+    )
     assert data.num_classes == 2 and data.input_shape == (3, 8, 8)
     assert (len(data.train), len(data.calibration), len(data.test)) == (10, 2, 12)
     images, labels = next(iter(data.loader("test", batch_size=4)))

@@ -75,8 +75,15 @@ def test_memory_access_exact():
 def test_size_is_the_saved_artifacts_bytes(tmp_path):
     from compress.models import model_from_spec
 
-    model = model_from_spec({"name": "tests.tiny:tiny_cnn", "kwargs": {}, "num_classes": 4,
-                             "in_channels": 1, "weights": None})
+    model = model_from_spec(
+        {
+            "name": "tests.tiny:tiny_cnn",
+            "kwargs": {},
+            "num_classes": 4,
+            "in_channels": 1,
+            "weights": None,
+        }
+    )
     folder = save(model, tmp_path / "m")
     on_disk = sum(f.stat().st_size for f in folder.iterdir())
     data = _labelled_data()

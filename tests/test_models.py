@@ -32,10 +32,17 @@ def test_import_path_gets_data_shape():
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     model = build_model(ModelConfig(name="tests.tiny:tiny_cnn"), num_classes=10, in_channels=1)
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    again = build_model(ModelConfig(name="tests.tiny:tiny_cnn", checkpoint=str(tmp_path / "w.pt")), 10, 1)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    again = build_model(
+        ModelConfig(name="tests.tiny:tiny_cnn", checkpoint=str(tmp_path / "w.pt")), 10, 1
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    )
     with pytest.raises(ModelError, match="does not fit"):
-        build_model(ModelConfig(name="tests.tiny:tiny_cnn", checkpoint=str(tmp_path / "w.pt")), 5, 1)
+        build_model(
+            ModelConfig(name="tests.tiny:tiny_cnn", checkpoint=str(tmp_path / "w.pt")), 5, 1
+        )
 
 
 class _Evil:
@@ -53,7 +60,9 @@ def test_checkpoint_with_code_is_refused(tmp_path, capsys):
 
 
 def test_save_load_identical_and_never_overwrites(tmp_path):
-    model = build_model(ModelConfig(name="tests.tiny:tiny_cnn"), num_classes=10, in_channels=1).eval()
+    model = build_model(
+        ModelConfig(name="tests.tiny:tiny_cnn"), num_classes=10, in_channels=1
+    ).eval()
     folder = save(model, tmp_path / "m")
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():

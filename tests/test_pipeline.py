@@ -9,25 +9,57 @@ import pytest
 from compress.artifact import load
 
 EVALUATION_KEYS = {
-    "name", "params", "nonzero_params", "size_bytes", "flops", "macs", "memory_access_bytes",
-    "compute_dtype", "latency_ms", "batch_size", "threads", "throughput_per_s", "gflops_per_s",
-    "accuracy_top1", "accuracy_top5", "accuracy_drop", "notes",
+    "name",
+    "params",
+    "nonzero_params",
+    "size_bytes",
+    "flops",
+    "macs",
+    "memory_access_bytes",
+    "compute_dtype",
+    "latency_ms",
+    "batch_size",
+    "threads",
+    "throughput_per_s",
+    "gflops_per_s",
+    "accuracy_top1",
+    "accuracy_top5",
+    "accuracy_drop",
+    "notes",
 }
-REDUCED = ["--set", "train.max_steps=15", "--set", "data.train_subset=2000", "--set", "data.test_subset=500",
-           "--set", "evaluate.iterations=20", "--set", "evaluate.warmup=3",
-           "--set", "stages[0].quantize.calibration_batches=1"]
+REDUCED = [
+    "--set",
+    "train.max_steps=15",
+    "--set",
+    "data.train_subset=2000",
+    "--set",
+    "data.test_subset=500",
+    "--set",
+    "evaluate.iterations=20",
+    "--set",
+    "evaluate.warmup=3",
+    "--set",
+    "stages[0].quantize.calibration_batches=1",
+]
 
 
 def _compress(*args, env_cache):
     env = {**__import__("os").environ, "COMPRESS_CACHE": str(env_cache)}
-    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_headline_command_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = _compress("run", "recipes/resnet_int8.yaml", "--out", str(out), *REDUCED, env_cache=tmp_path / "c")
+    result = _compress(
+        "run", "recipes/resnet_int8.yaml", "--out", str(out), *REDUCED, env_cache=tmp_path / "c"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "quantize:int8_static" in result.stdout and "p50 ms" in result.stdout  # the table
 
@@ -53,15 +85,19 @@ def test_headline_command_end_to_end(tmp_path):
     assert f"{base['accuracy_top1']:.2f}" in again.stdout
 
     # A run directory is never reused.
-    refused = _compress("run", "recipes/resnet_int8.yaml", "--out", str(out), env_cache=tmp_path / "c")
+    refused = _compress(
+        "run", "recipes/resnet_int8.yaml", "--out", str(out), env_cache=tmp_path / "c"
+    )
     assert refused.returncode == 2
     assert "never writes over a run" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_runtime_failure_exits_1_without_traceback(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: r\nmodel: {{name: resnet18, checkpoint: {tmp_path / 'missing.pt'}}}\n"
-                      "data: {name: synthetic, synthetic_channels: 1}\n")
+    recipe.write_text(
+        f"name: r\nmodel: {{name: resnet18, checkpoint: {tmp_path / 'missing.pt'}}}\n"
+        "data: {name: synthetic, synthetic_channels: 1}\n"
+    )
     result = _compress("run", str(recipe), "--out", str(tmp_path / "run"), env_cache=tmp_path / "c")
     assert result.returncode == 1
     assert "missing.pt" in result.stderr and "Traceback" not in result.stderr

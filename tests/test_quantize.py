@@ -75,7 +75,9 @@ def test_int8_artifact_of_resnet18_is_under_0_3x(synthetic, tmp_path):
 
 
 def test_skip_keeps_layers_in_float(trained_tiny, fmnist):
-    qmodel = quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=1, skip=["re:0|4"])
+    qmodel = quantize(
+        trained_tiny, fmnist, method="int8_static", calibration_batches=1, skip=["re:0|4"]
+    )
     graph = qmodel.reference_module.graph
     per_channel = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert len(per_channel) == 2  # 4 weighted layers, 2 kept in float

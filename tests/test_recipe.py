@@ -15,8 +15,11 @@ from compress.recipe import (
     parse_stage_options,
 )
 
-GOOD = {"name": "r", "model": {"name": "resnet18"},
-        "stages": [{"quantize": {"method": "int8_static", "calibration_batches": 2}}]}
+GOOD = {
+    "name": "r",
+    "model": {"name": "resnet18"},
+    "stages": [{"quantize": {"method": "int8_static", "calibration_batches": 2}}],
+}
 
 
 def _error(raw) -> str:
@@ -33,24 +36,33 @@ def test_good_recipe_is_typed():
     assert recipe.data.name == "fashion_mnist"  # default
 
 
-@pytest.mark.parametrize(("raw", "path", "expected"), [
-    ({"modle": {}}, "modle", "did you mean 'model'"),
-    ({"data": {"batch_sise": 3}}, "data.batch_sise", "did you mean 'batch_size'"),
-    ({"stages": [{"quantize": {"calibration_batchs": 3}}]}, "stages[0].quantize.calibration_batchs",
-     "did you mean 'calibration_batches'"),
-    ({"stages": [{"quantise": {}}]}, "stages[0].quantise", "did you mean 'quantize'"),
-    ({"stages": [{"quantize": {"method": "int8_statik"}}]}, "stages[0].quantize.method",
-     "did you mean 'int8_static'"),
-    ({"data": {"name": "fashion-mnist"}}, "data.name", "did you mean 'fashion_mnist'"),
-    ({"data": {"batch_size": "big"}}, "data.batch_size", "expected an integer"),
-    ({"data": {"batch_size": 0}}, "data.batch_size", "out of range"),
-    ({"data": {"batch_size": True}}, "data.batch_size", "expected an integer"),
-    ({"train": {"momentum": 1.5}}, "train.momentum", "between 0.0 and 1.0"),
-    ({"device": "tpu"}, "device", "allowed: auto, cpu, cuda"),
-    ({"evaluate": {"accuracy": "yes"}}, "evaluate.accuracy", "expected true or false"),
-    ({"stages": {"quantize": {}}}, "stages", "expected a list of stages"),
-    ({"model": {"name": "resnet181"}}, "model.name", "did you mean 'resnet18'"),
-])
+@pytest.mark.parametrize(
+    ("raw", "path", "expected"),
+    [
+        ({"modle": {}}, "modle", "did you mean 'model'"),
+        ({"data": {"batch_sise": 3}}, "data.batch_sise", "did you mean 'batch_size'"),
+        (
+            {"stages": [{"quantize": {"calibration_batchs": 3}}]},
+            "stages[0].quantize.calibration_batchs",
+            "did you mean 'calibration_batches'",
+        ),
+        ({"stages": [{"quantise": {}}]}, "stages[0].quantise", "did you mean 'quantize'"),
+        (
+            {"stages": [{"quantize": {"method": "int8_statik"}}]},
+            "stages[0].quantize.method",
+            "did you mean 'int8_static'",
+        ),
+        ({"data": {"name": "fashion-mnist"}}, "data.name", "did you mean 'fashion_mnist'"),
+        ({"data": {"batch_size": "big"}}, "data.batch_size", "expected an integer"),
+        ({"data": {"batch_size": 0}}, "data.batch_size", "out of range"),
+        ({"data": {"batch_size": True}}, "data.batch_size", "expected an integer"),
+        ({"train": {"momentum": 1.5}}, "train.momentum", "between 0.0 and 1.0"),
+        ({"device": "tpu"}, "device", "allowed: auto, cpu, cuda"),
+        ({"evaluate": {"accuracy": "yes"}}, "evaluate.accuracy", "expected true or false"),
+        ({"stages": {"quantize": {}}}, "stages", "expected a list of stages"),
+        ({"model": {"name": "resnet181"}}, "model.name", "did you mean 'resnet18'"),
+    ],
+)
 def test_bad_input_names_key_path_and_allowed(raw, path, expected):
     message = _error(raw)
     assert message.startswith("r.yaml: ")
@@ -101,17 +113,24 @@ def test_shipped_recipes_are_valid():
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_cli_validate_misspelled_key_exits_2_with_one_line(tmp_path):
     path = tmp_path / "typo.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         name: typo
         stages:
           - quantize: {method: int8_static, calibraton_batches: 4}
-    """))
+    """)
+    )
     result = _cli("validate", str(path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -11,15 +11,20 @@ Example:
     >>> compress.save(qmodel, "out/model"); qmodel = compress.load("out/model")
 """
 
-from compress.artifact import load, save
-from compress.data import Data, build_data
-from compress.evaluate import Evaluation, evaluate
-from compress.models import build_model
-from compress.pipeline import run
-from compress.quantize import quantize
-from compress.recipe import Recipe, RecipeError, load_recipe, parse_recipe
-from compress.report import Report
-from compress.train import train
+import logging as _logging
+
+# Importing torchao logs a pytree deprecation notice that says nothing to users of compress.
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
+
+from compress.artifact import load, save  # noqa: E402
+from compress.data import Data, build_data  # noqa: E402
+from compress.evaluate import Evaluation, evaluate  # noqa: E402
+from compress.models import build_model  # noqa: E402
+from compress.pipeline import run  # noqa: E402
+from compress.quantize import quantize, sensitivity  # noqa: E402
+from compress.recipe import Recipe, RecipeError, load_recipe, parse_recipe  # noqa: E402
+from compress.report import Report  # noqa: E402
+from compress.train import train  # noqa: E402
 
 __all__ = [
     "Data",

@@ -1,9 +1,8 @@
 """Saving and loading models as data, never as pickled code.
 
-An artifact is a folder: ``manifest.json`` (what the model is and how to rebuild it) plus
-either ``weights.pt`` (a state_dict, read with ``weights_only=True``, for models with a
-spec) or ``model.pt2`` (a ``torch.export`` archive, for quantized graphs and models
-without a spec). Folders are written to a temporary name and renamed into place, so a
+An artifact is a folder: ``manifest.json`` (its ``kind`` and how to rebuild it) plus
+data files: a state_dict read with ``weights_only=True`` for models with a spec, or a
+``torch.export`` archive for graphs (quantized graphs, models without a spec). Folders are written to a temporary name and renamed into place, so a
 crash never leaves a half-written artifact, and an existing folder is never overwritten.
 """
 
@@ -14,6 +13,7 @@ import json
 import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,12 +30,14 @@ class ArtifactError(RuntimeError):
 def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None) -> Path:
     """Save ``model`` to the folder ``path`` (which must not exist yet); returns the path.
 
+    A compressed model writes itself through ``save_artifact(folder, example) -> manifest``;
+    a model built by compress is stored as its spec plus a state_dict; any other model is
+    exported as a graph, which needs an ``example`` input.
+
     Example:
         >>> save(model, "out/model")
         >>> same = load("out/model")
     """
-    from compress.quantize import MAX_BATCH, QuantizedModel
-
     path = Path(path)
     if path.exists():
         raise ArtifactError(f"{path} already exists; compress never overwrites a saved model")
@@ -44,36 +46,18 @@ def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        manifest = {"format_version": FORMAT_VERSION}
-        if isinstance(model, QuantizedModel):
-            graph = model.reference_module
-            batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-            example = _example_for(graph, example)
-            program = torch.export.export(graph, (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, staging / "model.pt2")
-            manifest.update(
-                kind="quantized",
-                file="model.pt2",
-                param_counts=list(model.param_counts),
-                notes=model.notes,
-                compute_dtype=model.compute_dtype,
-                element_bytes=model.element_bytes,
-                input_shape=list(example.shape[1:]),
-            )
+        if hasattr(model, "save_artifact"):
+            manifest = model.save_artifact(staging, example)
         elif hasattr(model, "compress_spec"):
-            torch.save(model.state_dict(), staging / "weights.pt")
-            manifest.update(kind="state_dict", file="weights.pt", spec=model.compress_spec)
+            manifest = save_state(model, staging)
         else:
             if example is None:
                 raise ArtifactError(
                     f"{type(model).__name__} was not built by compress: pass an example"
                     " input to save(), so that it can be exported as a graph"
                 )
-            batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-            example = _batch_of_two(example)
-            program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, staging / "model.pt2")
-            manifest.update(kind="exported", file="model.pt2", input_shape=list(example.shape[1:]))
+            manifest = {"kind": "exported", "file": save_exported(model.eval(), staging, example)}
+        manifest["format_version"] = FORMAT_VERSION
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.replace(staging, path)
     finally:
@@ -87,49 +71,79 @@ def load(path: str | Path) -> nn.Module:
     Example:
         >>> model = load("runs/resnet_int8/20261128-1500/model")
     """
+    import compress.quantize  # noqa: F401 - registers the loaders of quantized kinds
+
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{path} is not a compress model folder (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
-        kind, file = manifest["kind"], path / manifest["file"]
+        kind = manifest["kind"]
     except (ValueError, KeyError) as error:
         raise ArtifactError(f"{manifest_path} is malformed: {error}") from None
-    if not file.is_file() or file.parent != path:
-        raise ArtifactError(
-            f"{path}: the manifest names {manifest['file']!r}, which is not in the folder"
-        )
-    if kind == "state_dict":
-        from compress.models import load_state_dict_file, model_from_spec
-
-        model = model_from_spec(manifest["spec"])
-        load_state_dict_file(model, file)
-        return model.eval()
-    if kind in ("quantized", "exported"):
-        graph = _load_exported(file)
-        if kind == "exported":
-            return graph
-        from compress.quantize import QuantizedModel
-
-        model = QuantizedModel(graph, tuple(manifest["param_counts"]), manifest.get("notes", []))
-        return model.eval()
-    raise ArtifactError(
-        f"{manifest_path}: unknown kind {kind!r} (allowed: state_dict, quantized, exported)"
-    )
-
-
-def _example_for(graph: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
-    """An input of 2 images for re-exporting ``graph`` (batch 1 would be specialised)."""
-    if example is None:
-        placeholder = next(n for n in graph.graph.nodes if n.op == "placeholder")
-        value = placeholder.meta.get("val")
-        if value is None:
+    if "file" in manifest:
+        file = path / manifest["file"]
+        if not file.is_file() or file.parent != path:
             raise ArtifactError(
-                "cannot infer the input shape of the quantized graph; pass example="
+                f"{path}: the manifest names {manifest['file']!r}, which is not in the folder"
             )
-        example = torch.zeros(2, *[int(d) for d in value.shape[1:]])
-    return _batch_of_two(example)
+    if kind not in LOADERS:
+        raise ArtifactError(
+            f"{manifest_path}: unknown kind {kind!r} (allowed: {', '.join(sorted(LOADERS))})"
+        )
+    model = LOADERS[kind](path, manifest)
+    try:
+        model.eval()
+    except NotImplementedError:  # an exported graph has no train/eval modes: already inference
+        pass
+    return model
+
+
+# kind -> loader(folder, manifest) -> model. Compressed model types register theirs.
+LOADERS: dict[str, Callable[[Path, dict], nn.Module]] = {}
+
+
+def register_loader(kind: str):
+    """Decorator: ``@register_loader("quantized")`` on a ``loader(folder, manifest)``."""
+
+    def register(loader):
+        LOADERS[kind] = loader
+        return loader
+
+    return register
+
+
+def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict:
+    """Store a spec-built model as its spec plus a state_dict; returns the manifest."""
+    torch.save(model.state_dict(), folder / name)
+    return {"kind": "state_dict", "file": name, "spec": model.compress_spec}
+
+
+@register_loader("state_dict")
+def _load_state(folder: Path, manifest: dict) -> nn.Module:
+    from compress.models import load_state_dict_file, model_from_spec
+
+    model = model_from_spec(manifest["spec"])
+    load_state_dict_file(model, folder / manifest["file"])
+    return model
+
+
+def save_exported(
+    module: nn.Module, folder: Path, example: torch.Tensor, name: str = "model.pt2"
+) -> str:
+    """``torch.export`` ``module`` with a dynamic batch and save it; returns the file name."""
+    from compress.quantize import MAX_BATCH
+
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    program = torch.export.export(module, (_batch_of_two(example),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, folder / name)
+    return name
+
+
+@register_loader("exported")
+def _load_graph(folder: Path, manifest: dict) -> nn.Module:
+    return load_exported(folder / manifest["file"])
 
 
 def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
@@ -138,7 +152,7 @@ def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _load_exported(file: Path) -> nn.Module:
+def load_exported(file: Path) -> nn.Module:
     """``torch.export.load`` after checking that nothing in the archive would be unpickled.
 
     torch.export stores plain tensors as raw bytes, but it can also hold pickled tensor

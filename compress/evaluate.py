@@ -120,11 +120,11 @@ def evaluate(
         notes=notes,
     )
     if baseline is not None:
-        compare(result, baseline)
+        compare(result, baseline, getattr(model, "not_faster_reason", None))
     return result
 
 
-def compare(result: Evaluation, baseline: Evaluation) -> None:
+def compare(result: Evaluation, baseline: Evaluation, not_faster_reason: str | None = None) -> None:
     """Fill in the accuracy drop and the plain-words notes against the baseline."""
     if result.accuracy_top1 is not None and baseline.accuracy_top1 is not None:
         points = baseline.accuracy_top1 - result.accuracy_top1
@@ -134,9 +134,10 @@ def compare(result: Evaluation, baseline: Evaluation) -> None:
         }
     ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
     if ratio >= NOT_FASTER_RATIO:
+        reason = f"; {not_faster_reason}" if not_faster_reason else ""
         result.notes.append(
             f"not faster than the baseline on this machine: p50 is {ratio:.2f}x"
-            f" the baseline's at batch {result.batch_size}, {result.threads} threads"
+            f" the baseline's at batch {result.batch_size}, {result.threads} threads{reason}"
         )
 
 
@@ -327,3 +328,11 @@ def environment(device: str = "cpu") -> dict:
 def _dtype_name(model: nn.Module) -> str:
     first = next(iter(model.parameters()), None)
     return str(first.dtype).replace("torch.", "") if first is not None else "float32"
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: how far ``approximation`` strays from ``reference``."""
+    noise = (reference.float() - approximation.float()).pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return (10 * torch.log10(reference.float().pow(2).mean() / noise)).item()

@@ -111,6 +111,23 @@ def _from_import_path(path: str, spec: dict) -> nn.Module:
     return model
 
 
+def mlp(
+    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 1024
+) -> nn.Module:
+    """A Linear-heavy classifier (flatten, two hidden layers): what dynamic INT8 is for.
+
+    Use it from a recipe as ``model: {name: "compress.models:mlp", kwargs: {hidden: 1024}}``.
+    """
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 def check_model_name(name: str) -> None:
     """Raise :class:`RecipeError` unless ``name`` is a torchvision model or an import path."""
     if ":" in name:

@@ -59,7 +59,7 @@ def run(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
-    run_dir = make_run_dir(recipe, out)
+    run_dir = make_run_dir(recipe.name, out)
     handler = _log_to(run_dir / "run.log")
     try:
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -104,7 +104,7 @@ def run(
         handler.close()
 
 
-def make_run_dir(recipe: Recipe, out: str | Path | None) -> Path:
+def make_run_dir(name: str, out: str | Path | None) -> Path:
     """Create the run directory; an existing one is an error, never reused."""
     if out is not None:
         path = Path(out)
@@ -116,7 +116,7 @@ def make_run_dir(recipe: Recipe, out: str | Path | None) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / recipe.name / stamp
+    base = Path("runs") / name / stamp
     for suffix in range(1000):
         path = base.with_name(f"{stamp}-{suffix}") if suffix else base
         try:

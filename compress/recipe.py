@@ -79,14 +79,55 @@ class TrainConfig:
     grad_clip: float | None = field(default=None, metadata=_range(0.0))  # max grad L2 norm
 
 
+# How a quantization-aware fine-tune trains by default: short, gentle, from the trained model.
+QAT_TRAINING = {"epochs": 1, "lr": 1e-3, "schedule": "cosine", "weight_decay": 0.0}
+
+
 @dataclass
 class QuantizeConfig:
-    """`stages: - quantize: {...}`"""
+    """`stages: - quantize: {...}`. Each method reads only some options (METHOD_OPTIONS)."""
 
-    method: Literal["int8_static"] = "int8_static"
+    method: Literal[
+        "int8_static", "int8_dynamic", "int8_qat", "fp16", "bf16", "int4_weight_only"
+    ] = "int8_static"
     calibration_batches: int = field(default=16, metadata=_range(1))  # of data.eval_batch_size
+    # Activation range estimator: histogram (torchao's x86 default, minimises the L2 error),
+    # minmax, moving_average (of per-batch min/max), percentile (clips outliers).
+    observer: Literal["minmax", "moving_average", "histogram", "percentile"] = "histogram"
+    percentile: float = field(default=99.99, metadata=_range(90.0, 100.0))  # observer: percentile
+    per_channel: bool = True  # one weight scale per output channel (else one per tensor)
+    symmetric: bool = False  # activations' zero point fixed mid-range (else fitted to the range)
     # Layers kept in float: dotted module names, or "re:<regex>" patterns.
     skip: list[str] = field(default_factory=list)
+    # Points of top-1 the stage may lose (measured on the calibration split); beyond it the
+    # most sensitive layers go back to float one by one. Default: evaluate.max_accuracy_drop.
+    max_accuracy_drop: float | None = field(default=None, metadata=_range(0.0))
+    group_size: int = field(default=128, metadata=_range(8))  # int4: weights sharing one scale
+    fine_tune: TrainConfig = field(  # int8_qat: the shared training loop's settings
+        default_factory=lambda: TrainConfig(**QAT_TRAINING), metadata={"defaults": QAT_TRAINING}
+    )
+
+
+_STATIC = {
+    "calibration_batches",
+    "observer",
+    "percentile",
+    "per_channel",
+    "symmetric",
+    "skip",
+    "max_accuracy_drop",
+}
+# The options each method reads; setting another one is an error rather than a silent no-op.
+METHOD_OPTIONS = {
+    "int8_static": _STATIC,
+    "int8_dynamic": {"skip", "max_accuracy_drop"},
+    "int8_qat": {"skip", "fine_tune"},
+    "fp16": set(),
+    "bf16": set(),
+    "int4_weight_only": {"group_size", "skip", "max_accuracy_drop"},
+}
+# Methods whose accuracy can be traded back layer by layer (they honour `skip`, cheaply).
+FALLBACK_METHODS = {m for m, options in METHOD_OPTIONS.items() if "max_accuracy_drop" in options}
 
 
 # Stage name -> config class. A stage's module registers its function under the same name.
@@ -166,6 +207,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     """Validate plain data (a parsed YAML document) into a :class:`Recipe`."""
     recipe = _parse_dataclass(Recipe, raw, "", source)
+    for stage in recipe.stages:  # a quantize stage's target defaults to the run's
+        if (
+            stage.kind == "quantize"
+            and stage.config.max_accuracy_drop is None
+            and stage.config.method in FALLBACK_METHODS
+        ):
+            stage.config.max_accuracy_drop = recipe.evaluate.max_accuracy_drop
     from compress.models import check_model_name  # here: models imports this module
 
     try:
@@ -279,7 +327,17 @@ def _parse_stage(item: Any, path: str, source: str) -> Stage:
             f"{path}.{kind}",
             f"unknown stage {kind!r}; {_suggest(kind, list(STAGE_CONFIGS))}",
         )
-    return Stage(kind, _parse_dataclass(STAGE_CONFIGS[kind], options, f"{path}.{kind}", source))
+    config = _parse_dataclass(STAGE_CONFIGS[kind], options, f"{path}.{kind}", source)
+    if kind == "quantize":
+        allowed = METHOD_OPTIONS[config.method] | {"method"}
+        for key in options or {}:
+            if key not in allowed:
+                raise _fail(
+                    source,
+                    f"{path}.{kind}.{key}",
+                    f"not used by method {config.method!r} (its options: {', '.join(sorted(allowed))})",
+                )
+    return Stage(kind, config)
 
 
 def _type_name(hint: Any) -> str:
@@ -303,6 +361,9 @@ def _coerce(hint: Any, value: Any, path: str, source: str, limits: dict | Any = 
             raise _fail(source, path, return_text)
         return value
     if dataclasses.is_dataclass(hint):
+        defaults = (limits or {}).get("defaults", {})  # a nested config with its own defaults
+        if isinstance(value, dict):
+            value = {**defaults, **value}
         return _parse_dataclass(hint, value, path, source)
     if origin is list:
         if not isinstance(value, list):

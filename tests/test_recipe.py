@@ -61,6 +61,31 @@ def test_good_recipe_is_typed():
         ({"evaluate": {"accuracy": "yes"}}, "evaluate.accuracy", "expected true or false"),
         ({"stages": {"quantize": {}}}, "stages", "expected a list of stages"),
         ({"model": {"name": "resnet181"}}, "model.name", "did you mean 'resnet18'"),
+        (
+            {"stages": [{"quantize": {"observer": "hist"}}]},
+            "stages[0].quantize.observer",
+            "allowed: minmax",
+        ),
+        (
+            {"stages": [{"quantize": {"percentile": 50}}]},
+            "stages[0].quantize.percentile",
+            "between 90.0 and 100.0",
+        ),
+        (
+            {"stages": [{"quantize": {"method": "fp16", "observer": "minmax"}}]},
+            "stages[0].quantize.observer",
+            "not used by method 'fp16'",
+        ),
+        (
+            {"stages": [{"quantize": {"method": "int8_qat", "fine_tune": {"epoch": 1}}}]},
+            "stages[0].quantize.fine_tune.epoch",
+            "did you mean 'epochs'",
+        ),
+        (
+            {"stages": [{"quantize": {"skip": "layer1"}}]},
+            "stages[0].quantize.skip",
+            "expected a list",
+        ),
     ],
 )
 def test_bad_input_names_key_path_and_allowed(raw, path, expected):
@@ -68,6 +93,24 @@ def test_bad_input_names_key_path_and_allowed(raw, path, expected):
     assert message.startswith("r.yaml: ")
     assert f" {path}: " in message
     assert expected in message
+
+
+def test_nested_defaults_and_inherited_target():
+    raw = {
+        "evaluate": {"max_accuracy_drop": 0.4},
+        "stages": [
+            {"quantize": {"method": "int8_qat", "fine_tune": {"max_steps": 5}}},
+            {"quantize": {"method": "int8_static"}},
+        ],
+    }
+    qat, static = (s.config for s in parse_recipe(raw).stages)
+    assert (qat.fine_tune.max_steps, qat.fine_tune.lr, qat.fine_tune.epochs) == (
+        5,
+        1e-3,
+        1,
+    )  # QAT defaults kept
+    assert qat.max_accuracy_drop is None  # QAT has no layer-by-layer fallback
+    assert static.max_accuracy_drop == 0.4  # inherited from evaluate
 
 
 def test_override_sets_nested_values_and_is_validated():

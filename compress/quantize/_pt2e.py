@@ -1,4 +1,4 @@
-"""The quantize stage: INT8 static post-training quantization on torchao's PT2E path.
+"""INT8 on torchao's PT2E path: static (post-training), dynamic and quantization-aware.
 
 Flow: ``torch.export`` (batch dimension dynamic) → ``prepare_pt2e`` with
 ``X86InductorQuantizer`` → calibration on the calibration split → ``convert_pt2e`` →
@@ -9,13 +9,18 @@ it computes the same numbers with fake-quant ops, and the evaluator counts FLOPs
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
+from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
 from tqdm import tqdm
 
+from compress.artifact import load_exported, register_loader
 from compress.data import Data
 from compress.evaluate import count_params
 from compress.recipe import QuantizeConfig
@@ -48,8 +53,12 @@ class QuantizedModel(nn.Module):
         param_counts: tuple[int, int],
         notes: list[str] | None = None,
         compile: bool = True,
+        dynamic: bool = False,
     ):
         super().__init__()
+        if dynamic:  # float activations between the INT8 Linear layers
+            self.element_bytes = None
+            self.compute_dtype = "int8 (dynamic)"
         self.reference_module = reference
         self.param_counts = tuple(param_counts)
         self.notes = list(notes or [])
@@ -57,6 +66,21 @@ class QuantizedModel(nn.Module):
         self._compiled = None
         self._shapes_compiled: set[torch.Size] = set()
         self.int8_kernels: int | None = None  # INT8 ops inductor lowered at the last new shape
+
+    def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
+        from compress.artifact import save_exported
+
+        graph = self.reference_module
+        if example is None:  # the exported graph remembers its input's shape
+            value = next(n for n in graph.graph.nodes if n.op == "placeholder").meta["val"]
+            example = torch.zeros(2, *[int(d) for d in value.shape[1:]])
+        return {
+            "kind": "quantized",
+            "file": save_exported(graph, folder, example),
+            "param_counts": list(self.param_counts),
+            "notes": self.notes,
+            "dynamic": self.element_bytes is None,
+        }
 
     def train(self, mode: bool = True) -> QuantizedModel:
         # Exported graphs refuse train()/eval(); a converted INT8 graph is inference-only.
@@ -113,49 +137,145 @@ class QuantizedModel(nn.Module):
         return out
 
 
-def quantize(
-    model: nn.Module, data: Data, config: QuantizeConfig | None = None, **options
-) -> nn.Module:
-    """Quantize ``model`` as ``config`` (or keyword options) says; returns a new model.
-
-    Example:
-        >>> qmodel = quantize(model, data, method="int8_static", calibration_batches=8)
-    """
-    if config is None:
-        from compress.recipe import parse_stage_options
-
-        config = parse_stage_options("quantize", options)
-    elif options:
-        raise TypeError("pass either a QuantizeConfig or keyword options, not both")
-    return QUANTIZE_METHODS[config.method](model, data, config)
+def int8_static(model: nn.Module, data: Data, config: QuantizeConfig) -> QuantizedModel:
+    """Post-training static INT8: observers on the calibration split, then conversion."""
+    return _pt2e(model, data, config, mode="static")
 
 
-def _int8_static(model: nn.Module, data: Data, config: QuantizeConfig) -> nn.Module:
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+def int8_dynamic(model: nn.Module, data: Data, config: QuantizeConfig) -> QuantizedModel:
+    """INT8 weights for Linear layers; activations quantized at run time (no calibration)."""
+    return _pt2e(model, data, config, mode="dynamic")
+
+
+def int8_qat(model: nn.Module, data: Data, config: QuantizeConfig) -> QuantizedModel:
+    """Quantization-aware training: fake-quant, a short fine-tune, then real INT8."""
+    return _pt2e(model, data, config, mode="qat")
+
+
+def _pt2e(model: nn.Module, data: Data, config: QuantizeConfig, mode: str) -> QuantizedModel:
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    model = model.cpu().eval()  # X86InductorQuantizer targets x86 CPUs
+    model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
     param_counts = count_params(model)
     exported = export_model(model, data.example_input(2))
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(
-        xiq.get_default_x86_inductor_quantization_config(reduce_range=not _has_vnni())
-    )
+    if mode == "dynamic":
+        # Dynamic quantization pays off for Linear (and recurrent) layers only.
+        quantizer.set_module_type_qconfig(nn.Linear, quantization_config(config, mode))
+    else:
+        quantizer.set_global(quantization_config(config, mode))
     skipped = matching_modules(model, config.skip)
     for name in skipped:
         quantizer.set_module_name_qconfig(name, None)
     with warnings.catch_warnings():
         # "The input of maxpool2d is not quantized, skip annotate": expected for skipped layers.
         warnings.filterwarnings("ignore", message="The input of .* is not quantized")
-        prepared = prepare_pt2e(exported, quantizer)
-    calibrate(prepared, data, config.calibration_batches)
+        prepared = (prepare_qat_pt2e if mode == "qat" else prepare_pt2e)(exported, quantizer)
+    if mode == "qat":
+        from compress.train import train
+
+        allow_exported_model_train_eval(prepared)  # the shared loop calls .train()/.eval()
+        train(prepared, data, config.fine_tune, desc="qat")
+    else:
+        calibrate(prepared, data, 1 if mode == "dynamic" else config.calibration_batches)
     converted = convert_pt2e(prepared)
     _drop_unused_tensors(converted)
     notes = [f"kept in float: {', '.join(skipped)}"] if skipped else []
-    return QuantizedModel(converted, param_counts, notes)
+    if mode == "dynamic":
+        notes.append("dynamic INT8 quantizes Linear layers only; convolutions stay float")
+    return QuantizedModel(converted, param_counts, notes, dynamic=mode == "dynamic")
 
 
-QUANTIZE_METHODS = {"int8_static": _int8_static}
+def quantization_config(config: QuantizeConfig, mode: str):
+    """torchao's x86 QuantizationConfig with the recipe's observer, symmetry and granularity.
+
+    Weights always use per-channel symmetric int8, the form inductor lowers to oneDNN
+    kernels; ``per_channel: false`` gives every channel the same (per-tensor) scale, so the
+    numbers are per-tensor and the kernels stay fast.
+    """
+    from torchao.quantization.pt2e import (
+        HistogramObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    reduce_range = not _has_vnni()
+    default = xiq.get_default_x86_inductor_quantization_config(
+        is_qat=mode == "qat", is_dynamic=mode == "dynamic", reduce_range=reduce_range
+    )
+    if mode != "static":
+        return default  # dynamic and QAT: torchao's own observers / fake-quant
+    observers = {
+        "minmax": MinMaxObserver,
+        "moving_average": MovingAverageMinMaxObserver,
+        "histogram": HistogramObserver,
+        "percentile": PercentileObserver,
+    }
+    extra = {"eps": 2**-12}  # torchao's x86 default: keeps scales away from 0
+    observer_args = {"percentile": config.percentile} if config.observer == "percentile" else {}
+    activation = QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=127 if reduce_range else 255,
+        qscheme=torch.per_tensor_symmetric if config.symmetric else torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=observers[config.observer].with_args(**extra, **observer_args),
+    )
+    weight_observer = PerChannelMinMaxObserver if config.per_channel else SharedScaleObserver
+    weight = dataclasses.replace(
+        default.weight, observer_or_fake_quant_ctr=weight_observer.with_args(**extra)
+    )
+    return dataclasses.replace(
+        default, input_activation=activation, output_activation=activation, weight=weight
+    )
+
+
+class PercentileObserver(MinMaxObserver):
+    """Activation range from the (100 - p)-th to the p-th percentile (clips rare outliers).
+
+    The range is the mean over calibration batches of each batch's low and high
+    percentile; at most 2^20 values of a batch are looked at (strided sample).
+    """
+
+    def __init__(self, percentile: float = 99.99, **kwargs):
+        super().__init__(**kwargs)
+        self.percentile = percentile
+        self.register_buffer("batches", torch.tensor(0))
+
+    def forward(self, x_orig):
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().float().flatten()
+        x = x[:: max(1, x.numel() >> 20)]
+        q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
+        low, high = torch.quantile(x, q)
+        n = self.batches.item()
+        self.min_val = ((self.min_val * n + low) / (n + 1)) if n else low.clone()
+        self.max_val = ((self.max_val * n + high) / (n + 1)) if n else high.clone()
+        self.batches += 1
+        return x_orig
+
+
+class SharedScaleObserver(PerChannelMinMaxObserver):
+    """Per-tensor weight numerics in per-channel form: every channel gets the widest range."""
+
+    def forward(self, x_orig):
+        out = super().forward(x_orig)
+        self.min_val.fill_(self.min_val.min().item())
+        self.max_val.fill_(self.max_val.max().item())
+        return out
+
+
+@register_loader("quantized")
+def _load_quantized(folder: Path, manifest: dict) -> QuantizedModel:
+    graph = load_exported(folder / manifest["file"])
+    return QuantizedModel(
+        graph, tuple(manifest["param_counts"]), manifest["notes"], dynamic=manifest["dynamic"]
+    )
 
 
 def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:

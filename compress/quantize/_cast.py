@@ -1,0 +1,91 @@
+"""FP16 and BF16: the whole model cast to a 16-bit float type, inputs cast on the way in."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.artifact import register_loader
+from compress.data import Data
+from compress.evaluate import count_params
+from compress.recipe import QuantizeConfig
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# CPU flags that give fast kernels for each type; without them oneDNN emulates or converts.
+_FAST_CPU_FLAGS = {
+    torch.float16: ("avx512_fp16", "amx_fp16"),
+    torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+}
+
+
+class LowPrecisionModel(nn.Module):
+    """``inner`` in FP16/BF16; takes and returns float32 so that it drops in anywhere."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, param_counts: tuple[int, int]):
+        super().__init__()
+        self.inner = inner.to(dtype)
+        self.dtype = dtype
+        self.param_counts = tuple(param_counts)
+        self.compute_dtype = str(dtype).removeprefix("torch.")
+        self.element_bytes = 2
+        self.notes: list[str] = []
+        self.not_faster_reason = _not_faster_reason(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype)).float()
+
+    def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
+        from compress.artifact import save_state
+
+        if not hasattr(self.inner, "compress_spec"):
+            from compress.artifact import save_exported
+
+            if example is None:
+                raise ValueError(
+                    "pass an example input to save a model that compress did not build"
+                )
+            return {"kind": "exported", "file": save_exported(self, folder, example)}
+        manifest = save_state(self.inner, folder)
+        return {
+            **manifest,
+            "kind": "low_precision",
+            "dtype": self.compute_dtype,
+            "param_counts": list(self.param_counts),
+        }
+
+
+@register_loader("low_precision")
+def _load(folder: Path, manifest: dict) -> LowPrecisionModel:
+    from compress.models import load_state_dict_file, model_from_spec
+
+    dtype = getattr(torch, manifest["dtype"])
+    model = LowPrecisionModel(
+        model_from_spec(manifest["spec"]), dtype, tuple(manifest["param_counts"])
+    )
+    load_state_dict_file(model.inner, folder / manifest["file"])
+    return model
+
+
+def cast(model: nn.Module, data: Data, config: QuantizeConfig) -> LowPrecisionModel:
+    """Cast a copy of ``model`` to the method's dtype."""
+    return LowPrecisionModel(
+        copy.deepcopy(model).eval(), DTYPES[config.method], count_params(model)
+    )
+
+
+def _not_faster_reason(dtype: torch.dtype) -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    fast = [f for f in _FAST_CPU_FLAGS[dtype] if f in flags]
+    name = str(dtype).removeprefix("torch.")
+    if fast:
+        return f"on the CPU, {name} kernels ({', '.join(fast)}) did not beat float32 for this model"
+    return (
+        f"this CPU has no fast {name} instructions ({' or '.join(_FAST_CPU_FLAGS[dtype])}), so"
+        f" {name} runs converted or emulated; it pays off on GPUs and newer CPUs"
+    )

@@ -1,0 +1,133 @@
+"""Per-layer sensitivity, and the accuracy-aware fallback built on it.
+
+Both measure on the calibration split (held out of train, never the test split), so that
+choosing which layers stay in float does not peek at the figures the report quotes.
+Quantized candidates are scored with their uncompiled reference graph: the same numbers
+without compiling a kernel per candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from compress.data import Data
+from compress.evaluate import measure_latency, sqnr_db
+from compress.recipe import QuantizeConfig
+
+QuantizeFn = Callable[[nn.Module, Data, QuantizeConfig], nn.Module]
+
+
+def candidate_layers(model: nn.Module, skip: list[str] = ()) -> list[str]:
+    """Names of the layers that quantization acts on (convolutions and Linear)."""
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) and n and n not in skip]
+
+
+def layer_sensitivity(
+    model: nn.Module, data: Data, config: QuantizeConfig, quantize_fn: QuantizeFn
+) -> list[dict]:
+    """Quantize one layer at a time (the rest float); most sensitive first.
+
+    Each row: ``layer``, ``accuracy_drop`` (points, calibration split) and ``sqnr_db`` of
+    the logits against the float model's.
+
+    Example:
+        >>> rows = layer_sensitivity(model, data, QuantizeConfig(), QUANTIZE_METHODS["int8_static"])
+    """
+    from compress.quantize._pt2e import matching_modules
+
+    reference, labels = _logits(model, data)
+    skipped = matching_modules(model, config.skip)
+    layers = candidate_layers(model, skipped)
+    rows = []
+    for layer in tqdm(layers, desc="sensitivity", unit="layer", leave=False, disable=None):
+        others = [n for n in layers if n != layer] + skipped
+        quantized = quantize_fn(
+            model, data, dataclasses.replace(config, skip=others, max_accuracy_drop=None)
+        )
+        logits, _ = _logits(quantized, data)
+        rows.append(
+            {
+                "layer": layer,
+                "accuracy_drop": _top1(reference, labels) - _top1(logits, labels),
+                "sqnr_db": sqnr_db(reference, logits),
+            }
+        )
+    rows.sort(key=lambda r: (-r["accuracy_drop"], r["sqnr_db"]))
+    return rows
+
+
+def quantize_with_fallback(
+    model: nn.Module, data: Data, config: QuantizeConfig, quantize_fn: QuantizeFn
+) -> nn.Module:
+    """Quantize; while the drop exceeds ``config.max_accuracy_drop``, return the most
+    sensitive layers to float one at a time. Keeps the best model found and says how."""
+    target = config.max_accuracy_drop
+    plain = dataclasses.replace(config, max_accuracy_drop=None)
+    reference, labels = _logits(model, data)
+    float_top1 = _top1(reference, labels)
+
+    def attempt(kept: list[str]) -> tuple[nn.Module, dict]:
+        quantized = quantize_fn(model, data, dataclasses.replace(plain, skip=plain.skip + kept))
+        logits, _ = _logits(quantized, data)
+        p50 = measure_latency(quantized, data.example_input(1), warmup=3, iterations=20)["p50"]
+        return quantized, {
+            "kept_float": list(kept),
+            "accuracy_drop": float_top1 - _top1(logits, labels),
+            "p50_ms": p50,
+        }
+
+    best, chosen = attempt([])
+    steps = [chosen]
+    if chosen["accuracy_drop"] > target:
+        kept: list[str] = []
+        for row in layer_sensitivity(model, data, plain, quantize_fn):
+            kept.append(row["layer"])
+            candidate, step = attempt(kept)
+            steps.append(step)
+            # The first step that meets the target has the fewest float layers: take it.
+            # Until then, keep the lowest drop seen, never the last one tried.
+            if step["accuracy_drop"] <= target or step["accuracy_drop"] < chosen["accuracy_drop"]:
+                best, chosen = candidate, step
+            if step["accuracy_drop"] <= target:
+                break
+    best.fallback_steps = steps
+    best.notes.append(_describe(steps, chosen, target))
+    return best
+
+
+def _describe(steps: list[dict], chosen: dict, target: float) -> str:
+    trail = "; ".join(
+        f"{'+' + s['kept_float'][-1] if s['kept_float'] else 'all quantized'}: drop"
+        f" {s['accuracy_drop']:.2f} pts, p50 {s['p50_ms']:.3f} ms"
+        for s in steps
+    )
+    where = "on the calibration split"
+    if chosen["accuracy_drop"] <= target:
+        kept = ", ".join(chosen["kept_float"]) or "none"
+        return f"accuracy-aware fallback met max_accuracy_drop={target} {where}; float layers: {kept} ({trail})"
+    return (
+        f"accuracy-aware fallback could NOT meet max_accuracy_drop={target} {where}, even with"
+        f" {len(steps) - 1} layers in float; kept the best model found (drop"
+        f" {chosen['accuracy_drop']:.2f} pts, float layers: {', '.join(chosen['kept_float']) or 'none'})"
+        f" ({trail})"
+    )
+
+
+def _logits(model: nn.Module, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    model = getattr(model, "reference_module", model)
+    outputs, labels = [], []
+    with torch.inference_mode():
+        for images, targets in data.loader("calibration"):
+            outputs.append(model(images).float())
+            labels.append(targets)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()

@@ -41,5 +41,6 @@ __all__ = [
     "quantize",
     "run",
     "save",
+    "sensitivity",
     "train",
 ]

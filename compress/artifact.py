@@ -114,18 +114,70 @@ def register_loader(kind: str):
     return register
 
 
+# A weight at least this sparse is stored as a bitmask plus its non-zero values: the bytes
+# then fall with the sparsity (1/32 of a float32 weight for the mask, 4 bytes per survivor).
+SPARSE_STORAGE_MIN = 0.5
+
+
 def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict:
-    """Store a spec-built model as its spec plus a state_dict; returns the manifest."""
-    torch.save(model.state_dict(), folder / name)
-    return {"kind": "state_dict", "file": name, "spec": model.compress_spec}
+    """Store a spec-built model as its spec, its shapes (if pruned) and its tensors.
+
+    Mostly-zero tensors are stored sparse; ``_load_state`` restores them exactly.
+    """
+    import numpy as np
+
+    state, sparse = {}, []
+    for key, tensor in model.state_dict().items():
+        zeros = (
+            tensor.numel() - int(torch.count_nonzero(tensor)) if tensor.is_floating_point() else 0
+        )
+        if tensor.numel() >= 1024 and zeros >= SPARSE_STORAGE_MIN * tensor.numel():
+            mask = tensor != 0
+            state[f"{key}.__mask"] = torch.from_numpy(np.packbits(mask.flatten().numpy()))
+            state[f"{key}.__values"] = tensor[mask]
+            sparse.append(
+                {
+                    "key": key,
+                    "shape": list(tensor.shape),
+                    "dtype": str(tensor.dtype).removeprefix("torch."),
+                }
+            )
+        else:
+            state[key] = tensor
+    torch.save(state, folder / name)
+    manifest = {"kind": "state_dict", "file": name, "spec": model.compress_spec}
+    if sparse:
+        manifest["sparse"] = sparse
+    if hasattr(model, "compress_shapes"):
+        manifest["shapes"] = model.compress_shapes
+    return manifest
 
 
 @register_loader("state_dict")
 def _load_state(folder: Path, manifest: dict) -> nn.Module:
+    import numpy as np
+
     from compress.models import load_state_dict_file, model_from_spec
+    from compress.prune import apply_shapes
 
     model = model_from_spec(manifest["spec"])
-    load_state_dict_file(model, folder / manifest["file"])
+    if "shapes" in manifest:
+        apply_shapes(model, manifest["shapes"])
+        model.compress_shapes = manifest["shapes"]
+    if "sparse" not in manifest:
+        load_state_dict_file(model, folder / manifest["file"])
+        return model
+    state = torch.load(folder / manifest["file"], map_location="cpu", weights_only=True)
+    for entry in manifest["sparse"]:
+        key, shape = entry["key"], entry["shape"]
+        count = int(np.prod(shape))
+        mask = torch.from_numpy(
+            np.unpackbits(state.pop(f"{key}.__mask").numpy())[:count].astype(bool)
+        )
+        dense = torch.zeros(count, dtype=getattr(torch, entry["dtype"]))
+        dense[mask] = state.pop(f"{key}.__values")
+        state[key] = dense.view(shape)
+    model.load_state_dict(state, strict=True)
     return model
 
 

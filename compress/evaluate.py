@@ -54,6 +54,9 @@ class Evaluation:
     accuracy_top5: float | None
     accuracy_drop: dict[str, float] | None = None  # {"points": ..., "percent": ...} vs baseline
     notes: list[str] = field(default_factory=list)
+    details: dict = field(
+        default_factory=dict
+    )  # what the stage reports itself (per-layer tables, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +121,7 @@ def evaluate(
         accuracy_top1=top1,
         accuracy_top5=top5,
         notes=notes,
+        details=dict(getattr(model, "stage_details", {})),
     )
     if baseline is not None:
         compare(result, baseline, getattr(model, "not_faster_reason", None))

@@ -22,6 +22,7 @@ from compress import artifact
 from compress.data import Data, build_data
 from compress.evaluate import environment, evaluate
 from compress.models import build_model
+from compress.prune import prune
 from compress.quantize import quantize
 from compress.recipe import Recipe, load_recipe
 from compress.report import Report, write_atomic
@@ -31,7 +32,10 @@ log = logging.getLogger("compress")
 
 # Stage name -> function(model, data, config) -> model. STAGE_CONFIGS in recipe.py holds
 # the matching option types; a new stage registers in both.
-STAGES: dict[str, Callable[[nn.Module, Data, object], nn.Module]] = {"quantize": quantize}
+STAGES: dict[str, Callable[[nn.Module, Data, object], nn.Module]] = {
+    "quantize": quantize,
+    "prune": prune,
+}
 
 
 class RunDirError(ValueError):

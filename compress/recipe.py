@@ -130,8 +130,59 @@ METHOD_OPTIONS = {
 FALLBACK_METHODS = {m for m, options in METHOD_OPTIONS.items() if "max_accuracy_drop" in options}
 
 
+# A fine-tune after pruning: off unless asked (epochs: N), then a cosine decay from 0.01.
+PRUNE_TRAINING = {"epochs": 0, "lr": 0.01, "schedule": "cosine"}
+
+
+@dataclass
+class PruneConfig:
+    """`stages: - prune: {...}`. Each method reads only some options (PRUNE_METHOD_OPTIONS)."""
+
+    method: Literal["magnitude", "structured"] = "structured"
+    sparsity: float = field(default=0.5, metadata=_range(0.0, 0.99))  # magnitude: fraction of zeros
+    scope: Literal["layer", "global"] = "layer"  # rank weights/channels per layer or all together
+    steps: int = field(default=1, metadata=_range(1))  # magnitude: gradual steps, fine-tune between
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "random"] = (
+        "l1"  # structured: channel ranking
+    )
+    # structured: one target at most — fraction of channels removed, fraction of the baseline's
+    # MACs kept, or measured p50 ms at batch 1. None of them: ratio 0.5.
+    ratio: float | None = field(default=None, metadata=_range(0.0, 0.99))
+    target_macs: float | None = field(default=None, metadata=_range(0.01, 1.0))
+    target_latency_ms: float | None = field(default=None, metadata=_range(0.0))
+    iterative_steps: int = field(
+        default=1, metadata=_range(1)
+    )  # structured: ratio reached in N steps
+    round_to: int | None = field(default=None, metadata=_range(1))  # channel counts a multiple of N
+    max_layer_ratio: float = field(default=0.9, metadata=_range(0.0, 1.0))  # no layer pruned beyond
+    # Modules never pruned (dotted names or "re:" patterns); structured default: the classifier head.
+    ignore: list[str] = field(default_factory=list)
+    fine_tune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(**PRUNE_TRAINING), metadata={"defaults": PRUNE_TRAINING}
+    )
+
+
+_STRUCTURED = {
+    "importance",
+    "scope",
+    "ratio",
+    "target_macs",
+    "target_latency_ms",
+    "iterative_steps",
+    "round_to",
+    "max_layer_ratio",
+    "ignore",
+    "fine_tune",
+}
+PRUNE_METHOD_OPTIONS = {
+    "magnitude": {"sparsity", "scope", "steps", "ignore", "fine_tune"},
+    "structured": _STRUCTURED,
+}
+
 # Stage name -> config class. A stage's module registers its function under the same name.
-STAGE_CONFIGS: dict[str, type] = {"quantize": QuantizeConfig}
+STAGE_CONFIGS: dict[str, type] = {"quantize": QuantizeConfig, "prune": PruneConfig}
+# Stage name -> method -> the options that method reads.
+STAGE_METHOD_OPTIONS = {"quantize": METHOD_OPTIONS, "prune": PRUNE_METHOD_OPTIONS}
 
 
 @dataclass
@@ -328,15 +379,29 @@ def _parse_stage(item: Any, path: str, source: str) -> Stage:
             f"unknown stage {kind!r}; {_suggest(kind, list(STAGE_CONFIGS))}",
         )
     config = _parse_dataclass(STAGE_CONFIGS[kind], options, f"{path}.{kind}", source)
-    if kind == "quantize":
-        allowed = METHOD_OPTIONS[config.method] | {"method"}
-        for key in options or {}:
-            if key not in allowed:
-                raise _fail(
-                    source,
-                    f"{path}.{kind}.{key}",
-                    f"not used by method {config.method!r} (its options: {', '.join(sorted(allowed))})",
-                )
+    allowed = STAGE_METHOD_OPTIONS[kind][config.method] | {"method"}
+    for key in options or {}:
+        if key not in allowed:
+            raise _fail(
+                source,
+                f"{path}.{kind}.{key}",
+                f"not used by method {config.method!r} (its options: {', '.join(sorted(allowed))})",
+            )
+    if kind == "prune" and config.method == "structured":
+        targets = [
+            k
+            for k in ("ratio", "target_macs", "target_latency_ms")
+            if getattr(config, k) is not None
+        ]
+        if len(targets) > 1:
+            raise _fail(
+                source,
+                f"{path}.{kind}.{targets[1]}",
+                f"give one target, not {' and '.join(targets)} (allowed: ratio, target_macs,"
+                " target_latency_ms)",
+            )
+        if not targets:
+            config.ratio = 0.5
     return Stage(kind, config)
 
 

@@ -93,6 +93,21 @@ class Report:
         notes += [f"- {n}" for n in self.notes]
         if notes:
             out += ["", "## Notes", "", *notes]
+        for e in self.evaluations:
+            layers = e.details.get("layers")
+            if layers:
+                out += [
+                    "",
+                    f"## {e.name}: per layer",
+                    "",
+                    "| layer | channels before | channels after | sparsity before | sparsity after |",
+                    "|---|---|---|---|---|",
+                ]
+                out += [
+                    f"| {r['layer']} | {r['channels_before']} | {r['channels_after']} |"
+                    f" {100 * r['sparsity_before']:.1f} % | {100 * r['sparsity_after']:.1f} % |"
+                    for r in layers
+                ]
         return "\n".join(out) + "\n"
 
     def write(self, folder: str | Path) -> None:

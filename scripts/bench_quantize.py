@@ -70,7 +70,8 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         fp32 = build_model(ModelConfig(name=name), num_classes=1000, in_channels=3).eval()
-        int8 = quantize(fp32, data, method=MODELS[name], calibration_batches=4)
+        options = {"calibration_batches": 4} if MODELS[name] == "int8_static" else {}
+        int8 = quantize(fp32, data, method=MODELS[name], **options)
         ort = None if args.no_ort else _ort_int8(fp32, data, MODELS[name], threads)
         for batch_size in args.batch_sizes:
             batch = data.example_input(batch_size)

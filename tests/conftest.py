@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -5,6 +8,13 @@ from compress.data import build_data
 from compress.models import build_model
 from compress.recipe import DataConfig, ModelConfig, TrainConfig
 from compress.train import train
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m compress ARGS`` in a subprocess (inheriting the test's cache folder)."""
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(autouse=True)

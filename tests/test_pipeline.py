@@ -1,12 +1,11 @@
 """The headline command end to end on a reduced budget, and the run directory's rules."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from compress.artifact import load
+from tests.conftest import run_cli
 
 EVALUATION_KEYS = {
     "name",
@@ -26,6 +25,7 @@ EVALUATION_KEYS = {
     "accuracy_top5",
     "accuracy_drop",
     "notes",
+    "details",
 }
 REDUCED = [
     "--set",
@@ -43,23 +43,10 @@ REDUCED = [
 ]
 
 
-def _compress(*args, env_cache):
-    env = {**__import__("os").environ, "COMPRESS_CACHE": str(env_cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "compress", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_headline_command_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = _compress(
-        "run", "recipes/resnet_int8.yaml", "--out", str(out), *REDUCED, env_cache=tmp_path / "c"
-    )
+    result = run_cli("run", "recipes/resnet_int8.yaml", "--out", str(out), *REDUCED)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "quantize:int8_static" in result.stdout and "p50 ms" in result.stdout  # the table
 
@@ -79,15 +66,13 @@ def test_headline_command_end_to_end(tmp_path):
     assert load(out / "model").param_counts[0] == base["params"]
 
     # The trained baseline is cached: `eval` reuses it instead of training again.
-    again = _compress("eval", "recipes/resnet_int8.yaml", *REDUCED, env_cache=tmp_path / "c")
+    again = run_cli("eval", "recipes/resnet_int8.yaml", *REDUCED)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "using the cached baseline" in again.stderr
     assert f"{base['accuracy_top1']:.2f}" in again.stdout
 
     # A run directory is never reused.
-    refused = _compress(
-        "run", "recipes/resnet_int8.yaml", "--out", str(out), env_cache=tmp_path / "c"
-    )
+    refused = run_cli("run", "recipes/resnet_int8.yaml", "--out", str(out))
     assert refused.returncode == 2
     assert "never writes over a run" in refused.stderr and "Traceback" not in refused.stderr
 
@@ -98,7 +83,25 @@ def test_runtime_failure_exits_1_without_traceback(tmp_path):
         f"name: r\nmodel: {{name: resnet18, checkpoint: {tmp_path / 'missing.pt'}}}\n"
         "data: {name: synthetic, synthetic_channels: 1}\n"
     )
-    result = _compress("run", str(recipe), "--out", str(tmp_path / "run"), env_cache=tmp_path / "c")
+    result = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert result.returncode == 1
     assert "missing.pt" in result.stderr and "Traceback" not in result.stderr
     assert "run failed" in (tmp_path / "run" / "run.log").read_text()
+
+
+@pytest.mark.slow
+def test_sensitivity_command_writes_table_and_chart(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "name: tiny\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+        "data: {train_subset: 2000, test_subset: 500, calibration_size: 500}\n"
+        "train: {max_steps: 30}\nstages: [{quantize: {method: int8_static, calibration_batches: 1}}]\n"
+    )
+    out = tmp_path / "sens"
+    result = run_cli("sensitivity", str(recipe), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "sensitivity.json").read_text())
+    assert [r["layer"] for r in rows] and {r["layer"] for r in rows} == {"0", "4", "8", "13"}
+    assert all(r["sqnr_db"] > 0 for r in rows)
+    assert (out / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sensitivity.md").read_text().count("\n| ") == 5  # header + 4 layers

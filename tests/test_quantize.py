@@ -106,9 +106,11 @@ def test_skip_keeps_layers_in_float(trained_tiny, fmnist):
 
 
 class _Untraceable(nn.Module):
-    def __init__(self):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3), nn.ReLU(), nn.Conv2d(16, num_classes, 3)
+        )
 
     def forward(self, x):
         if x.sum().item() > 0:  # data-dependent control flow: export cannot trace it
@@ -116,11 +118,54 @@ class _Untraceable(nn.Module):
         return -self.conv(x).mean((2, 3))
 
 
-def test_untraceable_model_is_a_clear_error(fmnist):
+def _untraceable(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return _Untraceable(num_classes, in_channels)
+
+
+def test_untraceable_model_is_quantized_in_parts(fmnist, tmp_path):
+    from compress.models import model_from_spec
+    from compress.quantize import PartlyQuantizedModel
+
+    model = model_from_spec(
+        {
+            "name": "tests.test_quantize:_untraceable",
+            "kwargs": {},
+            "num_classes": 10,
+            "in_channels": 1,
+            "weights": None,
+        }
+    ).eval()
+    qmodel = quantize(model, fmnist, method="int8_static", calibration_batches=2)
+    assert isinstance(qmodel, PartlyQuantizedModel)
+    assert qmodel.quantized == ["conv"]
+    notes = " ".join(qmodel.notes)
+    assert "does not export (torch.export could not trace _Untraceable" in notes
+    assert "quantized separately: conv" in notes and "Traceback" not in notes
+    images = fmnist.example_input(16)
+    with torch.inference_mode():
+        assert sqnr_db(model(images), qmodel(images)) >= 20.0
+        assert torch.equal(qmodel(images), load(save(qmodel, tmp_path / "parts"))(images))
+
+
+class _Opaque(nn.Module):
+    """A leaf with weights and data-dependent control flow: nothing here exports."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 784))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return x @ self.weight.t() if x.sum().item() > 0 else -(x @ self.weight.t())
+
+
+def test_nothing_quantizable_is_a_clear_error(fmnist):
     with pytest.raises(QuantizationError) as info:
-        quantize(_Untraceable().eval(), fmnist, method="int8_static", calibration_batches=1)
+        quantize(_Opaque().eval(), fmnist, method="int8_static", calibration_batches=1)
     message = str(info.value)
-    assert message.startswith("torch.export could not trace _Untraceable")
+    assert message.startswith(
+        "nothing in _Opaque could be quantized: torch.export could not trace _Opaque"
+    )
     assert "\n" not in message
 
 

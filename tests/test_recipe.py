@@ -1,7 +1,5 @@
 """Recipe validation: every class of bad input names the key path and what is allowed."""
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +12,7 @@ from compress.recipe import (
     parse_recipe,
     parse_stage_options,
 )
+from tests.conftest import run_cli
 
 GOOD = {
     "name": "r",
@@ -155,16 +154,6 @@ def test_shipped_recipes_are_valid():
         assert load_recipe(path).name == path.stem
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "compress", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
-
-
 def test_cli_validate_misspelled_key_exits_2_with_one_line(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text(
@@ -174,7 +163,7 @@ def test_cli_validate_misspelled_key_exits_2_with_one_line(tmp_path):
           - quantize: {method: int8_static, calibraton_batches: 4}
     """)
     )
-    result = _cli("validate", str(path))
+    result = run_cli("validate", str(path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -184,12 +173,12 @@ def test_cli_validate_misspelled_key_exits_2_with_one_line(tmp_path):
 
 
 def test_cli_validate_good_recipe_and_set(tmp_path):
-    result = _cli("validate", "recipes/resnet_int8.yaml", "--set", "data.batch_size=32")
+    result = run_cli("validate", "recipes/resnet_int8.yaml", "--set", "data.batch_size=32")
     assert result.returncode == 0, result.stderr
     assert "batch_size: 32" in result.stdout
 
 
 def test_cli_usage_error_exits_2():
-    result = _cli("run")
+    result = run_cli("run")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -11,6 +11,7 @@ from torch import nn
 from compress.data import Data
 from compress.quantize._cast import LowPrecisionModel, cast
 from compress.quantize._int4 import Int4WeightOnlyModel, int4_weight_only
+from compress.quantize._parts import PartlyQuantizedModel
 from compress.quantize._pt2e import (
     MAX_BATCH,
     QuantizationError,
@@ -36,6 +37,7 @@ __all__ = [
     "QUANTIZE_METHODS",
     "Int4WeightOnlyModel",
     "LowPrecisionModel",
+    "PartlyQuantizedModel",
     "QuantizationError",
     "QuantizedModel",
     "layer_sensitivity",

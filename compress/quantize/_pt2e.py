@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
 from tqdm import tqdm
 
@@ -28,10 +29,10 @@ from compress.recipe import QuantizeConfig
 # Exported graphs accept batches of 1..MAX_BATCH images. The compiled model is built per
 # power-of-two batch bucket (static shapes are what the INT8 lowering handles), so a batch
 # of 250 runs in the 256 bucket and at most log2(MAX_BATCH) + 1 kernels are compiled.
+MAX_BATCH = 4096
 # inductor's C++ wrapper calls the kernels without Python in between: ~10 % lower latency
 # for resnet18 at batch 1 (2.9 vs 3.2 ms), for ~5 s more compile time per batch size.
 CPP_WRAPPER = True
-MAX_BATCH = 4096
 
 
 class QuantizationError(RuntimeError):
@@ -96,6 +97,10 @@ class QuantizedModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _get_current_dispatch_mode() is not None:
+            # A counting mode (FLOPs, memory access) sees no ops inside compiled kernels:
+            # show it the reference graph, which computes the same thing op by op.
+            return self.reference_module(x)
         n = x.shape[0]
         if n > MAX_BATCH:  # split very large batches rather than fail
             return torch.cat([self(chunk) for chunk in x.split(MAX_BATCH)])
@@ -109,12 +114,16 @@ class QuantizedModel(nn.Module):
             return self.reference_module(x)
         if self._compiled is None:
             self._compiled = torch.compile(self.reference_module, dynamic=False)
-        new_shape = x.shape not in self._shapes_compiled
-        before = _int8_lowerings() if new_shape else 0
+        if x.shape in self._shapes_compiled:
+            return self._compiled(x)  # compiled already: no config patch on the hot path
+        before = _int8_lowerings()
         try:
             # Freezing turns the int8 weights into constants so that inductor can pre-pack
             # them for oneDNN; without it the graph stays fake-quant and gains nothing.
-            with torch._inductor.config.patch(freezing=True, cpp_wrapper=CPP_WRAPPER), warnings.catch_warnings():
+            with (
+                torch._inductor.config.patch(freezing=True, cpp_wrapper=CPP_WRAPPER),
+                warnings.catch_warnings(),
+            ):
                 warnings.simplefilter("ignore")
                 out = self._compiled(x)
         except Exception as error:  # noqa: BLE001 - any compiler failure: run the reference
@@ -129,14 +138,13 @@ class QuantizedModel(nn.Module):
                 f"{reason}); ran the fake-quant reference graph, which is not faster"
             )
             return self.reference_module(x)
-        if new_shape:
-            self._shapes_compiled.add(x.shape)
-            self.int8_kernels = _int8_lowerings() - before
-            if self.int8_kernels == 0 and not any("no INT8 kernel" in n for n in self.notes):
-                self.notes.append(
-                    "inductor lowered no INT8 kernel: the model runs fake-quant"
-                    " (quantize/dequantize around float ops) and is not faster"
-                )
+        self._shapes_compiled.add(x.shape)
+        self.int8_kernels = _int8_lowerings() - before
+        if self.int8_kernels == 0 and not any("no INT8 kernel" in n for n in self.notes):
+            self.notes.append(
+                "inductor lowered no INT8 kernel: the model runs fake-quant"
+                " (quantize/dequantize around float ops) and is not faster"
+            )
         return out
 
 
@@ -155,14 +163,37 @@ def int8_qat(model: nn.Module, data: Data, config: QuantizeConfig) -> QuantizedM
     return _pt2e(model, data, config, mode="qat")
 
 
-def _pt2e(model: nn.Module, data: Data, config: QuantizeConfig, mode: str) -> QuantizedModel:
+def _pt2e(model: nn.Module, data: Data, config: QuantizeConfig, mode: str) -> nn.Module:
+    model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
+    try:
+        exported = export_model(model, data.example_input(2))
+    except QuantizationError as error:
+        if mode == "qat":
+            raise  # QAT trains the whole graph: there is no partial form of it
+        from compress.quantize._parts import quantize_parts
+
+        return quantize_parts(model, data, config, mode, str(error))
+    calibration = (images for images, _ in data.loader("calibration"))
+    return quantize_graph(model, exported, calibration, config, mode, data)
+
+
+def quantize_graph(
+    model: nn.Module,
+    exported: nn.Module,
+    calibration,
+    config: QuantizeConfig,
+    mode: str,
+    data: Data | None = None,
+) -> QuantizedModel:
+    """prepare → calibrate (or QAT-train on ``data``) → convert one exported graph of ``model``.
+
+    ``calibration`` yields input batches; ``config.skip`` names modules of ``model``.
+    """
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
     param_counts = count_params(model)
-    exported = export_model(model, data.example_input(2))
     quantizer = xiq.X86InductorQuantizer()
     if mode == "dynamic":
         # Dynamic quantization pays off for Linear (and recurrent) layers only.
@@ -182,11 +213,11 @@ def _pt2e(model: nn.Module, data: Data, config: QuantizeConfig, mode: str) -> Qu
         allow_exported_model_train_eval(prepared)  # the shared loop calls .train()/.eval()
         train(prepared, data, config.fine_tune, desc="qat")
     else:
-        calibrate(prepared, data, 1 if mode == "dynamic" else config.calibration_batches)
+        calibrate(prepared, calibration, 1 if mode == "dynamic" else config.calibration_batches)
     converted = convert_pt2e(prepared)
     _drop_unused_tensors(converted)
     notes = [f"kept in float: {', '.join(skipped)}"] if skipped else []
-    if mode == "dynamic":
+    if mode == "dynamic" and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
         notes.append("dynamic INT8 quantizes Linear layers only; convolutions stay float")
     return QuantizedModel(converted, param_counts, notes, dynamic=mode == "dynamic")
 
@@ -302,14 +333,13 @@ def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
         ) from None
 
 
-def calibrate(prepared: nn.Module, data: Data, batches: int) -> None:
-    """Run ``batches`` batches of the calibration split through the observers."""
-    loader = data.loader("calibration")
+def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
+    """Run the first ``batches`` input batches of ``calibration`` through the observers."""
     with torch.no_grad():
-        for i, (images, _) in enumerate(
+        for i, images in enumerate(
             tqdm(
-                loader,
-                total=min(batches, len(loader)),
+                calibration,
+                total=batches,
                 desc="calibrate",
                 unit="batch",
                 leave=False,

@@ -1,0 +1,281 @@
+"""The prune stage: unstructured magnitude pruning and structured channel pruning.
+
+* ``magnitude``: the smallest |w| of every Conv/Linear weight set to zero, per layer or
+  globally, optionally in gradual steps with fine-tuning between them
+  (``torch.nn.utils.prune`` holds the masks while training; they are made permanent at
+  the end, so no hooks or mask buffers remain).
+* ``structured``: channels really removed, with torch-pruning's dependency graph keeping
+  every coupled layer (residual adds, depthwise convolutions, norms) consistent. The
+  target is a channel ``ratio``, a fraction of the baseline's MACs (``target_macs``) or a
+  measured p50 latency (``target_latency_ms``).
+
+A pruned model keeps its spec, and ``compress.save`` stores the new per-layer shapes as
+data next to the weights, so that ``compress.load`` rebuilds it without unpickling code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from compress.data import Data
+from compress.evaluate import count_flops, measure_latency
+from compress.recipe import PruneConfig, parse_stage_options
+
+log = logging.getLogger("compress")
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class PruningError(RuntimeError):
+    """The model cannot be pruned as asked."""
+
+
+def prune(model: nn.Module, data: Data, config: PruneConfig | None = None, **options) -> nn.Module:
+    """Prune a copy of ``model`` as ``config`` (or keyword options) says; fine-tune if asked.
+
+    Example:
+        >>> pruned = prune(model, data, method="structured", target_macs=0.5)
+        >>> sparse = prune(model, data, method="magnitude", sparsity=0.8, fine_tune={"epochs": 1})
+    """
+    if config is None:
+        config = parse_stage_options("prune", options)
+    elif options:
+        raise TypeError("pass either a PruneConfig or keyword options, not both")
+    model = copy.deepcopy(model).cpu().eval()
+    if config.method == "magnitude":
+        return _magnitude(model, data, config)
+    return _structured(model, data, config)
+
+
+def ignored_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names ``patterns`` select; with none given, the classifier head (the last Linear)."""
+    from compress.quantize._pt2e import matching_modules
+
+    if patterns:
+        return matching_modules(model, patterns)
+    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return heads[-1:]
+
+
+def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:
+    """Per prunable layer: output channels and sparsity before and after."""
+    old = {n: m for n, m in before.named_modules() if isinstance(m, PRUNABLE)}
+    rows = []
+    for name, module in after.named_modules():
+        if name in old:
+            rows.append(
+                {
+                    "layer": name,
+                    "channels_before": old[name].weight.shape[0],
+                    "channels_after": module.weight.shape[0],
+                    "sparsity_before": _sparsity(old[name].weight),
+                    "sparsity_after": _sparsity(module.weight),
+                }
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- magnitude
+
+
+def _magnitude(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
+    original = copy.deepcopy(model)
+    skipped = set(ignored_modules(model, config.ignore)) if config.ignore else set()
+    layers = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in skipped
+    ]
+    for step in range(1, config.steps + 1):
+        target = config.sparsity * step / config.steps  # gradual: an even share per step
+        _apply_magnitude_masks(layers, target, config.scope)
+        if config.fine_tune.epochs or config.fine_tune.max_steps:
+            from compress.train import train
+
+            fine_tune = copy.copy(config.fine_tune)
+            fine_tune.epochs = (
+                max(1, config.fine_tune.epochs // config.steps) if config.fine_tune.epochs else 0
+            )
+            train(model, data, fine_tune, desc=f"fine-tune {step}/{config.steps}")
+    for _, module in layers:
+        torch_prune.remove(module, "weight")  # masks made permanent: plain weights remain
+    model.eval()
+    model.stage_details = {"layers": layer_table(original, model)}
+    dense_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    model.notes = [
+        f"unstructured sparsity: dense kernels multiply the zeros too, so there is no latency"
+        f" gain; the weights are {dense_mb:.2f} MB dense, and the artifact (the size column)"
+        " stores only the non-zero ones"
+    ]
+    return model
+
+
+def _apply_magnitude_masks(
+    layers: list[tuple[str, nn.Module]], sparsity: float, scope: str
+) -> None:
+    weights = [m.weight.detach().abs() for _, m in layers]
+    if scope == "global":
+        everything = torch.cat([w.flatten() for w in weights])
+        thresholds = [_kth(everything, sparsity)] * len(weights)
+    else:
+        thresholds = [_kth(w.flatten(), sparsity) for w in weights]
+    for (_, module), weight, threshold in zip(layers, weights, thresholds, strict=True):
+        torch_prune.custom_from_mask(module, "weight", (weight > threshold).to(weight.dtype))
+
+
+def _kth(values: torch.Tensor, fraction: float) -> float:
+    k = int(round(fraction * values.numel()))
+    return -1.0 if k == 0 else values.kthvalue(k).values.item()
+
+
+def _sparsity(weight: torch.Tensor) -> float:
+    return 1.0 - torch.count_nonzero(weight).item() / weight.numel()
+
+
+# ---------------------------------------------------------------------------- structured
+
+
+def _structured(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
+    import torch_pruning as tp
+
+    original = copy.deepcopy(model)
+    example = data.example_input(1)
+    ignored = ignored_modules(model, config.ignore)
+    importance = {
+        "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+        "taylor": tp.importance.TaylorImportance,
+        "bn_scale": tp.importance.BNScaleImportance,
+        "random": tp.importance.RandomImportance,
+    }[config.importance]()
+    # For MACs and latency targets, prune in many small steps and stop when the target is met.
+    searching = config.target_macs is not None or config.target_latency_ms is not None
+    steps = 50 if searching else config.iterative_steps
+    ratio = config.max_layer_ratio if searching else config.ratio
+    try:
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=importance,
+            global_pruning=config.scope == "global",
+            pruning_ratio=ratio,
+            max_pruning_ratio=config.max_layer_ratio,
+            iterative_steps=steps,
+            ignored_layers=[model.get_submodule(n) for n in ignored],
+            round_to=config.round_to,
+        )
+    except Exception as error:  # noqa: BLE001 - torch-pruning's graph tracing failures
+        raise PruningError(
+            f"torch-pruning cannot build the dependency graph of {type(model).__name__}:"
+            f" {str(error).strip().splitlines()[0][:300]}"
+        ) from None
+    base_flops = count_flops(model, example)
+    for step in range(steps):
+        if config.importance == "taylor":
+            _taylor_gradients(model, data)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        if (
+            config.target_macs is not None
+            and count_flops(model, example) <= config.target_macs * base_flops
+        ):
+            break
+        if config.target_latency_ms is not None:
+            p50 = measure_latency(model.eval(), example, warmup=3, iterations=30)["p50"]
+            log.info(
+                "prune step %d: p50 %.3f ms (target %.3f)", step, p50, config.target_latency_ms
+            )
+            if p50 <= config.target_latency_ms:
+                break
+    else:
+        if searching:
+            log.warning(
+                "prune: the target was not reached within max_layer_ratio=%s",
+                config.max_layer_ratio,
+            )
+    model.eval()
+    if config.fine_tune.epochs or config.fine_tune.max_steps:
+        from compress.train import train
+
+        train(model, data, config.fine_tune, desc="fine-tune")
+    model.compress_shapes = module_shapes(model)
+    model.stage_details = {
+        "layers": layer_table(original, model),
+        "macs_ratio": count_flops(model, example) / base_flops,
+    }
+    model.notes = []
+    if (
+        searching
+        and config.target_macs is not None
+        and model.stage_details["macs_ratio"] > config.target_macs * 1.05
+    ):
+        model.notes.append(
+            f"target_macs={config.target_macs} not reached: MACs are"
+            f" {model.stage_details['macs_ratio']:.2f}x the baseline's at max_layer_ratio"
+            f"={config.max_layer_ratio}"
+        )
+    return model
+
+
+def _taylor_gradients(model: nn.Module, data: Data, batches: int = 4) -> None:
+    """Accumulate gradients on a few training batches: Taylor importance reads them."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    for i, (images, labels) in enumerate(data.loader("train", shuffle=True)):
+        if i >= batches:
+            break
+        nn.functional.cross_entropy(model(images), labels).backward()
+    model.eval()
+
+
+# --------------------------------------------------------------------- shapes as data
+
+
+# Module type -> the constructor attributes that pruning changes (saved, then restored).
+_SHAPE_ATTRIBUTES = {
+    nn.Conv1d: ("in_channels", "out_channels", "groups"),
+    nn.Conv2d: ("in_channels", "out_channels", "groups"),
+    nn.Conv3d: ("in_channels", "out_channels", "groups"),
+    nn.Linear: ("in_features", "out_features"),
+    nn.BatchNorm1d: ("num_features",),
+    nn.BatchNorm2d: ("num_features",),
+    nn.BatchNorm3d: ("num_features",),
+    nn.GroupNorm: ("num_channels", "num_groups"),
+    nn.LayerNorm: ("normalized_shape",),
+}
+
+
+def module_shapes(model: nn.Module) -> dict:
+    """Every module's shape attributes and every tensor's shape: the pruned architecture as data."""
+    modules = {
+        name: {attr: _plain(getattr(m, attr)) for attr in _SHAPE_ATTRIBUTES.get(type(m), ())}
+        for name, m in model.named_modules()
+        if type(m) in _SHAPE_ATTRIBUTES
+    }
+    tensors = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"modules": modules, "tensors": tensors}
+
+
+def apply_shapes(model: nn.Module, shapes: dict) -> None:
+    """Resize a freshly built model to ``shapes`` (from :func:`module_shapes`), in place."""
+    for name, attrs in shapes["modules"].items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for key, shape in shapes["tensors"].items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        current = getattr(owner, attr)
+        if current is None or list(current.shape) == shape:
+            continue
+        empty = torch.empty(shape, dtype=current.dtype)
+        if isinstance(current, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(empty, requires_grad=current.requires_grad))
+        else:
+            owner.register_buffer(attr, empty)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,170 @@
+"""Pruning: channels really removed (torch-pruning), exact sparsity, shapes saved as data."""
+
+import pytest
+import torch
+
+from compress.artifact import load, save
+from compress.evaluate import EvaluateConfig, count_flops, evaluate
+from compress.models import build_model
+from compress.prune import PRUNABLE, prune
+from compress.recipe import ModelConfig, RecipeError, parse_recipe
+
+FAST_EVAL = EvaluateConfig(warmup=2, iterations=10)
+
+
+def _model(name="resnet18", classes=10):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name=name), num_classes=classes, in_channels=1).eval()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+        "regnet_x_400mf",
+        "densenet121",
+    ],
+)
+def test_structured_removes_channels_and_still_runs(name, synthetic):
+    model = _model(name)
+    pruned = prune(model, synthetic, method="structured", ratio=0.3)
+    x = synthetic.example_input(2)
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
+    rows = pruned.stage_details["layers"]
+    assert sum(r["channels_after"] for r in rows) < sum(r["channels_before"] for r in rows)
+    assert count_flops(pruned, x) < count_flops(model, x)
+    head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert (
+        next(r for r in rows if r["layer"] == head)["channels_after"] == 10
+    )  # the head keeps its classes
+
+
+def test_unprunable_model_is_a_clear_error(synthetic):
+    from compress.prune import PruningError
+
+    # torch-pruning 1.6 cannot trace ShuffleNet's channel shuffle
+    with pytest.raises(PruningError, match="torch-pruning cannot build the dependency graph of ShuffleNetV2"):
+        prune(_model("shufflenet_v2_x0_5"), synthetic, method="structured", ratio=0.3)
+
+
+def test_target_macs_is_reached_within_5_percent(synthetic):
+    model = _model()
+    pruned = prune(model, synthetic, method="structured", target_macs=0.5)
+    x = synthetic.example_input(1)
+    ratio = count_flops(pruned, x) / count_flops(model, x)
+    assert abs(ratio - 0.5) <= 0.05 * 0.5 + 1e-9, ratio
+
+
+def test_macs_match_torch_pruning_count(synthetic):
+    import torch_pruning as tp
+
+    pruned = prune(_model(), synthetic, method="structured", ratio=0.5, round_to=8)
+    x = synthetic.example_input(1)
+    macs, _ = tp.utils.count_ops_and_params(pruned, x)
+    ours = evaluate(
+        pruned, synthetic, FAST_EVAL.__class__(warmup=1, iterations=3, accuracy=False)
+    ).macs
+    assert abs(ours - macs) / macs < 0.01  # the same model counted two ways (BN/ReLU aside)
+    convs = [m for m in pruned.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels != 64]
+    assert convs and all(m.out_channels % 8 == 0 for m in convs)  # round_to
+
+
+def test_ignore_is_respected(synthetic):
+    model = _model()
+    pruned = prune(
+        model, synthetic, method="structured", ratio=0.5, ignore=["re:layer1\\..*conv1", "fc"]
+    )
+    for name in ("layer1.0.conv1", "layer1.1.conv1"):
+        assert pruned.get_submodule(name).out_channels == model.get_submodule(name).out_channels
+    assert pruned.get_submodule("layer2.0.conv1").out_channels < 128
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_magnitude_sparsity_exact_and_masks_gone(scope, synthetic):
+    model = _model()
+    pruned = prune(model, synthetic, method="magnitude", sparsity=0.8, scope=scope)
+    layers = [m for m in pruned.modules() if isinstance(m, PRUNABLE)]
+    zeros = sum(m.weight.numel() - torch.count_nonzero(m.weight).item() for m in layers)
+    total = sum(m.weight.numel() for m in layers)
+    assert abs(zeros / total - 0.8) < 1e-3
+    if scope == "layer":
+        for m in layers:
+            assert (
+                abs(1 - torch.count_nonzero(m.weight).item() / m.weight.numel() - 0.8)
+                < 2 / m.weight.numel() + 1e-3
+            )
+    assert not any("weight_orig" in k or "weight_mask" in k for k in pruned.state_dict())
+    assert not any(m._forward_pre_hooks for m in pruned.modules())
+    assert any("no latency gain" in n for n in pruned.notes)
+
+
+@pytest.mark.parametrize(
+    "options", [{"method": "structured", "ratio": 0.5}, {"method": "magnitude", "sparsity": 0.8}]
+)
+def test_save_load_identical_outputs(options, synthetic, tmp_path):
+    model = _model()
+    pruned = prune(model, synthetic, **options)
+    folder = save(pruned, tmp_path / "pruned")
+    loaded = load(folder)
+    x = synthetic.example_input(4)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), loaded(x))
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    dense = sum(f.stat().st_size for f in save(model, tmp_path / "dense").iterdir())
+    assert size < 0.6 * dense  # half the channels, or 80 % zeros stored sparse
+
+
+@pytest.mark.slow
+def test_fine_tune_recovers_accuracy_on_real_data(trained_tiny, fmnist):
+    cut = prune(trained_tiny, fmnist, method="structured", ratio=0.5, ignore=["13"])
+    tuned = prune(
+        trained_tiny,
+        fmnist,
+        method="structured",
+        ratio=0.5,
+        ignore=["13"],
+        fine_tune={"epochs": 1, "lr": 0.02},
+    )
+    config = EvaluateConfig(warmup=1, iterations=3)
+    before = evaluate(cut, fmnist, config).accuracy_top1
+    after = evaluate(tuned, fmnist, config).accuracy_top1
+    assert after > before + 2.0, (before, after)
+
+
+@pytest.mark.parametrize(
+    ("stage", "path", "expected"),
+    [
+        (
+            {"prune": {"ratio": 0.5, "target_macs": 0.5}},
+            "stages[0].prune.target_macs",
+            "give one target",
+        ),
+        (
+            {"prune": {"method": "magnitude", "ratio": 0.5}},
+            "stages[0].prune.ratio",
+            "not used by method 'magnitude'",
+        ),
+        (
+            {"prune": {"importance": "l3"}},
+            "stages[0].prune.importance",
+            "allowed: l1, l2, taylor, bn_scale, random",
+        ),
+        (
+            {"prune": {"method": "magnitude", "sparsity": 1.0}},
+            "stages[0].prune.sparsity",
+            "between 0.0 and 0.99",
+        ),
+    ],
+)
+def test_recipe_errors(stage, path, expected):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"stages": [stage]}, source="r.yaml")
+    assert f" {path}: " in str(info.value) and expected in str(info.value)
+
+
+def test_structured_default_ratio():
+    assert parse_recipe({"stages": [{"prune": {}}]}).stages[0].config.ratio == 0.5

@@ -51,14 +51,34 @@ def prune(model: nn.Module, data: Data, config: PruneConfig | None = None, **opt
     return _structured(model, data, config)
 
 
-def ignored_modules(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names ``patterns`` select; with none given, the classifier head (the last Linear)."""
+def ignored_modules(
+    model: nn.Module, patterns: list[str], example: torch.Tensor | None = None
+) -> list[str]:
+    """Names ``patterns`` select; with none given, the output layer (the classifier head).
+
+    The output layer is the last Conv/Linear to run on ``example``: a Linear head for most
+    models, a 1x1 convolution for SqueezeNet. Pruning it would drop classes.
+    """
     from compress.quantize._pt2e import matching_modules
 
     if patterns:
         return matching_modules(model, patterns)
-    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return heads[-1:]
+    if example is None:
+        heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        return heads[-1:]
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda *_, name=n: order.append(name))
+        for n, m in model.named_modules()
+        if isinstance(m, PRUNABLE)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order[-1:]
 
 
 def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:
@@ -142,7 +162,7 @@ def _structured(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
 
     original = copy.deepcopy(model)
     example = data.example_input(1)
-    ignored = ignored_modules(model, config.ignore)
+    ignored = ignored_modules(model, config.ignore, example)
     importance = {
         "l1": lambda: tp.importance.MagnitudeImportance(p=1),
         "l2": lambda: tp.importance.MagnitudeImportance(p=2),
@@ -167,34 +187,36 @@ def _structured(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
             round_to=config.round_to,
         )
     except Exception as error:  # noqa: BLE001 - torch-pruning's graph tracing failures
+        reason = (
+            str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        )
+        message = (
+            f"torch-pruning cannot build the dependency graph of {type(model).__name__}: {reason}"
+        )
+        if config.on_unprunable == "skip":
+            log.warning("prune: %s; left unpruned (on_unprunable: skip)", message)
+            original.notes = [f"left unpruned (on_unprunable: skip): {message}"]
+            return original
         raise PruningError(
-            f"torch-pruning cannot build the dependency graph of {type(model).__name__}:"
-            f" {str(error).strip().splitlines()[0][:300]}"
+            f"{message} (set on_unprunable: skip to go on without pruning)"
         ) from None
     base_flops = count_flops(model, example)
+    reached = not searching
     for step in range(steps):
         if config.importance == "taylor":
             _taylor_gradients(model, data)
         pruner.step()
         model.zero_grad(set_to_none=True)
-        if (
-            config.target_macs is not None
-            and count_flops(model, example) <= config.target_macs * base_flops
-        ):
-            break
+        if config.target_macs is not None:
+            reached = count_flops(model, example) <= config.target_macs * base_flops
         if config.target_latency_ms is not None:
             p50 = measure_latency(model.eval(), example, warmup=3, iterations=30)["p50"]
             log.info(
                 "prune step %d: p50 %.3f ms (target %.3f)", step, p50, config.target_latency_ms
             )
-            if p50 <= config.target_latency_ms:
-                break
-    else:
-        if searching:
-            log.warning(
-                "prune: the target was not reached within max_layer_ratio=%s",
-                config.max_layer_ratio,
-            )
+            reached = p50 <= config.target_latency_ms
+        if reached:
+            break
     model.eval()
     if config.fine_tune.epochs or config.fine_tune.max_steps:
         from compress.train import train
@@ -206,15 +228,16 @@ def _structured(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
         "macs_ratio": count_flops(model, example) / base_flops,
     }
     model.notes = []
-    if (
-        searching
-        and config.target_macs is not None
-        and model.stage_details["macs_ratio"] > config.target_macs * 1.05
-    ):
+    if not reached:
+        target = (
+            f"target_macs={config.target_macs}"
+            if config.target_macs is not None
+            else f"target_latency_ms={config.target_latency_ms}"
+        )
         model.notes.append(
-            f"target_macs={config.target_macs} not reached: MACs are"
-            f" {model.stage_details['macs_ratio']:.2f}x the baseline's at max_layer_ratio"
-            f"={config.max_layer_ratio}"
+            f"{target} not reached with every layer pruned up to max_layer_ratio="
+            f"{config.max_layer_ratio}: MACs are {model.stage_details['macs_ratio']:.2f}x"
+            " the baseline's"
         )
     return model
 

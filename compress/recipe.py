@@ -157,6 +157,9 @@ class PruneConfig:
     max_layer_ratio: float = field(default=0.9, metadata=_range(0.0, 1.0))  # no layer pruned beyond
     # Modules never pruned (dotted names or "re:" patterns); structured default: the classifier head.
     ignore: list[str] = field(default_factory=list)
+    # structured, when torch-pruning cannot handle the model: stop with an error, or go on
+    # with the model unpruned and a warning in the report.
+    on_unprunable: Literal["error", "skip"] = "error"
     fine_tune: TrainConfig = field(
         default_factory=lambda: TrainConfig(**PRUNE_TRAINING), metadata={"defaults": PRUNE_TRAINING}
     )

@@ -50,6 +50,7 @@ class Report:
                     "size MB": f"{e.size_bytes / 1e6:.2f}",
                     "size x": _ratio(e.size_bytes, base.size_bytes),
                     "params": _count(e.params),
+                    "non-zero": _count(e.nonzero_params),
                     "MACs": f"{_count(e.macs)} {e.compute_dtype}",
                     "MACs x": _ratio(e.macs, base.macs),
                     "mem access MB": f"{e.memory_access_bytes / 1e6:.2f}",

@@ -71,6 +71,12 @@ def test_headline_command_end_to_end(tmp_path):
     assert "using the cached baseline" in again.stderr
     assert f"{base['accuracy_top1']:.2f}" in again.stdout
 
+    # The saved INT8 model evaluates from its folder, with the same accuracy.
+    saved = run_cli("eval", "recipes/resnet_int8.yaml", "--model", str(out / "model"), *REDUCED)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    assert f"{int8['accuracy_top1']:.2f}" in saved.stdout
+    assert "no INT8 kernel" not in saved.stdout  # a fresh process still lowers to INT8 kernels
+
     # A run directory is never reused.
     refused = run_cli("run", "recipes/resnet_int8.yaml", "--out", str(out))
     assert refused.returncode == 2

@@ -113,6 +113,10 @@ class QuantizedModel(nn.Module):
         if not self._compile:
             return self.reference_module(x)
         if self._compiled is None:
+            # Importing torchao's x86 quantizer registers inductor's INT8 lowering passes; a
+            # model loaded from disk in a fresh process would otherwise compile to fake-quant.
+            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
             self._compiled = torch.compile(self.reference_module, dynamic=False)
         if x.shape in self._shapes_compiled:
             return self._compiled(x)  # compiled already: no config patch on the hot path

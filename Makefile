@@ -39,8 +39,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Speed targets live here, not in tests: JSON lines, side-by-side figures (several minutes).
 bench: setup
 	$(PY) scripts/bench_quantize.py
+	$(PY) scripts/bench_prune.py
 
 lint: setup
 	$(PY) -m ruff check compress tests scripts

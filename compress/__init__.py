@@ -7,6 +7,7 @@ Example:
     >>> model = compress.build_model(recipe.model, data.num_classes, data.input_shape[0])
     >>> base = compress.evaluate(model, data, name="baseline")
     >>> qmodel = compress.quantize(model, data, method="int8_static")
+    >>> pruned = compress.prune(model, data, method="structured", target_macs=0.5)
     >>> after = compress.evaluate(qmodel, data, baseline=base, name="int8")
     >>> compress.save(qmodel, "out/model"); qmodel = compress.load("out/model")
 """
@@ -21,6 +22,7 @@ from compress.data import Data, build_data  # noqa: E402
 from compress.evaluate import Evaluation, evaluate  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.pipeline import run  # noqa: E402
+from compress.prune import prune  # noqa: E402
 from compress.quantize import quantize, sensitivity  # noqa: E402
 from compress.recipe import Recipe, RecipeError, load_recipe, parse_recipe  # noqa: E402
 from compress.report import Report  # noqa: E402
@@ -38,6 +40,7 @@ __all__ = [
     "load",
     "load_recipe",
     "parse_recipe",
+    "prune",
     "quantize",
     "run",
     "save",

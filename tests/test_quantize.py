@@ -265,3 +265,20 @@ def test_fallback_that_cannot_meet_keeps_the_best(trained_tiny, fmnist):
     assert len(drops) == 5 and all(d > 0 for d in drops)
     assert result.level == 5.0  # the lowest drop, not the last tried
     assert "could NOT meet max_accuracy_drop=0.0" in result.notes[-1]
+
+
+@pytest.mark.parametrize(
+    ("shape", "group", "offset"),
+    [((8, 256), 128, 0.0), ((5, 300), 128, 0.0), ((3, 7), 128, 0.0), ((4, 33), 8, 3.0)],
+)
+def test_int4_codes_round_trip_within_a_step(shape, group, offset):
+    from compress.quantize._int4 import dequantize, quantize_weight
+
+    # offset 3: every weight positive, the case where a zero point would clamp
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + offset
+    q = quantize_weight(w, group)
+    assert (
+        q["codes"].dtype == torch.uint8 and q["codes"].numel() * 2 >= w.numel()
+    )  # two codes a byte
+    step = q["scales"].float().repeat_interleave(min(group, shape[1]), dim=1)[:, : shape[1]]
+    assert torch.all((dequantize(q) - w).abs() <= step * 1.0 + 1e-6)  # code + zero-point rounding

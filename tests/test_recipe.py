@@ -81,6 +81,31 @@ def test_good_recipe_is_typed():
             "did you mean 'epochs'",
         ),
         (
+            {"stages": [{"quantize": {"per_channel": "yes"}}]},
+            "stages[0].quantize.per_channel",
+            "expected true or false",
+        ),
+        (
+            {"stages": [{"quantize": {"symmetric": 1}}]},
+            "stages[0].quantize.symmetric",
+            "expected true or false",
+        ),
+        (
+            {"stages": [{"quantize": {"max_accuracy_drop": -1}}]},
+            "stages[0].quantize.max_accuracy_drop",
+            "out of range",
+        ),
+        (
+            {"stages": [{"quantize": {"method": "int4_weight_only", "group_size": 4}}]},
+            "stages[0].quantize.group_size",
+            "out of range",
+        ),
+        (
+            {"stages": [{"quantize": {"method": "int8_qat", "max_accuracy_drop": 0.5}}]},
+            "stages[0].quantize.max_accuracy_drop",
+            "not used by method 'int8_qat'",
+        ),
+        (
             {"stages": [{"quantize": {"skip": "layer1"}}]},
             "stages[0].quantize.skip",
             "expected a list",

@@ -117,14 +117,17 @@ def quantize_weight(weight: torch.Tensor, group_size: int) -> dict:
     """Asymmetric 4-bit codes per group of ``group_size`` inputs, two codes per byte.
 
     Example:
-        >>> q = quantize_weight(torch.randn(8, 256), group_size=128)
+        >>> w = torch.randn(8, 256)
+        >>> q = quantize_weight(w, group_size=128)
         >>> (dequantize(q) - w).abs().max()  # at most half a step of its group
     """
     out_features, in_features = weight.shape
     group = min(group_size, in_features)
     padded = -in_features % group
     w = torch.nn.functional.pad(weight.float(), (0, padded)).view(out_features, -1, group)
-    low, high = w.amin(dim=2), w.amax(dim=2)
+    # The range always holds 0, so that the zero point is a valid code (a group of only
+    # positive or only negative weights would otherwise clamp).
+    low, high = w.amin(dim=2).clamp(max=0), w.amax(dim=2).clamp(min=0)
     scales = ((high - low) / 15).clamp(min=1e-8).half()  # stored in FP16
     zeros = (-low / scales.float()).round().clamp(0, 15).to(torch.uint8)
     codes = (w / scales.float()[..., None] + zeros[..., None]).round().clamp(0, 15).to(torch.uint8)

@@ -19,6 +19,7 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
 from compress.artifact import load, save  # noqa: E402
 from compress.data import Data, build_data  # noqa: E402
+from compress.distill import distill  # noqa: E402
 from compress.evaluate import Evaluation, evaluate  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.pipeline import run  # noqa: E402
@@ -36,6 +37,7 @@ __all__ = [
     "Report",
     "build_data",
     "build_model",
+    "distill",
     "evaluate",
     "load",
     "load_recipe",

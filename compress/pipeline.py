@@ -20,6 +20,7 @@ from torch import nn
 
 from compress import artifact
 from compress.data import Data, build_data
+from compress.distill import distill
 from compress.evaluate import environment, evaluate
 from compress.models import build_model
 from compress.prune import prune
@@ -32,9 +33,10 @@ log = logging.getLogger("compress")
 
 # Stage name -> function(model, data, config) -> model. STAGE_CONFIGS in recipe.py holds
 # the matching option types; a new stage registers in both.
-STAGES: dict[str, Callable[[nn.Module, Data, object], nn.Module]] = {
+STAGES: dict[str, Callable[..., nn.Module]] = {
     "quantize": quantize,
     "prune": prune,
+    "distill": distill,
 }
 
 
@@ -70,7 +72,7 @@ def run(
         device = resolve_device(recipe.device)
         torch.manual_seed(recipe.seed)
         data = build_data(recipe.data, seed=recipe.seed)
-        model = baseline_model(recipe, data, device)
+        model = baseline = baseline_model(recipe, data, device)
         report = Report(recipe.name, environment(device))
         log.info("evaluating the baseline")
         # The baseline's size is measured on a temporary copy: the run keeps only new models.
@@ -80,7 +82,9 @@ def run(
         for index, stage in enumerate(recipe.stages):
             log.info("stage %d: %s", index, stage.name)
             started = time.perf_counter()
-            model = STAGES[stage.kind](model, data, stage.config)
+            # The baseline is distillation's default teacher; other stages need only the model.
+            context = {"teacher": baseline} if stage.kind == "distill" else {}
+            model = STAGES[stage.kind](model, data, stage.config, **context)
             log.info("stage %d done in %.1f s; evaluating", index, time.perf_counter() - started)
             last = index == len(recipe.stages) - 1
             folder = run_dir / ("model" if last else f"stage{index}_{stage.kind}")

@@ -165,6 +165,20 @@ class PruneConfig:
     )
 
 
+@dataclass
+class DistillConfig:
+    """`stages: - distill: {...}`: knowledge distillation through the shared training loop."""
+
+    method: Literal["kd"] = "kd"  # Hinton's logit distillation
+    teacher: ModelConfig | None = None  # default: the run's baseline model
+    student: ModelConfig | None = None  # default: the model coming out of the previous stage
+    temperature: float = field(default=4.0, metadata=_range(1.0))  # softens both distributions
+    alpha: float = field(
+        default=0.9, metadata=_range(0.0, 1.0)
+    )  # weight of the soft (teacher) term
+    train: TrainConfig = field(default_factory=TrainConfig)  # the student's training settings
+
+
 _STRUCTURED = {
     "importance",
     "scope",
@@ -183,9 +197,17 @@ PRUNE_METHOD_OPTIONS = {
 }
 
 # Stage name -> config class. A stage's module registers its function under the same name.
-STAGE_CONFIGS: dict[str, type] = {"quantize": QuantizeConfig, "prune": PruneConfig}
+STAGE_CONFIGS: dict[str, type] = {
+    "quantize": QuantizeConfig,
+    "prune": PruneConfig,
+    "distill": DistillConfig,
+}
 # Stage name -> method -> the options that method reads.
-STAGE_METHOD_OPTIONS = {"quantize": METHOD_OPTIONS, "prune": PRUNE_METHOD_OPTIONS}
+STAGE_METHOD_OPTIONS = {
+    "quantize": METHOD_OPTIONS,
+    "prune": PRUNE_METHOD_OPTIONS,
+    "distill": {"kd": {"teacher", "student", "temperature", "alpha", "train"}},
+}
 
 
 @dataclass

@@ -42,8 +42,8 @@ def train(
     loader = data.loader("train", shuffle=True, seed=seed)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    if config.max_steps is not None:  # with epochs 0: exactly max_steps, across epochs
+        total_steps = config.max_steps if config.epochs == 0 else min(total_steps, config.max_steps)
     if total_steps == 0:
         return model.eval()
     optimizer = _optimizer(model, config)

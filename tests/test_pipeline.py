@@ -111,3 +111,25 @@ def test_sensitivity_command_writes_table_and_chart(tmp_path):
     assert all(r["sqnr_db"] > 0 for r in rows)
     assert (out / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "sensitivity.md").read_text().count("\n| ") == 5  # header + 4 layers
+
+
+@pytest.mark.slow
+def test_prune_then_distill_from_the_baseline(tmp_path):
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(
+        "name: chain\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+        "data: {train_subset: 2000, test_subset: 500, calibration_size: 500}\n"
+        "train: {max_steps: 40, lr: 0.1}\n"
+        "evaluate: {warmup: 2, iterations: 10}\n"
+        "stages:\n"
+        "  - prune: {method: structured, ratio: 0.3}\n"
+        "  - distill: {train: {epochs: 0, max_steps: 20, lr: 0.05}}\n"
+    )
+    out = tmp_path / "run"
+    result = run_cli("run", str(recipe), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [e["name"] for e in json.loads((out / "report.json").read_text())["evaluations"]]
+    assert names == ["baseline", "prune:structured", "distill:kd"]
+    assert (out / "stage0_prune" / "manifest.json").is_file()
+    student = load(out / "model")  # the pruned shapes travel through distillation
+    assert student.get_submodule("0").out_channels < 32

@@ -283,6 +283,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     """Validate plain data (a parsed YAML document) into a :class:`Recipe`."""
     recipe = _parse_dataclass(Recipe, raw, "", source)
+    _check_stage_order(recipe, source)
     for stage in recipe.stages:  # a quantize stage's target defaults to the run's
         if (
             stage.kind == "quantize"
@@ -297,6 +298,21 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     except RecipeError as error:
         raise RecipeError(f"{source}: {error}") from None
     return recipe
+
+
+def _check_stage_order(recipe: Recipe, source: str) -> None:
+    """Order rules, checked before any work: a quantized model is final (QAT converts at its
+    own end), so no stage may follow a quantize stage."""
+    for index, stage in enumerate(recipe.stages):
+        if stage.kind == "quantize" and index < len(recipe.stages) - 1:
+            after = recipe.stages[index + 1]
+            raise _fail(
+                source,
+                f"stages[{index + 1}].{after.kind}",
+                f"cannot follow stages[{index}].quantize ({stage.config.method}): a quantized model"
+                " is not trained, pruned or quantized again; put quantize last"
+                " (e.g. prune → distill → quantize)",
+            )
 
 
 def parse_stage_options(kind: str, options: dict, source: str = "<options>") -> Any:

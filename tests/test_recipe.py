@@ -119,22 +119,29 @@ def test_bad_input_names_key_path_and_allowed(raw, path, expected):
     assert expected in message
 
 
+def test_stage_order_is_checked_up_front():
+    good = {"stages": [{"prune": {}}, {"distill": {}}, {"quantize": {}}]}
+    assert [s.kind for s in parse_recipe(good).stages] == ["prune", "distill", "quantize"]
+    bad = {"stages": [{"quantize": {"method": "int8_qat"}}, {"distill": {}}]}
+    message = _error(bad)
+    assert "stages[1].distill: cannot follow stages[0].quantize (int8_qat)" in message
+
+
 def test_nested_defaults_and_inherited_target():
-    raw = {
-        "evaluate": {"max_accuracy_drop": 0.4},
-        "stages": [
-            {"quantize": {"method": "int8_qat", "fine_tune": {"max_steps": 5}}},
-            {"quantize": {"method": "int8_static"}},
-        ],
-    }
-    qat, static = (s.config for s in parse_recipe(raw).stages)
+    def quantize_stage(options):
+        raw = {"evaluate": {"max_accuracy_drop": 0.4}, "stages": [{"quantize": options}]}
+        return parse_recipe(raw).stages[0].config
+
+    qat = quantize_stage({"method": "int8_qat", "fine_tune": {"max_steps": 5}})
     assert (qat.fine_tune.max_steps, qat.fine_tune.lr, qat.fine_tune.epochs) == (
         5,
         1e-3,
         1,
-    )  # QAT defaults kept
+    )  # QAT defaults
     assert qat.max_accuracy_drop is None  # QAT has no layer-by-layer fallback
-    assert static.max_accuracy_drop == 0.4  # inherited from evaluate
+    assert (
+        quantize_stage({"method": "int8_static"}).max_accuracy_drop == 0.4
+    )  # inherited from evaluate
 
 
 def test_override_sets_nested_values_and_is_validated():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,8 +33,13 @@ def train(
     device: str = "cpu",
     loss_fn: LossFn | None = None,
     desc: str = "train",
+    checkpoint_dir: str | Path | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on the train split and return it (in eval mode).
+
+    With ``checkpoint_dir``, the state after every epoch (model, optimizer, scheduler,
+    epoch, step, RNG) is written atomically to ``last.pt``, and a call that finds one there
+    resumes from it: an interrupted run, called again, ends where an uninterrupted one would.
 
     Example:
         >>> model = train(model, data, TrainConfig(epochs=1), seed=0)
@@ -51,22 +58,37 @@ def train(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     loss_fn = loss_fn or (lambda m, x, y: _cross_entropy(m, x, y, criterion))
 
-    step = 0
+    step = first_epoch = 0
+    checkpoint = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    if checkpoint is not None and checkpoint.is_file():
+        first_epoch, step = _resume(checkpoint, model, optimizer, scheduler)
+        log.info("%s: resumed from %s at epoch %d, step %d", desc, checkpoint, first_epoch, step)
     # disable=None: a bar on a terminal, silence in logs and CI.
     progress = tqdm(
-        total=total_steps, desc=desc, unit="step", dynamic_ncols=True, leave=False, disable=None
+        total=total_steps,
+        initial=step,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None,
     )
     correct = seen = 0
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
         loader = data.loader("train", shuffle=True, seed=seed + epoch)
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
             loss, logits = loss_fn(model, images, labels)
             if not torch.isfinite(loss):
                 progress.close()
+                last_good = (
+                    f"; last good checkpoint: {checkpoint}"
+                    if checkpoint and checkpoint.is_file()
+                    else ""
+                )
                 raise TrainingError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step};"
-                    " lower train.lr or set train.grad_clip"
+                    f" lower train.lr or set train.grad_clip{last_good}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,8 +115,36 @@ def train(
             100 * correct / max(seen, 1),
         )
         correct = seen = 0
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, step)
     progress.close()
     return model.eval()
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, step: int) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": torch.get_rng_state(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, model, optimizer, scheduler) -> tuple[int, int]:
+    """Load a checkpoint (weights only: no code is unpickled); returns (next epoch, step)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["step"]
 
 
 def _cross_entropy(model, images, labels, criterion):

@@ -100,6 +100,20 @@ def load(path: str | Path) -> nn.Module:
     return model
 
 
+def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
+    """Write ``content`` (text, or a function that writes a given path) to a temporary file
+    beside ``path``, then rename it into place: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # kind -> loader(folder, manifest) -> model. Compressed model types register theirs.
 LOADERS: dict[str, Callable[[Path, dict], nn.Module]] = {}
 

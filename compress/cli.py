@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 
+from compress.artifact import write_atomic
 from compress.recipe import RecipeError
 
 
@@ -138,7 +139,6 @@ def _sensitivity(args) -> int:
     from compress.pipeline import baseline_model, make_run_dir, resolve_device
     from compress.quantize import sensitivity
     from compress.recipe import QuantizeConfig, load_recipe
-    from compress.report import write_atomic
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(recipe.device)
@@ -187,10 +187,8 @@ def _bar_chart(rows: list[dict], path, title: str) -> None:
     bottom.set_ylabel("logits SQNR (dB)")
     bottom.tick_params(axis="x", labelrotation=90)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _list(args) -> int:

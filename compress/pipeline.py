@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from compress import artifact
+from compress.artifact import write_atomic
 from compress.data import Data, build_data
 from compress.distill import distill
 from compress.evaluate import environment, evaluate
@@ -26,7 +27,7 @@ from compress.models import build_model
 from compress.prune import prune
 from compress.quantize import quantize
 from compress.recipe import Recipe, load_recipe
-from compress.report import Report, write_atomic
+from compress.report import Report
 from compress.train import train
 
 log = logging.getLogger("compress")
@@ -142,20 +143,19 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     the data is real (not synthetic); the result is cached under the cache folder, keyed by
     everything that changes it (model, data, seed, training settings).
     """
-    channels = data.input_shape[0]
-    model = build_model(recipe.model, data.num_classes, channels)
     needs_training = (
         not recipe.model.checkpoint
         and not recipe.model.weights
         and recipe.data.name != "synthetic"
-        and recipe.train.epochs > 0
+        and (recipe.train.epochs > 0 or recipe.train.max_steps is not None)
     )
-    if not needs_training:
-        return model.to(device).eval()
     cached = cache_dir() / "baselines" / baseline_key(recipe)
-    if (cached / artifact.MANIFEST).is_file():
+    if needs_training and (cached / artifact.MANIFEST).is_file():
         log.info("using the cached baseline %s", cached)
         return artifact.load(cached).to(device)
+    model = build_model(recipe.model, data.num_classes, data.input_shape[0])
+    if not needs_training:
+        return model.to(device).eval()
     log.info(
         "training the baseline (%s on %s, %d epochs); cached in %s for later runs",
         recipe.model.name,

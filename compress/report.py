@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress.artifact import write_atomic
 from compress.evaluate import Evaluation
 
 
@@ -116,13 +116,6 @@ class Report:
         folder = Path(folder)
         write_atomic(folder / "report.json", json.dumps(self.to_dict(), indent=2))
         write_atomic(folder / "report.md", self.markdown())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _num(value: float | None, fmt: str) -> str:

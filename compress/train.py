@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from compress.artifact import write_atomic
 from compress.data import Data
 from compress.recipe import TrainConfig
 
@@ -122,7 +122,7 @@ def train(
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, step: int) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Written atomically: a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -132,9 +132,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, step: 
         "step": step,
         "rng": torch.get_rng_state(),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def _resume(path: Path, model, optimizer, scheduler) -> tuple[int, int]:

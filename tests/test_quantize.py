@@ -232,7 +232,7 @@ def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
         calibration_batches=1,
         max_accuracy_drop=1.0,
     )
-    steps = qmodel.fallback_steps
+    steps = qmodel.stage_details["fallback_steps"]
     assert steps[0]["kept_float"] == [] and steps[0]["accuracy_drop"] > 1.0  # the miss was real
     assert steps[-1]["kept_float"][0] == "13" and steps[-1]["accuracy_drop"] <= 1.0
     assert any("met max_accuracy_drop=1.0" in n and "float layers: 13" in n for n in qmodel.notes)
@@ -261,7 +261,7 @@ def test_fallback_that_cannot_meet_keeps_the_best(trained_tiny, fmnist):
         QuantizeConfig(max_accuracy_drop=0.0),
         lambda m, d, c: Noisy(m, levels[len(c.skip)]),
     )
-    drops = [s["accuracy_drop"] for s in result.fallback_steps]
+    drops = [s["accuracy_drop"] for s in result.stage_details["fallback_steps"]]
     assert len(drops) == 5 and all(d > 0 for d in drops)
     assert result.level == 5.0  # the lowest drop, not the last tried
     assert "could NOT meet max_accuracy_drop=0.0" in result.notes[-1]

@@ -96,7 +96,6 @@ def quantize_with_fallback(
                 best, chosen = candidate, step
             if step["accuracy_drop"] <= target:
                 break
-    best.fallback_steps = steps
     best.stage_details = {"fallback_steps": steps}
     best.notes.append(_describe(steps, chosen, target))
     return best

@@ -103,6 +103,8 @@ def load(path: str | Path) -> nn.Module:
 def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
     """Write ``content`` (text, or a function that writes a given path) to a temporary file
     beside ``path``, then rename it into place: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         if callable(content):

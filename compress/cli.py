@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from compress.artifact import write_atomic
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", help="run directory (default runs/<recipe name>/<timestamp>); must be new"
     )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run of the same recipe: finished stages are loaded,"
+        " a cut-short training goes on from its last checkpoint",
+    )
     ev = recipe_command(
         "eval", "evaluate the baseline (or --model) only, with the recipe's data and settings"
     )
@@ -71,7 +78,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="compress: %(message)s", stream=sys.stderr)
+    # Under torchrun only rank 0 talks; the others report warnings and errors.
+    quiet = int(os.environ.get("RANK", "0")) > 0
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="compress: %(message)s",
+        stream=sys.stderr,
+    )
     # "No CUDA runtime is found", logged when inductor compiles on a CPU-only machine.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
@@ -94,11 +107,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from compress import distributed
     from compress.pipeline import run
 
-    report = run(args.recipe, out=args.out, overrides=args.overrides)
-    print(report.table())
-    print(f"\nrun directory: {report.run_dir}")
+    try:
+        report = run(args.recipe, out=args.out, overrides=args.overrides, resume=args.resume)
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
+        print(report.table())
+        print(f"\nrun directory: {report.run_dir}")
     return 0
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from compress import distributed
 from compress.recipe import DataConfig
 
 # Debian's `dataset-fashion-mnist` package installs the four idx files here.
@@ -54,18 +55,43 @@ class Data:
     config: DataConfig
 
     def loader(
-        self, split: str, batch_size: int | None = None, shuffle: bool = False, seed: int = 0
+        self,
+        split: str,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        shard: bool = False,
     ) -> DataLoader:
-        """A DataLoader over one split; the batch size defaults to the recipe's."""
+        """A DataLoader over one split; the batch size defaults to the recipe's.
+
+        ``shuffle`` draws a new seeded order each ``epoch``; under torchrun each rank reads
+        its share of it (a DistributedSampler, padded to equal lengths, as training needs).
+        ``shard`` gives an evaluation share instead: strided, no padded duplicates.
+        """
         dataset = getattr(self, split)
         if batch_size is None:
             batch_size = self.config.batch_size if split == "train" else self.config.eval_batch_size
-        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        sampler = None
+        if shuffle:
+            # With one process this is the order a seeded RandomSampler gives: randperm
+            # seeded with seed + epoch.
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=distributed.world_size(),
+                rank=distributed.rank(),
+                shuffle=True,
+                seed=seed,
+            )
+            sampler.set_epoch(epoch)
+        elif shard and distributed.world_size() > 1:
+            dataset = Subset(dataset, distributed.shard(len(dataset)))
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            # Workers' base seed comes from this generator, not from the global RNG.
+            generator=torch.Generator().manual_seed(seed + epoch),
             num_workers=self.config.workers,
         )
 

@@ -1,20 +1,27 @@
-"""The distill stage: a student learns from a teacher's logits (Hinton et al., 2015).
+"""The distill stage: a student learns from a teacher (Hinton et al., 2015), optionally
+through intermediate layers too: hint losses with 1x1 adapters (FitNets, Romero et al.,
+2015) and attention transfer (Zagoruyko & Komodakis, 2017).
 
 The student is the model from the previous stage (a pruned model, say), or a fresh model
 the recipe names; the teacher is the run's baseline unless the recipe names one. Training
-goes through the shared loop with the knowledge-distillation loss below.
+goes through the shared loop with the losses below.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import Dataset
 
 from compress.data import Data
-from compress.recipe import DistillConfig, parse_stage_options
+from compress.recipe import DistillConfig, LayerPair, RecipeError, parse_stage_options
+
+log = logging.getLogger("compress")
 
 
 def kd_loss(
@@ -32,13 +39,24 @@ def kd_loss(
         >>> loss = kd_loss(student(x), teacher(x), y, temperature=4.0, alpha=0.9)
     """
     soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
+        F.log_softmax(student_logits.float() / temperature, dim=1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=1),
         log_target=True,
         reduction="batchmean",
     )
-    hard = F.cross_entropy(student_logits, labels)
+    hard = F.cross_entropy(student_logits.float(), labels)
     return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis' spatial attention: mean of squares over channels, flattened
+    and L2-normalised per image.
+
+    Example:
+        >>> attention_map(torch.ones(2, 8, 4, 4)).shape
+        torch.Size([2, 16])
+    """
+    return F.normalize(features.float().pow(2).mean(1).flatten(1), dim=1)
 
 
 def distill(
@@ -52,9 +70,11 @@ def distill(
 
     Example:
         >>> student = distill(pruned, data, teacher=baseline, train={"epochs": 2})
+        >>> student = distill(small, data, teacher=baseline,
+        ...                   features=[{"student": "layer3", "teacher": "layer3"}])
     """
     from compress.models import build_model
-    from compress.train import train
+    from compress.train import current_device, train
 
     if config is None:
         config = parse_stage_options("distill", options)
@@ -70,12 +90,135 @@ def distill(
         student = build_model(config.student, data.num_classes, data.input_shape[0])
     else:
         student = copy.deepcopy(model)
-    teacher = teacher.eval()
+    device = current_device()
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    pairs = [("features", p) for p in config.features] + [
+        ("attention", p) for p in config.attention
+    ]
+    wrapped = _StudentWithAdapters(student, teacher, pairs, data.example_input(2), device)
 
-    def loss_fn(student_model, images, labels):
-        with torch.no_grad():  # the teacher only gives targets
-            targets = teacher(images).float()
-        logits = student_model(images)
-        return kd_loss(logits, targets, labels, config.temperature, config.alpha), logits
+    if not pairs and config.cache_teacher:
+        # The teacher's logits, once: every later epoch costs the student alone.
+        data = dataclasses.replace(
+            data, train=_WithTargets(data.train, _logits(teacher, data, device))
+        )
 
-    return train(student, data, config.train, loss_fn=loss_fn, desc="distill")
+        def loss_fn(net, images, labels, teacher_logits):
+            logits = net(images)
+            return kd_loss(logits, teacher_logits, labels, config.temperature, config.alpha), logits
+
+    else:
+
+        def loss_fn(net, images, labels, *_):
+            with torch.no_grad():  # the teacher only gives targets
+                teacher_logits = teacher(images)
+            logits = net(images)
+            loss = kd_loss(logits, teacher_logits, labels, config.temperature, config.alpha)
+            return loss + wrapped.layer_loss(), logits
+
+    train(wrapped, data, config.train, loss_fn=loss_fn, desc="distill")
+    wrapped.remove_hooks()
+    return student.eval()
+
+
+class _StudentWithAdapters(nn.Module):
+    """The student plus one adapter per feature pair, trained together (the adapters are
+    dropped afterwards). Forward hooks record the paired layers' outputs."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairs: list[tuple[str, LayerPair]],
+        example: torch.Tensor,
+        device: str,
+    ):
+        super().__init__()
+        self.student = student
+        self.pairs = pairs
+        self.adapters = nn.ModuleDict()
+        self._captured: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self._hooks = []
+        for side, net in (("student", student), ("teacher", teacher)):
+            modules = dict(net.named_modules())
+            for i, (kind, pair) in enumerate(pairs):
+                name = getattr(pair, side)
+                if name not in modules or not name:
+                    raise RecipeError(
+                        f"distill.{kind}[{i}].{side}: no module {name!r} in the {side};"
+                        f" its top-level modules: {', '.join(n for n in modules if n and '.' not in n)}"
+                    )
+                self._hooks.append(modules[name].register_forward_hook(self._recorder(side, i)))
+        if not pairs:
+            return
+        with torch.no_grad():
+            student.to(device).eval()(example.to(device))
+            teacher(example.to(device))
+        for i, (kind, _) in enumerate(pairs):
+            s, t = self._captured["student"][i], self._captured["teacher"][i]
+            if kind == "features" and s.shape[1] != t.shape[1]:
+                conv = s.ndim == 4
+                self.adapters[str(i)] = (
+                    nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False)
+                    if conv
+                    else nn.Linear(s.shape[1], t.shape[1], bias=False)
+                )
+                log.info(
+                    "distill: 1x1 adapter %d -> %d channels for %s",
+                    s.shape[1],
+                    t.shape[1],
+                    pairs[i][1].student,
+                )
+        self.adapters.to(device)
+
+    def _recorder(self, side: str, index: int):
+        def hook(_module, _inputs, output):
+            self._captured[side][index] = output
+
+        return hook
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images)
+
+    def layer_loss(self) -> torch.Tensor | float:
+        """The weighted hint and attention losses of the last forward pass."""
+        total = 0.0
+        for i, (kind, pair) in enumerate(self.pairs):
+            s, t = self._captured["student"][i], self._captured["teacher"][i].float()
+            if str(i) in self.adapters:
+                s = self.adapters[str(i)](s)
+            if s.ndim == 4 and s.shape[-2:] != t.shape[-2:]:  # compare at the smaller size
+                size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:], strict=True))
+                s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+            if kind == "features":
+                total = total + pair.weight * F.mse_loss(s.float(), t)
+            else:
+                total = total + pair.weight * (attention_map(s) - attention_map(t)).pow(2).mean()
+        return total
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+class _WithTargets(Dataset):
+    """A split whose items carry one more tensor: the teacher's logits for that image."""
+
+    def __init__(self, base: Dataset, targets: torch.Tensor):
+        self.base, self.targets = base, targets
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        return (*self.base[index], self.targets[index])
+
+
+def _logits(teacher: nn.Module, data: Data, device: str) -> torch.Tensor:
+    """The teacher's logits for every training image, in the split's order."""
+    with torch.inference_mode():
+        return torch.cat(
+            [teacher(images.to(device)).float().cpu() for images, *_ in data.loader("train")]
+        )

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from compress import distributed
 from compress.data import Data
 from compress.recipe import EvaluateConfig
 
@@ -94,11 +95,14 @@ def evaluate(
     element_bytes = getattr(model, "element_bytes", None)
     memory = count_memory_access(reference, one_image, element_bytes)
     total, nonzero = getattr(model, "param_counts", None) or count_params(model)
+    # Under torchrun rank 0 alone times the model (and measures its size): the report is
+    # its, and the other ranks would only compete for the same cores.
+    main = distributed.is_main()
     latency = measure_latency(
         model,
         data.example_input(config.latency_batch_size).to(device),
-        config.warmup,
-        config.iterations,
+        config.warmup if main else 0,
+        config.iterations if main else 1,
     )
     top1 = top5 = None
     if config.accuracy:
@@ -108,7 +112,7 @@ def evaluate(
         name=name,
         params=total,
         nonzero_params=nonzero,
-        size_bytes=artifact_size(model, artifact, one_image.cpu(), notes),
+        size_bytes=artifact_size(model, artifact, one_image.cpu(), notes) if main else 0,
         flops=flops,
         macs=flops // 2,
         memory_access_bytes=memory,
@@ -249,17 +253,24 @@ def measure_latency(
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(times))}
 
 
-def accuracy(model: nn.Module, data: Data, device: str = "cpu") -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) on the test split."""
+def accuracy(
+    model: nn.Module, data: Data, device: str = "cpu", split: str = "test"
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) on a split (the test split by default).
+
+    Under torchrun each rank counts its own share and the counts are summed, so every
+    image counts once whatever the number of processes.
+    """
     top1 = top5 = seen = 0
     with torch.inference_mode():
-        for images, labels in data.loader("test"):
+        for images, labels in data.loader(split, shard=True):
             logits = model(images.to(device)).float()
             labels = labels.to(device)
             best = logits.topk(min(5, logits.shape[1]), dim=1).indices
             top1 += (best[:, 0] == labels).sum().item()
             top5 += (best == labels[:, None]).any(dim=1).sum().item()
             seen += labels.numel()
+    top1, top5, seen = distributed.sum_across_ranks(top1, top5, seen)
     return 100.0 * top1 / seen, 100.0 * top5 / seen
 
 

@@ -6,10 +6,12 @@ Writes the run directory: ``recipe.yaml`` (resolved), ``report.json``, ``report.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,17 +20,17 @@ import torch
 import yaml
 from torch import nn
 
-from compress import artifact
+from compress import artifact, distributed
 from compress.artifact import write_atomic
 from compress.data import Data, build_data
 from compress.distill import distill
-from compress.evaluate import environment, evaluate
+from compress.evaluate import Evaluation, environment, evaluate
 from compress.models import build_model
 from compress.prune import prune
 from compress.quantize import quantize
 from compress.recipe import Recipe, load_recipe
 from compress.report import Report
-from compress.train import train
+from compress.train import run_defaults, train
 
 log = logging.getLogger("compress")
 
@@ -56,9 +58,16 @@ def resolve_device(device: str) -> str:
 
 
 def run(
-    recipe: Recipe | str | Path, out: str | Path | None = None, overrides: list[str] = ()
+    recipe: Recipe | str | Path,
+    out: str | Path | None = None,
+    overrides: list[str] = (),
+    resume: str | Path | None = None,
 ) -> Report:
     """Run a recipe end to end and return its report; writes the run directory.
+
+    ``resume`` names the directory of an interrupted run of the same recipe: finished
+    stages are loaded from their saved models, and a training cut short goes on from its
+    last checkpoint. Under torchrun every process calls this; rank 0 alone writes.
 
     Example:
         >>> report = run("recipes/resnet_int8.yaml")
@@ -66,51 +75,127 @@ def run(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
-    run_dir = make_run_dir(recipe.name, out)
-    handler = _log_to(run_dir / "run.log")
+    device = distributed.init_from_env(resolve_device(recipe.device))
+    main = distributed.is_main()
+    if resume is not None:
+        if out is not None:
+            raise RunDirError("give --out or --resume, not both: a resumed run keeps its folder")
+        run_dir = resumable_run_dir(recipe, resume)
+    else:
+        # Rank 0 picks the (new) folder; the others learn its name.
+        run_dir = Path(
+            distributed.broadcast_object(str(make_run_dir(recipe.name, out)) if main else None)
+        )
+    handler = _log_to(run_dir / "run.log") if main else None
     try:
-        write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        device = resolve_device(recipe.device)
+        if main and resume is None:
+            write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         torch.manual_seed(recipe.seed)
         data = build_data(recipe.data, seed=recipe.seed)
         model = baseline = baseline_model(recipe, data, device)
         report = Report(recipe.name, environment(device))
-        log.info("evaluating the baseline")
-        # The baseline's size is measured on a temporary copy: the run keeps only new models.
-        base = evaluate(model, data, recipe.evaluate, name="baseline", device=device)
+        report.environment["processes"] = distributed.world_size()
+        base = _evaluated(run_dir, "baseline", lambda: (model, None), recipe, data, device, None)
         report.evaluations.append(base)
         report.environment["threads"] = base.threads
         for index, stage in enumerate(recipe.stages):
-            log.info("stage %d: %s", index, stage.name)
-            started = time.perf_counter()
-            # The baseline is distillation's default teacher; other stages need only the model.
-            context = {"teacher": baseline} if stage.kind == "distill" else {}
-            model = STAGES[stage.kind](model, data, stage.config, **context)
-            log.info("stage %d done in %.1f s; evaluating", index, time.perf_counter() - started)
             last = index == len(recipe.stages) - 1
             folder = run_dir / ("model" if last else f"stage{index}_{stage.kind}")
-            report.evaluations.append(
-                evaluate(
-                    model,
-                    data,
-                    recipe.evaluate,
-                    baseline=base,
-                    name=stage.name,
-                    artifact=artifact.save(model, folder),
-                    device=device,
+
+            def run_stage(model=model, index=index, stage=stage, folder=folder):
+                log.info("stage %d: %s", index, stage.name)
+                started = time.perf_counter()
+                # The baseline is distillation's default teacher; other stages need only the model.
+                context = {"teacher": baseline} if stage.kind == "distill" else {}
+                checkpoints = run_dir / "checkpoints" / f"stage{index}_{stage.kind}"
+                with run_defaults(device=device, seed=recipe.seed, checkpoints=checkpoints):
+                    model = STAGES[stage.kind](model, data, stage.config, **context)
+                log.info(
+                    "stage %d done in %.1f s; evaluating", index, time.perf_counter() - started
                 )
+                saved = artifact.save(model, folder) if main else None
+                distributed.barrier()
+                return model, saved
+
+            model, evaluation = _evaluated(
+                run_dir, f"stage{index}", run_stage, recipe, data, device, base, stage.name, folder
             )
+            report.evaluations.append(evaluation)
         _check_targets(recipe, report)
-        report.write(run_dir)
+        if main:
+            report.write(run_dir)
+            log.info("report written to %s", run_dir)
         report.run_dir = run_dir
-        log.info("report written to %s", run_dir)
         return report
     except Exception as error:
         log.error("run failed: %s: %s", type(error).__name__, error)
         raise
     finally:
-        logging.getLogger("compress").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("compress").removeHandler(handler)
+            handler.close()
+
+
+def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", folder=None):
+    """A step's model and evaluation: made and measured, or, when resuming, read back.
+
+    Each evaluation is kept in ``evaluations/<key>.json`` beside the stage's saved model,
+    so a resumed run skips both the stage and its measurement.
+    """
+    record = run_dir / "evaluations" / f"{key}.json"
+    if record.is_file() and (folder is None or (folder / artifact.MANIFEST).is_file()):
+        log.info("%s: done in the interrupted run; loaded from %s", name, folder or record)
+        evaluation = Evaluation(**json.loads(record.read_text()))
+        if folder is None:
+            return evaluation
+        return artifact.load(folder).to(device), evaluation
+    model, saved = make()
+    log.info("evaluating %s", name)
+    # Without a saved model (the baseline) the size is measured on a temporary copy: the run
+    # keeps only new models.
+    evaluation = evaluate(
+        model, data, recipe.evaluate, baseline=base, name=name, artifact=saved, device=device
+    )
+    if distributed.is_main():
+        write_atomic(record, json.dumps(evaluation.to_dict(), indent=1))
+    return evaluation if folder is None else (model, evaluation)
+
+
+def resumable_run_dir(recipe: Recipe, path: str | Path) -> Path:
+    """The folder of an interrupted run of the same recipe (checked key by key)."""
+    path = Path(path)
+    saved = path / "recipe.yaml"
+    if not saved.is_file():
+        raise RunDirError(f"--resume {path}: not a run directory (no recipe.yaml in it)")
+    if (path / "report.json").is_file():
+        raise RunDirError(
+            f"--resume {path}: that run finished (report.json exists); nothing to resume"
+        )
+    before = yaml.safe_load(saved.read_text())
+    now = json.loads(json.dumps(recipe.to_dict()))  # tuples as lists, as YAML has them
+    differences = _differences(before, now)
+    if differences:
+        key, old, new = differences[0]
+        raise RunDirError(
+            f"--resume {path}: the recipe differs from the run's recipe.yaml at {key}"
+            f" ({old!r} there, {new!r} now); resume with the same recipe and --set values"
+        )
+    return path
+
+
+def _differences(a, b, path: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _differences(x, y, f"{path}[{i}]")
+        ]
+    return [] if a == b else [(path, a, b)]
 
 
 def make_run_dir(name: str, out: str | Path | None) -> Path:
@@ -150,10 +235,19 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
         and (recipe.train.epochs > 0 or recipe.train.max_steps is not None)
     )
     cached = cache_dir() / "baselines" / baseline_key(recipe)
-    if needs_training and (cached / artifact.MANIFEST).is_file():
+    # Rank 0's cache decides; a rank on another machine without it gets rank 0's weights.
+    use_cache = distributed.broadcast_object(
+        needs_training and (cached / artifact.MANIFEST).is_file()
+    )
+    if use_cache and (cached / artifact.MANIFEST).is_file():
         log.info("using the cached baseline %s", cached)
-        return artifact.load(cached).to(device)
+        model = artifact.load(cached)
+        distributed.broadcast_state(model)
+        return model.to(device).eval()
     model = build_model(recipe.model, data.num_classes, data.input_shape[0])
+    if use_cache:
+        distributed.broadcast_state(model)
+        return model.to(device).eval()
     if not needs_training:
         return model.to(device).eval()
     log.info(
@@ -163,11 +257,24 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
         recipe.train.epochs,
         cached,
     )
-    model = train(model, data, recipe.train, seed=recipe.seed, device=device, desc="baseline")
-    try:
-        artifact.save(model.cpu(), cached)
-    except artifact.ArtifactError:  # another run cached it meanwhile: keep theirs
-        pass
+    # Checkpoints beside the cache entry: an interrupted baseline training resumes.
+    checkpoints = cached.with_name(cached.name + ".training")
+    model = train(
+        model,
+        data,
+        recipe.train,
+        seed=recipe.seed,
+        device=device,
+        desc="baseline",
+        checkpoint_dir=checkpoints,
+    )
+    if distributed.is_main():
+        try:
+            artifact.save(copy.deepcopy(model).cpu(), cached)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        except artifact.ArtifactError:  # another run cached it meanwhile: keep theirs
+            pass
+    distributed.barrier()
     return model.to(device).eval()
 
 
@@ -177,11 +284,13 @@ def baseline_key(recipe: Recipe) -> str:
     data = {
         k: v for k, v in d["data"].items() if k not in ("eval_batch_size", "workers", "test_subset")
     }
+    # Validation reads the weights, never changes them.
+    training = {k: v for k, v in d["train"].items() if k != "validate"}
     material = {
         "model": d["model"],
         "data": data,
         "seed": recipe.seed,
-        "train": d["train"],
+        "train": training,
         "format": artifact.FORMAT_VERSION,
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from compress import distributed
 from compress.data import Data
 from compress.evaluate import count_flops, measure_latency
 from compress.recipe import PruneConfig, parse_stage_options
@@ -214,7 +215,8 @@ def _structured(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
             log.info(
                 "prune step %d: p50 %.3f ms (target %.3f)", step, p50, config.target_latency_ms
             )
-            reached = p50 <= config.target_latency_ms
+            # Under torchrun rank 0's clock decides, so that every rank prunes alike.
+            reached = distributed.broadcast_object(p50 <= config.target_latency_ms)
         if reached:
             break
     model.eval()

@@ -77,6 +77,10 @@ class TrainConfig:
     schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 0.5))
     grad_clip: float | None = field(default=None, metadata=_range(0.0))  # max grad L2 norm
+    # Mixed precision on CUDA (autocast; fp16 adds loss scaling). CPU runs train in fp32.
+    amp: Literal["off", "fp16", "bf16"] = "off"
+    validate: bool = True  # top-1 on the calibration split (held out of train) each epoch
+    use_best: bool = False  # end with the epoch that validated best, not the last one
 
 
 # How a quantization-aware fine-tune trains by default: short, gentle, from the trained model.
@@ -166,16 +170,35 @@ class PruneConfig:
 
 
 @dataclass
+class LayerPair:
+    """A student layer matched with a teacher layer (dotted module names), for the feature
+    and attention losses."""
+
+    student: str
+    teacher: str
+    weight: float = field(default=1.0, metadata=_range(0.0))  # this pair's loss weight
+
+
+@dataclass
 class DistillConfig:
     """`stages: - distill: {...}`: knowledge distillation through the shared training loop."""
 
-    method: Literal["kd"] = "kd"  # Hinton's logit distillation
+    method: Literal["kd"] = "kd"  # Hinton's logit distillation, plus the losses below
     teacher: ModelConfig | None = None  # default: the run's baseline model
     student: ModelConfig | None = None  # default: the model coming out of the previous stage
     temperature: float = field(default=4.0, metadata=_range(1.0))  # softens both distributions
     alpha: float = field(
         default=0.9, metadata=_range(0.0, 1.0)
     )  # weight of the soft (teacher) term
+    # Hint losses (FitNets): MSE between a student layer's output, through a 1x1 adapter
+    # where channel counts differ, and a teacher layer's output.
+    features: list[LayerPair] = field(default_factory=list)
+    # Attention transfer (Zagoruyko & Komodakis, 2017): match the normalised spatial maps
+    # of squared activations; the paper weighs each pair by about 1000.
+    attention: list[LayerPair] = field(default_factory=list)
+    # Compute the teacher's logits once, before training, instead of every step: the train
+    # split has no random augmentation, so they never change. Logit distillation only.
+    cache_teacher: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)  # the student's training settings
 
 
@@ -206,7 +229,18 @@ STAGE_CONFIGS: dict[str, type] = {
 STAGE_METHOD_OPTIONS = {
     "quantize": METHOD_OPTIONS,
     "prune": PRUNE_METHOD_OPTIONS,
-    "distill": {"kd": {"teacher", "student", "temperature", "alpha", "train"}},
+    "distill": {
+        "kd": {
+            "teacher",
+            "student",
+            "temperature",
+            "alpha",
+            "features",
+            "attention",
+            "cache_teacher",
+            "train",
+        }
+    },
 }
 
 
@@ -383,6 +417,12 @@ def _parse_dataclass(cls: type, raw: Any, path: str, source: str):
                 _join(path, str(key)),
                 f"unknown key {key!r}; {_suggest(key, list(fields_by_name))}",
             )
+    for name, spec in fields_by_name.items():
+        missing = (
+            spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        )
+        if missing and name not in raw:
+            raise _fail(source, _join(path, name), f"required key {name!r} is missing")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():

@@ -1,69 +1,129 @@
-"""The one training loop: baseline training now; fine-tunes, QAT and distillation reuse it."""
+"""The one training loop: baseline training, pruning's fine-tunes, QAT and distillation.
+
+Data-parallel under torchrun (DDP, a DistributedSampler with ``set_epoch``), mixed
+precision on CUDA, a validation pass per epoch, and atomic ``last.pt`` / ``best.pt``
+checkpoints from which an interrupted run resumes to the same result.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from compress import distributed
 from compress.artifact import write_atomic
 from compress.data import Data
 from compress.recipe import TrainConfig
 
 log = logging.getLogger("compress")
 
-# loss_fn(model, images, labels) -> (loss, logits); the default is cross-entropy.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# loss_fn(model, images, labels, *extra) -> (loss, logits); the default is cross-entropy.
+# ``extra`` is whatever else the train split yields per sample (e.g. cached teacher logits).
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
 
 
+# What the pipeline sets for every training in a run (see `run_defaults`).
+_DEFAULTS: dict = {"device": "cpu", "seed": 0, "checkpoints": None, "calls": 0}
+
+
+@contextlib.contextmanager
+def run_defaults(
+    device: str = "cpu", seed: int = 0, checkpoints: str | Path | None = None
+) -> Iterator[None]:
+    """Device, seed and checkpoint folder for every :func:`train` call made inside.
+
+    Each call gets its own folder under ``checkpoints``, numbered in call order, so a
+    resumed run (which makes the same calls in the same order) finds its checkpoints.
+
+    Example:
+        >>> with run_defaults(device="cuda", seed=1, checkpoints="runs/x/checkpoints"):
+        ...     pruned = prune(model, data, method="magnitude", fine_tune={"epochs": 1})
+    """
+    saved = dict(_DEFAULTS)
+    _DEFAULTS.update(device=device, seed=seed, checkpoints=checkpoints, calls=0)
+    try:
+        yield
+    finally:
+        _DEFAULTS.clear()
+        _DEFAULTS.update(saved)
+
+
+def current_device() -> str:
+    """The device trainings run on: ``run_defaults``'s, else the CPU."""
+    return _DEFAULTS["device"]
+
+
 def train(
     model: nn.Module,
     data: Data,
     config: TrainConfig,
-    seed: int = 0,
-    device: str = "cpu",
+    seed: int | None = None,
+    device: str | None = None,
     loss_fn: LossFn | None = None,
     desc: str = "train",
     checkpoint_dir: str | Path | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on the train split and return it (in eval mode).
 
-    With ``checkpoint_dir``, the state after every epoch (model, optimizer, scheduler,
-    epoch, step, RNG) is written atomically to ``last.pt``, and a call that finds one there
-    resumes from it: an interrupted run, called again, ends where an uninterrupted one would.
+    With ``checkpoint_dir`` (or inside :func:`run_defaults`), the state after every epoch
+    (model, optimizer, scheduler, epoch, step, RNG, best score) is written atomically to
+    ``last.pt`` and the best-validating weights to ``best.pt``; a call that finds a
+    ``last.pt`` resumes from it, so an interrupted run, called again, ends where an
+    uninterrupted one would. Under torchrun the model is wrapped in DDP and each rank reads
+    its share of every batch; only rank 0 writes and draws the progress bar.
 
     Example:
         >>> model = train(model, data, TrainConfig(epochs=1), seed=0)
     """
+    seed = _DEFAULTS["seed"] if seed is None else seed
+    device = _DEFAULTS["device"] if device is None else device
+    if checkpoint_dir is None and _DEFAULTS["checkpoints"] is not None:
+        _DEFAULTS["calls"] += 1
+        slug = re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-")
+        checkpoint_dir = Path(_DEFAULTS["checkpoints"]) / f"{_DEFAULTS['calls']:02d}-{slug}"
     torch.manual_seed(seed)
     model.to(device).train()
-    loader = data.loader("train", shuffle=True, seed=seed)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(data.loader("train", shuffle=True, seed=seed))
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:  # with epochs 0: exactly max_steps, across epochs
         total_steps = config.max_steps if config.epochs == 0 else min(total_steps, config.max_steps)
     if total_steps == 0:
         return model.eval()
+    cuda = torch.device(device).type == "cuda"
+    if config.amp != "off" and not cuda:
+        log.info("%s: train.amp=%s applies on CUDA only; training in fp32", desc, config.amp)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.amp) if cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, total_steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    loss_fn = loss_fn or (lambda m, x, y: _cross_entropy(m, x, y, criterion))
+    loss_fn = loss_fn or (lambda m, x, y, *_: _cross_entropy(m, x, y, criterion))
 
     step = first_epoch = 0
+    best = {"top1": -1.0, "epoch": -1, "state": None}
     checkpoint = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if checkpoint is not None and checkpoint.is_file():
-        first_epoch, step = _resume(checkpoint, model, optimizer, scheduler)
+        first_epoch, step, best = _resume(checkpoint, model, optimizer, scheduler, scaler)
         log.info("%s: resumed from %s at epoch %d, step %d", desc, checkpoint, first_epoch, step)
-    # disable=None: a bar on a terminal, silence in logs and CI.
+    net = model
+    if distributed.world_size() > 1:  # gradients averaged across ranks after each backward
+        net = DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if cuda else None
+        )
+    # disable=None: a bar on a terminal, silence in logs and CI; other ranks stay quiet.
     progress = tqdm(
         total=total_steps,
         initial=step,
@@ -71,14 +131,16 @@ def train(
         unit="step",
         dynamic_ncols=True,
         leave=False,
-        disable=None,
+        disable=None if distributed.is_main() else True,
     )
     correct = seen = 0
     for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
-        loader = data.loader("train", shuffle=True, seed=seed + epoch)
-        for images, labels in loader:
+        net.train()
+        for images, labels, *extra in data.loader("train", shuffle=True, seed=seed, epoch=epoch):
             images, labels = images.to(device), labels.to(device)
-            loss, logits = loss_fn(model, images, labels)
+            extra = [e.to(device) for e in extra]
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, logits = loss_fn(net, images, labels, *extra)
             if not torch.isfinite(loss):
                 progress.close()
                 last_good = (
@@ -91,10 +153,12 @@ def train(
                     f" lower train.lr or set train.grad_clip{last_good}"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if config.grad_clip:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
@@ -105,44 +169,80 @@ def train(
             )
             if step >= total_steps:
                 break
+        top1 = _validate(model, data, device) if config.validate else None
         log.info(
-            "%s: epoch %d done, step %d/%d, last loss %.3f, train accuracy %.1f %%",
+            "%s: epoch %d done, step %d/%d, last loss %.3f, train accuracy %.1f %%%s",
             desc,
             epoch,
             step,
             total_steps,
             loss.item(),
             100 * correct / max(seen, 1),
+            "" if top1 is None else f", validation top-1 {top1:.2f} %",
         )
         correct = seen = 0
+        if top1 is not None and top1 > best["top1"]:
+            best = {"top1": top1, "epoch": epoch, "state": _cpu_state(model)}
+            if checkpoint is not None and distributed.is_main():
+                write_atomic(
+                    checkpoint.with_name("best.pt"),
+                    lambda tmp, state=best["state"]: torch.save(state, tmp),
+                )
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, step)
+            if distributed.is_main():
+                _save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, epoch, step, best)
+            distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume
     progress.close()
+    if config.use_best and best["state"] is not None:
+        log.info(
+            "%s: keeping epoch %d (validation top-1 %.2f %%)", desc, best["epoch"], best["top1"]
+        )
+        model.load_state_dict(best["state"])
     return model.eval()
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, step: int) -> None:
+def _validate(model: nn.Module, data: Data, device: str) -> float:
+    """Top-1 on the calibration split: held out of training, and not the test split."""
+    from compress.evaluate import accuracy
+
+    top1, _ = accuracy(model.eval(), data, device, split="calibration")
+    return top1
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(
+    path: Path, model, optimizer, scheduler, scaler, epoch: int, step: int, best: dict
+) -> None:
     """Written atomically: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
         "epoch": epoch,
         "step": step,
         "rng": torch.get_rng_state(),
+        "best": {"top1": best["top1"], "epoch": best["epoch"]},  # its weights: best.pt
     }
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def _resume(path: Path, model, optimizer, scheduler) -> tuple[int, int]:
-    """Load a checkpoint (weights only: no code is unpickled); returns (next epoch, step)."""
+def _resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, dict]:
+    """Load a checkpoint (weights only: no code is unpickled); returns (next epoch, step, best)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
-    return state["epoch"] + 1, state["step"]
+    best = dict(state["best"], state=None)
+    if path.with_name("best.pt").is_file():
+        best["state"] = torch.load(path.with_name("best.pt"), map_location="cpu", weights_only=True)
+    return state["epoch"] + 1, state["step"], best
 
 
 def _cross_entropy(model, images, labels, criterion):

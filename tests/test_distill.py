@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from compress.distill import distill, kd_loss
+from compress.distill import _StudentWithAdapters, attention_map, distill, kd_loss
 from compress.evaluate import EvaluateConfig, evaluate
-from compress.recipe import RecipeError, parse_recipe
+from compress.recipe import LayerPair, RecipeError, parse_recipe
+from tests.tiny import tiny_cnn
 
 
 def test_kd_loss_matches_hand_computation():
@@ -76,3 +77,72 @@ def test_recipe_options_are_validated():
         parse_recipe({"stages": [{"distill": {"temprature": 2}}]})
     with pytest.raises(RecipeError, match=r"stages\[0\]\.distill\.alpha: 1.5 is out of range"):
         parse_recipe({"stages": [{"distill": {"alpha": 1.5}}]})
+
+
+def test_adapters_match_the_teachers_channels_and_layer_losses_are_finite(fmnist):
+    student, teacher = tiny_cnn(), tiny_cnn()
+    # student layer 2: 32 channels at 28x28; teacher layer 6: 64 channels at 14x14.
+    pairs = [
+        ("features", LayerPair(student="2", teacher="6")),
+        ("features", LayerPair(student="6", teacher="6")),  # same channels: no adapter
+        ("attention", LayerPair(student="2", teacher="6", weight=1000.0)),
+    ]
+    wrapped = _StudentWithAdapters(student, teacher.eval(), pairs, fmnist.example_input(2), "cpu")
+    assert list(wrapped.adapters) == ["0"]
+    adapter = wrapped.adapters["0"]
+    assert isinstance(adapter, torch.nn.Conv2d)
+    assert (adapter.in_channels, adapter.out_channels, adapter.kernel_size) == (32, 64, (1, 1))
+    images = fmnist.example_input(4)
+    teacher(images)
+    logits = wrapped(images)
+    loss = wrapped.layer_loss()
+    assert logits.shape == (4, 10) and torch.isfinite(loss) and loss > 0
+    loss.backward()  # the adapter learns with the student
+    assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
+
+
+def test_attention_map_is_unit_norm_per_image():
+    features = torch.randn(3, 8, 5, 5)
+    maps = attention_map(features)
+    assert maps.shape == (3, 25)
+    assert torch.allclose(maps.norm(dim=1), torch.ones(3))
+
+
+def test_unknown_layer_names_the_key_and_the_choices(trained_tiny, fmnist):
+    with pytest.raises(
+        RecipeError, match=r"distill\.features\[0\]\.student: no module 'layer9'.*0, 1, 2"
+    ):
+        distill(
+            trained_tiny,
+            fmnist,
+            teacher=trained_tiny,
+            features=[{"student": "layer9", "teacher": "2"}],
+            train={"epochs": 0, "max_steps": 1},
+        )
+    with pytest.raises(RecipeError, match=r"features\[0\]\.teacher: required key 'teacher'"):
+        parse_recipe({"stages": [{"distill": {"features": [{"student": "2"}]}}]})
+
+
+def test_cached_teacher_logits_train_as_the_live_teacher_does(trained_tiny, fmnist):
+    options = {"student": {"name": "tests.tiny:tiny_cnn"}, "train": {"epochs": 0, "max_steps": 8}}
+    torch.manual_seed(0)
+    cached = distill(trained_tiny, fmnist, teacher=trained_tiny, cache_teacher=True, **options)
+    torch.manual_seed(0)
+    live = distill(trained_tiny, fmnist, teacher=trained_tiny, cache_teacher=False, **options)
+    for a, b in zip(cached.state_dict().values(), live.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_feature_and_attention_distillation_train_on_real_data(trained_tiny, fmnist):
+    student = distill(
+        trained_tiny,
+        fmnist,
+        teacher=trained_tiny,
+        student={"name": "tests.tiny:tiny_cnn"},
+        features=[{"student": "6", "teacher": "6"}],
+        attention=[{"student": "2", "teacher": "2", "weight": 1000}],
+        train={"epochs": 0, "max_steps": 60, "lr": 0.1},
+    )
+    assert not hasattr(student, "adapters")  # the adapters stay behind
+    assert evaluate(student, fmnist, EvaluateConfig(warmup=1, iterations=3)).accuracy_top1 > 40.0

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from compress.artifact import load
 from tests.conftest import run_cli
@@ -133,3 +134,69 @@ def test_prune_then_distill_from_the_baseline(tmp_path):
     assert (out / "stage0_prune" / "manifest.json").is_file()
     student = load(out / "model")  # the pruned shapes travel through distillation
     assert student.get_submodule("0").out_channels < 32
+
+
+CHAIN = (
+    "name: chain\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+    "data: {train_subset: 640, test_subset: 200, calibration_size: 200, batch_size: 64}\n"
+    "train: {max_steps: 20, lr: 0.1}\n"
+    "evaluate: {warmup: 1, iterations: 3}\n"
+    "stages:\n"
+    "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 2, lr: 0.01}}\n"
+    "  - distill: {train: {epochs: 2, lr: 0.05}}\n"
+)
+
+
+def test_resumed_run_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    import importlib
+
+    from compress.pipeline import run
+
+    loop = importlib.import_module("compress.train")  # the module; compress.train is the function
+
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(CHAIN)
+    whole = run(recipe, out=tmp_path / "whole")
+
+    save, saves = loop._save_checkpoint, []
+
+    def crash_after_third_checkpoint(*args, **kwargs):
+        save(*args, **kwargs)
+        saves.append(args[0])
+        if len(saves) == 3:  # prune's fine-tune saved twice; distillation's first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", crash_after_third_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, out=tmp_path / "cut")
+    assert (tmp_path / "cut" / "stage0_prune" / "manifest.json").is_file()
+    assert not (tmp_path / "cut" / "model").exists()
+    monkeypatch.setattr(loop, "_save_checkpoint", save)
+
+    resumed = run(recipe, resume=tmp_path / "cut")
+    log = (tmp_path / "cut" / "run.log").read_text()
+    assert "prune:magnitude: done in the interrupted run" in log
+    assert "distill: resumed from" in log and "at epoch 1" in log
+    a, b = load(tmp_path / "whole" / "model"), load(tmp_path / "cut" / "model")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+    assert resumed.final.accuracy_top1 == whole.final.accuracy_top1
+    assert [e.name for e in resumed.evaluations] == [e.name for e in whole.evaluations]
+
+
+def test_resume_refuses_another_recipe_or_a_finished_run(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+        "data: {name: synthetic, synthetic_channels: 1, synthetic_size: 32, calibration_size: 16}\n"
+        "evaluate: {accuracy: false, warmup: 1, iterations: 2}\n"
+    )
+    out = tmp_path / "run"
+    assert run_cli("run", str(recipe), "--out", str(out)).returncode == 0
+    finished = run_cli("run", str(recipe), "--resume", str(out))
+    assert finished.returncode == 2 and "that run finished" in finished.stderr
+    (out / "report.json").unlink()
+    other = run_cli("run", str(recipe), "--resume", str(out), "--set", "seed=3")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "differs from the run's recipe.yaml at seed (0 there, 3 now)" in other.stderr
+    assert run_cli("run", str(recipe), "--resume", str(tmp_path)).returncode == 2

@@ -75,3 +75,31 @@ def test_non_finite_loss_names_step_and_last_checkpoint(small, tmp_path):
     message = str(info.value)
     assert "non-finite loss (nan) at epoch 1, step 12" in message
     assert f"last good checkpoint: {tmp_path / 'last.pt'}" in message
+
+
+def test_best_checkpoint_is_kept_and_can_be_the_result(small, tmp_path):
+    config = TrainConfig(epochs=3, lr=0.05, use_best=True)
+    model = train(_fresh(), small, config, seed=2, checkpoint_dir=tmp_path)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert last["epoch"] == 2 and 0 <= last["best"]["epoch"] <= 2
+    # use_best: the returned weights are the best epoch's, and they validate at its score.
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    from compress.evaluate import accuracy
+
+    top1, _ = accuracy(model, small, split="calibration")
+    assert top1 == pytest.approx(last["best"]["top1"])
+
+
+def test_run_defaults_give_each_training_its_own_checkpoint_folder(small, tmp_path):
+    from compress.train import current_device, run_defaults
+
+    with run_defaults(device="cpu", seed=5, checkpoints=tmp_path):
+        assert current_device() == "cpu"
+        train(_fresh(), small, TrainConfig(epochs=1), desc="fine-tune 1/2")
+        train(_fresh(), small, TrainConfig(epochs=1), desc="QAT")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01-fine-tune-1-2", "02-qat"]
+    assert (tmp_path / "02-qat" / "last.pt").is_file()
+    # Outside the context nothing is written.
+    train(_fresh(), small, TrainConfig(epochs=1))
+    assert len(list(tmp_path.iterdir())) == 2

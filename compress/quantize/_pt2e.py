@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
 from tqdm import tqdm
 
+from compress import distributed
 from compress.artifact import load_exported, register_loader
 from compress.data import Data
 from compress.evaluate import count_params
@@ -338,7 +339,14 @@ def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
-    """Run the first ``batches`` input batches of ``calibration`` through the observers."""
+    """Run the first ``batches`` input batches of ``calibration`` through the observers.
+
+    Under torchrun rank 0 calibrates and the observed ranges are broadcast, so every rank
+    converts the same model.
+    """
+    if not distributed.is_main():
+        distributed.broadcast_state(prepared)
+        return
     with torch.no_grad():
         for i, images in enumerate(
             tqdm(
@@ -353,6 +361,7 @@ def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
             if i >= batches:
                 break
             prepared(images)
+    distributed.broadcast_state(prepared)
 
 
 def matching_modules(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -1,0 +1,93 @@
+"""Data-parallel runs under ``torchrun``: the process group and the few collectives we need.
+
+``torchrun --nproc-per-node N -m compress run RECIPE`` starts N processes with RANK,
+WORLD_SIZE and MASTER_ADDR set; :func:`init_from_env` joins them (gloo on CPU, NCCL on
+CUDA). Without torchrun every helper here is a no-op for a world of one process, so the
+rest of the code calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_from_env(device: str) -> str:
+    """Join the process group torchrun describes, if any; returns the device to use.
+
+    On CUDA each process takes the GPU of its LOCAL_RANK.
+    """
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return device
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 writes files, draws progress bars and measures latency."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def sum_across_ranks(*values: float) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (counts, for metrics)."""
+    if world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (small picklable things: a path, a decision).
+
+    Pickled only between the processes of one run, never read from a file.
+    """
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_state(module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (observers' ranges included)."""
+    if world_size() == 1:
+        return
+    state = broadcast_object({k: v.cpu() for k, v in module.state_dict().items()})
+    if not is_main():
+        module.load_state_dict(state)
+
+
+def shard(length: int) -> range:
+    """This rank's share of ``length`` items for evaluation: strided, no padding, so the
+    counts summed over ranks count every item exactly once."""
+    return range(rank(), length, world_size())

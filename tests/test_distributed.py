@@ -1,0 +1,67 @@
+"""Data-parallel training and runs under torchrun: 2 CPU processes with gloo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+TORCHRUN += (
+    ["--master-port", "0"]
+    if False
+    else ["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
+)
+
+
+def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_ranks_end_identical_and_match_one_process_on_the_global_batch(tmp_path):
+    two = _torchrun("tests/ddp_train.py", str(tmp_path), "32")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, "tests/ddp_train.py", str(tmp_path), "64"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    rank0, rank1, single = (
+        torch.load(tmp_path / name, weights_only=True)
+        for name in ("rank0-of-2.pt", "rank1-of-2.pt", "rank0-of-1.pt")
+    )
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas identical
+        assert torch.allclose(rank0[key], single[key], atol=1e-4), key  # same global batches
+        assert not torch.equal(rank0[key], torch.zeros_like(rank0[key]))
+
+
+@pytest.mark.slow
+def test_recipe_runs_under_torchrun_with_one_writer(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: ddp\nmodel: {name: 'compress.models:mlp', kwargs: {hidden: 64}}\n"
+        "data: {train_subset: 1024, test_subset: 501, calibration_size: 200, batch_size: 32}\n"
+        "train: {epochs: 1, lr: 0.05}\n"
+        "evaluate: {warmup: 1, iterations: 5, threads: 1}\n"
+        "stages:\n"
+        "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 1, lr: 0.01}}\n"
+        "  - quantize: {method: int8_static, calibration_batches: 1}\n"
+    )
+    out = tmp_path / "run"
+    result = _torchrun("-m", "compress", "run", str(recipe), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1  # rank 0 alone prints the table
+    report = json.loads((out / "report.json").read_text())
+    assert report["environment"]["processes"] == 2
+    names = [e["name"] for e in report["evaluations"]]
+    assert names == ["baseline", "prune:magnitude", "quantize:int8_static"]
+    # Accuracy counted over the whole (odd-sized) test split: 501 images, none twice.
+    for e in report["evaluations"]:
+        assert round(e["accuracy_top1"] * 501 / 100, 6) == round(e["accuracy_top1"] * 501 / 100)
+        assert e["accuracy_top1"] > 30
+    assert len(list((out / "checkpoints").rglob("last.pt"))) == 1  # the fine-tune's, once

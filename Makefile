@@ -6,8 +6,15 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 RECIPE ?= recipes/resnet_int8.yaml
 PYTEST_ARGS ?=
+# `make experiments`: which recipes, where their runs go (one new folder per call), where
+# the summary goes. E.g. make experiments RECIPES="recipes/resnet_int8.yaml recipes/resnet_full.yaml"
+RECIPES ?= $(sort $(wildcard recipes/*.yaml))
+ifndef EXPERIMENTS
+EXPERIMENTS := runs/experiments/$(shell date +%Y%m%d-%H%M%S)
+endif
+RESULTS ?= results
 
-.PHONY: setup run test test-fast lint format clean data bench
+.PHONY: setup run test test-fast lint format clean data bench experiments
 
 setup: $(STAMP) data
 
@@ -43,6 +50,15 @@ test-fast: setup
 bench: setup
 	$(PY) scripts/bench_quantize.py
 	$(PY) scripts/bench_prune.py
+
+# Every recipe, seeded, each into its own run folder; then the summary table (md, csv) and
+# the Pareto plot in $(RESULTS)/, which this target regenerates by design.
+experiments: setup
+	@set -e; for recipe in $(RECIPES); do \
+	  echo "== $$recipe"; \
+	  $(PY) -m compress run $$recipe --out $(EXPERIMENTS)/$$(basename $$recipe .yaml); \
+	done
+	$(PY) -m compress compare $(EXPERIMENTS) --out $(RESULTS) --overwrite
 
 lint: setup
 	$(PY) -m ruff check compress tests scripts

@@ -1,4 +1,4 @@
-"""The command line: ``python -m compress {run,eval,validate,sensitivity,list}``.
+"""The command line: ``python -m compress {run,eval,validate,sensitivity,compare,list}``.
 
 Exit codes: 0 success; 2 a bad recipe, option or path (one line on stderr naming the key,
 the value and what is allowed); 1 a runtime failure (a short explanation, no traceback).
@@ -67,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sens.add_argument(
         "--out", help="output directory (default runs/<recipe name>-sensitivity/<timestamp>)"
+    )
+    compare = sub.add_parser(
+        "compare",
+        help="summarise finished runs: results table (md, csv) and a Pareto plot",
+        description="summarise finished runs: results table (md, csv) and a Pareto plot",
+    )
+    compare.add_argument(
+        "runs", nargs="+", help="run directories, or folders holding run directories"
+    )
+    compare.add_argument("--out", default="results", help="output folder (default results/)")
+    compare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier summary in --out (otherwise refused)",
     )
     sub.add_parser(
         "list",
@@ -155,6 +169,7 @@ def _validate(args) -> int:
 def _sensitivity(args) -> int:
     from compress.data import build_data
     from compress.pipeline import baseline_model, make_run_dir, resolve_device
+    from compress.plots import sensitivity_chart
     from compress.quantize import sensitivity
     from compress.recipe import QuantizeConfig, load_recipe
 
@@ -177,7 +192,7 @@ def _sensitivity(args) -> int:
     lines += [f"| {r['layer']} | {r['accuracy_drop']:.2f} | {r['sqnr_db']:.1f} |" for r in rows]
     write_atomic(out / "sensitivity.md", "\n".join(lines) + "\n")
     write_atomic(out / "sensitivity.json", json.dumps(rows, indent=2))
-    _bar_chart(
+    sensitivity_chart(
         rows, out / "sensitivity.png", f"{recipe.name}: {config.method}, one layer at a time"
     )
     print("\n".join(lines[4:]))
@@ -185,28 +200,32 @@ def _sensitivity(args) -> int:
     return 0
 
 
-def _bar_chart(rows: list[dict], path, title: str) -> None:
-    try:
-        import matplotlib
+def _compare(args) -> int:
+    from pathlib import Path
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "matplotlib is not installed: no chart (pip install 'compress[plot]')", file=sys.stderr
+    from compress.report import Report, summarize, write_summary
+
+    folders = []
+    for given in args.runs:
+        path = Path(given)
+        found = sorted(p.parent for p in path.rglob("report.json")) if path.is_dir() else []
+        if not found:
+            raise RecipeError(
+                f"compare: {given}: no finished run there (a run directory holds report.json)"
+            )
+        folders += found
+    out = Path(args.out)
+    existing = [n for n in ("summary.md", "summary.csv", "pareto.png") if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise RecipeError(
+            f"compare: --out {out} already holds {', '.join(existing)}; pass --overwrite to"
+            " replace them or choose another folder"
         )
-        return
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(rows)), 6), sharex=True)
-    names = [r["layer"] for r in rows]
-    top.bar(names, [r["accuracy_drop"] for r in rows], color="tab:red")
-    top.set_ylabel("accuracy drop (pts)")
-    top.set_title(title)
-    bottom.bar(names, [min(r["sqnr_db"], 99.0) for r in rows], color="tab:blue")
-    bottom.set_ylabel("logits SQNR (dB)")
-    bottom.tick_params(axis="x", labelrotation=90)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    rows = summarize([Report.read(f) for f in folders])
+    written = write_summary(rows, out, title=f"Summary of {len(folders)} runs")
+    print((out / "summary.md").read_text(), end="")
+    print("\nwritten: " + ", ".join(str(p) for p in written))
+    return 0
 
 
 def _list(args) -> int:
@@ -227,6 +246,7 @@ def _list(args) -> int:
 
 _COMMANDS = {
     "run": _run,
+    "compare": _compare,
     "eval": _eval,
     "validate": _validate,
     "sensitivity": _sensitivity,

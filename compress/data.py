@@ -103,14 +103,18 @@ class Data:
         return images[:batch_size]
 
 
-def build_data(config: DataConfig, seed: int = 0) -> Data:
-    """Load the dataset a recipe's ``data`` section names and split it.
+def build_data(config: DataConfig | dict | None = None, seed: int = 0) -> Data:
+    """Load the dataset a recipe's ``data`` section names (a DataConfig or the same as a
+    mapping; default Fashion-MNIST) and split it.
 
     Example:
         >>> data = build_data(DataConfig())  # Fashion-MNIST from the Debian package
         >>> len(data.test)
         10000
     """
+    from compress.recipe import section
+
+    config = section("data", config or {})
     mean, std = (
         config.mean or _NORMALISATION[config.name][0],
         config.std or _NORMALISATION[config.name][1],

@@ -66,7 +66,7 @@ class Evaluation:
 def evaluate(
     model: nn.Module,
     data: Data,
-    config: EvaluateConfig | None = None,
+    config: EvaluateConfig | dict | None = None,
     baseline: Evaluation | None = None,
     name: str = "model",
     artifact: str | Path | None = None,
@@ -82,7 +82,9 @@ def evaluate(
         >>> after = evaluate(quantized, data, baseline=base, name="quantize")
         >>> after.latency_ms["p50"] / base.latency_ms["p50"]
     """
-    config = config or EvaluateConfig()
+    from compress.recipe import section
+
+    config = section("evaluate", config or {})
     threads = set_threads(config.threads)
     model.eval()
     notes = list(getattr(model, "notes", []))

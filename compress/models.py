@@ -27,16 +27,31 @@ def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(config: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_model(
+    config: ModelConfig | dict | str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    *,
+    data=None,
+) -> nn.Module:
     """Build the model a recipe's ``model`` section names, adapted to the data.
 
-    torchvision models get ``num_classes`` outputs and a first convolution that takes
-    ``in_channels``. A ``checkpoint`` (a state_dict file or a compress artifact folder) is
-    loaded with ``weights_only=True``.
+    ``config`` is a ModelConfig, the same as a mapping, or just a name. torchvision models
+    get ``num_classes`` outputs and a first convolution that takes ``in_channels`` (both
+    read from ``data`` when given; else 1000 and 3). A ``checkpoint`` (a state_dict file or
+    a compress artifact folder) is loaded with ``weights_only=True``.
 
     Example:
+        >>> model = build_model("resnet18", data=data)
         >>> model = build_model(ModelConfig(name="resnet18"), num_classes=10, in_channels=1)
     """
+    from compress.recipe import section
+
+    config = section("model", config)
+    if data is not None:
+        num_classes, in_channels = data.num_classes, data.input_shape[0]
+    num_classes = 1000 if num_classes is None else num_classes
+    in_channels = 3 if in_channels is None else in_channels
     if config.checkpoint and Path(config.checkpoint, "manifest.json").is_file():
         from compress.artifact import load
 
@@ -108,6 +123,12 @@ def _from_import_path(path: str, spec: dict) -> nn.Module:
         raise ModelError(
             f"model.name: {path!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
+    # A factory that cannot be told the channel count gets its first convolution adapted,
+    # as torchvision models by name do (e.g. torchvision.models:VisionTransformer).
+    if "in_channels" not in accepted and "in_channels" not in kwargs:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and first.in_channels != spec["in_channels"]:
+            _adapt_first_conv(model, spec["in_channels"])
     return model
 
 

@@ -349,6 +349,22 @@ def _check_stage_order(recipe: Recipe, source: str) -> None:
             )
 
 
+def section(name: str, value: Any) -> Any:
+    """One top-level section (``model``, ``data``, ``train``, ``evaluate``) as its config:
+    a config is returned as is, a mapping (or a model name) is validated like a recipe's.
+
+    Example:
+        >>> section("train", {"epochs": 1}).epochs
+        1
+    """
+    cls = {f.name: f.type for f in dataclasses.fields(Recipe)}[name]
+    if isinstance(value, globals()[cls] if isinstance(cls, str) else cls):
+        return value
+    if name == "model" and isinstance(value, str):
+        value = {"name": value}
+    return getattr(parse_recipe({name: value}, source="<arguments>"), name)
+
+
 def parse_stage_options(kind: str, options: dict, source: str = "<options>") -> Any:
     """Validate one stage's options (as the Python API receives them) into its config."""
     return _parse_stage({kind: options}, "stages[0]", source).config

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.artifact import write_atomic
 from compress.evaluate import Evaluation
+from compress.plots import chain_chart, pareto_chart
 
 
 @dataclass
@@ -112,10 +115,131 @@ class Report:
         return "\n".join(out) + "\n"
 
     def write(self, folder: str | Path) -> None:
-        """Write ``report.json`` and ``report.md`` into ``folder``, each atomically."""
+        """Write ``report.json``, ``report.md`` and (for a chain of stages) ``chain.png``,
+        the accuracy and latency after each step, embedded in ``report.md``."""
         folder = Path(folder)
         write_atomic(folder / "report.json", json.dumps(self.to_dict(), indent=2))
-        write_atomic(folder / "report.md", self.markdown())
+        markdown = self.markdown()
+        if len(self.evaluations) > 1 and chain_chart(
+            self.evaluations, folder / "chain.png", f"{self.recipe}: after each step"
+        ):
+            title_end = markdown.index("\n") + 1
+            markdown = (
+                markdown[:title_end]
+                + "\n![accuracy and latency after each step](chain.png)\n"
+                + markdown[title_end:]
+            )
+        write_atomic(folder / "report.md", markdown)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Report:
+        """The report a run wrote into ``folder``.
+
+        Example:
+            >>> report = Report.read("runs/resnet_int8/20261128-120000")
+        """
+        raw = json.loads((Path(folder) / "report.json").read_text())
+        report = cls(raw["recipe"], raw["environment"], notes=raw.get("notes", []))
+        report.evaluations = [Evaluation(**e) for e in raw["evaluations"]]
+        report.run_dir = Path(folder)
+        return report
+
+
+# Columns of results/summary.{md,csv}: one row per run, ratios against that run's baseline.
+SUMMARY_COLUMNS = [
+    "run",
+    "chain",
+    "top1",
+    "drop_pts",
+    "p50_ms",
+    "size_mb",
+    "macs_m",
+    "p50_x",
+    "size_x",
+    "macs_x",
+    "baseline_top1",
+]
+
+
+def summarize(reports: list[Report]) -> list[dict]:
+    """One summary row per run (named by its folder), plus, for the Pareto plot, one row per
+    distinct baseline (``baseline: True``).
+
+    Example:
+        >>> rows = summarize([Report.read(d) for d in ["runs/a", "runs/b"]])
+    """
+    rows, baselines = [], {}
+    for report in reports:
+        base, final = report.baseline, report.final
+        rows.append(
+            {
+                "run": report.run_dir.name if report.run_dir else report.recipe,
+                "chain": " → ".join(e.name for e in report.evaluations[1:]) or "baseline",
+                "top1": final.accuracy_top1,
+                "drop_pts": final.accuracy_drop["points"] if final.accuracy_drop else None,
+                "p50_ms": final.latency_ms["p50"],
+                "size_mb": final.size_bytes / 1e6,
+                "macs_m": final.macs / 1e6,
+                "p50_x": final.latency_ms["p50"] / base.latency_ms["p50"],
+                "size_x": final.size_bytes / base.size_bytes if base.size_bytes else None,
+                "macs_x": final.macs / base.macs if base.macs else None,
+                "baseline_top1": base.accuracy_top1,
+                "baseline": False,
+            }
+        )
+        key = (base.params, base.macs, base.accuracy_top1)
+        baselines.setdefault(
+            key,
+            {
+                "run": f"baseline ({base.params / 1e6:.1f}M params)",
+                "top1": base.accuracy_top1,
+                "p50_ms": base.latency_ms["p50"],
+                "size_mb": base.size_bytes / 1e6,
+                "baseline": True,
+            },
+        )
+    return rows + list(baselines.values())
+
+
+def write_summary(rows: list[dict], folder: str | Path, title: str = "Experiments") -> list[Path]:
+    """``summary.md``, ``summary.csv`` and ``pareto.png`` in ``folder``; returns the paths."""
+    folder = Path(folder)
+    runs = [r for r in rows if not r["baseline"]]
+
+    def cell(value, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    formats = {
+        "top1": ".2f",
+        "drop_pts": "+.2f",
+        "p50_ms": ".3f",
+        "size_mb": ".2f",
+        "macs_m": ".1f",
+        "p50_x": ".3f",
+        "size_x": ".3f",
+        "macs_x": ".3f",
+        "baseline_top1": ".2f",
+    }
+    text = {c: (lambda r, c=c: cell(r[c], formats.get(c, "s"))) for c in SUMMARY_COLUMNS}
+    lines = [
+        f"# {title}",
+        "",
+        "One row per run; ratios (x) against that run's own baseline, below 1 is smaller or"
+        " faster; drop in points of top-1 on the test split (negative: a gain).",
+        "",
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|" + "---|" * len(SUMMARY_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(text[c](r) for c in SUMMARY_COLUMNS) + " |" for r in runs]
+    written = [folder / "summary.md", folder / "summary.csv"]
+    write_atomic(written[0], "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    writer.writerows([[text[c](r) for c in SUMMARY_COLUMNS] for r in runs])
+    write_atomic(written[1], buffer.getvalue())
+    chart = pareto_chart(rows, folder / "pareto.png")
+    return written + ([chart] if chart else [])
 
 
 def _num(value: float | None, fmt: str) -> str:

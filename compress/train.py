@@ -22,7 +22,7 @@ from tqdm import tqdm
 from compress import distributed
 from compress.artifact import write_atomic
 from compress.data import Data
-from compress.recipe import TrainConfig
+from compress.recipe import TrainConfig, section
 
 log = logging.getLogger("compress")
 
@@ -69,7 +69,7 @@ def current_device() -> str:
 def train(
     model: nn.Module,
     data: Data,
-    config: TrainConfig,
+    config: TrainConfig | dict,
     seed: int | None = None,
     device: str | None = None,
     loss_fn: LossFn | None = None,
@@ -88,6 +88,7 @@ def train(
     Example:
         >>> model = train(model, data, TrainConfig(epochs=1), seed=0)
     """
+    config = section("train", config)
     seed = _DEFAULTS["seed"] if seed is None else seed
     device = _DEFAULTS["device"] if device is None else device
     if checkpoint_dir is None and _DEFAULTS["checkpoints"] is not None:

@@ -115,7 +115,7 @@ def test_sensitivity_command_writes_table_and_chart(tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_then_distill_from_the_baseline(tmp_path):
+def test_prune_distill_quantize_chain_end_to_end(tmp_path):
     recipe = tmp_path / "chain.yaml"
     recipe.write_text(
         "name: chain\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
@@ -125,15 +125,35 @@ def test_prune_then_distill_from_the_baseline(tmp_path):
         "stages:\n"
         "  - prune: {method: structured, ratio: 0.3}\n"
         "  - distill: {train: {epochs: 0, max_steps: 20, lr: 0.05}}\n"
+        "  - quantize: {method: int8_static, calibration_batches: 1}\n"
     )
     out = tmp_path / "run"
     result = run_cli("run", str(recipe), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    names = [e["name"] for e in json.loads((out / "report.json").read_text())["evaluations"]]
-    assert names == ["baseline", "prune:structured", "distill:kd"]
-    assert (out / "stage0_prune" / "manifest.json").is_file()
-    student = load(out / "model")  # the pruned shapes travel through distillation
+    evaluations = json.loads((out / "report.json").read_text())["evaluations"]
+    names = [e["name"] for e in evaluations]
+    assert names == ["baseline", "prune:structured", "distill:kd", "quantize:int8_static"]
+    base, pruned, distilled, quantized = evaluations
+    # Cumulative: every row's ratios are against the baseline, and they compound.
+    assert pruned["macs"] < base["macs"] and distilled["macs"] == pruned["macs"]
+    assert quantized["compute_dtype"] == "int8" and distilled["size_bytes"] < base["size_bytes"]
+    table_rows = [
+        line for line in result.stdout.splitlines() if line.strip().startswith(tuple(names))
+    ]
+    assert len(table_rows) == 4
+    macs_x = pruned["macs"] / base["macs"]
+    assert f"{macs_x:.2f}" in table_rows[1] and f"{macs_x:.2f}" in table_rows[3]
+    size_x = quantized["size_bytes"] / base["size_bytes"]
+    assert f" {size_x:.2f} " in table_rows[3]
+    for folder in ("stage0_prune", "stage1_distill", "model"):
+        assert (out / folder / "manifest.json").is_file()
+    student = load(out / "stage1_distill")  # the pruned shapes travel through distillation
     assert student.get_submodule("0").out_channels < 32
+    int8 = load(out / "model")
+    assert int8.compute_dtype == "int8"
+    report_md = (out / "report.md").read_text()
+    assert "![accuracy and latency after each step](chain.png)" in report_md
+    assert (out / "chain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 CHAIN = (

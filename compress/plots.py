@@ -1,0 +1,128 @@
+"""Charts (matplotlib, an optional extra that `make setup` installs): a run's chain of
+stages, the Pareto plot across runs, and the per-layer sensitivity bars.
+
+Every function returns the path it wrote, or None (with a line on stderr) when
+matplotlib is missing: a chart is never worth failing a run for.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from compress.artifact import write_atomic
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "matplotlib is not installed: no chart (pip install 'compress[plot]')", file=sys.stderr
+        )
+        return None
+    return plt
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+def chain_chart(evaluations: list, path: str | Path, title: str) -> Path | None:
+    """Accuracy and p50 latency after each step of one run (baseline first).
+
+    Example:
+        >>> chain_chart(report.evaluations, "runs/x/chain.png", "resnet_full")
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    names = [e.name for e in evaluations]
+    steps = range(len(names))
+    fig, accuracy_axis = plt.subplots(figsize=(max(5.0, 1.6 * len(names)), 3.6))
+    top1 = [e.accuracy_top1 if e.accuracy_top1 is not None else float("nan") for e in evaluations]
+    accuracy_axis.plot(steps, top1, "o-", color="tab:blue", label="top-1 %")
+    accuracy_axis.set_ylabel("top-1 accuracy (%)", color="tab:blue")
+    latency_axis = accuracy_axis.twinx()
+    latency_axis.plot(
+        steps, [e.latency_ms["p50"] for e in evaluations], "s--", color="tab:red", label="p50 ms"
+    )
+    latency_axis.set_ylabel(f"p50 latency (ms, batch {evaluations[0].batch_size})", color="tab:red")
+    latency_axis.set_ylim(bottom=0)
+    accuracy_axis.set_xticks(list(steps), names, rotation=20, ha="right")
+    accuracy_axis.set_title(title)
+    return _save(fig, plt, Path(path))
+
+
+def pareto_chart(rows: list[dict], path: str | Path) -> Path | None:
+    """Accuracy against p50 latency, one point per run (marker area by artifact size), the
+    baselines marked, and the Pareto front (no other point both faster and more accurate).
+
+    ``rows`` are the summary's: ``run``, ``top1``, ``p50_ms``, ``size_mb``, ``baseline``.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    points = [r for r in rows if r["top1"] is not None]
+    fig, axis = plt.subplots(figsize=(7.5, 5))
+    largest = max((r["size_mb"] for r in points), default=1.0) or 1.0
+    for r in points:
+        area = 30 + 400 * r["size_mb"] / largest
+        if r["baseline"]:
+            axis.scatter(r["p50_ms"], r["top1"], s=area, marker="*", color="black", zorder=3)
+        else:
+            axis.scatter(r["p50_ms"], r["top1"], s=area, alpha=0.6, zorder=2)
+        axis.annotate(
+            r["run"],
+            (r["p50_ms"], r["top1"]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    front = pareto_front([(r["p50_ms"], r["top1"]) for r in points])
+    if front:
+        xs, ys = zip(*front, strict=True)
+        axis.step(xs, ys, where="post", color="tab:green", label="Pareto front")
+        axis.legend(loc="lower right")
+    axis.set_xscale("log")
+    axis.set_xlabel("p50 latency (ms, log scale)")
+    axis.set_ylabel("top-1 accuracy (%)")
+    axis.set_title("accuracy against latency (marker area: artifact size; star: baseline)")
+    return _save(fig, plt, Path(path))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (latency, accuracy) points no other point beats on both, fastest first.
+
+    Example:
+        >>> pareto_front([(1, 90), (2, 91), (3, 89)])
+        [(1, 90), (2, 91)]
+    """
+    front, best = [], float("-inf")
+    for latency, top1 in sorted(points, key=lambda p: (p[0], -p[1])):
+        if top1 > best:
+            front.append((latency, top1))
+            best = top1
+    return front
+
+
+def sensitivity_chart(rows: list[dict], path: str | Path, title: str) -> Path | None:
+    """Accuracy drop and SQNR per layer, one layer quantized at a time."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(rows)), 6), sharex=True)
+    names = [r["layer"] for r in rows]
+    top.bar(names, [r["accuracy_drop"] for r in rows], color="tab:red")
+    top.set_ylabel("accuracy drop (pts)")
+    top.set_title(title)
+    bottom.bar(names, [min(r["sqnr_db"], 99.0) for r in rows], color="tab:blue")
+    bottom.set_ylabel("logits SQNR (dB)")
+    bottom.tick_params(axis="x", labelrotation=90)
+    return _save(fig, plt, Path(path))

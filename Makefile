@@ -54,11 +54,13 @@ bench: setup
 # Every recipe, seeded, each into its own run folder; then the summary table (md, csv) and
 # the Pareto plot in $(RESULTS)/, which this target regenerates by design.
 experiments: setup
-	@set -e; for recipe in $(RECIPES); do \
+	@failed=""; for recipe in $(RECIPES); do \
 	  echo "== $$recipe"; \
-	  $(PY) -m compress run $$recipe --out $(EXPERIMENTS)/$$(basename $$recipe .yaml); \
-	done
-	$(PY) -m compress compare $(EXPERIMENTS) --out $(RESULTS) --overwrite
+	  $(PY) -m compress run $$recipe --out $(EXPERIMENTS)/$$(basename $$recipe .yaml) \
+	    || failed="$$failed $$recipe"; \
+	done; \
+	$(PY) -m compress compare $(EXPERIMENTS) --out $(RESULTS) --overwrite || exit 1; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed" >&2; exit 1; fi
 
 lint: setup
 	$(PY) -m ruff check compress tests scripts

@@ -91,9 +91,7 @@ def distill(
     else:
         student = copy.deepcopy(model)
     device = current_device()
-    teacher = teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = teacher.to(device).eval()  # runs under no_grad below; its weights untouched
     pairs = [("features", p) for p in config.features] + [
         ("attention", p) for p in config.attention
     ]

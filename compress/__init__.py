@@ -21,12 +21,14 @@ from compress.artifact import load, save  # noqa: E402
 from compress.data import Data, build_data  # noqa: E402
 from compress.distill import distill  # noqa: E402
 from compress.evaluate import Evaluation, evaluate  # noqa: E402
+from compress.factorize import factorize  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.pipeline import run  # noqa: E402
 from compress.prune import prune  # noqa: E402
 from compress.quantize import quantize, sensitivity  # noqa: E402
 from compress.recipe import Recipe, RecipeError, load_recipe, parse_recipe  # noqa: E402
 from compress.report import Report  # noqa: E402
+from compress.share import share  # noqa: E402
 from compress.train import train  # noqa: E402
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "build_model",
     "distill",
     "evaluate",
+    "factorize",
     "load",
     "load_recipe",
     "parse_recipe",
@@ -47,5 +50,6 @@ __all__ = [
     "run",
     "save",
     "sensitivity",
+    "share",
     "train",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
 import shutil
 import zipfile
@@ -135,6 +136,23 @@ def register_loader(kind: str):
 SPARSE_STORAGE_MIN = 0.5
 
 
+# A floating tensor of at least this many elements with at most 256 distinct values is
+# stored as a codebook plus one coded index per element.
+CODEBOOK_MIN_ELEMENTS = 1024
+
+
+def _codebook(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(distinct values, uint8 index of each element) when a codebook stores ``tensor``."""
+    if not tensor.is_floating_point() or tensor.numel() < CODEBOOK_MIN_ELEMENTS:
+        return None
+    if torch.unique(tensor.flatten()[:4096]).numel() > 256:  # cheap early no for dense weights
+        return None
+    values, indices = torch.unique(tensor, return_inverse=True)
+    if values.numel() > 256:
+        return None
+    return values, indices.flatten().to(torch.uint8)
+
+
 def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict:
     """Store a spec-built model as its spec, its shapes (if pruned) and its tensors.
 
@@ -142,12 +160,27 @@ def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict
     """
     import numpy as np
 
-    state, sparse = {}, []
+    state, sparse, shared = {}, [], []
     for key, tensor in model.state_dict().items():
+        codebook = _codebook(tensor)
         zeros = (
             tensor.numel() - int(torch.count_nonzero(tensor)) if tensor.is_floating_point() else 0
         )
-        if tensor.numel() >= 1024 and zeros >= SPARSE_STORAGE_MIN * tensor.numel():
+        if codebook is not None:
+            # Few distinct values (weight sharing): the codebook, and each weight's index
+            # into it, LZMA-coded (Deep Compression used Huffman coding for the same end).
+            values, indices = codebook
+            packed = lzma.compress(indices.numpy().tobytes(), preset=6)
+            state[f"{key}.__codebook"] = values
+            state[f"{key}.__indices"] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+            shared.append(
+                {
+                    "key": key,
+                    "shape": list(tensor.shape),
+                    "dtype": str(tensor.dtype).removeprefix("torch."),
+                }
+            )
+        elif tensor.numel() >= 1024 and zeros >= SPARSE_STORAGE_MIN * tensor.numel():
             mask = tensor != 0
             state[f"{key}.__mask"] = torch.from_numpy(np.packbits(mask.flatten().numpy()))
             state[f"{key}.__values"] = tensor[mask]
@@ -164,6 +197,10 @@ def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict
     manifest = {"kind": "state_dict", "file": name, "spec": model.compress_spec}
     if sparse:
         manifest["sparse"] = sparse
+    if shared:
+        manifest["shared"] = shared
+    if getattr(model, "compress_replacements", None):
+        manifest["replacements"] = model.compress_replacements
     if hasattr(model, "compress_shapes"):
         manifest["shapes"] = model.compress_shapes
     return manifest
@@ -177,14 +214,23 @@ def _load_state(folder: Path, manifest: dict) -> nn.Module:
     from compress.prune import apply_shapes
 
     model = model_from_spec(manifest["spec"])
+    if "replacements" in manifest:  # factorized layers first: the shapes name their parts
+        from compress.factorize import apply_replacements
+
+        apply_replacements(model, manifest["replacements"])
     if "shapes" in manifest:
         apply_shapes(model, manifest["shapes"])
         model.compress_shapes = manifest["shapes"]
-    if "sparse" not in manifest:
+    if "sparse" not in manifest and "shared" not in manifest:
         load_state_dict_file(model, folder / manifest["file"])
         return model
     state = torch.load(folder / manifest["file"], map_location="cpu", weights_only=True)
-    for entry in manifest["sparse"]:
+    for entry in manifest.get("shared", []):
+        key = entry["key"]
+        raw = lzma.decompress(state.pop(f"{key}.__indices").numpy().tobytes())
+        indices = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).astype(np.int64))
+        state[key] = state.pop(f"{key}.__codebook")[indices].view(entry["shape"])
+    for entry in manifest.get("sparse", []):
         key, shape = entry["key"], entry["shape"]
         count = int(np.prod(shape))
         mask = torch.from_numpy(

@@ -1,4 +1,4 @@
-"""The command line: ``python -m compress {run,eval,validate,sensitivity,compare,list}``.
+"""The command line: ``python -m compress {run,eval,validate,sensitivity,profile,compare,list}``.
 
 Exit codes: 0 success; 2 a bad recipe, option or path (one line on stderr naming the key,
 the value and what is allowed); 1 a runtime failure (a short explanation, no traceback).
@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sens.add_argument(
         "--out", help="output directory (default runs/<recipe name>-sensitivity/<timestamp>)"
+    )
+    prof = recipe_command(
+        "profile",
+        "per-layer cost breakdown (MACs, bytes, time) against this machine's measured roofline",
+    )
+    prof.add_argument("--model", help="a saved model folder to profile instead of the baseline")
+    prof.add_argument(
+        "--out", help="output directory (default runs/<recipe name>-profile/<timestamp>)"
     )
     compare = sub.add_parser(
         "compare",
@@ -200,6 +208,27 @@ def _sensitivity(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from compress.artifact import load
+    from compress.data import build_data
+    from compress.evaluate import set_threads
+    from compress.pipeline import baseline_model, make_run_dir
+    from compress.profile import markdown, profile_model, write_profile
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    threads = set_threads(recipe.evaluate.threads)
+    data = build_data(recipe.data, seed=recipe.seed)
+    model = load(args.model) if args.model else baseline_model(recipe, data, "cpu")
+    example = data.example_input(recipe.evaluate.latency_batch_size)
+    result = profile_model(model.cpu().eval(), example, threads)
+    out = make_run_dir(f"{recipe.name}-profile", args.out)
+    written = write_profile(result, out, args.model or f"{recipe.name} baseline")
+    print(markdown(result), end="")
+    print("\nwritten: " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _compare(args) -> int:
     from pathlib import Path
 
@@ -247,6 +276,7 @@ def _list(args) -> int:
 _COMMANDS = {
     "run": _run,
     "compare": _compare,
+    "profile": _profile,
     "eval": _eval,
     "validate": _validate,
     "sensitivity": _sensitivity,

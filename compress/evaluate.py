@@ -129,6 +129,10 @@ def evaluate(
         notes=notes,
         details=dict(getattr(model, "stage_details", {})),
     )
+    if config.profile and main and device == "cpu":
+        from compress.profile import summary
+
+        result.details["profile"] = summary(model, one_image, result.gflops_per_s, threads)
     if baseline is not None:
         compare(result, baseline, getattr(model, "not_faster_reason", None))
     return result

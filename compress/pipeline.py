@@ -25,11 +25,13 @@ from compress.artifact import write_atomic
 from compress.data import Data, build_data
 from compress.distill import distill
 from compress.evaluate import Evaluation, environment, evaluate
+from compress.factorize import factorize
 from compress.models import build_model
 from compress.prune import prune
 from compress.quantize import quantize
 from compress.recipe import Recipe, load_recipe
 from compress.report import Report
+from compress.share import share
 from compress.train import run_defaults, train
 
 log = logging.getLogger("compress")
@@ -40,6 +42,8 @@ STAGES: dict[str, Callable[..., nn.Module]] = {
     "quantize": quantize,
     "prune": prune,
     "distill": distill,
+    "share": share,
+    "factorize": factorize,
 }
 
 

@@ -126,3 +126,40 @@ def sensitivity_chart(rows: list[dict], path: str | Path, title: str) -> Path | 
     bottom.set_ylabel("logits SQNR (dB)")
     bottom.tick_params(axis="x", labelrotation=90)
     return _save(fig, plt, Path(path))
+
+
+def roofline_chart(result: dict, path: str | Path, title: str) -> Path | None:
+    """Layers on this machine's measured roofline: achieved GFLOP/s against arithmetic
+    intensity (log-log), marker area by time share; the whole model as a star."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    peaks = result["peaks"]
+    bandwidth = peaks["bandwidth_gbs"]
+    rows = [r for r in result["layers"] if r["intensity"] > 0 and r["gflops"] > 0]
+    fig, axis = plt.subplots(figsize=(7.5, 5))
+    low = min([r["intensity"] for r in rows] + [0.1]) / 2
+    high = max([r["intensity"] for r in rows] + [1000.0]) * 2
+    for label, peak, style in (
+        ("FP32 GEMM peak", peaks["fp32_gflops"], "-"),
+        ("INT8 GEMM peak", peaks["int8_gops"], ":"),
+    ):
+        ridge = peak / bandwidth
+        axis.plot(
+            [low, ridge, high], [low * bandwidth, peak, peak], style, color="gray", label=label
+        )
+    for r in rows:
+        axis.scatter(r["intensity"], r["gflops"], s=20 + 600 * r["time_share"], alpha=0.5)
+    for r in sorted(rows, key=lambda r: r["time_share"], reverse=True)[:6]:
+        axis.annotate(r["layer"], (r["intensity"], r["gflops"]), fontsize=7)
+    whole = result["model"]
+    axis.scatter(
+        whole["intensity"], whole["gflops"], marker="*", s=250, color="black", label="whole model"
+    )
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("arithmetic intensity (FLOP per byte moved)")
+    axis.set_ylabel("achieved GFLOP/s")
+    axis.set_title(f"{title}: roofline ({peaks['threads']} threads, measured peaks)")
+    axis.legend(loc="lower right", fontsize=8)
+    return _save(fig, plt, Path(path))

@@ -202,6 +202,59 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # the student's training settings
 
 
+# How weight sharing fine-tunes its codebooks by default: Adam, because each centroid's
+# gradient is the sum over every weight in its cluster (thousands), which SGD would overshoot.
+SHARE_TRAINING = {
+    "epochs": 1,
+    "optimizer": "adamw",
+    "lr": 1e-4,
+    "schedule": "cosine",
+    "weight_decay": 0.0,
+}
+
+
+@dataclass
+class ShareBits:
+    """Codebook bits per layer type: 2^bits shared values per layer (null: not shared)."""
+
+    conv: int | None = field(default=4, metadata=_range(1, 8))
+    linear: int | None = field(default=5, metadata=_range(1, 8))
+
+
+@dataclass
+class ShareConfig:
+    """`stages: - share: {...}`: k-means weight sharing (Deep Compression, Han et al. 2016)."""
+
+    method: Literal["kmeans"] = "kmeans"
+    bits: ShareBits = field(default_factory=ShareBits)
+    # Where the centroids start: evenly over [min, max] (linear, best in Deep Compression),
+    # at quantiles of the weights (density), or at seeded random weights (random).
+    init: Literal["linear", "density", "random"] = "linear"
+    iterations: int = field(default=30, metadata=_range(1))  # Lloyd iterations per layer
+    skip: list[str] = field(default_factory=list)  # dotted names or "re:" patterns kept as they are
+    fine_tune: TrainConfig = field(  # trains the centroids (weights stay on the codebook)
+        default_factory=lambda: TrainConfig(**SHARE_TRAINING), metadata={"defaults": SHARE_TRAINING}
+    )
+
+
+@dataclass
+class FactorizeConfig:
+    """`stages: - factorize: {...}`: standard convolutions replaced by depthwise + pointwise
+    pairs (and optionally Linear layers by two thin ones), fitted to the original weights.
+    Recover the accuracy with a `distill` stage after it."""
+
+    method: Literal["depthwise_separable"] = "depthwise_separable"
+    # Which k x k convolutions (k > 1, groups 1): dotted names or "re:" patterns. Empty: every
+    # such convolution with at least `min_in_channels` inputs whose replacement saves at
+    # least `min_macs_saved` of the model's MACs.
+    layers: list[str] = field(default_factory=list)
+    min_in_channels: int = field(default=16, metadata=_range(1))  # a 1-channel stem fits badly
+    min_macs_saved: float = field(default=0.005, metadata=_range(0.0, 1.0))  # of the model's
+    # Linear layers too: rank of the split as a fraction of min(in, out); null: Linear kept.
+    linear_rank: float | None = field(default=None, metadata=_range(0.01, 1.0))
+    skip: list[str] = field(default_factory=list)  # never replaced
+
+
 _STRUCTURED = {
     "importance",
     "scope",
@@ -224,11 +277,23 @@ STAGE_CONFIGS: dict[str, type] = {
     "quantize": QuantizeConfig,
     "prune": PruneConfig,
     "distill": DistillConfig,
+    "share": ShareConfig,
+    "factorize": FactorizeConfig,
 }
 # Stage name -> method -> the options that method reads.
 STAGE_METHOD_OPTIONS = {
     "quantize": METHOD_OPTIONS,
     "prune": PRUNE_METHOD_OPTIONS,
+    "share": {"kmeans": {"bits", "init", "iterations", "skip", "fine_tune"}},
+    "factorize": {
+        "depthwise_separable": {
+            "layers",
+            "min_in_channels",
+            "min_macs_saved",
+            "linear_rank",
+            "skip",
+        }
+    },
     "distill": {
         "kd": {
             "teacher",
@@ -267,6 +332,8 @@ class EvaluateConfig:
     threads: int | None = field(default=None, metadata=_range(1))  # None: all usable cores
     accuracy: bool = True  # False for latency-only runs (synthetic data)
     max_accuracy_drop: float | None = field(default=None, metadata=_range(0.0))  # points
+    # Per-layer cost breakdown against this machine's measured peaks (report.md section).
+    profile: bool = True
 
 
 @dataclass

@@ -97,20 +97,52 @@ class Report:
         notes += [f"- {n}" for n in self.notes]
         if notes:
             out += ["", "## Notes", "", *notes]
+        profiled = [e for e in self.evaluations if e.details.get("profile")]
+        if profiled:
+            peaks = profiled[0].details["profile"]["peaks"]
+            out += [
+                "",
+                "## Where the time goes",
+                "",
+                f"Peaks measured on this machine ({peaks['threads']} threads): FP32 GEMM"
+                f" {peaks['fp32_gflops']:.0f} GFLOP/s, INT8 GEMM {peaks['int8_gops']:.0f} GOP/s,"
+                f" copy {peaks['bandwidth_gbs']:.1f} GB/s. Achieved, from the p50:",
+                "",
+            ]
+            out += [
+                f"- **{e.name}**: {e.gflops_per_s:.2f} GFLOP/s,"
+                f" {100 * e.details['profile']['peak_share']:.1f} % of the"
+                f" {'INT8' if e.compute_dtype == 'int8' else 'FP32'} peak"
+                for e in profiled
+            ]
+            for e in profiled:
+                layers = e.details["profile"]["layers"]
+                if layers:
+                    out += [
+                        "",
+                        f"{e.name}, the costliest layers (`python -m compress profile` for all):",
+                        "",
+                        "| layer | type | output | MACs | FLOP/byte | time share | bound |",
+                        "|---|---|---|---|---|---|---|",
+                    ]
+                    out += [
+                        f"| {r['layer']} | {r['type']} | {r['output']} | {_count(r['macs'])}"
+                        f" | {r['intensity']:.1f} | {100 * r['time_share']:.1f} % | {r['bound']} |"
+                        for r in layers
+                    ]
         for e in self.evaluations:
             layers = e.details.get("layers")
             if layers:
+                columns = list(layers[0])
                 out += [
                     "",
                     f"## {e.name}: per layer",
                     "",
-                    "| layer | channels before | channels after | sparsity before | sparsity after |",
-                    "|---|---|---|---|---|",
+                    "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+                    "|" + "---|" * len(columns),
                 ]
                 out += [
-                    f"| {r['layer']} | {r['channels_before']} | {r['channels_after']} |"
-                    f" {100 * r['sparsity_before']:.1f} % | {100 * r['sparsity_after']:.1f} % |"
-                    for r in layers
+                    "| " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |" for r in layers
                 ]
         return "\n".join(out) + "\n"
 
@@ -240,6 +272,15 @@ def write_summary(rows: list[dict], folder: str | Path, title: str = "Experiment
     write_atomic(written[1], buffer.getvalue())
     chart = pareto_chart(rows, folder / "pareto.png")
     return written + ([chart] if chart else [])
+
+
+def _cell(column: str, value) -> str:
+    """A per-layer table cell: fractions of zeros as percentages, counts in k/M."""
+    if isinstance(value, float):
+        return f"{100 * value:.1f} %" if "sparsity" in column else f"{value:.3g}"
+    if isinstance(value, int) and not isinstance(value, bool) and column != "bits":
+        return _count(value)
+    return str(value)
 
 
 def _num(value: float | None, fmt: str) -> str:

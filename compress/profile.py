@@ -1,0 +1,357 @@
+"""Where a model's cost goes, layer by layer, against what this machine can do.
+
+Per module (its own ops, children excluded, so the rows add up to the whole model): type,
+output shape, parameters, MACs (``torch.utils.flop_counter``), bytes read and written
+(the evaluator's memory-access counter), arithmetic intensity, the time measured by the
+PyTorch profiler, and whether the layer sits under the compute roof or the bandwidth
+slope of a roofline whose peaks are measured on this machine (GEMM and copy
+microbenchmarks, cached per machine), never assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, record_function
+from torch.profiler import profile as torch_profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from compress.artifact import write_atomic
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """The profiler's C++ side (kineto) prints start/stop lines and, on a CPU-only machine,
+    a CUDA probe error straight to file descriptor 2; hide them while it runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+LABEL = "compress::"
+
+
+def machine_peaks(threads: int | None = None, refresh: bool = False) -> dict:
+    """Measured peaks of this machine at ``threads``: FP32 GEMM GFLOP/s, INT8 GEMM GOP/s
+    and copy bandwidth GB/s (read + write). Cached under the cache folder per CPU, thread
+    count and torch version; ``refresh`` measures again.
+
+    Example:
+        >>> peaks = machine_peaks()
+        >>> peaks["fp32_gflops"] / peaks["bandwidth_gbs"]   # the ridge point, FLOP per byte
+    """
+    from compress.evaluate import environment, set_threads
+    from compress.pipeline import cache_dir
+
+    threads = set_threads(threads)
+    cpu = environment("cpu")["cpu"]
+    key = hashlib.sha256(f"{cpu}|{threads}|{torch.__version__}|{platform.machine()}".encode())
+    path = cache_dir() / "peaks" / f"{key.hexdigest()[:16]}.json"
+    if path.is_file() and not refresh:
+        return json.loads(path.read_text())
+    peaks = {
+        "cpu": cpu,
+        "threads": threads,
+        "fp32_gflops": _best_rate(lambda a, b: a @ b, torch.float32, 1024) / 1e9,
+        # torch._int_mm: int8 x int8 -> int32, the oneDNN/MKL path INT8 layers use.
+        "int8_gops": _best_rate(torch._int_mm, torch.int8, 1024) / 1e9,
+        "bandwidth_gbs": _bandwidth() / 1e9,
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_atomic(path, json.dumps(peaks, indent=1))
+    return peaks
+
+
+def _best_rate(matmul, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` multiply-adds per second of an n x n x n product."""
+    if dtype.is_floating_point:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+    else:
+        a = torch.randint(-128, 127, (n, n), dtype=dtype)
+        b = torch.randint(-128, 127, (n, n), dtype=dtype)
+    matmul(a, b)  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _bandwidth(megabytes: int = 128, repeats: int = 3) -> float:
+    """Bytes per second moved by a large copy (each byte read once and written once)."""
+    source = torch.ones(megabytes * (1 << 20) // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best
+
+
+def layer_costs(model: nn.Module, example: torch.Tensor, iterations: int = 20) -> list[dict]:
+    """One row per module that does work of its own, in execution order; see the module doc.
+
+    Example:
+        >>> rows = layer_costs(model.eval(), data.example_input(1))
+        >>> sum(r["macs"] for r in rows) == count_flops(model, data.example_input(1)) // 2
+        True
+    """
+    from compress.evaluate import _MemoryAccess
+
+    modules = dict(model.named_modules())
+    children = {
+        name: [f"{name}.{c}" if name else c for c, _ in module.named_children()]
+        for name, module in modules.items()
+    }
+    order: list[str] = []
+    shapes: dict[str, tuple] = {}
+    positions: dict[str, int] = {}
+
+    def first_tensor(value):
+        leaves = torch.utils._pytree.tree_leaves(value)
+        return next((t for t in leaves if isinstance(t, torch.Tensor)), None)
+
+    def measure(read) -> dict[str, float]:
+        """Inclusive amount of ``read()`` (a running counter) per module, one forward."""
+        inclusive: dict[str, float] = {}
+        start: dict[str, list[float]] = {}
+        hooks = []
+        for name, module in modules.items():
+
+            def pre(_m, inputs, name=name):
+                start.setdefault(name, []).append(read())
+                if name not in positions:
+                    x = first_tensor(inputs)
+                    positions[name] = _positions(x)
+
+            def post(_m, _inputs, output, name=name):
+                inclusive[name] = inclusive.get(name, 0.0) + read() - start[name].pop()
+                if name not in shapes:
+                    order.append(name)
+                    out = first_tensor(output)
+                    shapes[name] = tuple(out.shape) if out is not None else ()
+
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            model(example)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return inclusive
+
+    def exclusive(inclusive: dict[str, float]) -> dict[str, float]:
+        return {
+            name: value - sum(inclusive.get(c, 0.0) for c in children[name])
+            for name, value in inclusive.items()
+        }
+
+    with torch.inference_mode():
+        flops_mode = FlopCounterMode(display=False)
+        with flops_mode:
+            flops = exclusive(measure(flops_mode.get_total_flops))
+        with _MemoryAccess(None) as memory:
+            bytes_ = exclusive(measure(lambda: memory.total))
+        for _ in range(3):
+            model(example)
+        hooks = []
+        open_labels: dict[str, list] = {}
+        for name, module in modules.items():
+
+            def enter(_m, _i, name=name):
+                label = record_function(LABEL + (name or "(model)"))
+                label.__enter__()
+                open_labels.setdefault(name, []).append(label)
+
+            def leave(_m, _i, _o, name=name):
+                open_labels[name].pop().__exit__(None, None, None)
+
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        try:
+            # Two profiled warm-up steps are discarded: the profiler's own first calls are slow.
+            schedule = torch.profiler.schedule(wait=0, warmup=2, active=iterations, repeat=1)
+            with (
+                _quiet_native_stderr(),
+                torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule) as prof,
+            ):
+                for _ in range(iterations + 2):
+                    model(example)
+                    prof.step()
+        finally:
+            for hook in hooks:
+                hook.remove()
+    inclusive_us = {
+        e.key.removeprefix(LABEL): e.cpu_time_total / iterations
+        for e in prof.key_averages()
+        if e.key.startswith(LABEL)
+    }
+    inclusive_us = {("" if k == "(model)" else k): v for k, v in inclusive_us.items()}
+    times = exclusive(inclusive_us)
+    total_time = inclusive_us.get("", sum(times.values())) or 1.0
+    rows = []
+    for name in order:
+        own_flops, own_bytes = flops.get(name, 0.0), bytes_.get(name, 0.0)
+        module = modules[name]
+        own_params = sum(p.numel() for p in module.parameters(recurse=False))
+        if not (own_flops or own_bytes or own_params):
+            continue
+        time_us = max(times.get(name, 0.0), 0.0)
+        out_positions = _positions_of_shape(shapes[name])
+        rows.append(
+            {
+                "layer": name or "(model)",
+                "type": type(module).__name__ + ("" if not children[name] else " (own ops)"),
+                "output": "x".join(str(d) for d in shapes[name][1:]),
+                "params": own_params,
+                "macs": int(own_flops) // 2,
+                "bytes": int(own_bytes),
+                "intensity": own_flops / own_bytes if own_bytes else 0.0,
+                "time_us": time_us,
+                "time_share": time_us / total_time,
+                "gflops": own_flops / (time_us * 1e3) if time_us else 0.0,
+                # Fewer output positions than input positions: every later layer works on
+                # this many times fewer (pooling, strides, patching).
+                "downsamples": (positions.get(name, 0) / out_positions)
+                if out_positions and positions.get(name, 0) > out_positions
+                else 1.0,
+            }
+        )
+    return rows
+
+
+def _positions(x: torch.Tensor | None) -> int:
+    return _positions_of_shape(tuple(x.shape)) if x is not None else 0
+
+
+def _positions_of_shape(shape: tuple) -> int:
+    """Spatial positions (H·W) of an NCHW tensor, tokens of an NLC one, 1 otherwise."""
+    if len(shape) == 4:
+        return shape[2] * shape[3]
+    if len(shape) == 3:
+        return shape[1]
+    return 1 if shape else 0
+
+
+def profile_model(
+    model: nn.Module, example: torch.Tensor, threads: int | None = None, iterations: int = 20
+) -> dict:
+    """The breakdown of :func:`layer_costs` against the machine's measured peaks.
+
+    Adds per row whether it is compute- or memory-bound (intensity against the ridge
+    point) and its achieved GFLOP/s as a share of what the roofline allows there; and for
+    the whole model, the achieved GFLOP/s as a share of the FP32 (or INT8) peak.
+
+    Example:
+        >>> result = profile_model(model.eval(), data.example_input(1))
+        >>> result["model"]["peak_share"]
+    """
+    peaks = machine_peaks(threads)
+    compute_dtype = getattr(model, "compute_dtype", "float32")
+    peak = peaks["int8_gops"] if compute_dtype == "int8" else peaks["fp32_gflops"]
+    ridge = peak / peaks["bandwidth_gbs"]
+    rows = layer_costs(getattr(model, "reference_module", model), example, iterations)
+    for row in rows:
+        row["bound"] = "memory" if row["intensity"] < ridge else "compute"
+        roof = min(peak, row["intensity"] * peaks["bandwidth_gbs"])
+        row["roof_share"] = row["gflops"] / roof if roof else 0.0
+    total_flops = 2 * sum(r["macs"] for r in rows)
+    total_bytes = sum(r["bytes"] for r in rows)
+    total_us = sum(r["time_us"] for r in rows) or 1.0
+    gflops = total_flops / (total_us * 1e3)
+    note = None
+    if hasattr(model, "reference_module"):
+        note = (
+            "compiled model: the rows come from its reference graph, so MACs and bytes are what"
+            " it computes, but the times are the reference graph's, not the compiled kernels'"
+        )
+    return {
+        "peaks": peaks,
+        "note": note,
+        "ridge_flops_per_byte": ridge,
+        "layers": rows,
+        "model": {
+            "macs": total_flops // 2,
+            "bytes": total_bytes,
+            "intensity": total_flops / total_bytes if total_bytes else 0.0,
+            "time_us": total_us,
+            "gflops": gflops,
+            "peak_share": gflops / peak,
+            "compute_dtype": compute_dtype,
+        },
+    }
+
+
+def summary(model: nn.Module, example: torch.Tensor, gflops_per_s: float, threads: int) -> dict:
+    """What every report shows: the whole model's achieved GFLOP/s (from the evaluator's
+    p50) as a share of the measured peak, and for eager models the costliest layers."""
+    peaks = machine_peaks(threads)
+    compute_dtype = getattr(model, "compute_dtype", "float32")
+    peak = peaks["int8_gops"] if compute_dtype == "int8" else peaks["fp32_gflops"]
+    out = {"peaks": peaks, "peak_share": gflops_per_s / peak, "layers": None}
+    if hasattr(model, "reference_module"):  # compiled: no per-layer timing of what runs
+        return out
+    result = profile_model(model, example, threads, iterations=10)
+    out["ridge_flops_per_byte"] = result["ridge_flops_per_byte"]
+    out["model"] = result["model"]
+    out["layers"] = sorted(result["layers"], key=lambda r: r["time_us"], reverse=True)[:8]
+    return out
+
+
+def markdown(result: dict, top: int | None = None) -> str:
+    """The breakdown as a markdown section (the ``top`` most time-consuming rows, or all)."""
+    peaks, whole = result["peaks"], result["model"]
+    rows = result["layers"]
+    if top is not None:
+        rows = sorted(rows, key=lambda r: r["time_us"], reverse=True)[:top]
+    lines = [
+        f"Measured peaks on this machine ({peaks['threads']} threads): FP32 GEMM"
+        f" {peaks['fp32_gflops']:.0f} GFLOP/s, INT8 GEMM {peaks['int8_gops']:.0f} GOP/s, copy"
+        f" bandwidth {peaks['bandwidth_gbs']:.1f} GB/s; ridge point"
+        f" {result['ridge_flops_per_byte']:.1f} FLOP/byte. The whole model"
+        f" ({whole['compute_dtype']}): {whole['gflops']:.2f} GFLOP/s in the profiled layers,"
+        f" {100 * whole['peak_share']:.1f} % of the peak, arithmetic intensity"
+        f" {whole['intensity']:.1f} FLOP/byte.",
+        "",
+        *([f"Note: {result['note']}.", ""] if result.get("note") else []),
+        "| layer | type | output | params | MACs | bytes | FLOP/byte | time share | GFLOP/s"
+        " | % of roof | bound | downsamples |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        downsamples = "" if r["downsamples"] == 1.0 else f"{r['downsamples']:.0f}x"
+        lines.append(
+            f"| {r['layer']} | {r['type']} | {r['output']} | {r['params']:,} | {r['macs']:,}"
+            f" | {r['bytes']:,} | {r['intensity']:.1f} | {100 * r['time_share']:.1f} %"
+            f" | {r['gflops']:.2f} | {100 * r['roof_share']:.1f} % | {r['bound']}"
+            f" | {downsamples} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(result: dict, folder: str | Path, title: str) -> list[Path]:
+    """``profile.md``, ``profile.json`` and ``roofline.png`` in ``folder``."""
+    from compress.plots import roofline_chart
+
+    folder = Path(folder)
+    written = [folder / "profile.md", folder / "profile.json"]
+    write_atomic(written[0], f"# {title}: where the cost goes\n\n" + markdown(result))
+    write_atomic(written[1], json.dumps(result, indent=1))
+    chart = roofline_chart(result, folder / "roofline.png", title)
+    return written + ([chart] if chart else [])

@@ -1,0 +1,59 @@
+"""The per-layer cost breakdown and the measured roofline."""
+
+import json
+import math
+
+import pytest
+
+from compress.evaluate import count_flops, count_memory_access
+from compress.models import build_model
+from compress.profile import layer_costs, machine_peaks, profile_model
+from compress.recipe import ModelConfig
+from tests.conftest import run_cli
+
+
+def test_peaks_are_positive_finite_and_cached():
+    peaks = machine_peaks()
+    for key in ("fp32_gflops", "int8_gops", "bandwidth_gbs"):
+        assert math.isfinite(peaks[key]) and peaks[key] > 0
+    assert machine_peaks() == peaks  # the second call reads the cache
+
+
+@pytest.mark.parametrize("name", ["tests.tiny:tiny_cnn", "resnet18"])
+def test_layer_rows_add_up_to_the_evaluator(name, fmnist):
+    model = build_model(ModelConfig(name=name), num_classes=10, in_channels=1).eval()
+    example = fmnist.example_input(1)
+    rows = layer_costs(model, example, iterations=2)
+    assert sum(r["macs"] for r in rows) == count_flops(model, example) // 2
+    assert sum(r["bytes"] for r in rows) == count_memory_access(model, example)
+    assert all(r["time_us"] >= 0 for r in rows)
+    assert sum(r["time_share"] for r in rows) == pytest.approx(1.0, abs=0.05)
+    pools = [r for r in rows if "Pool" in r["type"] and r["downsamples"] > 1]
+    assert pools  # pooling layers say how much they shrink what follows
+
+
+def test_profile_marks_bound_and_roof_share(fmnist):
+    model = build_model(ModelConfig(name="tests.tiny:tiny_cnn"), 10, 1).eval()
+    result = profile_model(model, fmnist.example_input(1), iterations=2)
+    assert {r["bound"] for r in result["layers"]} <= {"memory", "compute"}
+    convs = [r for r in result["layers"] if r["type"] == "Conv2d"]
+    assert all(r["intensity"] > 1 for r in convs)
+    assert 0 < result["model"]["peak_share"] < 1
+
+
+@pytest.mark.slow
+def test_profile_command_writes_breakdown_and_roofline(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+        "data: {train_subset: 500, test_subset: 200, calibration_size: 200}\n"
+        "train: {max_steps: 5}\n"
+    )
+    out = tmp_path / "profile"
+    result = run_cli("profile", str(recipe), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| 4 | Conv2d | 64x14x14 |" in result.stdout
+    assert (out / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((out / "profile.json").read_text())["layers"]
+    assert sum(r["macs"] for r in rows) == 5645440 // 1  # the tiny CNN's MACs at 28x28
+    assert "USDT" not in result.stderr  # the profiler's native chatter stays hidden

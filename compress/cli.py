@@ -260,13 +260,11 @@ def _compare(args) -> int:
 def _list(args) -> int:
     from compress.data import DATASETS
     from compress.models import torchvision_models
-    from compress.quantize import QUANTIZE_METHODS
-    from compress.recipe import STAGE_CONFIGS
+    from compress.recipe import STAGE_METHOD_OPTIONS
 
-    methods = {"quantize": sorted(QUANTIZE_METHODS)}
     print("stages and methods:")
-    for stage in STAGE_CONFIGS:
-        print(f"  {stage}: {', '.join(methods.get(stage, []))}")
+    for stage, methods in STAGE_METHOD_OPTIONS.items():
+        print(f"  {stage}: {', '.join(sorted(methods))}")
     print(f"datasets: {', '.join(DATASETS)}")
     print("models: any 'package.module:factory', or a torchvision classification model:")
     print("  " + ", ".join(torchvision_models()))

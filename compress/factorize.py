@@ -237,25 +237,16 @@ def _conv_macs(conv: nn.Conv2d, out_pixels: int) -> int:
 
 def _output_pixels(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Per Conv2d: output positions (H·W); per Linear: output elements per image."""
+    from compress.models import forward_with_hooks
+
     sizes: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
+
+    def hook_for(name: str, module: nn.Module):
         if isinstance(module, nn.Conv2d):
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, i, o, name=name: sizes.__setitem__(name, o.shape[-1] * o.shape[-2])
-                )
-            )
-        elif isinstance(module, nn.Linear):
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, i, o, name=name: sizes.__setitem__(name, o[0].numel())
-                )
-            )
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+            return lambda m, i, o: sizes.__setitem__(name, o.shape[-1] * o.shape[-2])
+        if isinstance(module, nn.Linear):
+            return lambda m, i, o: sizes.__setitem__(name, o[0].numel())
+        return None
+
+    forward_with_hooks(model, example, hook_for)
     return sizes

@@ -184,6 +184,27 @@ def _from_torchvision(name: str, spec: dict) -> nn.Module:
     return model
 
 
+def forward_with_hooks(model: nn.Module, example: torch.Tensor, hook_for) -> None:
+    """One no-grad forward of ``example`` with a temporary forward hook on every module for
+    which ``hook_for(name, module)`` returns one (``hook(module, inputs, output)``).
+
+    Example:
+        >>> order = []
+        >>> forward_with_hooks(model, x, lambda n, m: (lambda *_: order.append(n)))
+    """
+    hooks = []
+    for name, module in model.named_modules():
+        hook = hook_for(name, module)
+        if hook is not None:
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Give the first convolution ``in_channels`` inputs (pretrained RGB kernels averaged)."""
     for parent in model.modules():

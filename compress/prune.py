@@ -67,18 +67,14 @@ def ignored_modules(
     if example is None:
         heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         return heads[-1:]
+    from compress.models import forward_with_hooks
+
     order: list[str] = []
-    hooks = [
-        m.register_forward_hook(lambda *_, name=n: order.append(name))
-        for n, m in model.named_modules()
-        if isinstance(m, PRUNABLE)
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    forward_with_hooks(
+        model,
+        example,
+        lambda n, m: (lambda *_: order.append(n)) if isinstance(m, PRUNABLE) else None,
+    )
     return order[-1:]
 
 

@@ -102,7 +102,8 @@ def train(
     if config.max_steps is not None:  # with epochs 0: exactly max_steps, across epochs
         total_steps = config.max_steps if config.epochs == 0 else min(total_steps, config.max_steps)
     if total_steps == 0:
-        return model.eval()
+        model.eval()
+    return model
     cuda = torch.device(device).type == "cuda"
     if config.amp != "off" and not cuda:
         log.info("%s: train.amp=%s applies on CUDA only; training in fp32", desc, config.amp)
@@ -199,14 +200,16 @@ def train(
             "%s: keeping epoch %d (validation top-1 %.2f %%)", desc, best["epoch"], best["top1"]
         )
         model.load_state_dict(best["state"])
-    return model.eval()
+    model.eval()
+    return model
 
 
 def _validate(model: nn.Module, data: Data, device: str) -> float:
     """Top-1 on the calibration split: held out of training, and not the test split."""
     from compress.evaluate import accuracy
 
-    top1, _ = accuracy(model.eval(), data, device, split="calibration")
+    model.eval()  # not chained: an exported QAT graph's eval() returns None
+    top1, _ = accuracy(model, data, device, split="calibration")
     return top1
 
 

@@ -74,7 +74,7 @@ def distill(
         ...                   features=[{"student": "layer3", "teacher": "layer3"}])
     """
     from compress.models import build_model
-    from compress.train import current_device, train
+    from compress.train import current_device, current_seed, train
 
     if config is None:
         config = parse_stage_options("distill", options)
@@ -87,7 +87,10 @@ def distill(
             "distill needs a teacher: the run's baseline, teacher= in Python, or distill.teacher"
         )
     if config.student is not None:
-        student = build_model(config.student, data.num_classes, data.input_shape[0])
+        # Seeded: the same student starts from the same weights, whatever ran before.
+        with torch.random.fork_rng():
+            torch.manual_seed(current_seed())
+            student = build_model(config.student, data.num_classes, data.input_shape[0])
     else:
         student = copy.deepcopy(model)
     device = current_device()

@@ -66,6 +66,11 @@ def current_device() -> str:
     return _DEFAULTS["device"]
 
 
+def current_seed() -> int:
+    """The seed trainings use: ``run_defaults``'s, else 0."""
+    return _DEFAULTS["seed"]
+
+
 def train(
     model: nn.Module,
     data: Data,

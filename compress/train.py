@@ -108,7 +108,7 @@ def train(
         total_steps = config.max_steps if config.epochs == 0 else min(total_steps, config.max_steps)
     if total_steps == 0:
         model.eval()
-    return model
+        return model
     cuda = torch.device(device).type == "cuda"
     if config.amp != "off" and not cuda:
         log.info("%s: train.amp=%s applies on CUDA only; training in fp32", desc, config.amp)

@@ -27,7 +27,8 @@ def test_layer_rows_add_up_to_the_evaluator(name, fmnist):
     assert sum(r["macs"] for r in rows) == count_flops(model, example) // 2
     assert sum(r["bytes"] for r in rows) == count_memory_access(model, example)
     assert all(r["time_us"] >= 0 for r in rows)
-    assert sum(r["time_share"] for r in rows) == pytest.approx(1.0, abs=0.05)
+    # Shares of the whole forward's time; the rest is Python between layers.
+    assert 0.5 < sum(r["time_share"] for r in rows) <= 1.01
     pools = [r for r in rows if "Pool" in r["type"] and r["downsamples"] > 1]
     assert pools  # pooling layers say how much they shrink what follows
 

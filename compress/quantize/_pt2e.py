@@ -61,6 +61,7 @@ class QuantizedModel(nn.Module):
         dynamic: bool = False,
     ):
         super().__init__()
+        self.training = False  # inference-only, from the start
         if dynamic:  # float activations between the INT8 Linear layers
             self.element_bytes = None
             self.compute_dtype = "int8 (dynamic)"

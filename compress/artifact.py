@@ -153,6 +153,10 @@ def _codebook(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return values, indices.flatten().to(torch.uint8)
 
 
+def _lzma(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(lzma.compress(data, preset=9)), dtype=torch.uint8)
+
+
 def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict:
     """Store a spec-built model as its spec, its shapes (if pruned) and its tensors.
 
@@ -169,15 +173,24 @@ def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict
         if codebook is not None:
             # Few distinct values (weight sharing): the codebook, and each weight's index
             # into it, LZMA-coded (Deep Compression used Huffman coding for the same end).
+            # A mostly-zero tensor stores which weights are non-zero (a bitmask) and the
+            # indices of those alone: two streams LZMA models better than one mixed one.
             values, indices = codebook
-            packed = lzma.compress(indices.numpy().tobytes(), preset=6)
+            zero = int((values == 0).nonzero()[0]) if bool((values == 0).any()) else None
+            if zero is not None and zeros >= SPARSE_STORAGE_MIN * tensor.numel():
+                mask = indices != zero
+                state[f"{key}.__mask"] = _lzma(np.packbits(mask.numpy()).tobytes())
+                indices = indices[mask]
+            else:
+                zero = None
             state[f"{key}.__codebook"] = values
-            state[f"{key}.__indices"] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+            state[f"{key}.__indices"] = _lzma(indices.numpy().tobytes())
             shared.append(
                 {
                     "key": key,
                     "shape": list(tensor.shape),
                     "dtype": str(tensor.dtype).removeprefix("torch."),
+                    "zero": zero,  # the codebook entry of the weights the mask leaves out
                 }
             )
         elif tensor.numel() >= 1024 and zeros >= SPARSE_STORAGE_MIN * tensor.numel():
@@ -226,9 +239,19 @@ def _load_state(folder: Path, manifest: dict) -> nn.Module:
         return model
     state = torch.load(folder / manifest["file"], map_location="cpu", weights_only=True)
     for entry in manifest.get("shared", []):
-        key = entry["key"]
+        key, count = entry["key"], int(np.prod(entry["shape"]))
         raw = lzma.decompress(state.pop(f"{key}.__indices").numpy().tobytes())
         indices = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).astype(np.int64))
+        if entry.get("zero") is not None:
+            bits = np.unpackbits(
+                np.frombuffer(
+                    lzma.decompress(state.pop(f"{key}.__mask").numpy().tobytes()), np.uint8
+                )
+            )
+            mask = torch.from_numpy(bits[:count].astype(bool))
+            full = torch.full((count,), entry["zero"], dtype=torch.int64)
+            full[mask] = indices
+            indices = full
         state[key] = state.pop(f"{key}.__codebook")[indices].view(entry["shape"])
     for entry in manifest.get("sparse", []):
         key, shape = entry["key"], entry["shape"]

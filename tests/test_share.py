@@ -57,7 +57,7 @@ def test_fine_tune_trains_centroids_and_keeps_weights_on_the_codebook(trained_ti
         assert new_index[old_index == cluster].unique().numel() == 1
 
 
-def test_prune_then_share_keeps_zeros_and_shares_the_rest(trained_tiny, fmnist):
+def test_prune_then_share_keeps_zeros_and_shares_the_rest(trained_tiny, fmnist, tmp_path):
     sparse = prune(trained_tiny, fmnist, method="magnitude", sparsity=0.8, scope="global")
     shared = share(
         sparse, fmnist, bits=BITS, fine_tune={"epochs": 0, "max_steps": 5, "optimizer": "adamw"}
@@ -67,6 +67,12 @@ def test_prune_then_share_keeps_zeros_and_shares_the_rest(trained_tiny, fmnist):
         weight = shared.get_submodule(name).weight
         assert torch.equal(weight == 0, was_zero)  # pruned stay pruned, survivors stay non-zero
         assert torch.unique(weight).numel() <= 2 ** BITS["conv"]
+    # Stored as mask + indices of the survivors, restored exactly, smaller than sparse alone.
+    again = load(save(shared, tmp_path / "shared"))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in shared.state_dict().items())
+    sparse_size = sum(f.stat().st_size for f in save(sparse, tmp_path / "sparse").rglob("*"))
+    shared_size = sum(f.stat().st_size for f in (tmp_path / "shared").rglob("*"))
+    assert shared_size < sparse_size / 2
 
 
 def test_artifact_stores_codebooks_and_round_trips_exactly(trained_tiny, fmnist, tmp_path):

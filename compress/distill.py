@@ -93,6 +93,8 @@ def distill(
             student = build_model(config.student, data.num_classes, data.input_shape[0])
     else:
         student = copy.deepcopy(model)
+        # The previous stage's remarks describe that stage, not this one's result.
+        student.notes, student.stage_details = [], {}
     device = current_device()
     teacher = teacher.to(device).eval()  # runs under no_grad below; its weights untouched
     pairs = [("features", p) for p in config.features] + [

@@ -180,6 +180,7 @@ def _sensitivity(args) -> int:
     from compress.plots import sensitivity_chart
     from compress.quantize import sensitivity
     from compress.recipe import QuantizeConfig, load_recipe
+    from compress.report import markdown_table
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(recipe.device)
@@ -194,10 +195,11 @@ def _sensitivity(args) -> int:
         "",
         "One layer quantized at a time, the rest float; measured on the calibration split.",
         "",
-        "| layer | accuracy drop (pts) | SQNR (dB) |",
-        "|---|---|---|",
+        *markdown_table(
+            ["layer", "accuracy drop (pts)", "SQNR (dB)"],
+            [[r["layer"], f"{r['accuracy_drop']:.2f}", f"{r['sqnr_db']:.1f}"] for r in rows],
+        ),
     ]
-    lines += [f"| {r['layer']} | {r['accuracy_drop']:.2f} | {r['sqnr_db']:.1f} |" for r in rows]
     write_atomic(out / "sensitivity.md", "\n".join(lines) + "\n")
     write_atomic(out / "sensitivity.json", json.dumps(rows, indent=2))
     sensitivity_chart(

@@ -121,8 +121,10 @@ def distill(
             loss = kd_loss(logits, teacher_logits, labels, config.temperature, config.alpha)
             return loss + wrapped.layer_loss(), logits
 
-    train(wrapped, data, config.train, loss_fn=loss_fn, desc="distill")
-    wrapped.remove_hooks()
+    try:
+        train(wrapped, data, config.train, loss_fn=loss_fn, desc="distill")
+    finally:  # the teacher (often the caller's baseline) keeps no hooks of ours
+        wrapped.remove_hooks()
     return student.eval()
 
 

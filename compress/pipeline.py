@@ -99,7 +99,7 @@ def run(
         model = baseline = baseline_model(recipe, data, device)
         report = Report(recipe.name, environment(device))
         report.environment["processes"] = distributed.world_size()
-        base = _evaluated(run_dir, "baseline", lambda: (model, None), recipe, data, device, None)
+        _, base = _evaluated(run_dir, "baseline", lambda: (model, None), recipe, data, device, None)
         report.evaluations.append(base)
         report.environment["threads"] = base.threads
         for index, stage in enumerate(recipe.stages):
@@ -141,7 +141,8 @@ def run(
 
 
 def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", folder=None):
-    """A step's model and evaluation: made and measured, or, when resuming, read back.
+    """(model, evaluation) of one step: made and measured, or, when resuming, read back
+    (the model from ``folder``; None for the baseline, which has no folder).
 
     Each evaluation is kept in ``evaluations/<key>.json`` beside the stage's saved model,
     so a resumed run skips both the stage and its measurement.
@@ -149,10 +150,8 @@ def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", 
     record = run_dir / "evaluations" / f"{key}.json"
     if record.is_file() and (folder is None or (folder / artifact.MANIFEST).is_file()):
         log.info("%s: done in the interrupted run; loaded from %s", name, folder or record)
-        evaluation = Evaluation(**json.loads(record.read_text()))
-        if folder is None:
-            return evaluation
-        return artifact.load(folder).to(device), evaluation
+        model = artifact.load(folder).to(device) if folder is not None else None
+        return model, Evaluation(**json.loads(record.read_text()))
     model, saved = make()
     log.info("evaluating %s", name)
     # Without a saved model (the baseline) the size is measured on a temporary copy: the run
@@ -162,7 +161,7 @@ def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", 
     )
     if distributed.is_main():
         write_atomic(record, json.dumps(evaluation.to_dict(), indent=1))
-    return evaluation if folder is None else (model, evaluation)
+    return model, evaluation
 
 
 def resumable_run_dir(recipe: Recipe, path: str | Path) -> Path:

@@ -106,8 +106,29 @@ def _bandwidth(megabytes: int = 128, repeats: int = 3) -> float:
     return 2 * source.numel() * 4 / best
 
 
-def layer_costs(model: nn.Module, example: torch.Tensor, iterations: int = 20) -> list[dict]:
+@contextlib.contextmanager
+def _around_modules(modules: dict[str, nn.Module], before, after):
+    """Call ``before(name, inputs)`` and ``after(name, output)`` around every module's
+    forward while the block runs."""
+    hooks = []
+    for name, module in modules.items():
+        hooks.append(module.register_forward_pre_hook(lambda _m, i, name=name: before(name, i)))
+        hooks.append(module.register_forward_hook(lambda _m, _i, o, name=name: after(name, o)))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def layer_costs(
+    model: nn.Module,
+    example: torch.Tensor,
+    iterations: int = 20,
+    element_bytes: int | None = None,
+) -> list[dict]:
     """One row per module that does work of its own, in execution order; see the module doc.
+    ``element_bytes`` is the evaluator's: the stored width of a quantized model's tensors.
 
     Example:
         >>> rows = layer_costs(model.eval(), data.example_input(1))
@@ -133,28 +154,21 @@ def layer_costs(model: nn.Module, example: torch.Tensor, iterations: int = 20) -
         """Inclusive amount of ``read()`` (a running counter) per module, one forward."""
         inclusive: dict[str, float] = {}
         start: dict[str, list[float]] = {}
-        hooks = []
-        for name, module in modules.items():
 
-            def pre(_m, inputs, name=name):
-                start.setdefault(name, []).append(read())
-                if name not in positions:
-                    x = first_tensor(inputs)
-                    positions[name] = _positions(x)
+        def before(name, inputs):
+            start.setdefault(name, []).append(read())
+            if name not in positions:
+                positions[name] = _positions(first_tensor(inputs))
 
-            def post(_m, _inputs, output, name=name):
-                inclusive[name] = inclusive.get(name, 0.0) + read() - start[name].pop()
-                if name not in shapes:
-                    order.append(name)
-                    out = first_tensor(output)
-                    shapes[name] = tuple(out.shape) if out is not None else ()
+        def after(name, output):
+            inclusive[name] = inclusive.get(name, 0.0) + read() - start[name].pop()
+            if name not in shapes:
+                order.append(name)
+                out = first_tensor(output)
+                shapes[name] = tuple(out.shape) if out is not None else ()
 
-            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-        try:
+        with _around_modules(modules, before, after):
             model(example)
-        finally:
-            for hook in hooks:
-                hook.remove()
         return inclusive
 
     def exclusive(inclusive: dict[str, float]) -> dict[str, float]:
@@ -167,36 +181,30 @@ def layer_costs(model: nn.Module, example: torch.Tensor, iterations: int = 20) -
         flops_mode = FlopCounterMode(display=False)
         with flops_mode:
             flops = exclusive(measure(flops_mode.get_total_flops))
-        with _MemoryAccess(None) as memory:
+        with _MemoryAccess(element_bytes) as memory:
             bytes_ = exclusive(measure(lambda: memory.total))
         for _ in range(3):
             model(example)
-        hooks = []
         open_labels: dict[str, list] = {}
-        for name, module in modules.items():
 
-            def enter(_m, _i, name=name):
-                label = record_function(LABEL + (name or "(model)"))
-                label.__enter__()
-                open_labels.setdefault(name, []).append(label)
+        def enter(name, _inputs):
+            label = record_function(LABEL + (name or "(model)"))
+            label.__enter__()
+            open_labels.setdefault(name, []).append(label)
 
-            def leave(_m, _i, _o, name=name):
-                open_labels[name].pop().__exit__(None, None, None)
+        def leave(name, _output):
+            open_labels[name].pop().__exit__(None, None, None)
 
-            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-        try:
-            # Two profiled warm-up steps are discarded: the profiler's own first calls are slow.
-            schedule = torch.profiler.schedule(wait=0, warmup=2, active=iterations, repeat=1)
-            with (
-                _quiet_native_stderr(),
-                torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule) as prof,
-            ):
-                for _ in range(iterations + 2):
-                    model(example)
-                    prof.step()
-        finally:
-            for hook in hooks:
-                hook.remove()
+        # Two profiled warm-up steps are discarded: the profiler's own first calls are slow.
+        schedule = torch.profiler.schedule(wait=0, warmup=2, active=iterations, repeat=1)
+        with (
+            _around_modules(modules, enter, leave),
+            _quiet_native_stderr(),
+            torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule) as prof,
+        ):
+            for _ in range(iterations + 2):
+                model(example)
+                prof.step()
     inclusive_us = {
         e.key.removeprefix(LABEL): e.cpu_time_total / iterations
         for e in prof.key_averages()
@@ -264,9 +272,10 @@ def profile_model(
     """
     peaks = machine_peaks(threads)
     compute_dtype = getattr(model, "compute_dtype", "float32")
-    peak = peaks["int8_gops"] if compute_dtype == "int8" else peaks["fp32_gflops"]
+    peak = _peak(peaks, model)
     ridge = peak / peaks["bandwidth_gbs"]
-    rows = layer_costs(getattr(model, "reference_module", model), example, iterations)
+    reference = getattr(model, "reference_module", model)
+    rows = layer_costs(reference, example, iterations, getattr(model, "element_bytes", None))
     for row in rows:
         row["bound"] = "memory" if row["intensity"] < ridge else "compute"
         roof = min(peak, row["intensity"] * peaks["bandwidth_gbs"])
@@ -298,28 +307,52 @@ def profile_model(
     }
 
 
+def _peak(peaks: dict, model: nn.Module) -> float:
+    """The peak that applies to ``model``: INT8 GEMM for INT8 models, else FP32 GEMM."""
+    int8 = getattr(model, "compute_dtype", "float32") == "int8"
+    return peaks["int8_gops"] if int8 else peaks["fp32_gflops"]
+
+
 def summary(model: nn.Module, example: torch.Tensor, gflops_per_s: float, threads: int) -> dict:
     """What every report shows: the whole model's achieved GFLOP/s (from the evaluator's
     p50) as a share of the measured peak, and for eager models the costliest layers."""
-    peaks = machine_peaks(threads)
-    compute_dtype = getattr(model, "compute_dtype", "float32")
-    peak = peaks["int8_gops"] if compute_dtype == "int8" else peaks["fp32_gflops"]
-    out = {"peaks": peaks, "peak_share": gflops_per_s / peak, "layers": None}
     if hasattr(model, "reference_module"):  # compiled: no per-layer timing of what runs
-        return out
+        peaks = machine_peaks(threads)
+        return {"peaks": peaks, "peak_share": gflops_per_s / _peak(peaks, model), "layers": None}
     result = profile_model(model, example, threads, iterations=10)
-    out["ridge_flops_per_byte"] = result["ridge_flops_per_byte"]
-    out["model"] = result["model"]
-    out["layers"] = sorted(result["layers"], key=lambda r: r["time_us"], reverse=True)[:8]
-    return out
+    return {
+        "peaks": result["peaks"],
+        "peak_share": gflops_per_s / _peak(result["peaks"], model),
+        "ridge_flops_per_byte": result["ridge_flops_per_byte"],
+        "model": result["model"],
+        "layers": sorted(result["layers"], key=lambda r: r["time_us"], reverse=True)[:8],
+    }
 
 
-def markdown(result: dict, top: int | None = None) -> str:
-    """The breakdown as a markdown section (the ``top`` most time-consuming rows, or all)."""
+def markdown(result: dict) -> str:
+    """The breakdown as a markdown section."""
+    from compress.report import markdown_table
+
     peaks, whole = result["peaks"], result["model"]
-    rows = result["layers"]
-    if top is not None:
-        rows = sorted(rows, key=lambda r: r["time_us"], reverse=True)[:top]
+    headers = ["layer", "type", "output", "params", "MACs", "bytes", "FLOP/byte", "time share"]
+    headers += ["GFLOP/s", "% of roof", "bound", "downsamples"]
+    rows = [
+        [
+            r["layer"],
+            r["type"],
+            r["output"],
+            f"{r['params']:,}",
+            f"{r['macs']:,}",
+            f"{r['bytes']:,}",
+            f"{r['intensity']:.1f}",
+            f"{100 * r['time_share']:.1f} %",
+            f"{r['gflops']:.2f}",
+            f"{100 * r['roof_share']:.1f} %",
+            r["bound"],
+            "" if r["downsamples"] == 1.0 else f"{r['downsamples']:.0f}x",
+        ]
+        for r in result["layers"]
+    ]
     lines = [
         f"Measured peaks on this machine ({peaks['threads']} threads): FP32 GEMM"
         f" {peaks['fp32_gflops']:.0f} GFLOP/s, INT8 GEMM {peaks['int8_gops']:.0f} GOP/s, copy"
@@ -330,18 +363,8 @@ def markdown(result: dict, top: int | None = None) -> str:
         f" {whole['intensity']:.1f} FLOP/byte.",
         "",
         *([f"Note: {result['note']}.", ""] if result.get("note") else []),
-        "| layer | type | output | params | MACs | bytes | FLOP/byte | time share | GFLOP/s"
-        " | % of roof | bound | downsamples |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(headers, rows),
     ]
-    for r in rows:
-        downsamples = "" if r["downsamples"] == 1.0 else f"{r['downsamples']:.0f}x"
-        lines.append(
-            f"| {r['layer']} | {r['type']} | {r['output']} | {r['params']:,} | {r['macs']:,}"
-            f" | {r['bytes']:,} | {r['intensity']:.1f} | {100 * r['time_share']:.1f} %"
-            f" | {r['gflops']:.2f} | {100 * r['roof_share']:.1f} % | {r['bound']}"
-            f" | {downsamples} |"
-        )
     return "\n".join(lines) + "\n"
 
 

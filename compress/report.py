@@ -89,10 +89,8 @@ class Report:
             f" latency at batch {base.batch_size}; torch {env.get('torch')}, torchao {env.get('torchao')}.",
             "Ratios (x) are against the baseline: below 1 is smaller or faster.",
             "",
-            "| " + " | ".join(headers) + " |",
-            "|" + "---|" * len(headers),
+            *markdown_table(headers, [[r[h] for h in headers] for r in rows]),
         ]
-        out += ["| " + " | ".join(r[h] for h in headers) + " |" for r in rows]
         notes = [f"- **{e.name}**: {n}" for e in self.evaluations for n in e.notes]
         notes += [f"- {n}" for n in self.notes]
         if notes:
@@ -122,13 +120,21 @@ class Report:
                         "",
                         f"{e.name}, the costliest layers (`python -m compress profile` for all):",
                         "",
-                        "| layer | type | output | MACs | FLOP/byte | time share | bound |",
-                        "|---|---|---|---|---|---|---|",
-                    ]
-                    out += [
-                        f"| {r['layer']} | {r['type']} | {r['output']} | {_count(r['macs'])}"
-                        f" | {r['intensity']:.1f} | {100 * r['time_share']:.1f} % | {r['bound']} |"
-                        for r in layers
+                        *markdown_table(
+                            ["layer", "type", "output", "MACs", "FLOP/byte", "time share", "bound"],
+                            [
+                                [
+                                    r["layer"],
+                                    r["type"],
+                                    r["output"],
+                                    _count(r["macs"]),
+                                    f"{r['intensity']:.1f}",
+                                    f"{100 * r['time_share']:.1f} %",
+                                    r["bound"],
+                                ]
+                                for r in layers
+                            ],
+                        ),
                     ]
         for e in self.evaluations:
             layers = e.details.get("layers")
@@ -138,11 +144,10 @@ class Report:
                     "",
                     f"## {e.name}: per layer",
                     "",
-                    "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
-                    "|" + "---|" * len(columns),
-                ]
-                out += [
-                    "| " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |" for r in layers
+                    *markdown_table(
+                        [c.replace("_", " ") for c in columns],
+                        [[_cell(c, r.get(c)) for c in columns] for r in layers],
+                    ),
                 ]
         return "\n".join(out) + "\n"
 
@@ -193,6 +198,19 @@ SUMMARY_COLUMNS = [
 ]
 
 
+_SUMMARY_FORMATS = {
+    "top1": ".2f",
+    "drop_pts": "+.2f",
+    "p50_ms": ".3f",
+    "size_mb": ".2f",
+    "macs_m": ".1f",
+    "p50_x": ".3f",
+    "size_x": ".3f",
+    "macs_x": ".3f",
+    "baseline_top1": ".2f",
+}
+
+
 def summarize(reports: list[Report]) -> list[dict]:
     """One summary row per run (named by its folder), plus, for the Pareto plot, one row per
     distinct baseline (``baseline: True``).
@@ -238,40 +256,39 @@ def write_summary(rows: list[dict], folder: str | Path, title: str = "Experiment
     folder = Path(folder)
     runs = [r for r in rows if not r["baseline"]]
 
-    def cell(value, fmt: str) -> str:
-        return "" if value is None else format(value, fmt)
+    def cell(row: dict, column: str) -> str:
+        value = row[column]
+        return "" if value is None else format(value, _SUMMARY_FORMATS.get(column, "s"))
 
-    formats = {
-        "top1": ".2f",
-        "drop_pts": "+.2f",
-        "p50_ms": ".3f",
-        "size_mb": ".2f",
-        "macs_m": ".1f",
-        "p50_x": ".3f",
-        "size_x": ".3f",
-        "macs_x": ".3f",
-        "baseline_top1": ".2f",
-    }
-    text = {c: (lambda r, c=c: cell(r[c], formats.get(c, "s"))) for c in SUMMARY_COLUMNS}
+    table = [[cell(r, c) for c in SUMMARY_COLUMNS] for r in runs]
     lines = [
         f"# {title}",
         "",
         "One row per run; ratios (x) against that run's own baseline, below 1 is smaller or"
         " faster; drop in points of top-1 on the test split (negative: a gain).",
         "",
-        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
-        "|" + "---|" * len(SUMMARY_COLUMNS),
+        *markdown_table(SUMMARY_COLUMNS, table),
     ]
-    lines += ["| " + " | ".join(text[c](r) for c in SUMMARY_COLUMNS) + " |" for r in runs]
     written = [folder / "summary.md", folder / "summary.csv"]
     write_atomic(written[0], "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SUMMARY_COLUMNS)
-    writer.writerows([[text[c](r) for c in SUMMARY_COLUMNS] for r in runs])
+    writer.writerows(table)
     write_atomic(written[1], buffer.getvalue())
     chart = pareto_chart(rows, folder / "pareto.png")
     return written + ([chart] if chart else [])
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table (cells already formatted as text).
+
+    Example:
+        >>> markdown_table(["a", "b"], [["1", "2"]])
+        ['| a | b |', '|---|---|', '| 1 | 2 |']
+    """
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _cell(column: str, value) -> str:

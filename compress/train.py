@@ -189,7 +189,9 @@ def train(
         )
         correct = seen = 0
         if top1 is not None and top1 > best["top1"]:
-            best = {"top1": top1, "epoch": epoch, "state": _cpu_state(model)}
+            # The weights are copied only where they are used: use_best, or best.pt.
+            keep = config.use_best or checkpoint is not None
+            best = {"top1": top1, "epoch": epoch, "state": _cpu_state(model) if keep else None}
             if checkpoint is not None and distributed.is_main():
                 write_atomic(
                     checkpoint.with_name("best.pt"),

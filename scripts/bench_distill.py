@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--prune-epochs", type=int, default=4)
     parser.add_argument("--only", choices=["student", "pruned"], help="run one comparison")
+    parser.add_argument(
+        "--alpha", type=float, default=None, help="KD weight; default: the recipe's"
+    )
     args = parser.parse_args()
     recipe = compress.load_recipe(args.recipe)
     data = compress.build_data(recipe.data, seed=recipe.seed)
@@ -41,6 +44,8 @@ def main() -> None:
     kd = recipe.stages[0].config
     if args.epochs is not None:
         kd.train.epochs = args.epochs
+    if args.alpha is not None:
+        kd.alpha = args.alpha
     x = data.example_input(1)
     teacher_macs = count_flops(teacher, x) // 2
     top1 = {"teacher": accuracy(teacher, data)[0]}
@@ -49,7 +54,7 @@ def main() -> None:
     if args.only != "pruned":
         _students(recipe, data, teacher, kd, x, teacher_macs, top1)
     if args.only != "student":
-        _pruned(recipe, data, teacher, args.prune_epochs, x, teacher_macs, top1)
+        _pruned(recipe, data, teacher, kd, args.prune_epochs, x, teacher_macs, top1)
 
 
 def _students(recipe, data, teacher, kd, x, teacher_macs, top1) -> None:
@@ -65,7 +70,7 @@ def _students(recipe, data, teacher, kd, x, teacher_macs, top1) -> None:
     )
 
 
-def _pruned(recipe, data, teacher, epochs, x, teacher_macs, top1) -> None:
+def _pruned(recipe, data, teacher, kd, epochs, x, teacher_macs, top1) -> None:
     pruned = compress.prune(teacher, data, method="structured", target_macs=0.5, round_to=8)
     budget = TrainConfig(epochs=epochs, lr=0.02, schedule="cosine")
     torch.manual_seed(recipe.seed)
@@ -74,7 +79,14 @@ def _pruned(recipe, data, teacher, epochs, x, teacher_macs, top1) -> None:
     macs = count_flops(pruned, x) // 2 / teacher_macs
     _line("pruned_fine_tune", top1["pruned_fine_tune"], macs)
     torch.manual_seed(recipe.seed)
-    distilled = compress.distill(pruned, data, teacher=teacher, train=dataclasses.asdict(budget))
+    distilled = compress.distill(
+        pruned,
+        data,
+        teacher=teacher,
+        temperature=kd.temperature,
+        alpha=kd.alpha,
+        train=dataclasses.asdict(budget),
+    )
     top1["pruned_distill"] = accuracy(distilled, data)[0]
     _line("pruned_distill", top1["pruned_distill"], macs)
     _compare(

@@ -15,9 +15,12 @@ gpus=$($python -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 $python scripts/bench_amp.py --device cuda --steps 30 2>"$out/amp.err" | tee "$out/amp.jsonl"
 for recipe in resnet_fp16 resnet_bf16; do
-  $python -m compress run "recipes/$recipe.yaml" --set device=cuda "${set_root[@]}" \
-    --set evaluate.iterations=200 --out "$out/$recipe" > "$out/$recipe.txt" 2>&1
-  echo "$recipe exit $?"; tail -n 8 "$out/$recipe.txt"
+  for batch in 1 256; do  # launch-bound at batch 1; the GPU's arithmetic shows at 256
+    $python -m compress run "recipes/$recipe.yaml" --set device=cuda "${set_root[@]}" \
+      --set evaluate.iterations=200 --set evaluate.latency_batch_size=$batch \
+      --out "$out/$recipe-b$batch" > "$out/$recipe-b$batch.txt" 2>&1
+    echo "$recipe batch $batch exit $?"; tail -n 8 "$out/$recipe-b$batch.txt"
+  done
 done
 $python -m torch.distributed.run --nproc-per-node "$gpus" -m compress run recipes/resnet_distill.yaml \
   --set device=cuda "${set_root[@]}" --set 'stages[0].distill.train.amp=bf16' \

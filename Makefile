@@ -22,7 +22,7 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]' -c constraints.txt
+	$(PY) -m pip install -q -e '.[dev,deploy]' -c constraints.txt
 	touch $(STAMP)
 
 # The real dataset: Debian's package, installed where apt is available and it is missing.

@@ -10,6 +10,7 @@ Example:
     >>> pruned = compress.prune(model, data, method="structured", target_macs=0.5)
     >>> after = compress.evaluate(qmodel, data, baseline=base, name="int8")
     >>> compress.save(qmodel, "out/model"); qmodel = compress.load("out/model")
+    >>> compress.export(qmodel, "out/model.onnx", "onnx", data.example_input(1))
 """
 
 import logging as _logging
@@ -19,6 +20,7 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
 from compress.artifact import load, save  # noqa: E402
 from compress.data import Data, build_data  # noqa: E402
+from compress.deploy import ExportError, export  # noqa: E402
 from compress.distill import distill  # noqa: E402
 from compress.evaluate import Evaluation, evaluate  # noqa: E402
 from compress.factorize import factorize  # noqa: E402
@@ -34,6 +36,7 @@ from compress.train import train  # noqa: E402
 __all__ = [
     "Data",
     "Evaluation",
+    "ExportError",
     "Recipe",
     "RecipeError",
     "Report",
@@ -41,6 +44,7 @@ __all__ = [
     "build_model",
     "distill",
     "evaluate",
+    "export",
     "factorize",
     "load",
     "load_recipe",

@@ -59,6 +59,8 @@ def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None
                 )
             manifest = {"kind": "exported", "file": save_exported(model.eval(), staging, example)}
         manifest["format_version"] = FORMAT_VERSION
+        if example is not None:  # what `compress export` needs to trace the model again
+            manifest.setdefault("input_shape", list(example.shape[1:]))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.replace(staging, path)
     finally:

@@ -1,4 +1,4 @@
-"""The command line: ``python -m compress {run,eval,validate,sensitivity,profile,compare,list}``.
+"""The command line: ``python -m compress {run,eval,validate,sensitivity,profile,compare,export,list}``.
 
 Exit codes: 0 success; 2 a bad recipe, option or path (one line on stderr naming the key,
 the value and what is allowed); 1 a runtime failure (a short explanation, no traceback).
@@ -89,6 +89,22 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace an earlier summary in --out (otherwise refused)",
+    )
+    export = sub.add_parser(
+        "export",
+        help="export a saved model folder to ONNX or OpenVINO IR, checked against torch",
+        description="export a saved model folder to ONNX or OpenVINO IR; the exported file is"
+        " run once and its logits compared with the torch model's before it is kept",
+    )
+    export.add_argument("model", help="a saved model folder (a run's model/ or stageN_*/)")
+    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    export.add_argument(
+        "--out", help="file to write (default: beside the folder, <folder>.onnx or <folder>.xml)"
+    )
+    export.add_argument(
+        "--input-shape",
+        metavar="C,H,W",
+        help="one input's shape, for folders that do not record it (e.g. 1,28,28)",
     )
     sub.add_parser(
         "list",
@@ -259,6 +275,58 @@ def _compare(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from compress.artifact import MANIFEST, load
+    from compress.deploy import FORMATS, ExportError, deployed, deployed_files, export
+
+    folder = Path(args.model)
+    if not (folder / MANIFEST).is_file():
+        raise RecipeError(f"export: {folder}: not a compress model folder (no {MANIFEST} in it)")
+    out = Path(args.out) if args.out else folder.parent / f"{folder.name}{FORMATS[args.format]}"
+    if out.suffix != FORMATS[args.format]:
+        raise RecipeError(
+            f"export: --out {out}: a {args.format} file ends in {FORMATS[args.format]}"
+        )
+    if out.exists():
+        raise RecipeError(f"export: --out {out} exists; compress never overwrites a file")
+    if args.input_shape:
+        try:
+            shape = [int(d) for d in args.input_shape.split(",")]
+        except ValueError:
+            shape = []
+        if not shape or min(shape) < 1:
+            raise RecipeError(
+                f"export: --input-shape {args.input_shape!r}: expected C,H,W as positive"
+                " integers, e.g. 1,28,28"
+            )
+    else:
+        shape = json.loads((folder / MANIFEST).read_text()).get("input_shape")
+        if not shape:
+            raise RecipeError(
+                f"export: {folder} does not record its input shape; pass --input-shape C,H,W"
+            )
+    model = load(folder).cpu()
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    export(model, out, args.format, example)
+    runtime = "onnxruntime" if args.format == "onnx" else "openvino"
+    try:  # checked before it is kept: the runtime loads it and agrees with torch
+        in_runtime = deployed(model, runtime, 1, example, out.parent / out.stem)
+        # An INT8 model's reference graph computes its numbers without compiling kernels.
+        reference = getattr(model, "reference_module", model)
+        with torch.inference_mode():
+            difference = (in_runtime(example) - reference(example).float()).abs().max().item()
+    except ExportError:
+        for file in deployed_files(out):
+            file.unlink(missing_ok=True)
+        raise
+    print(f"written: {out} ({runtime} max |logit difference| from torch: {difference:.3g})")
+    return 0
+
+
 def _list(args) -> int:
     from compress.data import DATASETS
     from compress.models import torchvision_models
@@ -281,4 +349,5 @@ _COMMANDS = {
     "validate": _validate,
     "sensitivity": _sensitivity,
     "list": _list,
+    "export": _export,
 }

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compress import distributed
 from compress.data import Data
+from compress.deploy import ExportError, available_runtimes, deployed, deployed_files
 from compress.recipe import EvaluateConfig
 
 # A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
@@ -58,6 +59,11 @@ class Evaluation:
     details: dict = field(
         default_factory=dict
     )  # what the stage reports itself (per-layer tables, ...)
+    # Where `latency_ms` was measured: the fastest of the runtimes below.
+    runtime: str = "torch"
+    # runtime -> {latency_ms, accuracy_top1, accuracy_drop_points, max_abs_diff (logits vs
+    # torch), precision, file, size_bytes}; "torch" is the model as model(x) runs it.
+    runtimes: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,11 +77,14 @@ def evaluate(
     name: str = "model",
     artifact: str | Path | None = None,
     device: str = "cpu",
+    deploy_to: str | Path | None = None,
 ) -> Evaluation:
     """Measure ``model`` on ``data``; compare with ``baseline`` when given.
 
     ``artifact`` is the saved model's folder or file; without it the model is saved to a
-    temporary folder to measure its size.
+    temporary folder to measure its size. ``deploy_to`` is a path stem for the exported
+    files (``<stem>.onnx``, ``<stem>.xml``/``.bin``); without it they go to a temporary
+    folder. The headline latency is the fastest runtime's (``result.runtime``).
 
     Example:
         >>> base = evaluate(model, data, name="baseline")
@@ -109,6 +118,20 @@ def evaluate(
     top1 = top5 = None
     if config.accuracy:
         top1, top5 = accuracy(model, data, device)
+    runtimes = {"torch": {"latency_ms": latency, "accuracy_top1": top1}}
+    wanted = config.runtimes if config.runtimes is not None else available_runtimes()
+    others = [r for r in wanted if r != "torch"]
+    if others and main and device == "cpu":
+        runtimes.update(
+            measure_runtimes(
+                model, data, config, others, threads, deploy_to, notes, config.accuracy
+            )
+        )
+    elif others and main:
+        notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
+    candidates = [r for r in runtimes if r in wanted] or ["torch"]
+    best = min(candidates, key=lambda r: runtimes[r]["latency_ms"]["p50"])
+    latency = runtimes[best]["latency_ms"]
     p50_s = latency["p50"] / 1e3
     result = Evaluation(
         name=name,
@@ -128,6 +151,8 @@ def evaluate(
         accuracy_top5=top5,
         notes=notes,
         details=dict(getattr(model, "stage_details", {})),
+        runtime=best,
+        runtimes=runtimes,
     )
     if config.profile and main and device == "cpu":
         from compress.profile import summary
@@ -139,20 +164,84 @@ def evaluate(
 
 
 def compare(result: Evaluation, baseline: Evaluation, not_faster_reason: str | None = None) -> None:
-    """Fill in the accuracy drop and the plain-words notes against the baseline."""
+    """Fill in the accuracy drop and the plain-words notes against the baseline.
+
+    Latency compares best deployment with best deployment (each one's fastest runtime);
+    each runtime's top-1 is compared with the baseline's in the same runtime.
+    """
     if result.accuracy_top1 is not None and baseline.accuracy_top1 is not None:
         points = baseline.accuracy_top1 - result.accuracy_top1
         result.accuracy_drop = {
             "points": points,
             "percent": 100.0 * points / max(baseline.accuracy_top1, 1e-9),
         }
+    for name, row in result.runtimes.items():
+        base_top1 = baseline.runtimes.get(name, {}).get("accuracy_top1")
+        if row.get("accuracy_top1") is not None and base_top1 is not None:
+            row["accuracy_drop_points"] = base_top1 - row["accuracy_top1"]
     ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
     if ratio >= NOT_FASTER_RATIO:
         reason = f"; {not_faster_reason}" if not_faster_reason else ""
         result.notes.append(
-            f"not faster than the baseline on this machine: p50 is {ratio:.2f}x"
-            f" the baseline's at batch {result.batch_size}, {result.threads} threads{reason}"
+            f"not faster than the baseline on this machine: p50 in {result.runtime} is"
+            f" {ratio:.2f}x the baseline's in {baseline.runtime} (each at its fastest) at"
+            f" batch {result.batch_size}, {result.threads} threads{reason}"
         )
+
+
+def measure_runtimes(
+    model: nn.Module,
+    data: Data,
+    config: EvaluateConfig,
+    runtimes: list[str],
+    threads: int,
+    deploy_to: str | Path | None,
+    notes: list[str],
+    with_accuracy: bool = True,
+) -> dict[str, dict]:
+    """Latency (and top-1 on the test split) of ``model`` in each runtime of ``runtimes``.
+
+    Each deployment's logits are checked against the torch model's on the latency batch
+    (``max_abs_diff``). A runtime the model cannot reach gets one line in ``notes``.
+    """
+    import shutil
+
+    batch = data.example_input(config.latency_batch_size)
+    with torch.inference_mode():
+        expected = model(batch).float()
+    folder = Path(tempfile.mkdtemp(prefix="compress-deploy-")) if deploy_to is None else None
+    rows = {}
+    try:
+        for runtime in runtimes:
+            if runtime == "inductor" and getattr(model, "compiles_itself", False):
+                continue  # the torch row already is the compiled model
+            stem = Path(deploy_to) if deploy_to is not None else folder / "model"
+            try:
+                module = deployed(model, runtime, threads, batch, stem)
+                latency = measure_latency(module, batch, config.warmup, config.iterations)
+                with torch.inference_mode():
+                    difference = (module(batch).float() - expected).abs().max().item()
+                top1 = None
+                if with_accuracy and runtime != "inductor":  # inductor: torch's numbers
+                    top1 = accuracy(module, data, "cpu", shard=False)[0]
+            except ExportError as error:
+                notes.append(f"not measured in {runtime}: {error}")
+                continue
+            row = {
+                "latency_ms": latency,
+                "accuracy_top1": top1,
+                "max_abs_diff": difference,
+                "precision": getattr(module, "precision", "as in torch"),
+            }
+            if hasattr(module, "file"):
+                files = deployed_files(module.file)
+                row["file"] = module.file.name if deploy_to is not None else None
+                row["size_bytes"] = sum(f.stat().st_size for f in files)
+            rows[runtime] = row
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return rows
 
 
 def set_threads(threads: int | None) -> int:
@@ -260,23 +349,25 @@ def measure_latency(
 
 
 def accuracy(
-    model: nn.Module, data: Data, device: str = "cpu", split: str = "test"
+    model: nn.Module, data: Data, device: str = "cpu", split: str = "test", shard: bool = True
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) on a split (the test split by default).
 
     Under torchrun each rank counts its own share and the counts are summed, so every
-    image counts once whatever the number of processes.
+    image counts once whatever the number of processes; ``shard=False`` counts the whole
+    split in this process alone (no collective).
     """
     top1 = top5 = seen = 0
     with torch.inference_mode():
-        for images, labels in data.loader(split, shard=True):
+        for images, labels in data.loader(split, shard=shard):
             logits = model(images.to(device)).float()
             labels = labels.to(device)
             best = logits.topk(min(5, logits.shape[1]), dim=1).indices
             top1 += (best[:, 0] == labels).sum().item()
             top5 += (best == labels[:, None]).any(dim=1).sum().item()
             seen += labels.numel()
-    top1, top5, seen = distributed.sum_across_ranks(top1, top5, seen)
+    if shard:
+        top1, top5, seen = distributed.sum_across_ranks(top1, top5, seen)
     return 100.0 * top1 / seen, 100.0 * top5 / seen
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from compress import artifact, distributed
 from compress.artifact import write_atomic
 from compress.data import Data, build_data
+from compress.deploy import RUNTIMES, available_runtimes
 from compress.distill import distill
 from compress.evaluate import Evaluation, environment, evaluate
 from compress.factorize import factorize
@@ -99,6 +100,13 @@ def run(
         model = baseline = baseline_model(recipe, data, device)
         report = Report(recipe.name, environment(device))
         report.environment["processes"] = distributed.world_size()
+        missing = [r for r in RUNTIMES if r not in available_runtimes()]
+        if recipe.evaluate.runtimes is None and missing:  # said once per run, not per step
+            report.notes.append(
+                f"{', '.join(missing)} not installed: measured in PyTorch only"
+                " (pip install 'compress[deploy]' to measure where models are deployed)"
+            )
+            log.warning(report.notes[-1])
         _, base = _evaluated(run_dir, "baseline", lambda: (model, None), recipe, data, device, None)
         report.evaluations.append(base)
         report.environment["threads"] = base.threads
@@ -117,7 +125,7 @@ def run(
                 log.info(
                     "stage %d done in %.1f s; evaluating", index, time.perf_counter() - started
                 )
-                saved = artifact.save(model, folder) if main else None
+                saved = artifact.save(model, folder, data.example_input(2)) if main else None
                 distributed.barrier()
                 return model, saved
 
@@ -156,8 +164,16 @@ def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", 
     log.info("evaluating %s", name)
     # Without a saved model (the baseline) the size is measured on a temporary copy: the run
     # keeps only new models.
+    # A stage's deployable files sit beside its model folder (model.onnx, model.xml/.bin).
     evaluation = evaluate(
-        model, data, recipe.evaluate, baseline=base, name=name, artifact=saved, device=device
+        model,
+        data,
+        recipe.evaluate,
+        baseline=base,
+        name=name,
+        artifact=saved,
+        device=device,
+        deploy_to=folder,
     )
     if distributed.is_main():
         write_atomic(record, json.dumps(evaluation.to_dict(), indent=1))

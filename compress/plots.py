@@ -91,7 +91,7 @@ def pareto_chart(rows: list[dict], path: str | Path) -> Path | None:
         axis.step(xs, ys, where="post", color="tab:green", label="Pareto front")
         axis.legend(loc="lower right")
     axis.set_xscale("log")
-    axis.set_xlabel("p50 latency (ms, log scale)")
+    axis.set_xlabel("p50 latency (ms, log scale; each model in its fastest runtime)")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_title("accuracy against latency (marker area: artifact size; star: baseline)")
     return _save(fig, plt, Path(path))

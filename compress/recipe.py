@@ -334,6 +334,12 @@ class EvaluateConfig:
     max_accuracy_drop: float | None = field(default=None, metadata=_range(0.0))  # points
     # Per-layer cost breakdown against this machine's measured peaks (report.md section).
     profile: bool = True
+    # Where latency and top-1 are measured; the headline latency is the fastest of them, so
+    # every ratio compares best deployment with best deployment. torch: the model as
+    # `model(x)` runs it (eager float; INT8 compiles itself); inductor: torch.compile with
+    # freezing; onnxruntime / openvino: exported and run there (compress[deploy]).
+    # None: every installed one.
+    runtimes: list[Literal["torch", "inductor", "onnxruntime", "openvino"]] | None = None
 
 
 @dataclass

@@ -57,11 +57,13 @@ class Report:
                     "MACs": f"{_count(e.macs)} {e.compute_dtype}",
                     "MACs x": _ratio(e.macs, base.macs),
                     "mem access MB": f"{e.memory_access_bytes / 1e6:.2f}",
+                    "runtime": e.runtime,
                     "p50 ms": f"{e.latency_ms['p50']:.3f}",
                     "p90 ms": f"{e.latency_ms['p90']:.3f}",
                     "p99 ms": f"{e.latency_ms['p99']:.3f}",
                     "p50 x": _ratio(e.latency_ms["p50"], base.latency_ms["p50"]),
                     "img/s": f"{e.throughput_per_s:.0f}",
+                    "torch p50 ms": _num(_runtime_p50(e, "torch"), ".3f"),
                 }
             )
         return rows
@@ -87,10 +89,14 @@ class Report:
             "",
             f"Measured on {env.get('cpu')} ({env.get('device')}), {base.threads} threads,"
             f" latency at batch {base.batch_size}; torch {env.get('torch')}, torchao {env.get('torchao')}.",
-            "Ratios (x) are against the baseline: below 1 is smaller or faster.",
+            "Ratios (x) are against the baseline: below 1 is smaller or faster. Latency is"
+            " each model's fastest runtime (named), so p50 x compares best deployment with"
+            " best deployment; `torch p50 ms` is the model as PyTorch runs it uncompiled"
+            " (INT8 models compile themselves), for reference.",
             "",
             *markdown_table(headers, [[r[h] for h in headers] for r in rows]),
         ]
+        out += self._runtime_section()
         notes = [f"- **{e.name}**: {n}" for e in self.evaluations for n in e.notes]
         notes += [f"- {n}" for n in self.notes]
         if notes:
@@ -151,6 +157,50 @@ class Report:
                 ]
         return "\n".join(out) + "\n"
 
+    def _runtime_section(self) -> list[str]:
+        """Each model in each runtime: latency, top-1 and its drop against the baseline in
+        the same runtime, the largest logit difference from torch, the deployed file."""
+        rows = [
+            [
+                e.name,
+                name,
+                f"{r['latency_ms']['p50']:.3f}",
+                _ratio(r["latency_ms"]["p50"], self.baseline.latency_ms["p50"]),
+                _num(r.get("accuracy_top1"), ".2f"),
+                _num(r.get("accuracy_drop_points"), "+.2f"),
+                _num(r.get("max_abs_diff"), ".2g"),
+                str(r.get("precision", "")),
+                f"{r['file']} ({r['size_bytes'] / 1e6:.2f} MB)" if r.get("file") else "",
+            ]
+            for e in self.evaluations
+            for name, r in e.runtimes.items()
+        ]
+        if len(rows) <= len(self.evaluations):  # torch alone: the main table says it all
+            return []
+        return [
+            "",
+            "## Per runtime",
+            "",
+            "p50 x is against the baseline's fastest runtime; the drop is against the baseline"
+            " in the same runtime; max |Δ| is the largest logit difference from the torch model"
+            " on the latency batch.",
+            "",
+            *markdown_table(
+                [
+                    "step",
+                    "runtime",
+                    "p50 ms",
+                    "p50 x",
+                    "top-1 %",
+                    "drop pts",
+                    "max |Δ|",
+                    "precision",
+                    "file",
+                ],
+                rows,
+            ),
+        ]
+
     def write(self, folder: str | Path) -> None:
         """Write ``report.json``, ``report.md`` and (for a chain of stages) ``chain.png``,
         the accuracy and latency after each step, embedded in ``report.md``."""
@@ -189,6 +239,7 @@ SUMMARY_COLUMNS = [
     "top1",
     "drop_pts",
     "p50_ms",
+    "runtime",
     "size_mb",
     "macs_m",
     "p50_x",
@@ -228,6 +279,7 @@ def summarize(reports: list[Report]) -> list[dict]:
                 "top1": final.accuracy_top1,
                 "drop_pts": final.accuracy_drop["points"] if final.accuracy_drop else None,
                 "p50_ms": final.latency_ms["p50"],
+                "runtime": final.runtime,
                 "size_mb": final.size_bytes / 1e6,
                 "macs_m": final.macs / 1e6,
                 "p50_x": final.latency_ms["p50"] / base.latency_ms["p50"],
@@ -298,6 +350,11 @@ def _cell(column: str, value) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and column != "bits":
         return _count(value)
     return str(value)
+
+
+def _runtime_p50(e: Evaluation, runtime: str) -> float | None:
+    row = e.runtimes.get(runtime)
+    return row["latency_ms"]["p50"] if row else None
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -142,6 +142,8 @@ def share(model: nn.Module, data: Data, config: ShareConfig | None = None, **opt
     model = model.cpu()
     for module in shared:  # plain weights again, every value on its layer's codebook
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    # The centroids' gradients would stay behind on the new weights with the wrong shape.
+    model.zero_grad(set_to_none=True)
     modules = dict(model.named_modules())
     for row in rows:
         row["unique_values"] = int(torch.unique(modules[row["layer"]].weight.detach()).numel())

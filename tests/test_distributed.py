@@ -47,7 +47,7 @@ def test_recipe_runs_under_torchrun_with_one_writer(tmp_path):
         "name: ddp\nmodel: {name: 'compress.models:mlp', kwargs: {hidden: 64}}\n"
         "data: {train_subset: 1024, test_subset: 501, calibration_size: 200, batch_size: 32}\n"
         "train: {epochs: 1, lr: 0.05}\n"
-        "evaluate: {warmup: 1, iterations: 5, threads: 1}\n"
+        "evaluate: {warmup: 1, iterations: 5, threads: 1, runtimes: [torch]}\n"
         "stages:\n"
         "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 1, lr: 0.01}}\n"
         "  - quantize: {method: int8_static, calibration_batches: 1}\n"

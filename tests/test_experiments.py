@@ -17,7 +17,7 @@ TINY = (
     "name: {name}\nmodel: {{name: 'tests.tiny:tiny_cnn'}}\n"
     "data: {{train_subset: 1000, test_subset: 300, calibration_size: 300}}\n"
     "train: {{max_steps: 15, lr: 0.1}}\n"
-    "evaluate: {{warmup: 1, iterations: 5}}\n"
+    "evaluate: {{warmup: 1, iterations: 5, runtimes: [torch]}}\n"
     "stages: [{stage}]\n"
 )
 
@@ -90,11 +90,15 @@ def test_python_api_chains_like_the_recipe(tmp_path):
     torch.manual_seed(0)
     teacher = compress.build_model("tests.tiny:tiny_cnn", data=data)
     teacher = compress.train(teacher, data, {"epochs": 0, "max_steps": 40, "lr": 0.1})
-    base = compress.evaluate(teacher, data, {"warmup": 1, "iterations": 5}, name="baseline")
+    base = compress.evaluate(
+        teacher, data, {"warmup": 1, "iterations": 5, "runtimes": ["torch"]}, name="baseline"
+    )
     model = compress.prune(teacher, data, method="structured", target_macs=0.5)
     model = compress.distill(model, data, teacher=teacher, train={"epochs": 0, "max_steps": 20})
     model = compress.quantize(model, data, method="int8_static", calibration_batches=1)
-    report = compress.evaluate(model, data, {"warmup": 1, "iterations": 5}, baseline=base)
+    report = compress.evaluate(
+        model, data, {"warmup": 1, "iterations": 5, "runtimes": ["torch"]}, baseline=base
+    )
     assert report.macs <= 0.5 * base.macs and report.compute_dtype == "int8"
     assert report.accuracy_drop is not None and report.accuracy_top1 > 30
     compress.save(model, tmp_path / "model")

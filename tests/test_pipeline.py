@@ -27,6 +27,8 @@ EVALUATION_KEYS = {
     "accuracy_drop",
     "notes",
     "details",
+    "runtime",
+    "runtimes",
 }
 REDUCED = [
     "--set",
@@ -61,7 +63,27 @@ def test_headline_command_end_to_end(tmp_path):
         assert evaluation["batch_size"] == 1 and evaluation["macs"] > 0
     assert base["accuracy_drop"] is None and set(int8["accuracy_drop"]) == {"points", "percent"}
     assert int8["compute_dtype"] == "int8" and int8["size_bytes"] < 0.3 * base["size_bytes"]
-    for name in ("report.md", "recipe.yaml", "run.log", "model/manifest.json"):
+    # Like for like: each row's headline is its fastest runtime, the baseline's included,
+    # and the deployed INT8 files score in every runtime as the torch model does.
+    for evaluation in (base, int8):
+        runtimes = evaluation["runtimes"]
+        assert {"torch", "onnxruntime", "openvino"} <= set(runtimes)
+        fastest = min(runtimes, key=lambda r: runtimes[r]["latency_ms"]["p50"])
+        assert evaluation["runtime"] == fastest
+        assert evaluation["latency_ms"] == runtimes[fastest]["latency_ms"]
+    assert "inductor" in base["runtimes"] and "inductor" not in int8["runtimes"]
+    for name in ("onnxruntime", "openvino"):
+        assert abs(int8["runtimes"][name]["accuracy_top1"] - int8["accuracy_top1"]) <= 0.4
+        assert int8["runtimes"][name]["size_bytes"] < 0.3 * base["size_bytes"]
+    for name in (
+        "report.md",
+        "recipe.yaml",
+        "run.log",
+        "model/manifest.json",
+        "model.onnx",
+        "model.xml",
+        "model.bin",
+    ):
         assert (out / name).is_file(), name
     assert "| baseline |" in (out / "report.md").read_text()
     assert load(out / "model").param_counts[0] == base["params"]
@@ -121,7 +143,7 @@ def test_prune_distill_quantize_chain_end_to_end(tmp_path):
         "name: chain\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
         "data: {train_subset: 2000, test_subset: 500, calibration_size: 500}\n"
         "train: {max_steps: 40, lr: 0.1}\n"
-        "evaluate: {warmup: 2, iterations: 10}\n"
+        "evaluate: {warmup: 2, iterations: 10, runtimes: [torch]}\n"
         "stages:\n"
         "  - prune: {method: structured, ratio: 0.3}\n"
         "  - distill: {train: {epochs: 0, max_steps: 20, lr: 0.05}}\n"
@@ -160,7 +182,7 @@ CHAIN = (
     "name: chain\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
     "data: {train_subset: 640, test_subset: 200, calibration_size: 200, batch_size: 64}\n"
     "train: {max_steps: 20, lr: 0.1}\n"
-    "evaluate: {warmup: 1, iterations: 3}\n"
+    "evaluate: {warmup: 1, iterations: 3, runtimes: [torch]}\n"
     "stages:\n"
     "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 2, lr: 0.01}}\n"
     "  - distill: {train: {epochs: 2, lr: 0.05}}\n"
@@ -209,7 +231,7 @@ def test_resume_refuses_another_recipe_or_a_finished_run(tmp_path):
     recipe.write_text(
         "name: r\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
         "data: {name: synthetic, synthetic_channels: 1, synthetic_size: 32, calibration_size: 16}\n"
-        "evaluate: {accuracy: false, warmup: 1, iterations: 2}\n"
+        "evaluate: {accuracy: false, warmup: 1, iterations: 2, runtimes: [torch]}\n"
     )
     out = tmp_path / "run"
     assert run_cli("run", str(recipe), "--out", str(out)).returncode == 0

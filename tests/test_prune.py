@@ -9,7 +9,7 @@ from compress.models import build_model
 from compress.prune import PRUNABLE, prune
 from compress.recipe import ModelConfig, RecipeError, parse_recipe
 
-FAST_EVAL = EvaluateConfig(warmup=2, iterations=10)
+FAST_EVAL = EvaluateConfig(warmup=2, iterations=10, runtimes=["torch"])
 
 
 def _model(name="resnet18", classes=10):
@@ -131,7 +131,7 @@ def test_fine_tune_recovers_accuracy_on_real_data(trained_tiny, fmnist):
         ignore=["13"],
         fine_tune={"epochs": 1, "lr": 0.02},
     )
-    config = EvaluateConfig(warmup=1, iterations=3)
+    config = EvaluateConfig(warmup=1, iterations=3, runtimes=["torch"])
     before = evaluate(cut, fmnist, config).accuracy_top1
     after = evaluate(tuned, fmnist, config).accuracy_top1
     assert after > before + 2.0, (before, after)

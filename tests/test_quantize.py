@@ -9,7 +9,7 @@ from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
 from compress.quantize import QUANTIZE_METHODS, QuantizationError, quantize
 
 pytestmark = pytest.mark.slow
-FAST_EVAL = EvaluateConfig(warmup=3, iterations=20)
+FAST_EVAL = EvaluateConfig(warmup=3, iterations=20, runtimes=["torch"])
 
 
 @pytest.fixture(scope="module")

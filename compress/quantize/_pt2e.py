@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
+from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 from tqdm import tqdm
 
 from compress import distributed
@@ -51,6 +52,7 @@ class QuantizedModel(nn.Module):
     compute_dtype = "int8"
     element_bytes = 1  # int8 weights and activations
     cpu_only = True  # oneDNN INT8 kernels: the evaluator feeds it CPU tensors
+    compiles_itself = True  # forward runs inductor already: no separate "inductor" runtime
 
     def __init__(
         self,
@@ -197,10 +199,9 @@ def quantize_graph(
     """
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     param_counts = count_params(model)
-    quantizer = xiq.X86InductorQuantizer()
+    quantizer = DeployableX86Quantizer()
     if mode == "dynamic":
         # Dynamic quantization pays off for Linear (and recurrent) layers only.
         quantizer.set_module_type_qconfig(nn.Linear, quantization_config(config, mode))
@@ -228,6 +229,30 @@ def quantize_graph(
     return QuantizedModel(converted, param_counts, notes, dynamic=mode == "dynamic")
 
 
+class DeployableX86Quantizer(xiq.X86InductorQuantizer):
+    """torchao's X86 quantizer, plus quantized inputs on both sides of a residual add.
+
+    For ``conv → add`` torchao leaves the convolution's output in float, because inductor
+    fuses the add into the INT8 convolution. ONNX Runtime and OpenVINO fuse only what sits
+    between DequantizeLinear and QuantizeLinear, so with a float input the convolution
+    and the add run in float there. Observing that input too (as ONNX Runtime's and NNCF's
+    own quantizers do) gives one graph that every runtime runs in INT8.
+    """
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = super().annotate(model)
+        adds = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+        for node in model.graph.nodes:
+            annotation = node.meta.get("quantization_annotation")
+            if node.target not in adds or annotation is None or not annotation.input_qspec_map:
+                continue
+            spec = next(iter(annotation.input_qspec_map.values()))
+            for arg in node.args[:2]:
+                if isinstance(arg, torch.fx.Node) and arg not in annotation.input_qspec_map:
+                    annotation.input_qspec_map[arg] = spec
+        return model
+
+
 def quantization_config(config: QuantizeConfig, mode: str):
     """torchao's x86 QuantizationConfig with the recipe's observer, symmetry and granularity.
 
@@ -241,7 +266,6 @@ def quantization_config(config: QuantizeConfig, mode: str):
         MovingAverageMinMaxObserver,
     )
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     reduce_range = not _has_vnni()
     default = xiq.get_default_x86_inductor_quantization_config(

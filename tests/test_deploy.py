@@ -1,0 +1,177 @@
+"""Deployment: every stage's output exports to ONNX and OpenVINO and runs there as in torch;
+INT8 exports in the QDQ form ONNX Runtime fuses into integer kernels; the evaluator's
+headline is the fastest runtime; what cannot export says so in one line."""
+
+import collections
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from compress import deploy
+from compress.artifact import save
+from compress.deploy import ExportError, deployed, export
+from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
+from compress.models import build_model
+from compress.pipeline import STAGES
+from compress.quantize import quantize
+from compress.recipe import ModelConfig, RecipeError, parse_recipe, parse_stage_options
+from tests.conftest import run_cli
+from tests.test_stages import QUICK
+
+# Per stage kind (the quantize methods listed apart): the SQNR floor (dB) of the runtime's
+# logits against torch's. Float exports agree to rounding; INT8 runtimes round activations
+# their own way at a few places, OpenVINO runs float models in bf16 on AMX CPUs.
+KINDS = {
+    **{kind: (QUICK[kind], 25.0) for kind in STAGES if kind != "quantize"},
+    "quantize:int8_static": ({"method": "int8_static", "calibration_batches": 2}, 20.0),
+    "quantize:int8_dynamic": ({"method": "int8_dynamic"}, 25.0),
+    "quantize:fp16": ({"method": "fp16"}, 25.0),
+    "quantize:int4_weight_only": ({"method": "int4_weight_only", "group_size": 32}, 25.0),
+}
+
+
+def _stage(kind, model, data):
+    stage = kind.split(":")[0]
+    context = {"teacher": model} if stage == "distill" else {}
+    return STAGES[stage](model, data, parse_stage_options(stage, KINDS[kind][0]), **context)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_stage_kind_runs_in_each_runtime_as_in_torch(kind, trained_tiny, fmnist, tmp_path):
+    model = _stage(kind, trained_tiny, fmnist)
+    images = fmnist.example_input(64)
+    with torch.inference_mode():
+        expected = model(images).float()
+    for runtime in ("onnxruntime", "openvino"):  # OpenVINO converts the same ONNX file
+        in_runtime = deployed(model, runtime, 1, images[:2], tmp_path / "model")
+        with torch.inference_mode():
+            got = in_runtime(images)
+        assert got.shape == expected.shape  # the batch dimension stays dynamic
+        assert sqnr_db(expected, got) >= KINDS[kind][1], runtime
+        assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95, runtime
+
+
+def test_int8_exports_as_qdq_that_onnxruntime_fuses(trained_tiny, fmnist, tmp_path):
+    int8 = quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=2)
+    path = export(int8, tmp_path / "model.onnx", "onnx", fmnist.example_input(2))
+    graph = onnx.load(str(path)).graph
+    producers = {out: n.op_type for n in graph.node for out in n.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 4
+    for node in convs:  # input, int8 weight and int32 bias all dequantized
+        assert [producers.get(name) for name in node.input] == ["DequantizeLinear"] * 3
+    weights = {i.name: i.data_type for i in graph.initializer}
+    assert onnx.TensorProto.INT8 in weights.values() and onnx.TensorProto.INT32 in weights.values()
+    assert onnx.TensorProto.FLOAT not in {
+        weights[n.input[0]]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in weights
+    }
+    # ONNX Runtime's own optimiser turns every Conv/Gemm into an integer kernel.
+    ops = _ops_onnxruntime_runs(path, tmp_path)
+    assert ops["Conv"] == ops["Gemm"] == 0
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] + ops["QLinearMatMul"] == 1
+
+
+def test_dynamic_int8_exports_in_onnxruntimes_dynamic_form(fmnist, tmp_path):
+    torch.manual_seed(0)
+    mlp = build_model(ModelConfig(name="compress.models:mlp", kwargs={"hidden": 64}), 10, 1)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in mlp.modules())
+    int8 = quantize(mlp.eval(), fmnist, method="int8_dynamic")
+    path = export(int8, tmp_path / "m.onnx", "onnx", fmnist.example_input(2))
+    exported = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert exported["MatMulInteger"] == exported["DynamicQuantizeLinear"] == linears
+    assert exported["Gemm"] == 0  # no float matmul left beside the integer ones
+    assert _ops_onnxruntime_runs(path, tmp_path)["DynamicQuantizeMatMul"] == linears
+    images = fmnist.example_input(32)
+    with torch.inference_mode():  # the same arithmetic as torch's dynamic INT8 graph
+        expected = int8.reference_module(images)
+    got = deployed(int8, "onnxruntime", 1, images, tmp_path / "m")(images)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def _ops_onnxruntime_runs(path, folder) -> collections.Counter:
+    """Op types of the graph ONNX Runtime executes after its own fusions."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    return collections.Counter(n.op_type for n in optimized.graph.node)
+
+
+def test_evaluator_headline_is_the_fastest_runtime_and_each_runtime_is_scored(
+    trained_tiny, fmnist, tmp_path
+):
+    config = EvaluateConfig(warmup=2, iterations=20, runtimes=["torch", "onnxruntime", "openvino"])
+    result = evaluate(trained_tiny, fmnist, config, name="m", deploy_to=tmp_path / "m")
+    assert set(result.runtimes) == {"torch", "onnxruntime", "openvino"}
+    fastest = min(result.runtimes, key=lambda r: result.runtimes[r]["latency_ms"]["p50"])
+    assert result.runtime == fastest and result.latency_ms == result.runtimes[fastest]["latency_ms"]
+    for name in ("onnxruntime", "openvino"):
+        row = result.runtimes[name]
+        assert abs(row["accuracy_top1"] - result.accuracy_top1) <= 0.5  # on 2,000 real images
+        assert row["max_abs_diff"] < 0.5 and row["size_bytes"] > 0
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.xml").is_file()
+    assert (tmp_path / "m.bin").is_file()  # the IR's weights beside it
+
+
+def test_missing_deploy_extra_measures_in_torch_and_says_so(trained_tiny, fmnist, monkeypatch):
+    real = deploy.importlib.util.find_spec
+    monkeypatch.setattr(
+        deploy.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "openvino" else real(name, *a),
+    )
+    assert "openvino" not in deploy.available_runtimes()
+    config = EvaluateConfig(warmup=1, iterations=3, runtimes=["torch", "openvino"], profile=False)
+    result = evaluate(trained_tiny, fmnist, config, name="m")
+    assert set(result.runtimes) == {"torch"} and result.runtime == "torch"
+    assert any("not measured in openvino" in n and "openvino missing" in n for n in result.notes)
+    with pytest.raises(ExportError, match="compress\\[deploy\\]"):
+        export(trained_tiny, "unused.xml", "openvino", fmnist.example_input(2))
+
+
+def test_unknown_runtime_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="evaluate.runtimes\\[0\\].*tensorrt.*onnxruntime"):
+        parse_recipe({"evaluate": {"runtimes": ["tensorrt"]}})
+
+
+def test_export_command_writes_once_and_checks_the_file(trained_tiny, fmnist, tmp_path):
+    folder = save(
+        quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=1),
+        tmp_path / "model",
+        fmnist.example_input(2),
+    )
+    assert json.loads((folder / "manifest.json").read_text())["input_shape"] == [1, 28, 28]
+    done = run_cli("export", str(folder), "--format", "openvino")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "model.xml").is_file() and (tmp_path / "model.bin").is_file()
+    assert "max |logit difference| from torch" in done.stdout
+    again = run_cli("export", str(folder), "--format", "openvino")
+    assert again.returncode == 2 and "never overwrites" in again.stderr
+    missing = run_cli("export", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "not a compress model folder" in missing.stderr
+
+
+class _DataDependent(torch.nn.Module):
+    """Control flow on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(784, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.linear(x.flatten(1))
+        return -self.linear(x.flatten(1))
+
+
+def test_unexportable_model_is_one_line(fmnist, tmp_path):
+    with pytest.raises(ExportError) as error:
+        export(_DataDependent(), tmp_path / "m.onnx", "onnx", fmnist.example_input(2))
+    assert "_DataDependent does not export to ONNX" in str(error.value)
+    assert "\n" not in str(error.value) and not (tmp_path / "m.onnx").exists()

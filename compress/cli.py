@@ -329,6 +329,7 @@ def _export(args) -> int:
 
 def _list(args) -> int:
     from compress.data import DATASETS
+    from compress.deploy import RUNTIMES, missing_runtimes
     from compress.models import torchvision_models
     from compress.recipe import STAGE_METHOD_OPTIONS
 
@@ -336,6 +337,15 @@ def _list(args) -> int:
     for stage, methods in STAGE_METHOD_OPTIONS.items():
         print(f"  {stage}: {', '.join(sorted(methods))}")
     print(f"datasets: {', '.join(DATASETS)}")
+    missing = missing_runtimes()
+    print(
+        f"runtimes: {', '.join(RUNTIMES)}"
+        + (
+            f" ({', '.join(missing)} not installed: pip install 'compress[deploy]')"
+            if missing
+            else ""
+        )
+    )
     print("models: any 'package.module:factory', or a torchvision classification model:")
     print("  " + ", ".join(torchvision_models()))
     return 0

@@ -56,6 +56,11 @@ def available_runtimes() -> list[str]:
     ]
 
 
+def missing_runtimes() -> list[str]:
+    """The runtimes of :data:`RUNTIMES` whose packages are not installed."""
+    return [r for r in RUNTIMES if missing_packages(r)]
+
+
 def missing_packages(runtime: str) -> list[str]:
     return [p for p in _RUNTIME_PACKAGES.get(runtime, ()) if importlib.util.find_spec(p) is None]
 
@@ -143,21 +148,29 @@ def deployed(
     missing = missing_packages(runtime)
     if missing:
         raise ExportError(f"{runtime} is not installed ({', '.join(missing)} missing)")
-    if stem is None:
-        stem = Path(tempfile.mkdtemp(prefix="compress-deploy-")) / "model"
+    scratch = None
+    if stem is None:  # removed with the returned module
+        scratch = tempfile.TemporaryDirectory(prefix="compress-deploy-")
+        stem = Path(scratch.name) / "model"
     stem = Path(stem)
     onnx_file = stem.parent / f"{stem.name}.onnx"
+    precision = _OPENVINO_PRECISION.get(getattr(model, "dtype", None))
     if runtime == "onnxruntime":
+        if getattr(model, "dtype", None) == torch.bfloat16:
+            raise ExportError("onnxruntime's CPU kernels take no bfloat16 (OpenVINO's do)")
         if not onnx_file.exists():
             export(model, onnx_file, "onnx", example)
-        return OnnxRuntimeModel(onnx_file, threads)
-    xml = stem.parent / f"{stem.name}.xml"
-    if not xml.exists():
-        if onnx_file.exists() and _OPENVINO_PRECISION.get(getattr(model, "dtype", None)) is None:
-            _convert_to_openvino(onnx_file, xml)
-        else:
-            export(model, xml, "openvino", example)
-    return OpenVinoModel(xml, threads, _OPENVINO_PRECISION.get(getattr(model, "dtype", None)))
+        module = OnnxRuntimeModel(onnx_file, threads)
+    else:
+        xml = stem.parent / f"{stem.name}.xml"
+        if not xml.exists():
+            if onnx_file.exists() and precision is None:
+                _convert_to_openvino(onnx_file, xml)
+            else:
+                export(model, xml, "openvino", example)
+        module = OpenVinoModel(xml, threads, precision)
+    module.scratch = scratch
+    return module
 
 
 def deployed_files(path: Path) -> list[Path]:
@@ -205,7 +218,7 @@ class OnnxRuntimeModel(nn.Module):
             raise ExportError(f"onnxruntime cannot load {path}: {_first_line(error)}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.file = Path(path)
-        self.precision = "as exported"
+        self.precision = _onnx_precision(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().cpu().float().contiguous().numpy()
@@ -227,12 +240,16 @@ class OpenVinoModel(nn.Module):
         if precision is not None:  # an FP16/BF16 model: OpenVINO's own half-precision path
             config["INFERENCE_PRECISION_HINT"] = precision
         try:
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            core = ov.Core()
+            graph = core.read_model(str(path))
+            compiled = core.compile_model(graph, "CPU", config)
         except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError with long text
             raise ExportError(f"openvino cannot compile {path}: {_first_line(error)}") from None
         self.request = compiled.create_infer_request()
         self.file = Path(path)
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if any(op.get_type_name() == "FakeQuantize" for op in graph.get_ops()):
+            self.precision = f"int8, the rest {self.precision}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shared buffers: OpenVINO reads the input in place and the output is copied once
@@ -245,6 +262,19 @@ class OpenVinoModel(nn.Module):
 # OpenVINO runs FP16/BF16 models as float32 IR with its own inference precision: its ONNX
 # front end takes no bfloat16 graph, and its CPU plugin casts per layer as it sees fit.
 _OPENVINO_PRECISION = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _onnx_precision(path: str | Path) -> str:
+    """What an ONNX file computes in: int8 (QDQ or dynamic), float16 or float32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    if ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"}:
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer):
+        return "float16"
+    return "float32"
 
 
 def _deployable_module(model: nn.Module, format: str) -> nn.Module:

@@ -33,6 +33,9 @@ from compress.recipe import EvaluateConfig
 # A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
 # below ~5 % the difference is within run-to-run noise on a shared machine.
 NOT_FASTER_RATIO = 0.95
+# A deployed model whose top-1 strays further than this (points) from the torch model's
+# gets a note: on 10,000 test images 0.1 points is 10 images.
+RUNTIME_TOP1_TOLERANCE = 0.1
 
 
 @dataclass
@@ -123,9 +126,7 @@ def evaluate(
     others = [r for r in wanted if r != "torch"]
     if others and main and device == "cpu":
         runtimes.update(
-            measure_runtimes(
-                model, data, config, others, threads, deploy_to, notes, config.accuracy
-            )
+            measure_runtimes(model, data, config, others, threads, deploy_to, notes, top1)
         )
     elif others and main:
         notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
@@ -197,12 +198,15 @@ def measure_runtimes(
     threads: int,
     deploy_to: str | Path | None,
     notes: list[str],
-    with_accuracy: bool = True,
+    torch_top1: float | None = None,
 ) -> dict[str, dict]:
-    """Latency (and top-1 on the test split) of ``model`` in each runtime of ``runtimes``.
+    """Latency (and, given torch's ``torch_top1``, top-1 on the test split) of ``model`` in
+    each runtime of ``runtimes``.
 
     Each deployment's logits are checked against the torch model's on the latency batch
-    (``max_abs_diff``). A runtime the model cannot reach gets one line in ``notes``.
+    (``max_abs_diff``); a top-1 more than :data:`RUNTIME_TOP1_TOLERANCE` points from torch's
+    gets a note naming the precision the runtime ran in. A runtime the model cannot reach
+    gets one line in ``notes``.
     """
     import shutil
 
@@ -222,7 +226,7 @@ def measure_runtimes(
                 with torch.inference_mode():
                     difference = (module(batch).float() - expected).abs().max().item()
                 top1 = None
-                if with_accuracy and runtime != "inductor":  # inductor: torch's numbers
+                if torch_top1 is not None and runtime != "inductor":  # inductor: torch's numbers
                     top1 = accuracy(module, data, "cpu", shard=False)[0]
             except ExportError as error:
                 notes.append(f"not measured in {runtime}: {error}")
@@ -238,6 +242,12 @@ def measure_runtimes(
                 row["file"] = module.file.name if deploy_to is not None else None
                 row["size_bytes"] = sum(f.stat().st_size for f in files)
             rows[runtime] = row
+            if top1 is not None and abs(top1 - torch_top1) > RUNTIME_TOP1_TOLERANCE:
+                notes.append(
+                    f"top-1 in {runtime} is {top1 - torch_top1:+.2f} points from torch's"
+                    f" ({top1:.2f} vs {torch_top1:.2f} %): it runs in {row['precision']},"
+                    " with its own rounding of activations"
+                )
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,7 @@ from torch import nn
 from compress import artifact, distributed
 from compress.artifact import write_atomic
 from compress.data import Data, build_data
-from compress.deploy import RUNTIMES, available_runtimes
+from compress.deploy import missing_runtimes
 from compress.distill import distill
 from compress.evaluate import Evaluation, environment, evaluate
 from compress.factorize import factorize
@@ -100,7 +100,7 @@ def run(
         model = baseline = baseline_model(recipe, data, device)
         report = Report(recipe.name, environment(device))
         report.environment["processes"] = distributed.world_size()
-        missing = [r for r in RUNTIMES if r not in available_runtimes()]
+        missing = missing_runtimes()
         if recipe.evaluate.runtimes is None and missing:  # said once per run, not per step
             report.notes.append(
                 f"{', '.join(missing)} not installed: measured in PyTorch only"

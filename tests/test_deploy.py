@@ -16,6 +16,7 @@ from compress.deploy import ExportError, deployed, export
 from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
 from compress.models import build_model
 from compress.pipeline import STAGES
+from compress.pipeline import run as compress_run
 from compress.quantize import quantize
 from compress.recipe import ModelConfig, RecipeError, parse_recipe, parse_stage_options
 from tests.conftest import run_cli
@@ -119,7 +120,9 @@ def test_evaluator_headline_is_the_fastest_runtime_and_each_runtime_is_scored(
     assert (tmp_path / "m.bin").is_file()  # the IR's weights beside it
 
 
-def test_missing_deploy_extra_measures_in_torch_and_says_so(trained_tiny, fmnist, monkeypatch):
+def test_missing_deploy_extra_measures_in_torch_and_says_so(
+    trained_tiny, fmnist, monkeypatch, tmp_path
+):
     real = deploy.importlib.util.find_spec
     monkeypatch.setattr(
         deploy.importlib.util,
@@ -133,6 +136,23 @@ def test_missing_deploy_extra_measures_in_torch_and_says_so(trained_tiny, fmnist
     assert any("not measured in openvino" in n and "openvino missing" in n for n in result.notes)
     with pytest.raises(ExportError, match="compress\\[deploy\\]"):
         export(trained_tiny, "unused.xml", "openvino", fmnist.example_input(2))
+    # A run with the default runtimes goes on without it and says so once, not per step.
+    recipe = parse_recipe(
+        {
+            "model": {"name": "tests.tiny:tiny_cnn"},
+            "data": {"name": "synthetic", "synthetic_channels": 1, "synthetic_size": 32},
+            "stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}],
+            "evaluate": {"accuracy": False, "warmup": 1, "iterations": 2, "profile": False},
+        }
+    )
+    recipe.evaluate.runtimes = None
+    monkeypatch.setattr(deploy, "RUNTIMES", ("torch", "openvino"))  # no compiles, no ORT
+    report = compress_run(recipe, out=tmp_path / "run")
+    assert [n for n in report.notes if "not installed" in n] == [
+        "openvino not installed: measured in PyTorch only (pip install 'compress[deploy]'"
+        " to measure where models are deployed)"
+    ]
+    assert all(set(e.runtimes) == {"torch"} for e in report.evaluations)
 
 
 def test_unknown_runtime_is_a_recipe_error():

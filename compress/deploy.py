@@ -314,9 +314,11 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
     if example.shape[0] == 1:  # a batch of 1 would be specialised to 1
         example = example.expand(2, *example.shape[1:]).contiguous()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # The exporter and its optimiser log every pass at INFO; a run's log keeps its own lines.
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         # The exporter prints its progress on stdout; a failure is one line from here on.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -338,7 +340,8 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
             f"{type(model).__name__} does not export to ONNX: {_first_line(error)}"
         ) from None
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     proto = program.model_proto  # a new copy at each access: edit this one
     _dynamic_matmuls(proto)
     quantize_biases(proto)

@@ -71,7 +71,8 @@ def export(
     """Write ``model`` as an ONNX file or an OpenVINO IR (``.xml`` + ``.bin``) at ``path``.
 
     ``example`` is one input batch (its shape fixes everything but the batch size, which
-    stays dynamic). An existing file is never overwritten. Returns the path written.
+    stays dynamic). A path without the format's suffix (``.onnx``, ``.xml``) gets it; an
+    existing file is never overwritten. Returns the path written.
 
     Example:
         >>> export(int8_model, "deploy/model.onnx", "onnx", data.example_input(1))

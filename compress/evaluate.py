@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -208,8 +209,6 @@ def measure_runtimes(
     gets a note naming the precision the runtime ran in. A runtime the model cannot reach
     gets one line in ``notes``.
     """
-    import shutil
-
     batch = data.example_input(config.latency_batch_size)
     with torch.inference_mode():
         expected = model(batch).float()

@@ -1,31 +1,60 @@
-"""Saving and loading models as data, never as pickled code.
+"""Saving and loading models as data, never as code.
 
-An artifact is a folder: ``manifest.json`` (its ``kind`` and how to rebuild it) plus
-data files: a state_dict read with ``weights_only=True`` for models with a spec, or a
-``torch.export`` archive for graphs (quantized graphs, models without a spec). Folders are written to a temporary name and renamed into place, so a
-crash never leaves a half-written artifact, and an existing folder is never overwritten.
+An artifact is a folder: ``manifest.json`` (its ``kind`` and how to rebuild it) plus data
+files. A model built by compress is stored as its *spec* (a registered builder's name and
+plain arguments) and its tensors; a graph (a quantized model, a model without a spec) as a
+list of operations from an allow-list plus its tensors. Loading a folder never imports a
+module or calls a function named in it (unless ``trust_code``), never evaluates an
+expression from it, never unpickles code and never loads native code; every file it reads is
+bounded by what the manifest and the architecture imply. Folders are written to a temporary
+name and renamed into place, so a crash never leaves a half-written artifact, and an
+existing folder is never overwritten.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import lzma
+import operator
 import os
+import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from compress.memory import available_bytes
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# A manifest or graph file larger than this is not one compress wrote (ResNet-50 pruned to
+# per-layer shapes needs ~50 KB; a 10,000-node graph ~3 MB).
+MAX_JSON_BYTES = 64 << 20
+# Slack over the bytes the architecture implies, for a tensor file's own structure.
+FILE_SLACK_BYTES = 1 << 20
 
 
 class ArtifactError(RuntimeError):
     """A model folder that is missing, malformed or unsafe to load."""
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Which import paths a folder's spec may name: none unless the user says so.
+
+    ``code`` trusts every import path (``--trust-code``, ``model.trust_code: true``);
+    ``imports`` trusts the ones listed (a recipe's own ``model.name``: the user wrote it).
+    """
+
+    code: bool = False
+    imports: frozenset[str] = frozenset()
+
+    def allows(self, name: str) -> bool:
+        return self.code or name in self.imports
 
 
 def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None) -> Path:
@@ -57,50 +86,80 @@ def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None
                     f"{type(model).__name__} was not built by compress: pass an example"
                     " input to save(), so that it can be exported as a graph"
                 )
-            manifest = {"kind": "exported", "file": save_exported(model.eval(), staging, example)}
+            manifest = {"kind": "exported", "file": save_graph(model.eval(), staging, example)}
         manifest["format_version"] = FORMAT_VERSION
         if example is not None:  # what `compress export` needs to trace the model again
             manifest.setdefault("input_shape", list(example.shape[1:]))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.replace(staging, path)
+        try:
+            os.rename(staging, path)  # fails if the folder appeared meanwhile: never merged
+        except OSError:
+            raise ArtifactError(
+                f"{path} appeared while saving; compress never overwrites a saved model"
+            ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, *, trust_code: bool = False, trusted_imports: Iterable[str] = ()):
     """Load a model folder written by :func:`save`, in eval mode.
+
+    A folder whose spec names an import path ('package.module:factory') runs that code, so
+    it is refused unless ``trust_code`` or the path is in ``trusted_imports``.
 
     Example:
         >>> model = load("runs/resnet_int8/20261128-1500/model")
+        >>> model = load("downloaded/model", trust_code=True)  # you trust its author
     """
     import compress.quantize  # noqa: F401 - registers the loaders of quantized kinds
 
     path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{path} is not a compress model folder (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        kind = manifest["kind"]
-    except (ValueError, KeyError) as error:
-        raise ArtifactError(f"{manifest_path} is malformed: {error}") from None
-    if "file" in manifest:
-        file = path / manifest["file"]
-        if not file.is_file() or file.parent != path:
-            raise ArtifactError(
-                f"{path}: the manifest names {manifest['file']!r}, which is not in the folder"
-            )
-    if kind not in LOADERS:
-        raise ArtifactError(
-            f"{manifest_path}: unknown kind {kind!r} (allowed: {', '.join(sorted(LOADERS))})"
-        )
-    model = LOADERS[kind](path, manifest)
+    manifest = read_manifest(path)
+    model = LOADERS[manifest["kind"]](path, manifest, Trust(trust_code, frozenset(trusted_imports)))
     try:
         model.eval()
     except NotImplementedError:  # an exported graph has no train/eval modes: already inference
         pass
     return model
+
+
+def read_manifest(path: Path) -> dict:
+    """The folder's manifest, checked: a known kind, and data files inside the folder."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not a compress model folder (no {MANIFEST})")
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
+        raise ArtifactError(f"{manifest_path} is malformed: no 'kind'")
+    if "file" in manifest:
+        data_file(path, manifest["file"])
+    kind = manifest["kind"]
+    if kind not in LOADERS:
+        raise ArtifactError(
+            f"{manifest_path}: unknown kind {kind!r} (allowed: {', '.join(sorted(LOADERS))})"
+        )
+    return manifest
+
+
+def data_file(folder: Path, name) -> Path:
+    """``folder/name``, refused unless ``name`` is a plain file name of a regular file."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ArtifactError(f"{folder}: the manifest names {name!r}, which is not in the folder")
+    file = folder / name
+    if file.is_symlink() or not file.is_file():
+        raise ArtifactError(f"{folder}: the manifest names {name!r}, which is not in the folder")
+    return file
+
+
+def _read_json(file: Path):
+    if file.stat().st_size > MAX_JSON_BYTES:
+        raise ArtifactError(f"{file}: {file.stat().st_size} bytes, more than a compress file")
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise ArtifactError(f"{file} is malformed: {str(reason).splitlines()[0]}") from None
 
 
 def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
@@ -119,12 +178,95 @@ def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# kind -> loader(folder, manifest) -> model. Compressed model types register theirs.
-LOADERS: dict[str, Callable[[Path, dict], nn.Module]] = {}
+def read_tensors(file: Path, max_bytes: int, nested: bool = False) -> dict:
+    """A ``torch.save`` file of tensors, read with PyTorch's ``weights_only`` unpickler after
+    checking the archive itself: unique entry names (so that the bytes checked are the bytes
+    torch reads), stored rather than compressed entries (no zip bomb), and no more than
+    ``max_bytes`` in all. ``nested`` allows dicts of tensors inside (a training checkpoint).
+    """
+    try:
+        with zipfile.ZipFile(file) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        raise ArtifactError(f"{file} is not a torch.save zip file; refused") from None
+    names = [e.filename for e in entries]
+    if len(set(names)) != len(names):
+        raise ArtifactError(f"{file}: an entry name appears twice in the archive; refused")
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+        raise ArtifactError(f"{file}: compressed entries (torch.save never writes them); refused")
+    total = sum(e.file_size for e in entries)
+    if total > max_bytes + FILE_SLACK_BYTES:
+        raise ArtifactError(
+            f"{file}: holds {total} bytes, more than the {max_bytes} the model implies; refused"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - weights_only refused it: say why, briefly
+        raise ArtifactError(
+            f"{file}: not loadable as data only ({str(error).strip().splitlines()[0][:200]});"
+            " refused (compress never unpickles code)"
+        ) from None
+    if not isinstance(state, dict) or not _plain_tensors(state, nested):
+        raise ArtifactError(f"{file}: not a mapping of names to tensors; refused")
+    return state
+
+
+def _plain_tensors(state: dict, nested: bool) -> bool:
+    """Names to tensors; with ``nested``, also the plain values and containers of a training
+    checkpoint (an optimizer's state is keyed by parameter index, its groups are a list)."""
+    for key, value in state.items():
+        if not isinstance(key, str) and not (nested and isinstance(key, int)):
+            return False
+        if not (isinstance(value, torch.Tensor) or (nested and _is_plain(value))):
+            return False
+    return True
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return _plain_tensors(value, nested=True)
+    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+
+
+def read_weights(folder: Path, manifest: dict, model: nn.Module) -> dict:
+    """The tensors of the manifest's weight file, bounded by what ``model`` holds."""
+    return read_tensors(data_file(folder, manifest.get("file")), model_bytes(model))
+
+
+def memory_cap() -> int:
+    """The most bytes a file may make compress allocate: half the memory available."""
+    return available_bytes() // 2
+
+
+def manifest_counts(folder: Path, manifest: dict) -> tuple[int, int]:
+    """The manifest's (total, non-zero) parameter counts, checked to be two integers."""
+    value = manifest.get("param_counts")
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)):
+        raise ArtifactError(f"{folder}: param_counts {value!r} is not two counts; refused")
+    return value[0], value[1]
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers: what its weight file may hold at most."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# Import paths of compress's own model factories: safe to build from any folder's spec.
+SAFE_FACTORIES = frozenset({"compress.models:mlp"})
+
+
+# kind -> loader(folder, manifest, trust) -> model. Compressed model types register theirs.
+LOADERS: dict[str, Callable[[Path, dict, Trust], nn.Module]] = {}
 
 
 def register_loader(kind: str):
-    """Decorator: ``@register_loader("quantized")`` on a ``loader(folder, manifest)``."""
+    """Decorator: ``@register_loader("quantized")`` on a ``loader(folder, manifest, trust)``."""
 
     def register(loader):
         LOADERS[kind] = loader
@@ -157,6 +299,19 @@ def _codebook(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def _lzma(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(lzma.compress(data, preset=9)), dtype=torch.uint8)
+
+
+def _unlzma(stream: torch.Tensor, size: int, where: str) -> bytes:
+    """Exactly ``size`` bytes from an LZMA stream; a stream that inflates to more (or less)
+    is refused without inflating past ``size`` + 1 bytes."""
+    decompressor = lzma.LZMADecompressor()
+    try:
+        raw = decompressor.decompress(stream.numpy().tobytes(), max_length=size + 1)
+    except lzma.LZMAError as error:
+        raise ArtifactError(f"{where}: corrupt LZMA stream ({error}); refused") from None
+    if len(raw) != size or not decompressor.eof:
+        raise ArtifactError(f"{where}: its coded stream does not hold {size} bytes; refused")
+    return raw
 
 
 def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict:
@@ -221,109 +376,406 @@ def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict
     return manifest
 
 
-@register_loader("state_dict")
-def _load_state(folder: Path, manifest: dict) -> nn.Module:
-    import numpy as np
+def spec_architecture(folder: Path, manifest: dict, trust: Trust) -> nn.Module:
+    """The model a manifest describes (its spec, factorized layers and pruned shapes) with
+    random weights: what its weight file must fit.
 
-    from compress.models import load_state_dict_file, model_from_spec
+    The spec resolves through torchvision's builders and compress's own factories only,
+    unless ``trust`` allows its import path. The model is built on the meta device first,
+    so that a manifest implying more weights than the machine can hold is refused before
+    any memory is used. Pretrained weights are never fetched (the folder has the weights).
+    """
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ArtifactError(f"{folder}: the manifest's spec is malformed (no model name)")
+    for key in ("num_classes", "in_channels"):
+        value = spec.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
+            raise ArtifactError(f"{folder}: spec.{key} = {value!r}; expected 1..1048576")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict) or {"weights", "progress", "num_classes"} & set(kwargs):
+        raise ArtifactError(f"{folder}: spec.kwargs is not a mapping of builder options")
+    name = spec["name"]
+    if ":" in name and name not in SAFE_FACTORIES and not trust.allows(name):
+        raise ArtifactError(
+            f"{folder}: its model spec imports and runs code ({name!r}); refused. If you trust"
+            " the folder's author, pass --trust-code (in a recipe: model.trust_code: true)"
+        )
+    spec = {**spec, "kwargs": dict(spec.get("kwargs", {})), "weights": None}
+    with torch.device("meta"):
+        need = model_bytes(_architecture(folder, spec, manifest))
+    if need > memory_cap():
+        raise ArtifactError(
+            f"{folder}: its manifest implies {need / 2**30:.1f} GiB of weights, more than the"
+            f" {memory_cap() / 2**30:.1f} GiB this machine can give; refused"
+        )
+    return _architecture(folder, spec, manifest)
+
+
+def _architecture(folder: Path, spec: dict, manifest: dict) -> nn.Module:
+    from compress.factorize import apply_replacements
+    from compress.models import model_from_spec
     from compress.prune import apply_shapes
 
-    model = model_from_spec(manifest["spec"])
-    if "replacements" in manifest:  # factorized layers first: the shapes name their parts
-        from compress.factorize import apply_replacements
-
-        apply_replacements(model, manifest["replacements"])
-    if "shapes" in manifest:
-        apply_shapes(model, manifest["shapes"])
-        model.compress_shapes = manifest["shapes"]
-    if "sparse" not in manifest and "shared" not in manifest:
-        load_state_dict_file(model, folder / manifest["file"])
-        return model
-    state = torch.load(folder / manifest["file"], map_location="cpu", weights_only=True)
-    for entry in manifest.get("shared", []):
-        key, count = entry["key"], int(np.prod(entry["shape"]))
-        raw = lzma.decompress(state.pop(f"{key}.__indices").numpy().tobytes())
-        indices = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).astype(np.int64))
-        if entry.get("zero") is not None:
-            bits = np.unpackbits(
-                np.frombuffer(
-                    lzma.decompress(state.pop(f"{key}.__mask").numpy().tobytes()), np.uint8
-                )
-            )
-            mask = torch.from_numpy(bits[:count].astype(bool))
-            full = torch.full((count,), entry["zero"], dtype=torch.int64)
-            full[mask] = indices
-            indices = full
-        state[key] = state.pop(f"{key}.__codebook")[indices].view(entry["shape"])
-    for entry in manifest.get("sparse", []):
-        key, shape = entry["key"], entry["shape"]
-        count = int(np.prod(shape))
-        mask = torch.from_numpy(
-            np.unpackbits(state.pop(f"{key}.__mask").numpy())[:count].astype(bool)
-        )
-        dense = torch.zeros(count, dtype=getattr(torch, entry["dtype"]))
-        dense[mask] = state.pop(f"{key}.__values")
-        state[key] = dense.view(shape)
-    model.load_state_dict(state, strict=True)
+    try:
+        model = model_from_spec(spec)
+        if "replacements" in manifest:  # factorized layers first: the shapes name their parts
+            apply_replacements(model, manifest["replacements"])
+        if "shapes" in manifest:
+            apply_shapes(model, manifest["shapes"])
+            model.compress_shapes = manifest["shapes"]
+    except Exception as error:  # noqa: BLE001 - a manifest that does not build: one line
+        raise ArtifactError(
+            f"{folder}: the model its manifest describes does not build"
+            f" ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); refused"
+        ) from None
     return model
 
 
-def save_exported(
-    module: nn.Module, folder: Path, example: torch.Tensor, name: str = "model.pt2"
+@register_loader("state_dict")
+def _load_state(folder: Path, manifest: dict, trust: Trust) -> nn.Module:
+    model = spec_architecture(folder, manifest, trust)
+    fill_state(model, folder, manifest)
+    return model
+
+
+def fill_state(model: nn.Module, folder: Path, manifest: dict) -> None:
+    """Load the manifest's weight file into ``model`` strictly, each coded tensor restored
+    to exactly the shape the model has (not the one the manifest claims)."""
+    import numpy as np
+
+    expected = model.state_dict()
+    state = read_weights(folder, manifest, model)
+    try:
+        for entry in manifest.get("shared", []):
+            key, dtype = _coded_entry(entry, expected, folder)
+            count = expected[key].numel()
+            codes = state.pop(f"{key}.__indices")
+            if entry.get("zero") is not None:
+                mask = _bits(
+                    _unlzma(state.pop(f"{key}.__mask"), (count + 7) // 8, f"{folder}: {key}"),
+                    count,
+                )
+                survivors = int(mask.sum())
+                raw = _unlzma(codes, survivors, f"{folder}: {key}")
+                indices = torch.full((count,), int(entry["zero"]), dtype=torch.int64)
+                indices[mask] = torch.from_numpy(np.frombuffer(raw, np.uint8).astype(np.int64))
+            else:
+                raw = _unlzma(codes, count, f"{folder}: {key}")
+                indices = torch.from_numpy(np.frombuffer(raw, np.uint8).astype(np.int64))
+            codebook = state.pop(f"{key}.__codebook")
+            if codebook.ndim != 1 or codebook.numel() > 256 or int(indices.max()) >= len(codebook):
+                raise ArtifactError(f"{folder}: {key}: codes outside its codebook; refused")
+            state[key] = codebook[indices].to(dtype).view(expected[key].shape)
+        for entry in manifest.get("sparse", []):
+            key, dtype = _coded_entry(entry, expected, folder)
+            count = expected[key].numel()
+            packed = state.pop(f"{key}.__mask")
+            if packed.dtype != torch.uint8 or packed.numel() != (count + 7) // 8:
+                raise ArtifactError(f"{folder}: {key}: its mask does not fit {count} weights")
+            mask = _bits(packed.numpy().tobytes(), count)
+            values = state.pop(f"{key}.__values")
+            if values.numel() != int(mask.sum()):
+                raise ArtifactError(f"{folder}: {key}: its values do not fit its mask")
+            dense = torch.zeros(count, dtype=dtype)
+            dense[mask] = values.to(dtype)
+            state[key] = dense.view(expected[key].shape)
+    except KeyError as error:
+        raise ArtifactError(f"{folder}: the weight file lacks {error}; refused") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ArtifactError(
+            f"{folder}: its weights do not fit the model ({lines[-1][:200]}); refused"
+        ) from None
+
+
+def _coded_entry(entry, expected: dict, folder: Path) -> tuple[str, torch.dtype]:
+    key = entry.get("key") if isinstance(entry, dict) else None
+    if key not in expected:
+        raise ArtifactError(f"{folder}: the manifest codes {key!r}, which the model lacks")
+    if list(entry.get("shape", [])) != list(expected[key].shape):
+        raise ArtifactError(
+            f"{folder}: {key}: the manifest says shape {entry.get('shape')!r}, the model has"
+            f" {list(expected[key].shape)}; refused"
+        )
+    return key, expected[key].dtype
+
+
+def _bits(packed: bytes, count: int) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.unpackbits(np.frombuffer(packed, np.uint8))[:count].astype(bool))
+
+
+# A graph is stored as its operations, each an op of these namespaces (resolved by name
+# through torch.ops, never imported) or one of these operators; its tensors in a
+# ``torch.save`` file beside it. Loading runs nothing that the file names.
+GRAPH_FORMAT = "compress-graph/1"
+_OP_NAMESPACES = frozenset({"aten", "prims", "quantized_decomposed", "torchao"})
+_REFUSED_OPS = frozenset({"aten.from_file"})  # reads a file the graph would name
+_OPERATORS = {
+    f"operator.{f.__name__}": f
+    for f in (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv)
+}
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*", re.IGNORECASE)
+_ATTRIBUTE = re.compile(r"(?!__)[A-Za-z0-9_]+(\.(?!__)[A-Za-z0-9_]+)*")
+_MEMORY_FORMATS = ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
+_MAX_ARG_DEPTH = 8
+
+
+def save_graph(
+    module: nn.Module, folder: Path, example: torch.Tensor, name: str = "graph.json"
 ) -> str:
-    """``torch.export`` ``module`` with a dynamic batch and save it; returns the file name."""
+    """Store ``module`` as a graph: its operations as JSON and its tensors beside them.
+
+    A module that is not an FX graph yet is ``torch.export``-ed first, with a dynamic batch.
+    Returns the file name.
+    """
     from compress.quantize import MAX_BATCH
 
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    program = torch.export.export(module, (_batch_of_two(example),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, folder / name)
+    if not isinstance(module, torch.fx.GraphModule):
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        module = torch.export.export(
+            module, (_batch_of_two(example),), dynamic_shapes=({0: batch},)
+        ).module()
+    parameters = {n for n, _ in module.named_parameters()}
+    index: dict[torch.fx.Node, int] = {}
+    nodes, tensors = [], {}
+    for node in module.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            continue  # export's input-shape guard, generated code: the graph needs none
+        entry = {"op": node.op}
+        if node.op == "get_attr":
+            tensor = _attribute(module, node.target)
+            if not isinstance(tensor, torch.Tensor) or not _ATTRIBUTE.fullmatch(node.target):
+                raise ArtifactError(f"cannot store {node.target!r} as data (not a tensor)")
+            tensors[node.target] = tensor.detach().contiguous()
+            entry["target"] = node.target
+        elif node.op == "call_function":
+            entry["target"] = _op_name(node.target)
+            entry["args"] = _encode(node.args, index)
+            entry["kwargs"] = _encode(node.kwargs, index)
+        elif node.op == "output":
+            result = node.args[0]
+            if isinstance(result, (tuple, list)) and len(result) == 1:
+                result = result[0]  # export's pytree output form; a classifier returns one
+            entry["args"] = _encode(result, index)
+        elif node.op != "placeholder":
+            raise ArtifactError(f"cannot store a {node.op} node ({node.target}) as data")
+        index[node] = len(nodes)
+        nodes.append(entry)
+    graph = {
+        "format": GRAPH_FORMAT,
+        "nodes": nodes,
+        "parameters": sorted(parameters & set(tensors)),
+        "input_shape": list(example.shape[1:]),
+    }
+    torch.save(tensors, folder / _tensor_file(name))
+    (folder / name).write_text(json.dumps(graph))
     return name
 
 
+def load_graph(file: Path) -> torch.fx.GraphModule:
+    """Rebuild a graph stored by :func:`save_graph`, checking every name against the
+    allow-lists; its intermediate tensors are sized on fake tensors before it is kept, so
+    that a graph that would allocate more than the machine has is refused."""
+    # The quantize/dequantize ops of PT2E graphs are registered by torchao.
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+
+    stored = _read_json(file)
+    if not isinstance(stored, dict) or stored.get("format") != GRAPH_FORMAT:
+        raise ArtifactError(f"{file}: not a {GRAPH_FORMAT} graph; refused")
+    tensors = read_tensors(data_file(file.parent, _tensor_file(file.name)), memory_cap())
+    parameters = set(stored.get("parameters") or [])
+    graph, made, root = torch.fx.Graph(), [], {}
+    try:
+        for entry in stored["nodes"]:
+            op = entry["op"]
+            if op == "placeholder":
+                node = graph.placeholder(f"x{len(made)}" if made else "x")
+            elif op == "get_attr":
+                target = entry["target"]
+                if not isinstance(target, str) or not _ATTRIBUTE.fullmatch(target):
+                    raise ArtifactError(f"{file}: tensor name {target!r} refused")
+                tensor = tensors[target]
+                root[target] = nn.Parameter(tensor, False) if target in parameters else tensor
+                node = graph.get_attr(target)
+            elif op == "call_function":
+                args = _decode(entry["args"], made, file)
+                kwargs = _decode(entry["kwargs"], made, file)
+                if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+                    raise ArtifactError(f"{file}: malformed arguments; refused")
+                node = graph.call_function(_op(entry["target"], file), args, kwargs)
+            elif op == "output":
+                node = graph.output(_decode(entry["args"], made, file))
+            else:
+                raise ArtifactError(f"{file}: node kind {op!r} refused")
+            made.append(node)
+        module = torch.fx.GraphModule(root, graph)
+    except ArtifactError:
+        raise
+    except Exception as error:  # noqa: BLE001 - malformed graph: one line, whatever broke
+        raise ArtifactError(
+            f"{file}: malformed graph ({type(error).__name__}: {str(error)[:200]}); refused"
+        ) from None
+    _check_sizes(module, stored.get("input_shape"), file)
+    module.meta["input_shape"] = stored["input_shape"]  # what saving it again needs
+    return module
+
+
 @register_loader("exported")
-def _load_graph(folder: Path, manifest: dict) -> nn.Module:
-    return load_exported(folder / manifest["file"])
+def _load_graph(folder: Path, manifest: dict, trust: Trust) -> nn.Module:
+    return load_graph(graph_file(folder, manifest))
+
+
+def graph_file(folder: Path, manifest: dict) -> Path:
+    """The manifest's graph file; a folder from before graphs were stored as data (a
+    ``torch.export`` archive, which can run code while it loads) is refused."""
+    file = data_file(folder, manifest.get("file"))
+    if file.suffix != ".json":
+        raise ArtifactError(
+            f"{folder}: holds a torch.export archive ({file.name}), which can run code when"
+            " loaded; compress no longer loads those. Save the model again with this version"
+        )
+    return file
+
+
+def _tensor_file(graph_name: str) -> str:
+    return Path(graph_name).stem + ".pt"
+
+
+def _attribute(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _op_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        name = str(target)  # e.g. "aten.conv2d.default"
+        if name.split(".")[0] in _OP_NAMESPACES and name not in _REFUSED_OPS:
+            return name
+    for name, function in _OPERATORS.items():
+        if target is function:
+            return name
+    raise ArtifactError(f"cannot store the operation {target} as data")
+
+
+def _op(name, file: Path):
+    """The op a stored name stands for: looked up in torch.ops, never imported."""
+    if name in _OPERATORS:
+        return _OPERATORS[name]
+    parts = name.split(".") if isinstance(name, str) else []
+    if (
+        len(parts) != 3
+        or parts[0] not in _OP_NAMESPACES
+        or not all(_IDENTIFIER.fullmatch(p) for p in parts[1:])
+        or name.rsplit(".", 1)[0] in _REFUSED_OPS
+    ):
+        raise ArtifactError(f"{file}: operation {name!r} is not allowed; refused")
+    try:
+        op = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    except (AttributeError, RuntimeError):
+        raise ArtifactError(f"{file}: unknown operation {name!r}; refused") from None
+    if not isinstance(op, torch._ops.OpOverload):
+        raise ArtifactError(f"{file}: {name!r} is not an operation; refused")
+    return op
+
+
+def _encode(value, index: dict):
+    if isinstance(value, torch.fx.Node):
+        return {"node": index[value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_encode(v, index) for v in value]
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v, index) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": {k: _encode(v, index) for k, v in value.items()}}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    if value is torch.strided:
+        return {"layout": "strided"}
+    raise ArtifactError(f"cannot store the argument {value!r} ({type(value).__name__}) as data")
+
+
+def _decode(value, made: list, file: Path, depth: int = 0):
+    if depth > _MAX_ARG_DEPTH:
+        raise ArtifactError(f"{file}: arguments nested too deeply; refused")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_decode(v, made, file, depth + 1) for v in value]
+    if isinstance(value, dict) and len(value) == 1:
+        (tag, inner), where = next(iter(value.items())), f"{file}: argument {value!r}"
+        if tag == "node" and isinstance(inner, int) and 0 <= inner < len(made):
+            if made[inner].op != "output":
+                return made[inner]
+        elif tag == "tuple" and isinstance(inner, list):
+            return tuple(_decode(v, made, file, depth + 1) for v in inner)
+        elif tag == "dict" and isinstance(inner, dict):
+            return {str(k): _decode(v, made, file, depth + 1) for k, v in inner.items()}
+        elif tag == "dtype" and isinstance(inner, str) and _IDENTIFIER.fullmatch(inner):
+            if isinstance(getattr(torch, inner, None), torch.dtype):
+                return getattr(torch, inner)
+        elif tag == "device" and isinstance(inner, str) and re.fullmatch(r"cpu|cuda(:\d+)?", inner):
+            return torch.device(inner)
+        elif tag == "memory_format" and inner in _MEMORY_FORMATS:
+            return getattr(torch, inner)
+        elif tag == "layout" and inner == "strided":
+            return torch.strided
+        raise ArtifactError(f"{where[:200]} refused")
+    raise ArtifactError(f"{file}: argument {str(value)[:100]!r} refused")
+
+
+def _check_sizes(module: torch.fx.GraphModule, input_shape, file: Path) -> None:
+    """Run the graph on fake tensors (no memory, no arithmetic) for one input; refuse it if
+    an intermediate tensor would be larger than the machine can hold."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not (isinstance(input_shape, list) and all(_is_size(d) for d in input_shape)):
+        raise ArtifactError(f"{file}: input_shape {input_shape!r} refused")
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            _SizeCheck(module, memory_cap()).run(mode.from_tensor(torch.empty(1, *input_shape)))
+    except ArtifactError as error:
+        raise ArtifactError(f"{file}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a graph that cannot run on its own input
+        raise ArtifactError(
+            f"{file}: the graph does not run on its input shape {input_shape}"
+            f" ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); refused"
+        ) from None
+
+
+class _SizeCheck(torch.fx.Interpreter):
+    def __init__(self, module, cap: int):
+        super().__init__(module)
+        self.cap = cap
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        for tensor in torch.utils._pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.numel() * tensor.element_size()
+                if size > self.cap:
+                    raise ArtifactError(
+                        f"{node.name} would make a tensor of {size / 2**30:.1f} GiB; refused"
+                    )
+        return result
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 16
 
 
 def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
     return (
         example if example.shape[0] == 2 else example[:1].expand(2, *example.shape[1:]).contiguous()
     )
-
-
-def load_exported(file: Path) -> nn.Module:
-    """``torch.export.load`` after checking that nothing in the archive would be unpickled.
-
-    torch.export stores plain tensors as raw bytes, but it can also hold pickled tensor
-    subclasses, custom objects and pickled sample inputs; a file with any of those is
-    refused rather than loaded.
-    """
-    try:
-        with zipfile.ZipFile(file) as archive:
-            for name in archive.namelist():
-                if name.endswith(("_weights_config.json", "_constants_config.json")):
-                    for fqn, entry in json.loads(archive.read(name))["config"].items():
-                        path_name = entry.get("path_name", "")
-                        if entry.get("use_pickle") or not path_name.startswith(
-                            ("weight_", "tensor_")
-                        ):
-                            raise ArtifactError(
-                                f"{file}: entry {fqn!r} would be unpickled; refused"
-                                " (compress loads only plain tensors)"
-                            )
-                elif "/sample_inputs/" in name:
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-                elif name.endswith(".pt") and "/data/" in name:
-                    raise ArtifactError(f"{file}: legacy pickled entry {name!r}; refused")
-    except zipfile.BadZipFile:
-        raise ArtifactError(f"{file} is not a torch.export archive") from None
-    except ArtifactError:
-        raise
-    except Exception as error:  # noqa: BLE001 - weights_only refused the sample inputs
-        raise ArtifactError(
-            f"{file}: not loadable as data only ({str(error).splitlines()[0]}); refused"
-        ) from None
-    # The quantize/dequantize ops of a PT2E graph live in torchao: register them first.
-    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
-
-    return torch.export.load(file).module()

@@ -15,6 +15,11 @@ import sys
 from compress.artifact import write_atomic
 from compress.recipe import RecipeError
 
+TRUST_HELP = (
+    "load a model folder whose spec names Python code ('package.module:factory') and run"
+    " that code; only for folders whose author you trust (off: such folders are refused)"
+)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit 2, as for a bad recipe
@@ -60,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model", help="a saved model folder to evaluate instead of the recipe's baseline"
     )
+    ev.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     recipe_command("validate", "check a recipe and print it resolved, without running it")
     sens = recipe_command(
         "sensitivity",
@@ -73,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "per-layer cost breakdown (MACs, bytes, time) against this machine's measured roofline",
     )
     prof.add_argument("--model", help="a saved model folder to profile instead of the baseline")
+    prof.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     prof.add_argument(
         "--out", help="output directory (default runs/<recipe name>-profile/<timestamp>)"
     )
@@ -98,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", help="a saved model folder (a run's model/ or stageN_*/)")
     export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    export.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     export.add_argument(
         "--out", help="file to write (default: beside the folder, <folder>.onnx or <folder>.xml)"
     )
@@ -134,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - runtime failure: explain briefly, exit 1
+        from compress.artifact import ArtifactError
+        from compress.data import DataError
         from compress.pipeline import RunDirError
 
-        if isinstance(error, RunDirError):
-            print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, (RunDirError, ArtifactError, DataError)):  # bad path, folder, data
+            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
             return 2
         text = str(error).strip() or type(error).__name__
         print(f"failed: {type(error).__name__}: {text.splitlines()[0][:500]}", file=sys.stderr)
@@ -159,7 +169,6 @@ def _run(args) -> int:
 
 
 def _eval(args) -> int:
-    from compress.artifact import load
     from compress.data import build_data
     from compress.evaluate import environment, evaluate
     from compress.pipeline import baseline_model, resolve_device
@@ -169,7 +178,9 @@ def _eval(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(recipe.device)
     data = build_data(recipe.data, seed=recipe.seed)
-    model = load(args.model).to(device) if args.model else baseline_model(recipe, data, device)
+    model = (
+        _load_model(args, recipe).to(device) if args.model else baseline_model(recipe, data, device)
+    )
     name = args.model or "baseline"
     report = Report(recipe.name, environment(device))
     report.evaluations.append(
@@ -179,13 +190,25 @@ def _eval(args) -> int:
     return 0
 
 
+def _load_model(args, recipe):
+    """``--model``'s folder; its spec may name the recipe's own import paths."""
+    from compress.artifact import load
+    from compress.pipeline import recipe_imports
+
+    return load(args.model, trust_code=args.trust_code, trusted_imports=recipe_imports(recipe))
+
+
 def _validate(args) -> int:
     import yaml
 
+    from compress.pipeline import recipe_imports
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+    for name in sorted(recipe_imports(recipe)):
+        module = name.partition(":")[0]
+        print(f"note: this recipe runs code from the module {module!r} ({name})", file=sys.stderr)
     print(f"ok: {args.recipe} is valid", file=sys.stderr)
     return 0
 
@@ -227,7 +250,6 @@ def _sensitivity(args) -> int:
 
 
 def _profile(args) -> int:
-    from compress.artifact import load
     from compress.data import build_data
     from compress.evaluate import set_threads
     from compress.pipeline import baseline_model, make_run_dir
@@ -237,7 +259,7 @@ def _profile(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     threads = set_threads(recipe.evaluate.threads)
     data = build_data(recipe.data, seed=recipe.seed)
-    model = load(args.model) if args.model else baseline_model(recipe, data, "cpu")
+    model = _load_model(args, recipe) if args.model else baseline_model(recipe, data, "cpu")
     example = data.example_input(recipe.evaluate.latency_batch_size)
     result = profile_model(model.cpu().eval(), example, threads)
     out = make_run_dir(f"{recipe.name}-profile", args.out)
@@ -250,7 +272,7 @@ def _profile(args) -> int:
 def _compare(args) -> int:
     from pathlib import Path
 
-    from compress.report import Report, summarize, write_summary
+    from compress.report import Report, ReportError, summarize, write_summary
 
     folders = []
     for given in args.runs:
@@ -268,7 +290,10 @@ def _compare(args) -> int:
             f"compare: --out {out} already holds {', '.join(existing)}; pass --overwrite to"
             " replace them or choose another folder"
         )
-    rows = summarize([Report.read(f) for f in folders])
+    try:
+        rows = summarize([Report.read(f) for f in folders])
+    except ReportError as error:
+        raise RecipeError(f"compare: {error}") from None
     written = write_summary(rows, out, title=f"Summary of {len(folders)} runs")
     print((out / "summary.md").read_text(), end="")
     print("\nwritten: " + ", ".join(str(p) for p in written))
@@ -309,7 +334,7 @@ def _export(args) -> int:
             raise RecipeError(
                 f"export: {folder} does not record its input shape; pass --input-shape C,H,W"
             )
-    model = load(folder).cpu()
+    model = load(folder, trust_code=args.trust_code).cpu()
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     export(model, out, args.format, example)
     runtime = "onnxruntime" if args.format == "onnx" else "openvino"

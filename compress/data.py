@@ -156,14 +156,36 @@ def _normalised(images: torch.Tensor, mean: list[float], std: list[float]) -> to
     return images.sub_(mean_t).div_(std_t)
 
 
+# Fashion-MNIST's training images are 47 MB; an idx file announcing more than this is not
+# one this toolkit reads whole into memory.
+MAX_IDX_BYTES = 1 << 31
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an idx file (optionally gzipped): big-endian header, then uint8 data."""
+    """Read an idx file (optionally gzipped): big-endian header, then uint8 data.
+
+    The header is checked before the body is read, and no more bytes than it announces
+    are read (or inflated): a small gzip file cannot make this read gigabytes.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    try:
+        with opener(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) != 4 or magic[:3] != b"\x00\x00\x08" or not 1 <= magic[3] <= 4:
+                raise DataError(f"{path}: not an idx file of bytes (header {magic.hex()})")
+            header = f.read(4 * magic[3])
+            shape = tuple(
+                int.from_bytes(header[i : i + 4], "big") for i in range(0, len(header), 4)
+            )
+            count = int(np.prod(shape)) if len(shape) == magic[3] else -1
+            if not 0 < count <= MAX_IDX_BYTES:
+                raise DataError(f"{path}: header shape {shape} is not a dataset's")
+            body = f.read(count + 1)
+    except (OSError, EOFError) as error:  # a truncated or corrupt gzip stream
+        raise DataError(f"{path}: unreadable ({error})") from None
+    if len(body) != count:
+        raise DataError(f"{path}: header announces {count} bytes, the file holds {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -263,6 +285,14 @@ def _torchvision_folder(config: DataConfig, mean, std):
             )
         train = torchvision.datasets.ImageFolder(str(root / "train"), transform)
         test = torchvision.datasets.ImageFolder(str(test_dir), transform)
+        if test.classes != train.classes:  # else labels would be numbered differently
+            only_train = sorted(set(train.classes) - set(test.classes))
+            only_test = sorted(set(test.classes) - set(train.classes))
+            raise DataError(
+                f"data.root={str(root)!r}: {test_dir.name}/ and train/ must hold the same class"
+                f" folders (only in train/: {only_train[:5] or 'none'};"
+                f" only in {test_dir.name}/: {only_test[:5] or 'none'})"
+            )
         return train, test, len(train.classes)
     except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
         if isinstance(error, DataError):

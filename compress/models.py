@@ -55,7 +55,7 @@ def build_model(
     if config.checkpoint and Path(config.checkpoint, "manifest.json").is_file():
         from compress.artifact import load
 
-        return load(config.checkpoint)
+        return load(config.checkpoint, trust_code=config.trust_code, trusted_imports={config.name})
     spec = {
         "name": config.name,
         "kwargs": dict(config.kwargs),
@@ -82,16 +82,16 @@ def model_from_spec(spec: dict) -> nn.Module:
 
 def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
     """Load a state_dict file into ``model`` strictly, never unpickling code."""
+    from compress.artifact import ArtifactError, memory_cap, model_bytes, read_tensors
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model.checkpoint: {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "refused"
-        raise ModelError(
-            f"model.checkpoint: {path} is not a weights-only state_dict"
-            f" ({str(error).splitlines()[0]}); compress never unpickles code"
-        ) from None
+        # A training checkpoint holds the optimizer's state too: up to ~4x the weights.
+        state = read_tensors(path, min(4 * model_bytes(model), memory_cap()), nested=True)
+    except ArtifactError as error:
+        raise ModelError(f"model.checkpoint: {error}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint: take the model's weights
     try:

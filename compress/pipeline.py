@@ -27,10 +27,11 @@ from compress.deploy import missing_runtimes
 from compress.distill import distill
 from compress.evaluate import Evaluation, environment, evaluate
 from compress.factorize import factorize
+from compress.memory import memory_guard
 from compress.models import build_model
 from compress.prune import prune
 from compress.quantize import quantize
-from compress.recipe import Recipe, load_recipe
+from compress.recipe import Recipe, RecipeError, load_recipe, read_yaml
 from compress.report import Report
 from compress.share import share
 from compress.train import run_defaults, train
@@ -120,7 +121,10 @@ def run(
                 # The baseline is distillation's default teacher; other stages need only the model.
                 context = {"teacher": baseline} if stage.kind == "distill" else {}
                 checkpoints = run_dir / "checkpoints" / f"stage{index}_{stage.kind}"
-                with run_defaults(device=device, seed=recipe.seed, checkpoints=checkpoints):
+                with (
+                    run_defaults(device=device, seed=recipe.seed, checkpoints=checkpoints),
+                    memory_guard(f"stage {index} ({stage.name}) of {recipe.model.name}"),
+                ):
                     model = STAGES[stage.kind](model, data, stage.config, **context)
                 log.info(
                     "stage %d done in %.1f s; evaluating", index, time.perf_counter() - started
@@ -156,28 +160,63 @@ def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", 
     so a resumed run skips both the stage and its measurement.
     """
     record = run_dir / "evaluations" / f"{key}.json"
-    if record.is_file() and (folder is None or (folder / artifact.MANIFEST).is_file()):
+    saved_model = folder is not None and (folder / artifact.MANIFEST).is_file()
+    if record.is_file() and (folder is None or saved_model):
         log.info("%s: done in the interrupted run; loaded from %s", name, folder or record)
-        model = artifact.load(folder).to(device) if folder is not None else None
-        return model, Evaluation(**json.loads(record.read_text()))
-    model, saved = make()
+        model = _load_own(folder, recipe).to(device) if folder is not None else None
+        return model, _read_record(record)
+    if saved_model:  # killed after saving, before its evaluation was kept: measure it now
+        log.info("%s: saved in the interrupted run; evaluating it", name)
+        model, saved = _load_own(folder, recipe).to(device), folder
+    else:
+        model, saved = make()
     log.info("evaluating %s", name)
     # Without a saved model (the baseline) the size is measured on a temporary copy: the run
     # keeps only new models.
     # A stage's deployable files sit beside its model folder (model.onnx, model.xml/.bin).
-    evaluation = evaluate(
-        model,
-        data,
-        recipe.evaluate,
-        baseline=base,
-        name=name,
-        artifact=saved,
-        device=device,
-        deploy_to=folder,
-    )
+    with memory_guard(f"evaluating {name} of {recipe.model.name}"):
+        evaluation = evaluate(
+            model,
+            data,
+            recipe.evaluate,
+            baseline=base,
+            name=name,
+            artifact=saved,
+            device=device,
+            deploy_to=folder,
+        )
     if distributed.is_main():
         write_atomic(record, json.dumps(evaluation.to_dict(), indent=1))
     return model, evaluation
+
+
+def _read_record(record: Path) -> Evaluation:
+    """An evaluation kept by an interrupted run; a malformed one is named, not a traceback."""
+    try:
+        return Evaluation(**json.loads(record.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, RecursionError) as error:
+        raise RunDirError(
+            f"--resume: {record} is not an evaluation compress wrote"
+            f" ({type(error).__name__}: {str(error).strip()[:200]}); delete it to measure again"
+        ) from None
+
+
+def _load_own(folder: Path, recipe: Recipe) -> nn.Module:
+    """A model this run saved: its spec may name the recipe's own import paths."""
+    return artifact.load(folder, trusted_imports=recipe_imports(recipe))
+
+
+def recipe_imports(recipe: Recipe) -> set[str]:
+    """The import paths a recipe names as models: code its author chose to run."""
+    names = {recipe.model.name}
+    for stage in recipe.stages:
+        for config in (
+            getattr(stage.config, "teacher", None),
+            getattr(stage.config, "student", None),
+        ):
+            if config is not None:
+                names.add(config.name)
+    return {name for name in names if ":" in name}
 
 
 def resumable_run_dir(recipe: Recipe, path: str | Path) -> Path:
@@ -190,7 +229,10 @@ def resumable_run_dir(recipe: Recipe, path: str | Path) -> Path:
         raise RunDirError(
             f"--resume {path}: that run finished (report.json exists); nothing to resume"
         )
-    before = yaml.safe_load(saved.read_text())
+    try:
+        before = read_yaml(saved.read_text(encoding="utf-8"), str(saved))
+    except (RecipeError, UnicodeDecodeError) as error:
+        raise RunDirError(f"--resume {path}: its recipe.yaml is unreadable ({error})") from None
     now = json.loads(json.dumps(recipe.to_dict()))  # tuples as lists, as YAML has them
     differences = _differences(before, now)
     if differences:
@@ -217,16 +259,29 @@ def _differences(a, b, path: str = "") -> list[tuple[str, object, object]]:
     return [] if a == b else [(path, a, b)]
 
 
+# Created (exclusively) in a run folder given as --out: the run that created it owns it.
+CLAIMED = ".claimed"
+
+
 def make_run_dir(name: str, out: str | Path | None) -> Path:
-    """Create the run directory; an existing one is an error, never reused."""
+    """Create the run directory; an existing one is an error, never reused.
+
+    The default folder is created in one step that fails if it exists; a folder given as
+    ``--out`` (new, or empty: nothing in it can be lost) is claimed by creating a marker
+    file exclusively. Either way two runs started at the same moment never share one.
+    """
     if out is not None:
         path = Path(out)
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunDirError(
                 f"--out {path}: the folder exists and is not empty; compress never writes"
                 " over a run. Choose a new folder."
             )
         path.mkdir(parents=True, exist_ok=True)
+        try:  # of two runs started together on one folder, one alone creates the marker
+            (path / CLAIMED).open("x").close()
+        except FileExistsError:
+            raise RunDirError(f"--out {path}: another run took this folder") from None
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / name / stamp
@@ -260,7 +315,7 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     )
     if use_cache and (cached / artifact.MANIFEST).is_file():
         log.info("using the cached baseline %s", cached)
-        model = artifact.load(cached)
+        model = _load_own(cached, recipe)
         distributed.broadcast_state(model)
         return model.to(device).eval()
     model = build_model(recipe.model, data.num_classes, data.input_shape[0])
@@ -278,15 +333,16 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     )
     # Checkpoints beside the cache entry: an interrupted baseline training resumes.
     checkpoints = cached.with_name(cached.name + ".training")
-    model = train(
-        model,
-        data,
-        recipe.train,
-        seed=recipe.seed,
-        device=device,
-        desc="baseline",
-        checkpoint_dir=checkpoints,
-    )
+    with memory_guard(f"training the baseline {recipe.model.name}"):
+        model = train(
+            model,
+            data,
+            recipe.train,
+            seed=recipe.seed,
+            device=device,
+            desc="baseline",
+            checkpoint_dir=checkpoints,
+        )
     if distributed.is_main():
         try:
             artifact.save(copy.deepcopy(model).cpu(), cached)

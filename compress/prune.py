@@ -280,12 +280,24 @@ def module_shapes(model: nn.Module) -> dict:
 
 
 def apply_shapes(model: nn.Module, shapes: dict) -> None:
-    """Resize a freshly built model to ``shapes`` (from :func:`module_shapes`), in place."""
+    """Resize a freshly built model to ``shapes`` (from :func:`module_shapes`), in place.
+
+    ``shapes`` may come from a file: only the shape attributes of known module types are
+    set, each to integers, and only tensors the model already has are resized.
+    """
+    state = model.state_dict()
     for name, attrs in shapes["modules"].items():
         module = model.get_submodule(name)
+        allowed = _SHAPE_ATTRIBUTES.get(type(module), ())
         for attr, value in attrs.items():
+            if attr not in allowed or not _is_shape_value(value):
+                raise ValueError(
+                    f"{name}.{attr} = {value!r} is not a shape of {type(module).__name__}"
+                )
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
     for key, shape in shapes["tensors"].items():
+        if key not in state or not _is_shape_value(shape) or not isinstance(shape, list):
+            raise ValueError(f"tensor {key!r} with shape {shape!r} is not one of the model's")
         owner_name, _, attr = key.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         current = getattr(owner, attr)
@@ -296,6 +308,12 @@ def apply_shapes(model: nn.Module, shapes: dict) -> None:
             setattr(owner, attr, nn.Parameter(empty, requires_grad=current.requires_grad))
         else:
             owner.register_buffer(attr, empty)
+
+
+def _is_shape_value(value) -> bool:
+    if isinstance(value, list):
+        return len(value) <= 8 and all(_is_shape_value(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31
 
 
 def _plain(value):

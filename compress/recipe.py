@@ -1,6 +1,7 @@
 """Recipes: the YAML schema as typed configs, loading, validation and ``--set`` overrides.
 
-A recipe is read with ``yaml.safe_load`` only and validated into the dataclasses below.
+A recipe is read with PyYAML's safe loader only (plain data; a key given twice is an
+error) and validated into the dataclasses below.
 Every problem is a :class:`RecipeError` naming the file, the key path
 (``stages[0].quantize.observer``), the bad value and what is allowed.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +23,72 @@ import yaml
 
 class RecipeError(ValueError):
     """A recipe (or an override, or an option) that is not valid."""
+
+
+# An integer option without its own upper bound takes at most this (a C int, what torch's
+# and numpy's consumers of counts and sizes accept).
+INT_MAX = 2**31 - 1
+# A recipe's name names its run folder: a plain name, never a path.
+RUN_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
+# Values a recipe may hold in all (aliases counted each time they are used): a recipe is a
+# page of settings; this stops a small file that expands to millions of values.
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (which PyYAML would
+    silently resolve to the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, source: str):
+    """Plain data from YAML ``text``: a :class:`RecipeError` naming ``source`` and the line
+    for anything that is not valid YAML, repeats a key, or nests or expands too far."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
+    _check_size(data, source)
+    return data
+
+
+def _check_size(data, source: str) -> None:
+    budget = [MAX_RECIPE_VALUES]
+
+    def walk(value, depth):
+        budget[0] -= 1
+        if budget[0] < 0 or depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(
+                f"{source}: nested too deeply (over {MAX_RECIPE_DEPTH} levels) or too large (over"
+                f" {MAX_RECIPE_VALUES} values, aliases counted where used): not a recipe"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(key, depth + 1)
+                walk(item, depth + 1)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, depth + 1)
+
+    walk(data, 0)
 
 
 def _range(low: float | None = None, high: float | None = None) -> dict:
@@ -39,6 +108,10 @@ class ModelConfig:
     # torchvision weights enum name, e.g. "DEFAULT". Downloads: for users with a network only.
     weights: str | None = None
     kwargs: dict = field(default_factory=dict)
+    # A checkpoint folder whose spec names an import path runs that code when loaded:
+    # refused unless this is true (as Hugging Face's trust_remote_code) or the path is
+    # this recipe's own `name`.
+    trust_code: bool = False
 
 
 @dataclass
@@ -48,10 +121,12 @@ class DataConfig:
     name: Literal["fashion_mnist", "cifar10", "imagefolder", "synthetic"] = "fashion_mnist"
     root: str | None = None  # folder holding the dataset; searched first
     download: bool = False  # let torchvision fetch the dataset into `root` (needs a network)
-    batch_size: int = field(default=128, metadata=_range(1))  # training batch
-    eval_batch_size: int = field(default=250, metadata=_range(1))  # 250 divides 10,000 evenly
-    workers: int = field(default=0, metadata=_range(0))  # DataLoader worker processes
-    image_size: int | None = field(default=None, metadata=_range(8))  # pixels; None = native
+    batch_size: int = field(default=128, metadata=_range(1, 65536))  # training batch
+    eval_batch_size: int = field(
+        default=250, metadata=_range(1, 65536)
+    )  # 250 divides 10,000 evenly
+    workers: int = field(default=0, metadata=_range(0, 256))  # DataLoader worker processes
+    image_size: int | None = field(default=None, metadata=_range(8, 4096))  # pixels; None = native
     mean: list[float] | None = None  # per channel; default: the dataset's statistics
     std: list[float] | None = None
     calibration_size: int = field(default=1000, metadata=_range(1))  # images held out of train
@@ -106,7 +181,9 @@ class QuantizeConfig:
     # Points of top-1 the stage may lose (measured on the calibration split); beyond it the
     # most sensitive layers go back to float one by one. Default: evaluate.max_accuracy_drop.
     max_accuracy_drop: float | None = field(default=None, metadata=_range(0.0))
-    group_size: int = field(default=128, metadata=_range(8))  # int4: weights sharing one scale
+    group_size: int = field(
+        default=128, metadata=_range(8, 65536)
+    )  # int4: weights sharing one scale
     fine_tune: TrainConfig = field(  # int8_qat: the shared training loop's settings
         default_factory=lambda: TrainConfig(**QAT_TRAINING), metadata={"defaults": QAT_TRAINING}
     )
@@ -326,10 +403,10 @@ class Stage:
 class EvaluateConfig:
     """What the shared evaluator measures, and how."""
 
-    latency_batch_size: int = field(default=1, metadata=_range(1))  # images per timed call
+    latency_batch_size: int = field(default=1, metadata=_range(1, 4096))  # images per timed call
     warmup: int = field(default=10, metadata=_range(0))  # untimed calls before timing
     iterations: int = field(default=100, metadata=_range(1))  # timed calls
-    threads: int | None = field(default=None, metadata=_range(1))  # None: all usable cores
+    threads: int | None = field(default=None, metadata=_range(1, 1024))  # None: all usable cores
     accuracy: bool = True  # False for latency-only runs (synthetic data)
     max_accuracy_drop: float | None = field(default=None, metadata=_range(0.0))  # points
     # Per-layer cost breakdown against this machine's measured peaks (report.md section).
@@ -346,8 +423,8 @@ class EvaluateConfig:
 class Recipe:
     """A whole recipe. Build one with :func:`load_recipe` or :func:`parse_recipe`."""
 
-    name: str = "recipe"
-    seed: int = 0
+    name: str = "recipe"  # a plain name: the run folder is runs/<name>/<timestamp>
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # numpy takes 32 bits
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -373,14 +450,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes, too large to be a recipe")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
         raise RecipeError(
-            f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}"
+            f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8"
         ) from None
+    raw = read_yaml(text, str(path))
     raw = {} if raw is None else raw
     for override in overrides:
         raw = apply_override(raw, override, source=str(path))
@@ -448,7 +526,7 @@ def apply_override(raw: Any, override: str, source: str = "<recipe>") -> dict:
     if "=" not in override:
         raise RecipeError(f"--set {override!r}: expected key.path=value, e.g. data.batch_size=64")
     key_path, value_text = override.split("=", 1)
-    value = yaml.safe_load(value_text)
+    value = read_yaml(value_text, f"{source}: --set {key_path}")
     keys = [k for k in key_path.replace("[", ".").replace("]", "").split(".") if k]
     if not keys:
         raise RecipeError(f"--set {override!r}: empty key path")
@@ -620,7 +698,11 @@ def _coerce(hint: Any, value: Any, path: str, source: str, limits: dict | Any = 
                 path,
                 f"expected {'an integer' if hint is int else 'a number'}, got {value!r}",
             )
+        if not math.isfinite(value):
+            raise _fail(source, path, f"{value!r} is not a finite number")
         low, high = (limits or {}).get("min"), (limits or {}).get("max")
+        if hint is int and high is None:
+            high = INT_MAX
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f">= {low}" if high is None else f"between {low} and {high}"
             raise _fail(source, path, f"{value!r} is out of range (must be {bounds})")
@@ -628,5 +710,17 @@ def _coerce(hint: Any, value: Any, path: str, source: str, limits: dict | Any = 
     if hint is str:
         if not isinstance(value, str):
             raise _fail(source, path, f"expected a string, got {value!r}")
+        if value.startswith("re:"):  # a module pattern: compiled now, not when a stage runs
+            try:
+                re.compile(value[3:])
+            except re.error as error:
+                raise _fail(source, path, f"{value!r} is not a valid regex ({error})") from None
+        if path == "name" and not re.fullmatch(RUN_NAME, value):
+            raise _fail(
+                source,
+                path,
+                f"{value!r} is not a plain name: letters, digits, '.', '_' or '-', no '/' and"
+                " not starting with '.' (it names the folder runs/<name>/)",
+            )
         return value
     raise AssertionError(f"unsupported schema type {hint} at {path}")  # schema bug

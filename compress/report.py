@@ -13,6 +13,10 @@ from compress.evaluate import Evaluation
 from compress.plots import chain_chart, pareto_chart
 
 
+class ReportError(ValueError):
+    """A report.json that is malformed: named, never a bare traceback."""
+
+
 @dataclass
 class Report:
     """Every evaluation of one run, baseline first, with where they were measured."""
@@ -202,10 +206,10 @@ class Report:
         ]
 
     def write(self, folder: str | Path) -> None:
-        """Write ``report.json``, ``report.md`` and (for a chain of stages) ``chain.png``,
-        the accuracy and latency after each step, embedded in ``report.md``."""
+        """Write ``report.md``, (for a chain of stages) ``chain.png`` — the accuracy and
+        latency after each step, embedded in ``report.md`` — and last ``report.json``, the
+        file that marks a run finished."""
         folder = Path(folder)
-        write_atomic(folder / "report.json", json.dumps(self.to_dict(), indent=2))
         markdown = self.markdown()
         if len(self.evaluations) > 1 and chain_chart(
             self.evaluations, folder / "chain.png", f"{self.recipe}: after each step"
@@ -217,6 +221,7 @@ class Report:
                 + markdown[title_end:]
             )
         write_atomic(folder / "report.md", markdown)
+        write_atomic(folder / "report.json", json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def read(cls, folder: str | Path) -> Report:
@@ -225,9 +230,16 @@ class Report:
         Example:
             >>> report = Report.read("runs/resnet_int8/20261128-120000")
         """
-        raw = json.loads((Path(folder) / "report.json").read_text())
-        report = cls(raw["recipe"], raw["environment"], notes=raw.get("notes", []))
-        report.evaluations = [Evaluation(**e) for e in raw["evaluations"]]
+        file = Path(folder) / "report.json"
+        try:
+            raw = json.loads(file.read_text())
+            report = cls(raw["recipe"], raw["environment"], notes=list(raw.get("notes", [])))
+            report.evaluations = [Evaluation(**e) for e in raw["evaluations"]]
+            if not report.evaluations:
+                raise ValueError("no evaluations")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+            reason = f"{type(error).__name__}: {str(error).strip()[:200]}"
+            raise ReportError(f"{file} is not a report compress wrote ({reason})") from None
         report.run_dir = Path(folder)
         return report
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from compress import distributed
-from compress.artifact import write_atomic
+from compress.artifact import memory_cap, model_bytes, read_tensors, write_atomic
 from compress.data import Data
 from compress.recipe import TrainConfig, section
 
@@ -241,9 +241,15 @@ def _save_checkpoint(
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
+# A checkpoint holds the weights, up to two moments per weight (AdamW) and small state.
+CHECKPOINT_BOUND = 4
+
+
 def _resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, dict]:
     """Load a checkpoint (weights only: no code is unpickled); returns (next epoch, step, best)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # Read as data, bounded: the weights, an optimizer's moments, the rest small.
+    bound = min(CHECKPOINT_BOUND * model_bytes(model), memory_cap())
+    state = read_tensors(path, bound, nested=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -252,7 +258,7 @@ def _resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, 
     torch.set_rng_state(state["rng"])
     best = dict(state["best"], state=None)
     if path.with_name("best.pt").is_file():
-        best["state"] = torch.load(path.with_name("best.pt"), map_location="cpu", weights_only=True)
+        best["state"] = read_tensors(path.with_name("best.pt"), model_bytes(model))
     return state["epoch"] + 1, state["step"], best
 
 

@@ -52,9 +52,12 @@ class _Evil:
 
 def test_checkpoint_with_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
+    torch.save({"weight": _Evil()}, path)  # a real torch.save zip, with code in its pickle
+    with pytest.raises(ModelError, match="never unpickles code"):
+        build_model(ModelConfig(name="tests.tiny:tiny_cnn", checkpoint=str(path)), 10, 1)
+    with open(path, "wb") as f:  # a bare pickle, the format before torch.save's zip
         pickle.dump({"weight": _Evil()}, f)
-    with pytest.raises(ModelError, match="weights-only"):
+    with pytest.raises(ModelError, match="refused"):
         build_model(ModelConfig(name="tests.tiny:tiny_cnn", checkpoint=str(path)), 10, 1)
     assert "unpickled code ran" not in capsys.readouterr().out
 
@@ -66,7 +69,7 @@ def test_save_load_identical_and_never_overwrites(tmp_path):
     folder = save(model, tmp_path / "m")
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
-        assert torch.equal(model(x), load(folder)(x))
+        assert torch.equal(model(x), load(folder, trusted_imports={"tests.tiny:tiny_cnn"})(x))
     with pytest.raises(ArtifactError, match="already exists"):
         save(model, folder)
     assert not list(tmp_path.glob(".m.tmp-*"))  # no staging folder left behind

@@ -1,6 +1,8 @@
 """The headline command end to end on a reduced budget, and the run directory's rules."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,7 +88,7 @@ def test_headline_command_end_to_end(tmp_path):
     ):
         assert (out / name).is_file(), name
     assert "| baseline |" in (out / "report.md").read_text()
-    assert load(out / "model").param_counts[0] == base["params"]
+    assert load(out / "model", trust_code=True).param_counts[0] == base["params"]
 
     # The trained baseline is cached: `eval` reuses it instead of training again.
     # (Measured in torch alone from here: the runtimes were checked above.)
@@ -173,9 +175,11 @@ def test_prune_distill_quantize_chain_end_to_end(tmp_path):
     assert f" {size_x:.2f} " in table_rows[3]
     for folder in ("stage0_prune", "stage1_distill", "model"):
         assert (out / folder / "manifest.json").is_file()
-    student = load(out / "stage1_distill")  # the pruned shapes travel through distillation
+    student = load(
+        out / "stage1_distill", trust_code=True
+    )  # the pruned shapes travel through distillation
     assert student.get_submodule("0").out_channels < 32
-    int8 = load(out / "model")
+    int8 = load(out / "model", trust_code=True)
     assert int8.compute_dtype == "int8"
     report_md = (out / "report.md").read_text()
     assert "![accuracy and latency after each step](chain.png)" in report_md
@@ -193,41 +197,47 @@ CHAIN = (
 )
 
 
-def test_resumed_run_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
-    import importlib
-
-    from compress.pipeline import run
-
-    loop = importlib.import_module("compress.train")  # the module; compress.train is the function
-
+def test_run_killed_at_every_phase_resumes_to_the_uninterrupted_result(tmp_path):
+    """One run killed (os._exit: no cleanup) in turn during training, while saving a stage,
+    right after saving it, while evaluating it and while writing the report; each time
+    `--resume` goes on, and the end is the uninterrupted run's, bit for bit."""
     recipe = tmp_path / "chain.yaml"
     recipe.write_text(CHAIN)
-    whole = run(recipe, out=tmp_path / "whole")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cli("run", str(recipe), "--out", str(whole)).returncode == 0
 
-    save, saves = loop._save_checkpoint, []
+    def killed(phase: str, *args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.kill_at", phase, "run", str(recipe), *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 137, (phase, done.stderr[-2000:])
 
-    def crash_after_third_checkpoint(*args, **kwargs):
-        save(*args, **kwargs)
-        saves.append(args[0])
-        if len(saves) == 3:  # prune's fine-tune saved twice; distillation's first epoch
-            raise KeyboardInterrupt
+    killed("training", "--out", str(cut))
+    assert list((cut / "checkpoints").rglob("last.pt")) and not (cut / "stage0_prune").exists()
+    killed("saving", "--resume", str(cut))
+    assert not (cut / "stage0_prune").exists()  # only a staging folder, never half a model
+    killed("saved", "--resume", str(cut))
+    assert (cut / "stage0_prune" / "manifest.json").is_file()
+    assert not (cut / "evaluations" / "stage0.json").exists()
+    killed("evaluating", "--resume", str(cut))
+    killed("report", "--resume", str(cut))
+    assert (cut / "report.md").is_file() and not (cut / "report.json").exists()
+    done = run_cli("run", str(recipe), "--resume", str(cut))
+    assert done.returncode == 0, done.stderr[-3000:]
 
-    monkeypatch.setattr(loop, "_save_checkpoint", crash_after_third_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe, out=tmp_path / "cut")
-    assert (tmp_path / "cut" / "stage0_prune" / "manifest.json").is_file()
-    assert not (tmp_path / "cut" / "model").exists()
-    monkeypatch.setattr(loop, "_save_checkpoint", save)
-
-    resumed = run(recipe, resume=tmp_path / "cut")
-    log = (tmp_path / "cut" / "run.log").read_text()
-    assert "prune:magnitude: done in the interrupted run" in log
-    assert "distill: resumed from" in log and "at epoch 1" in log
-    a, b = load(tmp_path / "whole" / "model"), load(tmp_path / "cut" / "model")
+    log = (cut / "run.log").read_text()
+    assert "resumed from" in log and "saved in the interrupted run; evaluating it" in log
+    a, b = load(whole / "model", trust_code=True), load(cut / "model", trust_code=True)
     for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y)
-    assert resumed.final.accuracy_top1 == whole.final.accuracy_top1
-    assert [e.name for e in resumed.evaluations] == [e.name for e in whole.evaluations]
+    first, second = (json.loads((d / "report.json").read_text()) for d in (whole, cut))
+    for one, other in zip(first["evaluations"], second["evaluations"], strict=True):
+        assert one["name"] == other["name"]
+        assert one["accuracy_top1"] == other["accuracy_top1"]
+        assert one["size_bytes"] == other["size_bytes"]
 
 
 def test_resume_refuses_another_recipe_or_a_finished_run(tmp_path):

@@ -111,7 +111,7 @@ def test_save_load_identical_outputs(options, synthetic, tmp_path):
     model = _model()
     pruned = prune(model, synthetic, **options)
     folder = save(pruned, tmp_path / "pruned")
-    loaded = load(folder)
+    loaded = load(folder, trust_code=True)
     x = synthetic.example_input(4)
     with torch.no_grad():
         assert torch.equal(pruned(x), loaded(x))

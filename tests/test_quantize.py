@@ -6,6 +6,7 @@ from torch import nn
 
 from compress.artifact import load, save
 from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
+from compress.profile import profile_model
 from compress.quantize import QUANTIZE_METHODS, QuantizationError, quantize
 
 pytestmark = pytest.mark.slow
@@ -42,15 +43,18 @@ def test_method_close_to_float_on_real_data(method, trained_tiny, fmnist, base, 
     images = fmnist.example_input(250)
     with torch.inference_mode():
         assert sqnr_db(trained_tiny(images), qmodel(images)) >= min_sqnr
-    after = evaluate(qmodel, fmnist, FAST_EVAL, baseline=base, name=method)
+    # save -> load -> identical outputs; the figures are the saved folder's, as `eval
+    # --model` and `profile --model` measure it.
+    folder = save(qmodel, tmp_path / method, fmnist.example_input(2))
+    loaded = load(folder, trust_code=True)
+    with torch.inference_mode():
+        assert torch.equal(qmodel(images), loaded(images))
+    after = evaluate(loaded, fmnist, FAST_EVAL, baseline=base, name=method, artifact=folder)
     assert base.accuracy_top1 > 75.0  # the float model really learned something
     assert after.accuracy_drop["points"] <= max_drop
     assert after.macs == base.macs > 0  # MACs are counted whatever the precision, never 0
     assert after.memory_access_bytes <= max_memory * base.memory_access_bytes
-    # save -> load -> identical outputs, and nothing else in the folder but data
-    loaded = load(save(qmodel, tmp_path / method))
-    with torch.inference_mode():
-        assert torch.equal(qmodel(images), loaded(images))
+    assert profile_model(loaded, fmnist.example_input(1), 1, 2)["model"]["macs"] == after.macs
     assert trained_tiny.training is False and not isinstance(
         trained_tiny, type(qmodel)
     )  # input untouched
@@ -74,7 +78,7 @@ def test_any_batch_size_matches_reference(int8_tiny, fmnist):
 
 def test_save_load_identical_outputs(int8_tiny, fmnist, tmp_path):
     folder = save(int8_tiny, tmp_path / "int8")
-    loaded = load(folder)
+    loaded = load(folder, trust_code=True)
     images = fmnist.example_input(8)
     with torch.inference_mode():
         assert torch.equal(int8_tiny.reference_module(images), loaded.reference_module(images))
@@ -144,7 +148,9 @@ def test_untraceable_model_is_quantized_in_parts(fmnist, tmp_path):
     images = fmnist.example_input(16)
     with torch.inference_mode():
         assert sqnr_db(model(images), qmodel(images)) >= 20.0
-        assert torch.equal(qmodel(images), load(save(qmodel, tmp_path / "parts"))(images))
+        assert torch.equal(
+            qmodel(images), load(save(qmodel, tmp_path / "parts"), trust_code=True)(images)
+        )
 
 
 class _Opaque(nn.Module):

@@ -68,7 +68,7 @@ def test_prune_then_share_keeps_zeros_and_shares_the_rest(trained_tiny, fmnist, 
         assert torch.equal(weight == 0, was_zero)  # pruned stay pruned, survivors stay non-zero
         assert torch.unique(weight).numel() <= 2 ** BITS["conv"]
     # Stored as mask + indices of the survivors, restored exactly, smaller than sparse alone.
-    again = load(save(shared, tmp_path / "shared"))
+    again = load(save(shared, tmp_path / "shared"), trust_code=True)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in shared.state_dict().items())
     sparse_size = sum(f.stat().st_size for f in save(sparse, tmp_path / "sparse").rglob("*"))
     shared_size = sum(f.stat().st_size for f in (tmp_path / "shared").rglob("*"))
@@ -79,7 +79,7 @@ def test_artifact_stores_codebooks_and_round_trips_exactly(trained_tiny, fmnist,
     shared = share(trained_tiny, fmnist, bits=BITS, fine_tune={"epochs": 0})
     dense = save(trained_tiny, tmp_path / "dense")
     folder = save(shared, tmp_path / "shared")
-    again = load(folder)
+    again = load(folder, trust_code=True)
     for key, value in shared.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     size = sum(f.stat().st_size for f in folder.rglob("*"))

@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.artifact import register_loader
+from compress.artifact import (
+    ArtifactError,
+    fill_state,
+    manifest_counts,
+    register_loader,
+    spec_architecture,
+)
 from compress.data import Data
 from compress.evaluate import count_params
 from compress.recipe import QuantizeConfig
@@ -46,13 +52,13 @@ class LowPrecisionModel(nn.Module):
         from compress.artifact import save_state
 
         if not hasattr(self.inner, "compress_spec"):
-            from compress.artifact import save_exported
+            from compress.artifact import save_graph
 
             if example is None:
                 raise ValueError(
                     "pass an example input to save a model that compress did not build"
                 )
-            return {"kind": "exported", "file": save_exported(self, folder, example)}
+            return {"kind": "exported", "file": save_graph(self, folder, example)}
         manifest = save_state(self.inner, folder)
         return {
             **manifest,
@@ -63,22 +69,20 @@ class LowPrecisionModel(nn.Module):
 
 
 @register_loader("low_precision")
-def _load(folder: Path, manifest: dict) -> LowPrecisionModel:
-    from compress.models import load_state_dict_file, model_from_spec
-
-    dtype = getattr(torch, manifest["dtype"])
-    model = LowPrecisionModel(
-        model_from_spec(manifest["spec"]), dtype, tuple(manifest["param_counts"])
-    )
-    load_state_dict_file(model.inner, folder / manifest["file"])
-    return model
+def _load(folder: Path, manifest: dict, trust) -> LowPrecisionModel:
+    dtype = {str(d).removeprefix("torch."): d for d in DTYPES.values()}.get(manifest.get("dtype"))
+    if dtype is None:
+        raise ArtifactError(f"{folder}: dtype {manifest.get('dtype')!r} is not float16/bfloat16")
+    inner = spec_architecture(folder, manifest, trust)
+    fill_state(inner, folder, manifest)
+    return LowPrecisionModel(inner, dtype, manifest_counts(folder, manifest))
 
 
 def cast(model: nn.Module, data: Data, config: QuantizeConfig) -> LowPrecisionModel:
     """Cast a copy of ``model`` to the method's dtype."""
     return LowPrecisionModel(
         copy.deepcopy(model).eval(), DTYPES[config.method], count_params(model)
-    )
+    ).eval()
 
 
 def _not_faster_reason(dtype: torch.dtype, on_gpu: bool = False) -> str:

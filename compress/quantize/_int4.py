@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.artifact import register_loader
+from compress.artifact import (
+    ArtifactError,
+    manifest_counts,
+    read_weights,
+    register_loader,
+    spec_architecture,
+)
 from compress.data import Data
 from compress.evaluate import count_params
 from compress.recipe import QuantizeConfig
@@ -80,23 +86,40 @@ class Int4WeightOnlyModel(nn.Module):
 
 
 @register_loader("int4_weight_only")
-def _load(folder: Path, manifest: dict) -> Int4WeightOnlyModel:
-    from compress.models import model_from_spec
-
-    state = torch.load(folder / manifest["file"], map_location="cpu", weights_only=True)
+def _load(folder: Path, manifest: dict, trust) -> Int4WeightOnlyModel:
+    inner = spec_architecture(folder, manifest, trust)
+    group_size, layers = manifest.get("group_size"), manifest.get("layers")
+    if not isinstance(group_size, int) or group_size < 1 or not isinstance(layers, dict):
+        raise ArtifactError(f"{folder}: group_size or layers malformed; refused")
+    state = read_weights(folder, manifest, inner)
     packed = {}
-    for name, shape in manifest["layers"].items():
-        packed[name] = {part: state.pop(f"{name}.{part}") for part in ("codes", "scales", "zeros")}
+    for name, shape in layers.items():
+        module = dict(inner.named_modules()).get(name)
+        if not isinstance(module, nn.Linear):
+            raise ArtifactError(f"{folder}: int4 layer {name!r} is not a Linear of the model")
+        out_features, in_features = module.weight.shape
+        group = min(group_size, in_features)
+        if shape != [out_features, in_features, group]:
+            raise ArtifactError(f"{folder}: int4 layer {name!r}: shape {shape!r} does not fit")
+        groups = -(-in_features // group)
+        expected = {
+            "codes": (out_features, -(-groups * group // 2)),
+            "scales": (out_features, groups),
+        }
+        expected["zeros"] = expected["scales"]
+        try:
+            packed[name] = {part: state.pop(f"{name}.{part}") for part in expected}
+        except KeyError as error:
+            raise ArtifactError(f"{folder}: the weight file lacks {error}; refused") from None
+        if any(tuple(packed[name][p].shape) != expected[p] for p in expected):
+            raise ArtifactError(f"{folder}: int4 layer {name!r}: packed tensors do not fit")
         packed[name]["shape"] = tuple(shape)
-    inner = model_from_spec(manifest["spec"])
     missing, unexpected = inner.load_state_dict(state, strict=False)
     if unexpected or set(missing) != {f"{name}.weight" for name in packed}:
-        raise ValueError(
+        raise ArtifactError(
             f"{folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})"
         )
-    return Int4WeightOnlyModel(
-        inner, packed, manifest["group_size"], tuple(manifest["param_counts"])
-    )
+    return Int4WeightOnlyModel(inner, packed, group_size, manifest_counts(folder, manifest))
 
 
 def int4_weight_only(model: nn.Module, data: Data, config: QuantizeConfig) -> Int4WeightOnlyModel:
@@ -110,7 +133,7 @@ def int4_weight_only(model: nn.Module, data: Data, config: QuantizeConfig) -> In
         for name, module in inner.named_modules()
         if isinstance(module, nn.Linear) and name not in skipped
     }
-    return Int4WeightOnlyModel(inner, packed, config.group_size, count_params(model))
+    return Int4WeightOnlyModel(inner, packed, config.group_size, count_params(model)).eval()
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int) -> dict:

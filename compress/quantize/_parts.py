@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from compress.artifact import register_loader
+from compress.artifact import (
+    ArtifactError,
+    manifest_counts,
+    read_weights,
+    register_loader,
+    spec_architecture,
+)
 from compress.data import Data
 from compress.evaluate import count_params
 from compress.recipe import QuantizeConfig
@@ -82,25 +89,31 @@ class PartlyQuantizedModel(nn.Module):
 
 
 @register_loader("partly_quantized")
-def _load(folder: Path, manifest: dict) -> PartlyQuantizedModel:
+def _load(folder: Path, manifest: dict, trust) -> PartlyQuantizedModel:
     from compress.artifact import load
-    from compress.models import model_from_spec
 
-    model = model_from_spec(manifest["spec"])
-    state = torch.load(folder / manifest["file"], map_location="cpu", weights_only=True)
+    model = spec_architecture(folder, manifest, trust)
+    state = read_weights(folder, manifest, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    parts = manifest["parts"]
+    parts = manifest.get("parts")
+    if not isinstance(parts, dict) or not all(isinstance(n, str) for n in parts):
+        raise ArtifactError(f"{folder}: parts malformed; refused")
     if unexpected or any(not any(k.startswith(p + ".") for p in parts) for k in missing):
-        raise ValueError(
+        raise ArtifactError(
             f"{folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})"
         )
+    modules = dict(model.named_modules())
     for name, sub in parts.items():
-        if not (folder / sub).resolve().is_relative_to(folder.resolve()):
-            raise ValueError(f"{folder}: part {sub!r} lies outside the model folder")
-        _set_submodule(model, name, load(folder / sub))
-    return PartlyQuantizedModel(
-        model.eval(), list(parts), tuple(manifest["param_counts"]), manifest["notes"]
-    )
+        if name not in modules or not name:
+            raise ArtifactError(f"{folder}: part {name!r} is not a module of the model")
+        if not isinstance(sub, str) or not re.fullmatch(r"part\d+", sub):
+            raise ArtifactError(f"{folder}: part {sub!r} is not a part folder of this one")
+        if (folder / sub).is_symlink():
+            raise ArtifactError(f"{folder}: part {sub!r} is a link; refused")
+        part = load(folder / sub, trust_code=trust.code, trusted_imports=trust.imports)
+        _set_submodule(model, name, part)
+    notes = [str(note) for note in manifest.get("notes", [])]
+    return PartlyQuantizedModel(model.eval(), list(parts), manifest_counts(folder, manifest), notes)
 
 
 def quantize_parts(

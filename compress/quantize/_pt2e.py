@@ -23,7 +23,7 @@ from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 from tqdm import tqdm
 
 from compress import distributed
-from compress.artifact import load_exported, register_loader
+from compress.artifact import graph_file, load_graph, manifest_counts, register_loader
 from compress.data import Data
 from compress.evaluate import count_params
 from compress.recipe import QuantizeConfig
@@ -76,15 +76,14 @@ class QuantizedModel(nn.Module):
         self.int8_kernels: int | None = None  # INT8 ops inductor lowered at the last new shape
 
     def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
-        from compress.artifact import save_exported
+        from compress.artifact import save_graph
 
         graph = self.reference_module
-        if example is None:  # the exported graph remembers its input's shape
-            value = next(n for n in graph.graph.nodes if n.op == "placeholder").meta["val"]
-            example = torch.zeros(2, *[int(d) for d in value.shape[1:]])
+        if example is None:  # the graph remembers its input's shape
+            example = torch.zeros(2, *_input_shape(graph))
         return {
             "kind": "quantized",
-            "file": save_exported(graph, folder, example),
+            "file": save_graph(graph, folder, example),
             "param_counts": list(self.param_counts),
             "notes": self.notes,
             "dynamic": self.element_bytes is None,
@@ -335,11 +334,22 @@ class SharedScaleObserver(PerChannelMinMaxObserver):
 
 
 @register_loader("quantized")
-def _load_quantized(folder: Path, manifest: dict) -> QuantizedModel:
-    graph = load_exported(folder / manifest["file"])
+def _load_quantized(folder: Path, manifest: dict, trust) -> QuantizedModel:
+    graph = load_graph(graph_file(folder, manifest))
     return QuantizedModel(
-        graph, tuple(manifest["param_counts"]), manifest["notes"], dynamic=manifest["dynamic"]
+        graph,
+        manifest_counts(folder, manifest),
+        [str(note) for note in manifest.get("notes", [])],
+        dynamic=manifest.get("dynamic") is True,
     )
+
+
+def _input_shape(graph: torch.fx.GraphModule) -> list[int]:
+    """One input's shape: recorded when the graph was loaded, else traced by export."""
+    if "input_shape" in graph.meta:
+        return list(graph.meta["input_shape"])
+    value = next(n for n in graph.graph.nodes if n.op == "placeholder").meta["val"]
+    return [int(d) for d in value.shape[1:]]
 
 
 def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:

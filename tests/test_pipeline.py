@@ -190,7 +190,7 @@ CHAIN = (
     "name: chain\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
     "data: {train_subset: 640, test_subset: 200, calibration_size: 200, batch_size: 64}\n"
     "train: {max_steps: 20, lr: 0.1}\n"
-    "evaluate: {warmup: 1, iterations: 3, runtimes: [torch]}\n"
+    "evaluate: {warmup: 1, iterations: 3, runtimes: [torch], profile: false}\n"
     "stages:\n"
     "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 2, lr: 0.01}}\n"
     "  - distill: {train: {epochs: 2, lr: 0.05}}\n"

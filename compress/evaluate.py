@@ -98,7 +98,12 @@ def evaluate(
     from compress.recipe import section
 
     config = section("evaluate", config or {})
-    threads = set_threads(config.threads)
+    # Each rank scores its share of the test split with its share of the cores; rank 0
+    # alone then times the model with the threads a deployment has (all cores, or
+    # evaluate.threads) while the others wait, so that measuring never shares the cores.
+    own_threads = config.threads or distributed.rank_threads()
+    threads = config.threads or distributed.usable_cores()
+    torch.set_num_threads(own_threads)
     model.eval()
     notes = list(getattr(model, "notes", []))
     if getattr(model, "cpu_only", False) and device != "cpu":
@@ -110,36 +115,25 @@ def evaluate(
     element_bytes = getattr(model, "element_bytes", None)
     memory = count_memory_access(reference, one_image, element_bytes)
     total, nonzero = getattr(model, "param_counts", None) or count_params(model)
-    # Under torchrun rank 0 alone times the model (and measures its size): the report is
-    # its, and the other ranks would only compete for the same cores.
-    main = distributed.is_main()
-    latency = measure_latency(
-        model,
-        data.example_input(config.latency_batch_size).to(device),
-        config.warmup if main else 0,
-        config.iterations if main else 1,
-    )
     top1 = top5 = None
     if config.accuracy:
         top1, top5 = accuracy(model, data, device)
-    runtimes = {"torch": {"latency_ms": latency, "accuracy_top1": top1}}
-    wanted = config.runtimes if config.runtimes is not None else available_runtimes()
-    others = [r for r in wanted if r != "torch"]
-    if others and main and device == "cpu":
-        runtimes.update(
-            measure_runtimes(model, data, config, others, threads, deploy_to, notes, top1)
-        )
-    elif others and main:
-        notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
-    candidates = [r for r in runtimes if r in wanted] or ["torch"]
-    best = min(candidates, key=lambda r: runtimes[r]["latency_ms"]["p50"])
-    latency = runtimes[best]["latency_ms"]
+    measured = None
+    if distributed.is_main():
+        torch.set_num_threads(threads)
+        try:
+            measured = _measure(model, data, config, device, threads, deploy_to, notes, top1)
+            measured["size_bytes"] = artifact_size(model, artifact, one_image.cpu(), notes)
+        finally:
+            torch.set_num_threads(own_threads)
+    measured = distributed.broadcast_object(measured)  # the other ranks wait for rank 0
+    latency = measured["runtimes"][measured["best"]]["latency_ms"]
     p50_s = latency["p50"] / 1e3
     result = Evaluation(
         name=name,
         params=total,
         nonzero_params=nonzero,
-        size_bytes=artifact_size(model, artifact, one_image.cpu(), notes) if main else 0,
+        size_bytes=measured["size_bytes"],
         flops=flops,
         macs=flops // 2,
         memory_access_bytes=memory,
@@ -151,18 +145,44 @@ def evaluate(
         gflops_per_s=flops * config.latency_batch_size / p50_s / 1e9,
         accuracy_top1=top1,
         accuracy_top5=top5,
-        notes=notes,
+        notes=measured["notes"],
         details=dict(getattr(model, "stage_details", {})),
-        runtime=best,
-        runtimes=runtimes,
+        runtime=measured["best"],
+        runtimes=measured["runtimes"],
     )
-    if config.profile and main and device == "cpu":
+    if config.profile and distributed.is_main() and device == "cpu":
         from compress.profile import summary
 
-        result.details["profile"] = summary(model, one_image, result.gflops_per_s, threads)
+        torch.set_num_threads(threads)
+        try:
+            result.details["profile"] = summary(model, one_image, result.gflops_per_s, threads)
+        finally:
+            torch.set_num_threads(own_threads)
     if baseline is not None:
         compare(result, baseline, getattr(model, "not_faster_reason", None))
     return result
+
+
+def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> dict:
+    """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best."""
+    latency = measure_latency(
+        model,
+        data.example_input(config.latency_batch_size).to(device),
+        config.warmup,
+        config.iterations,
+    )
+    runtimes = {"torch": {"latency_ms": latency, "accuracy_top1": top1}}
+    wanted = config.runtimes if config.runtimes is not None else available_runtimes()
+    others = [r for r in wanted if r != "torch"]
+    if others and device == "cpu":
+        runtimes.update(
+            measure_runtimes(model, data, config, others, threads, deploy_to, notes, top1)
+        )
+    elif others:
+        notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
+    candidates = [r for r in runtimes if r in wanted] or ["torch"]
+    best = min(candidates, key=lambda r: runtimes[r]["latency_ms"]["p50"])
+    return {"runtimes": runtimes, "best": best, "notes": notes}
 
 
 def compare(result: Evaluation, baseline: Evaluation, not_faster_reason: str | None = None) -> None:
@@ -255,7 +275,7 @@ def measure_runtimes(
 
 def set_threads(threads: int | None) -> int:
     """Use ``threads`` intra-op threads (default: every core this process may run on)."""
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or distributed.usable_cores()
     torch.set_num_threads(threads)
     return threads
 

@@ -156,6 +156,13 @@ class TrainConfig:
     amp: Literal["off", "fp16", "bf16"] = "off"
     validate: bool = True  # top-1 on the calibration split (held out of train) each epoch
     use_best: bool = False  # end with the epoch that validated best, not the last one
+    # Micro-batches of data.batch_size whose gradients add up to one optimizer step: the
+    # batch of N x data.batch_size x processes in the memory of one micro-batch. Under
+    # torchrun the ranks exchange gradients once per step, not once per micro-batch.
+    accumulate: int = field(default=1, metadata=_range(1, 1024))
+    # Intra-op threads per process. None: this machine's cores shared among the processes
+    # of the run on it (all of them for a single process).
+    threads: int | None = field(default=None, metadata=_range(1, 1024))
 
 
 # How a quantization-aware fine-tune trains by default: short, gentle, from the trained model.

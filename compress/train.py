@@ -35,6 +35,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
 
 
+# How DDP is built, as measured by scripts/bench_ddp.py (ResNet-18 on Fashion-MNIST, 2 gloo
+# ranks x 1 thread on 2 cores, global batch 128): BatchNorm buffers are not broadcast before
+# every forward (one collective per step fewer; rank 0's are broadcast once per epoch
+# instead, which ends with the same model), and gradients live in the exchange buckets.
+# bf16 gradient exchange, a static graph, larger buckets and gradient accumulation were
+# slower here (README, "Several processes").
+DDP_OPTIONS: dict = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+DDP_BF16_GRADIENTS = False  # bf16 gradient exchange (halves the bytes sent)
+
 # What the pipeline sets for every training in a run (see `run_defaults`).
 _DEFAULTS: dict = {"device": "cpu", "seed": 0, "checkpoints": None, "calls": 0}
 
@@ -102,7 +111,10 @@ def train(
         checkpoint_dir = Path(_DEFAULTS["checkpoints"]) / f"{_DEFAULTS['calls']:02d}-{slug}"
     torch.manual_seed(seed)
     model.to(device).train()
-    steps_per_epoch = len(data.loader("train", shuffle=True, seed=seed))
+    threads = config.threads or distributed.rank_threads()
+    torch.set_num_threads(threads)
+    micro_batches = len(data.loader("train", shuffle=True, seed=seed))
+    steps_per_epoch = math.ceil(micro_batches / config.accumulate)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:  # with epochs 0: exactly max_steps, across epochs
         total_steps = config.max_steps if config.epochs == 0 else min(total_steps, config.max_steps)
@@ -127,9 +139,21 @@ def train(
         log.info("%s: resumed from %s at epoch %d, step %d", desc, checkpoint, first_epoch, step)
     net = model
     if distributed.world_size() > 1:  # gradients averaged across ranks after each backward
-        net = DistributedDataParallel(
-            model, device_ids=[torch.device(device).index] if cuda else None
+        log.info(
+            "%s: %d processes, %d threads each (%d cores here, %d processes on this machine)",
+            desc,
+            distributed.world_size(),
+            threads,
+            distributed.usable_cores(),
+            distributed.local_world_size(),
         )
+        net = DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if cuda else None, **DDP_OPTIONS
+        )
+        if DDP_BF16_GRADIENTS and not cuda:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            net.register_comm_hook(None, default_hooks.bf16_compress_hook)
     # disable=None: a bar on a terminal, silence in logs and CI; other ranks stay quiet.
     progress = tqdm(
         total=total_steps,
@@ -143,32 +167,43 @@ def train(
     correct = seen = 0
     for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
         net.train()
-        for images, labels, *extra in data.loader("train", shuffle=True, seed=seed, epoch=epoch):
+        batches = data.loader("train", shuffle=True, seed=seed, epoch=epoch)
+        for index, (images, labels, *extra) in enumerate(batches):
             images, labels = images.to(device), labels.to(device)
             extra = [e.to(device) for e in extra]
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, logits = loss_fn(net, images, labels, *extra)
-            if not torch.isfinite(loss):
-                progress.close()
-                last_good = (
-                    f"; last good checkpoint: {checkpoint}"
-                    if checkpoint and checkpoint.is_file()
-                    else ""
-                )
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step};"
-                    f" lower train.lr or set train.grad_clip{last_good}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # The last micro-batch of a step (or of the epoch) steps the optimizer; the ones
+            # before it only add their gradients, without a DDP exchange (no_sync).
+            stepping = (index + 1) % config.accumulate == 0 or index + 1 == micro_batches
+            if index % config.accumulate == 0:
+                optimizer.zero_grad(set_to_none=True)
+            group_start = index - index % config.accumulate
+            in_step = min(config.accumulate, micro_batches - group_start)
+            exchange = stepping or net is model  # no_sync defers DDP's gradient exchange
+            with contextlib.nullcontext() if exchange else net.no_sync():
+                with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, logits = loss_fn(net, images, labels, *extra)
+                if not torch.isfinite(loss):
+                    progress.close()
+                    last_good = (
+                        f"; last good checkpoint: {checkpoint}"
+                        if checkpoint and checkpoint.is_file()
+                        else ""
+                    )
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step};"
+                        f" lower train.lr or set train.grad_clip{last_good}"
+                    )
+                scaler.scale(loss / in_step).backward()  # a step's mean over its micro-batches
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += labels.numel()
+            if not stepping:
+                continue
             if config.grad_clip:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += labels.numel()
             step += 1
             progress.update()
             progress.set_postfix(
@@ -176,6 +211,7 @@ def train(
             )
             if step >= total_steps:
                 break
+        distributed.broadcast_buffers(model)  # every rank validates and ends with rank 0's
         top1 = _validate(model, data, device) if config.validate else None
         log.info(
             "%s: epoch %d done, step %d/%d, last loss %.3f, train accuracy %.1f %%%s",

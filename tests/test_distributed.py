@@ -1,6 +1,7 @@
 """Data-parallel training and runs under torchrun: 2 CPU processes with gloo."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,9 @@ def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_two_ranks_end_identical_and_match_one_process_on_the_global_batch(tmp_path):
     two = _torchrun("tests/ddp_train.py", str(tmp_path), "32")
     assert two.returncode == 0, two.stderr[-3000:]
+    # The same global batch of 64 as 2 ranks x 2 accumulated micro-batches of 16.
+    accumulated = _torchrun("tests/ddp_train.py", str(tmp_path), "16", "2")
+    assert accumulated.returncode == 0, accumulated.stderr[-3000:]
     one = subprocess.run(
         [sys.executable, "tests/ddp_train.py", str(tmp_path), "64"],
         capture_output=True,
@@ -30,14 +34,26 @@ def test_two_ranks_end_identical_and_match_one_process_on_the_global_batch(tmp_p
         timeout=600,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    rank0, rank1, single = (
-        torch.load(tmp_path / name, weights_only=True)
-        for name in ("rank0-of-2.pt", "rank1-of-2.pt", "rank0-of-1.pt")
+    rank0, rank1, single, rank0_accumulated = (
+        torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        for name in ("rank0-of-2-x1", "rank1-of-2-x1", "rank0-of-1-x1", "rank0-of-2-x2")
     )
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas identical
         assert torch.allclose(rank0[key], single[key], atol=1e-4), key  # same global batches
+        assert torch.allclose(rank0_accumulated[key], single[key], atol=1e-4), key
         assert not torch.equal(rank0[key], torch.zeros_like(rank0[key]))
+    # Each rank takes its share of the machine's cores; one process takes them all.
+    cores = len(os.sched_getaffinity(0))
+    threads = {
+        name: json.loads((tmp_path / f"{name}.json").read_text())["threads"]
+        for name in ("rank0-of-2-x1", "rank1-of-2-x1", "rank0-of-1-x1")
+    }
+    assert threads == {
+        "rank0-of-2-x1": max(1, cores // 2),
+        "rank1-of-2-x1": max(1, cores // 2),
+        "rank0-of-1-x1": cores,
+    }
 
 
 @pytest.mark.slow
@@ -47,7 +63,7 @@ def test_recipe_runs_under_torchrun_with_one_writer(tmp_path):
         "name: ddp\nmodel: {name: 'compress.models:mlp', kwargs: {hidden: 64}}\n"
         "data: {train_subset: 1024, test_subset: 501, calibration_size: 200, batch_size: 32}\n"
         "train: {epochs: 1, lr: 0.05}\n"
-        "evaluate: {warmup: 1, iterations: 5, threads: 1, runtimes: [torch]}\n"
+        "evaluate: {warmup: 1, iterations: 5, runtimes: [torch]}\n"
         "stages:\n"
         "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 1, lr: 0.01}}\n"
         "  - quantize: {method: int8_static, calibration_batches: 1}\n"
@@ -65,3 +81,9 @@ def test_recipe_runs_under_torchrun_with_one_writer(tmp_path):
         assert round(e["accuracy_top1"] * 501 / 100, 6) == round(e["accuracy_top1"] * 501 / 100)
         assert e["accuracy_top1"] > 30
     assert len(list((out / "checkpoints").rglob("last.pt"))) == 1  # the fine-tune's, once
+    # By default each rank trains on its share of the cores, and rank 0 times the model
+    # alone with all of them (what a deployment has).
+    cores = len(os.sched_getaffinity(0))
+    log = (out / "run.log").read_text()
+    assert f"2 processes, {max(1, cores // 2)} threads each" in log
+    assert all(e["threads"] == cores for e in report["evaluations"])

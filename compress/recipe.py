@@ -413,7 +413,9 @@ class EvaluateConfig:
     latency_batch_size: int = field(default=1, metadata=_range(1, 4096))  # images per timed call
     warmup: int = field(default=10, metadata=_range(0))  # untimed calls before timing
     iterations: int = field(default=100, metadata=_range(1))  # timed calls
-    threads: int | None = field(default=None, metadata=_range(1, 1024))  # None: all usable cores
+    # Threads for the timings (rank 0 alone, the others waiting). None: all usable cores, as
+    # a deployment has; under torchrun each rank's accuracy share then uses cores / ranks.
+    threads: int | None = field(default=None, metadata=_range(1, 1024))
     accuracy: bool = True  # False for latency-only runs (synthetic data)
     max_accuracy_drop: float | None = field(default=None, metadata=_range(0.0))  # points
     # Per-layer cost breakdown against this machine's measured peaks (report.md section).

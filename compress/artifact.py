@@ -117,11 +117,7 @@ def load(path: str | Path, *, trust_code: bool = False, trusted_imports: Iterabl
     path = Path(path)
     manifest = read_manifest(path)
     model = LOADERS[manifest["kind"]](path, manifest, Trust(trust_code, frozenset(trusted_imports)))
-    try:
-        model.eval()
-    except NotImplementedError:  # an exported graph has no train/eval modes: already inference
-        pass
-    return model
+    return model.eval()
 
 
 def read_manifest(path: Path) -> dict:

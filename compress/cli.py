@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -305,7 +306,7 @@ def _export(args) -> int:
 
     import torch
 
-    from compress.artifact import MANIFEST, load
+    from compress.artifact import MANIFEST, load, read_manifest
     from compress.deploy import FORMATS, ExportError, deployed, deployed_files, export
 
     folder = Path(args.model)
@@ -329,11 +330,18 @@ def _export(args) -> int:
                 " integers, e.g. 1,28,28"
             )
     else:
-        shape = json.loads((folder / MANIFEST).read_text()).get("input_shape")
+        shape = read_manifest(folder).get("input_shape")
         if not shape:
             raise RecipeError(
                 f"export: {folder} does not record its input shape; pass --input-shape C,H,W"
             )
+    if not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= 4
+        and all(isinstance(d, int) and 1 <= d <= 8192 for d in shape)
+        and math.prod(shape) <= 1 << 26
+    ):
+        raise RecipeError(f"export: input shape {shape!r} is not one image's (C,H,W)")
     model = load(folder, trust_code=args.trust_code).cpu()
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     export(model, out, args.format, example)

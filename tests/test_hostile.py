@@ -184,6 +184,9 @@ def test_manifest_values_are_checked_against_the_architecture(spec_folder):
     hostile.edit_manifest(spec_folder, lambda m: m.update(shapes=shapes))
     refused(lambda: load(spec_folder), match="does not build")  # an attribute not a shape
     hostile.edit_manifest(spec_folder, lambda m: m.pop("shapes"))
+    hostile.edit_manifest(spec_folder, lambda m: m.update(input_shape=[100_000] * 3))
+    assert cli.main(["export", str(spec_folder)]) == 2  # 10^15 pixels: refused, not made
+    assert not list(spec_folder.parent.glob("*.onnx"))
     (spec_folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(lambda: load(spec_folder), match="malformed")
 

@@ -12,7 +12,6 @@ runnable one is compiled; ``model.param_counts`` — ``(total, nonzero)``;
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import tempfile
@@ -459,7 +458,7 @@ def environment(device: str = "cpu") -> dict:
         "threads": torch.get_num_threads(),
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cores_usable": len(os.sched_getaffinity(0)),
+        "cores_usable": distributed.usable_cores(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

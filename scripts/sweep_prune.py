@@ -2,7 +2,7 @@
 
 For each model (random weights, 1 x 3 x 64 x 64 input, 30 % of channels, L1): prunes,
 runs a forward pass, and prints one JSON line with the MACs ratio or the first line of
-the error. The README's coverage table comes from this script.
+the error. The coverage table in docs/results.md comes from this script.
 
     python scripts/sweep_prune.py [--models resnet18 vit_b_16 ...] [--image-size 64]
 """

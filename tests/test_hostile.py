@@ -449,12 +449,10 @@ def test_imagefolder_with_other_test_classes_is_refused(tmp_path):
 
 
 def test_checkpoint_file_bounds_its_size(tmp_path):
-    model = build_model(MLP, 10, 1)
     path = tmp_path / "huge.pt"
     torch.save({"extra": torch.zeros(4 * 2**20)}, path)  # 16 MB for a 50 KB model
     config = ModelConfig(name=MLP.name, kwargs=MLP.kwargs, checkpoint=str(path))
     refused(lambda: build_model(config, 10, 1), ModelError, "more than the")
-    assert sum(p.numel() for p in model.parameters()) < 2**20
 
 
 def test_resume_loads_nothing_that_runs_code(tmp_path, marker, spec_folder):

@@ -14,7 +14,7 @@ EXPERIMENTS := runs/experiments/$(shell date +%Y%m%d-%H%M%S)
 endif
 RESULTS ?= results
 
-.PHONY: setup run test test-fast lint format clean data bench experiments
+.PHONY: setup run test test-fast lint format clean data bench experiments docs
 
 setup: $(STAMP) data
 
@@ -69,6 +69,9 @@ lint: setup
 format: setup
 	$(PY) -m ruff check --fix compress tests scripts
 	$(PY) -m ruff format compress tests scripts
+
+docs: setup  # docs/recipes.md from the configs (tests/test_docs.py fails when it is stale)
+	$(PY) -m compress.docs
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -20,26 +20,32 @@ _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
 from compress.artifact import load, save  # noqa: E402
 from compress.data import Data, build_data  # noqa: E402
-from compress.deploy import ExportError, export  # noqa: E402
+from compress.deploy import export  # noqa: E402
 from compress.distill import distill  # noqa: E402
+from compress.errors import CompressError, ExportError, RecipeError, UsageError  # noqa: E402
 from compress.evaluate import Evaluation, evaluate  # noqa: E402
 from compress.factorize import factorize  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.pipeline import run  # noqa: E402
 from compress.prune import prune  # noqa: E402
 from compress.quantize import quantize, sensitivity  # noqa: E402
-from compress.recipe import Recipe, RecipeError, load_recipe, parse_recipe  # noqa: E402
+from compress.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from compress.registry import STAGES, StageContext, register_stage  # noqa: E402
 from compress.report import Report  # noqa: E402
 from compress.share import share  # noqa: E402
 from compress.train import train  # noqa: E402
 
 __all__ = [
+    "STAGES",
+    "CompressError",
     "Data",
     "Evaluation",
     "ExportError",
     "Recipe",
     "RecipeError",
     "Report",
+    "StageContext",
+    "UsageError",
     "build_data",
     "build_model",
     "distill",
@@ -51,6 +57,7 @@ __all__ = [
     "parse_recipe",
     "prune",
     "quantize",
+    "register_stage",
     "run",
     "save",
     "sensitivity",

@@ -19,27 +19,30 @@ import operator
 import os
 import re
 import shutil
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
-from compress.memory import available_bytes
+# The quantize/dequantize ops of PT2E graphs are registered by importing torchao's flow.
+import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from compress.architectures import model_from_spec
+from compress.errors import ArtifactError
+from compress.storage import memory_cap, model_bytes, read_tensors
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# Saved graphs accept batches of 1..MAX_BATCH images (a dynamic batch dimension).
+MAX_BATCH = 4096
 # A manifest or graph file larger than this is not one compress wrote (ResNet-50 pruned to
 # per-layer shapes needs ~50 KB; a 10,000-node graph ~3 MB).
 MAX_JSON_BYTES = 64 << 20
-# Slack over the bytes the architecture implies, for a tensor file's own structure.
-FILE_SLACK_BYTES = 1 << 20
-
-
-class ArtifactError(RuntimeError):
-    """A model folder that is missing, malformed or unsafe to load."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,6 @@ def load(path: str | Path, *, trust_code: bool = False, trusted_imports: Iterabl
         >>> model = load("runs/resnet_int8/20261128-1500/model")
         >>> model = load("downloaded/model", trust_code=True)  # you trust its author
     """
-    import compress.quantize  # noqa: F401 - registers the loaders of quantized kinds
-
     path = Path(path)
     manifest = read_manifest(path)
     model = LOADERS[manifest["kind"]](path, manifest, Trust(trust_code, frozenset(trusted_imports)))
@@ -158,82 +159,9 @@ def _read_json(file: Path):
         raise ArtifactError(f"{file} is malformed: {str(reason).splitlines()[0]}") from None
 
 
-def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
-    """Write ``content`` (text, or a function that writes a given path) to a temporary file
-    beside ``path``, then rename it into place: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            tmp.write_text(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_tensors(file: Path, max_bytes: int, nested: bool = False) -> dict:
-    """A ``torch.save`` file of tensors, read with PyTorch's ``weights_only`` unpickler after
-    checking the archive itself: unique entry names (so that the bytes checked are the bytes
-    torch reads), stored rather than compressed entries (no zip bomb), and no more than
-    ``max_bytes`` in all. ``nested`` allows dicts of tensors inside (a training checkpoint).
-    """
-    try:
-        with zipfile.ZipFile(file) as archive:
-            entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError):
-        raise ArtifactError(f"{file} is not a torch.save zip file; refused") from None
-    names = [e.filename for e in entries]
-    if len(set(names)) != len(names):
-        raise ArtifactError(f"{file}: an entry name appears twice in the archive; refused")
-    if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
-        raise ArtifactError(f"{file}: compressed entries (torch.save never writes them); refused")
-    total = sum(e.file_size for e in entries)
-    if total > max_bytes + FILE_SLACK_BYTES:
-        raise ArtifactError(
-            f"{file}: holds {total} bytes, more than the {max_bytes} the model implies; refused"
-        )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - weights_only refused it: say why, briefly
-        raise ArtifactError(
-            f"{file}: not loadable as data only ({str(error).strip().splitlines()[0][:200]});"
-            " refused (compress never unpickles code)"
-        ) from None
-    if not isinstance(state, dict) or not _plain_tensors(state, nested):
-        raise ArtifactError(f"{file}: not a mapping of names to tensors; refused")
-    return state
-
-
-def _plain_tensors(state: dict, nested: bool) -> bool:
-    """Names to tensors; with ``nested``, also the plain values and containers of a training
-    checkpoint (an optimizer's state is keyed by parameter index, its groups are a list)."""
-    for key, value in state.items():
-        if not isinstance(key, str) and not (nested and isinstance(key, int)):
-            return False
-        if not (isinstance(value, torch.Tensor) or (nested and _is_plain(value))):
-            return False
-    return True
-
-
-def _is_plain(value) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return _plain_tensors(value, nested=True)
-    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
-
-
 def read_weights(folder: Path, manifest: dict, model: nn.Module) -> dict:
     """The tensors of the manifest's weight file, bounded by what ``model`` holds."""
     return read_tensors(data_file(folder, manifest.get("file")), model_bytes(model))
-
-
-def memory_cap() -> int:
-    """The most bytes a file may make compress allocate: half the memory available."""
-    return available_bytes() // 2
 
 
 def manifest_counts(folder: Path, manifest: dict) -> tuple[int, int]:
@@ -246,11 +174,6 @@ def manifest_counts(folder: Path, manifest: dict) -> tuple[int, int]:
 
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters and buffers: what its weight file may hold at most."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 # Import paths of compress's own model factories: safe to build from any folder's spec.
@@ -269,6 +192,50 @@ def register_loader(kind: str):
         return loader
 
     return register
+
+
+@dataclass(frozen=True)
+class ArchitectureChange:
+    """How a stage's change to a spec-built model's layers is saved and rebuilt:
+    ``capture(model)`` gives the plain data the manifest keeps under the change's key (at
+    save time, so it describes the model as saved), ``apply(model, data)`` rebuilds the
+    change on a freshly built model. Changes are rebuilt in ``order``."""
+
+    capture: Callable[[nn.Module], Any]
+    apply: Callable[[nn.Module, Any], None]
+    order: int
+
+
+# manifest key -> how that change is rebuilt. Stages that change layers register theirs.
+ARCHITECTURE_CHANGES: dict[str, ArchitectureChange] = {}
+
+
+def register_architecture_change(key: str, capture, order: int):
+    """Decorator on ``apply(model, data)``: the stage whose change ``key`` names (``shapes``,
+    ``replacements``) saves it with ``capture(model)`` and rebuilds it with ``apply``.
+
+    Example:
+        >>> @register_architecture_change("shapes", capture=module_shapes, order=1)
+        ... def apply_shapes(model, shapes): ...
+    """
+
+    def register(apply):
+        ARCHITECTURE_CHANGES[key] = ArchitectureChange(capture, apply, order)
+        return apply
+
+    return register
+
+
+def mark_changed(model: nn.Module, key: str) -> None:
+    """Record on ``model`` that its layers went through the registered change ``key``."""
+    model.compress_changes = [*getattr(model, "compress_changes", []), key]
+
+
+def architecture_changes(model: nn.Module) -> dict:
+    """The manifest entries of ``model``'s architecture changes, captured now, in order."""
+    keys = set(getattr(model, "compress_changes", []))
+    ordered = sorted(keys, key=lambda k: ARCHITECTURE_CHANGES[k].order)
+    return {key: ARCHITECTURE_CHANGES[key].capture(model) for key in ordered}
 
 
 # A weight at least this sparse is stored as a bitmask plus its non-zero values: the bytes
@@ -315,8 +282,6 @@ def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict
 
     Mostly-zero tensors are stored sparse; ``_load_state`` restores them exactly.
     """
-    import numpy as np
-
     state, sparse, shared = {}, [], []
     for key, tensor in model.state_dict().items():
         codebook = _codebook(tensor)
@@ -365,10 +330,8 @@ def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict
         manifest["sparse"] = sparse
     if shared:
         manifest["shared"] = shared
-    if getattr(model, "compress_replacements", None):
-        manifest["replacements"] = model.compress_replacements
-    if hasattr(model, "compress_shapes"):
-        manifest["shapes"] = model.compress_shapes
+    for key, record in architecture_changes(model).items():
+        manifest[key] = record
     return manifest
 
 
@@ -409,17 +372,12 @@ def spec_architecture(folder: Path, manifest: dict, trust: Trust) -> nn.Module:
 
 
 def _architecture(folder: Path, spec: dict, manifest: dict) -> nn.Module:
-    from compress.factorize import apply_replacements
-    from compress.models import model_from_spec
-    from compress.prune import apply_shapes
-
     try:
         model = model_from_spec(spec)
-        if "replacements" in manifest:  # factorized layers first: the shapes name their parts
-            apply_replacements(model, manifest["replacements"])
-        if "shapes" in manifest:
-            apply_shapes(model, manifest["shapes"])
-            model.compress_shapes = manifest["shapes"]
+        for key, change in sorted(ARCHITECTURE_CHANGES.items(), key=lambda kv: kv[1].order):
+            if key in manifest:
+                change.apply(model, manifest[key])
+                mark_changed(model, key)
     except Exception as error:  # noqa: BLE001 - a manifest that does not build: one line
         raise ArtifactError(
             f"{folder}: the model its manifest describes does not build"
@@ -438,8 +396,6 @@ def _load_state(folder: Path, manifest: dict, trust: Trust) -> nn.Module:
 def fill_state(model: nn.Module, folder: Path, manifest: dict) -> None:
     """Load the manifest's weight file into ``model`` strictly, each coded tensor restored
     to exactly the shape the model has (not the one the manifest claims)."""
-    import numpy as np
-
     expected = model.state_dict()
     state = read_weights(folder, manifest, model)
     try:
@@ -500,8 +456,6 @@ def _coded_entry(entry, expected: dict, folder: Path) -> tuple[str, torch.dtype]
 
 
 def _bits(packed: bytes, count: int) -> torch.Tensor:
-    import numpy as np
-
     return torch.from_numpy(np.unpackbits(np.frombuffer(packed, np.uint8))[:count].astype(bool))
 
 
@@ -529,8 +483,6 @@ def save_graph(
     A module that is not an FX graph yet is ``torch.export``-ed first, with a dynamic batch.
     Returns the file name.
     """
-    from compress.quantize import MAX_BATCH
-
     if not isinstance(module, torch.fx.GraphModule):
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         module = torch.export.export(
@@ -577,9 +529,6 @@ def load_graph(file: Path) -> torch.fx.GraphModule:
     """Rebuild a graph stored by :func:`save_graph`, checking every name against the
     allow-lists; its intermediate tensors are sized on fake tensors before it is kept, so
     that a graph that would allocate more than the machine has is refused."""
-    # The quantize/dequantize ops of PT2E graphs are registered by torchao.
-    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
-
     stored = _read_json(file)
     if not isinstance(stored, dict) or stored.get("format") != GRAPH_FORMAT:
         raise ArtifactError(f"{file}: not a {GRAPH_FORMAT} graph; refused")
@@ -734,8 +683,6 @@ def _decode(value, made: list, file: Path, depth: int = 0):
 def _check_sizes(module: torch.fx.GraphModule, input_shape, file: Path) -> None:
     """Run the graph on fake tensors (no memory, no arithmetic) for one input; refuse it if
     an intermediate tensor would be larger than the machine can hold."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     if not (isinstance(input_shape, list) and all(_is_size(d) for d in input_shape)):
         raise ArtifactError(f"{file}: input_shape {input_shape!r} refused")
     try:

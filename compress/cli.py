@@ -12,9 +12,35 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 
-from compress.artifact import write_atomic
-from compress.recipe import RecipeError
+import torch
+import yaml
+
+from compress import distributed
+from compress.architectures import torchvision_models
+from compress.artifact import MANIFEST, load, read_manifest
+from compress.data import DATASETS, build_data
+from compress.deploy import FORMATS, RUNTIMES, deployed, deployed_files, export, missing_runtimes
+from compress.distributed import set_threads
+from compress.errors import ExportError, RecipeError, ReportError, UsageError
+from compress.evaluate import evaluate
+from compress.pipeline import baseline_model, make_run_dir, recipe_imports, resolve_device, run
+from compress.plots import sensitivity_chart
+from compress.profile import environment, profile_model
+from compress.quantize import QuantizeConfig, sensitivity
+from compress.recipe import load_recipe
+from compress.registry import STAGES
+from compress.report import (
+    Report,
+    markdown_table,
+    profile_markdown,
+    summarize,
+    write_profile,
+    write_summary,
+)
+from compress.storage import write_atomic
+from compress.traits import traits
 
 TRUST_HELP = (
     "load a model folder whose spec names Python code ('package.module:factory') and run"
@@ -136,28 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         return _COMMANDS[args.command](args)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UsageError as error:  # a bad recipe, option, path, folder or data: exit 2
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - runtime failure: explain briefly, exit 1
-        from compress.artifact import ArtifactError
-        from compress.data import DataError
-        from compress.pipeline import RunDirError
-
-        if isinstance(error, (RunDirError, ArtifactError, DataError)):  # bad path, folder, data
-            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-            return 2
         text = str(error).strip() or type(error).__name__
         print(f"failed: {type(error).__name__}: {text.splitlines()[0][:500]}", file=sys.stderr)
         return 1
 
 
 def _run(args) -> int:
-    from compress import distributed
-    from compress.pipeline import run
 
     try:
         report = run(args.recipe, out=args.out, overrides=args.overrides, resume=args.resume)
@@ -170,11 +187,6 @@ def _run(args) -> int:
 
 
 def _eval(args) -> int:
-    from compress.data import build_data
-    from compress.evaluate import environment, evaluate
-    from compress.pipeline import baseline_model, resolve_device
-    from compress.recipe import load_recipe
-    from compress.report import Report
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(recipe.device)
@@ -193,17 +205,11 @@ def _eval(args) -> int:
 
 def _load_model(args, recipe):
     """``--model``'s folder; its spec may name the recipe's own import paths."""
-    from compress.artifact import load
-    from compress.pipeline import recipe_imports
 
     return load(args.model, trust_code=args.trust_code, trusted_imports=recipe_imports(recipe))
 
 
 def _validate(args) -> int:
-    import yaml
-
-    from compress.pipeline import recipe_imports
-    from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
@@ -215,12 +221,6 @@ def _validate(args) -> int:
 
 
 def _sensitivity(args) -> int:
-    from compress.data import build_data
-    from compress.pipeline import baseline_model, make_run_dir, resolve_device
-    from compress.plots import sensitivity_chart
-    from compress.quantize import sensitivity
-    from compress.recipe import QuantizeConfig, load_recipe
-    from compress.report import markdown_table
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(recipe.device)
@@ -251,11 +251,6 @@ def _sensitivity(args) -> int:
 
 
 def _profile(args) -> int:
-    from compress.data import build_data
-    from compress.evaluate import set_threads
-    from compress.pipeline import baseline_model, make_run_dir
-    from compress.profile import markdown, profile_model, write_profile
-    from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     threads = set_threads(recipe.evaluate.threads)
@@ -265,15 +260,12 @@ def _profile(args) -> int:
     result = profile_model(model.cpu().eval(), example, threads)
     out = make_run_dir(f"{recipe.name}-profile", args.out)
     written = write_profile(result, out, args.model or f"{recipe.name} baseline")
-    print(markdown(result), end="")
+    print(profile_markdown(result), end="")
     print("\nwritten: " + ", ".join(str(p) for p in written))
     return 0
 
 
 def _compare(args) -> int:
-    from pathlib import Path
-
-    from compress.report import Report, ReportError, summarize, write_summary
 
     folders = []
     for given in args.runs:
@@ -302,12 +294,6 @@ def _compare(args) -> int:
 
 
 def _export(args) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from compress.artifact import MANIFEST, load, read_manifest
-    from compress.deploy import FORMATS, ExportError, deployed, deployed_files, export
 
     folder = Path(args.model)
     if not (folder / MANIFEST).is_file():
@@ -349,7 +335,7 @@ def _export(args) -> int:
     try:  # checked before it is kept: the runtime loads it and agrees with torch
         in_runtime = deployed(model, runtime, 1, example, out.parent / out.stem)
         # An INT8 model's reference graph computes its numbers without compiling kernels.
-        reference = getattr(model, "reference_module", model)
+        reference = traits(model).reference
         with torch.inference_mode():
             difference = (in_runtime(example) - reference(example).float()).abs().max().item()
     except ExportError:
@@ -361,14 +347,10 @@ def _export(args) -> int:
 
 
 def _list(args) -> int:
-    from compress.data import DATASETS
-    from compress.deploy import RUNTIMES, missing_runtimes
-    from compress.models import torchvision_models
-    from compress.recipe import STAGE_METHOD_OPTIONS
 
     print("stages and methods:")
-    for stage, methods in STAGE_METHOD_OPTIONS.items():
-        print(f"  {stage}: {', '.join(sorted(methods))}")
+    for name, stage in STAGES.items():
+        print(f"  {name}: {', '.join(stage.methods)}")
     print(f"datasets: {', '.join(DATASETS)}")
     missing = missing_runtimes()
     print(

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torchvision import transforms
 
 from compress import distributed
-from compress.recipe import DataConfig
+from compress.errors import DataError
+from compress.recipe import DataConfig, section
 
 # Debian's `dataset-fashion-mnist` package installs the four idx files here.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -32,10 +35,6 @@ _NORMALISATION = {
     "synthetic": ([0.0], [1.0]),
 }
 DATASETS = tuple(_NORMALISATION)
-
-
-class DataError(RuntimeError):
-    """The data the recipe names cannot be found or read."""
 
 
 @dataclass
@@ -112,8 +111,6 @@ def build_data(config: DataConfig | dict | None = None, seed: int = 0) -> Data:
         >>> len(data.test)
         10000
     """
-    from compress.recipe import section
-
     config = section("data", config or {})
     mean, std = (
         config.mean or _NORMALISATION[config.name][0],
@@ -212,8 +209,6 @@ def fashion_mnist_folder(root: str | None, download: bool = False) -> Path:
         if all(_find_idx(folder, stem) for pair in _FASHION_FILES.values() for stem in pair):
             return folder
     if download:
-        import torchvision
-
         target = Path(root or ".cache/data").expanduser()
         torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
         torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
@@ -254,9 +249,6 @@ def _synthetic(config: DataConfig, seed: int):
 
 
 def _torchvision_folder(config: DataConfig, mean, std):
-    import torchvision
-    from torchvision import transforms
-
     if not config.root:
         raise DataError(
             f"data.root is required for data.name={config.name!r}: "

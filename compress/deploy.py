@@ -30,6 +30,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compress.errors import ExportError
+from compress.traits import traits
+
 # Where the evaluator can measure a model. ``torch``: the model as ``model(x)`` runs it
 # (eager for float models; INT8 models compile themselves); ``inductor``: a float model
 # through torch.compile with freezing, PyTorch's own best deployment on a CPU.
@@ -41,10 +44,6 @@ _RUNTIME_PACKAGES = {
     "onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
     "openvino": ("onnx", "onnxscript", "openvino"),
 }
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported to, or run in, a deployment runtime."""
 
 
 def available_runtimes() -> list[str]:
@@ -284,8 +283,8 @@ def _deployable_module(model: nn.Module, format: str) -> nn.Module:
     any other model as it is."""
     if format == "openvino" and getattr(model, "dtype", None) in _OPENVINO_PRECISION:
         return copy.deepcopy(model.inner).float()
-    if hasattr(model, "reference_module"):
-        return model.reference_module
+    if traits(model).compiled:
+        return traits(model).reference
     parametrized = [m for m in model.modules() if parametrize.is_parametrized(m)]
     if not parametrized:
         return model

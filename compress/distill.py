@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,9 +21,47 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from compress.data import Data
-from compress.recipe import DistillConfig, LayerPair, RecipeError, parse_stage_options
+from compress.errors import RecipeError
+from compress.models import build_model
+from compress.recipe import ModelConfig, TrainConfig, parse_stage_options
+from compress.registry import StageContext, register_stage
+from compress.schema import Config, option
+from compress.train import train
 
 log = logging.getLogger("compress")
+
+
+@dataclass
+class LayerPair(Config):
+    """A student layer matched with a teacher layer (dotted module names), for the feature
+    and attention losses."""
+
+    student: str  # a dotted module name of the student
+    teacher: str  # a dotted module name of the teacher
+    weight: float = option(1.0, min=0.0)  # this pair's loss weight
+
+
+@dataclass
+class DistillConfig(Config):
+    """`stages: - distill: {...}`: knowledge distillation through the shared training loop."""
+
+    method: Literal["kd"] = "kd"  # Hinton's logit distillation, plus the losses below
+    teacher: ModelConfig | None = None  # a model spec (model keys); default: the run's baseline
+    # A model spec to distill into a fresh model; default: the previous stage's model.
+    student: ModelConfig | None = None
+    temperature: float = option(4.0, min=1.0)  # softens both distributions
+    # Weight of the soft (teacher) term; the hard-label term gets 1 - alpha.
+    alpha: float = option(0.9, min=0.0, max=1.0)
+    # Hint losses (FitNets): MSE between a student layer's output, through a 1x1 adapter
+    # where channel counts differ, and a teacher layer's output.
+    features: list[LayerPair] = option(default_factory=list)
+    # Attention transfer (Zagoruyko & Komodakis, 2017): match the normalised spatial maps
+    # of squared activations; the paper weighs each pair by about 1000.
+    attention: list[LayerPair] = option(default_factory=list)
+    # Compute the teacher's logits once, before training, instead of every step: the train
+    # split has no random augmentation, so they never change. Logit distillation only.
+    cache_teacher: bool = True
+    train: TrainConfig = option(default_factory=TrainConfig)  # the student's training settings
 
 
 def kd_loss(
@@ -59,27 +99,30 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float().pow(2).mean(1).flatten(1), dim=1)
 
 
+@register_stage("distill", DistillConfig)
 def distill(
     model: nn.Module,
     data: Data,
     config: DistillConfig | None = None,
     teacher: nn.Module | None = None,
+    *,
+    context: StageContext | None = None,
     **options,
 ) -> nn.Module:
-    """Train a student (a copy of ``model``, or ``config.student``) against ``teacher``.
+    """Train a student (a copy of ``model``, or ``config.student``) against ``teacher``
+    (default: ``config.teacher``, else the run's baseline, ``context.baseline``).
 
     Example:
         >>> student = distill(pruned, data, teacher=baseline, train={"epochs": 2})
         >>> student = distill(small, data, teacher=baseline,
         ...                   features=[{"student": "layer3", "teacher": "layer3"}])
     """
-    from compress.models import build_model
-    from compress.train import current_device, current_seed, train
-
+    context = context or StageContext()
     if config is None:
         config = parse_stage_options("distill", options)
     elif options:
         raise TypeError("pass either a DistillConfig or keyword options, not both")
+    teacher = teacher if teacher is not None else context.baseline
     if config.teacher is not None:
         teacher = build_model(config.teacher, data.num_classes, data.input_shape[0])
     if teacher is None:
@@ -89,13 +132,13 @@ def distill(
     if config.student is not None:
         # Seeded: the same student starts from the same weights, whatever ran before.
         with torch.random.fork_rng():
-            torch.manual_seed(current_seed())
+            torch.manual_seed(context.seed)
             student = build_model(config.student, data.num_classes, data.input_shape[0])
     else:
         student = copy.deepcopy(model)
         # The previous stage's remarks describe that stage, not this one's result.
         student.notes, student.stage_details = [], {}
-    device = current_device()
+    device = context.device
     teacher = teacher.to(device).eval()  # runs under no_grad below; its weights untouched
     pairs = [("features", p) for p in config.features] + [
         ("attention", p) for p in config.attention
@@ -122,7 +165,7 @@ def distill(
             return loss + wrapped.layer_loss(), logits
 
     try:
-        train(wrapped, data, config.train, loss_fn=loss_fn, desc="distill")
+        train(wrapped, data, config.train, loss_fn=loss_fn, desc="distill", context=context)
     finally:  # the teacher (often the caller's baseline) keeps no hooks of ours
         wrapped.remove_hooks()
     return student.eval()

@@ -118,3 +118,10 @@ def shard(length: int) -> range:
     """This rank's share of ``length`` items for evaluation: strided, no padding, so the
     counts summed over ranks count every item exactly once."""
     return range(rank(), length, world_size())
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` intra-op threads (default: every core this process may run on)."""
+    threads = threads or usable_cores()
+    torch.set_num_threads(threads)
+    return threads

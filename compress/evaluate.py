@@ -4,15 +4,13 @@ Figures: parameters (total, non-zero), artifact size on disk, FLOPs/MACs
 (``torch.utils.flop_counter``), memory-access bytes, latency percentiles, throughput,
 achieved GFLOP/s, top-1/top-5 accuracy and the drop against a baseline.
 
-A model may tell the evaluator about itself (compressed models do):
-``model.reference_module`` — the module to count FLOPs and memory access on when the
-runnable one is compiled; ``model.param_counts`` — ``(total, nonzero)``;
-``model.element_bytes`` — bytes per weight/activation element as executed.
+A compressed model tells the evaluator about itself (its notes, the reference module to
+count FLOPs on when what runs is compiled, its stored parameter counts and element width)
+through the protocol in traits.py.
 """
 
 from __future__ import annotations
 
-import platform
 import shutil
 import tempfile
 import time
@@ -22,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from compress import distributed
+from compress.artifact import save
 from compress.data import Data
 from compress.deploy import ExportError, available_runtimes, deployed, deployed_files
-from compress.recipe import EvaluateConfig
+from compress.profile import count_memory_access, summary
+from compress.recipe import EvaluateConfig, section
+from compress.traits import traits
 
 # A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
 # below ~5 % the difference is within run-to-run noise on a shared machine.
@@ -94,8 +94,6 @@ def evaluate(
         >>> after = evaluate(quantized, data, baseline=base, name="quantize")
         >>> after.latency_ms["p50"] / base.latency_ms["p50"]
     """
-    from compress.recipe import section
-
     config = section("evaluate", config or {})
     # Each rank scores its share of the test split with its share of the cores; rank 0
     # alone then times the model with the threads a deployment has (all cores, or
@@ -104,16 +102,17 @@ def evaluate(
     threads = config.threads or distributed.usable_cores()
     torch.set_num_threads(own_threads)
     model.eval()
-    notes = list(getattr(model, "notes", []))
-    if getattr(model, "cpu_only", False) and device != "cpu":
+    about = traits(model)
+    notes = list(about.notes)
+    if about.cpu_only and device != "cpu":
         device = "cpu"
         notes.append("measured on the CPU: this model's kernels are CPU-only")
-    reference = getattr(model, "reference_module", model)
+    reference = about.reference
     one_image = data.example_input(1).to(device)
     flops = count_flops(reference, one_image)
-    element_bytes = getattr(model, "element_bytes", None)
+    element_bytes = about.element_bytes
     memory = count_memory_access(reference, one_image, element_bytes)
-    total, nonzero = getattr(model, "param_counts", None) or count_params(model)
+    total, nonzero = about.param_counts or count_params(model)
     top1 = top5 = None
     if config.accuracy:
         top1, top5 = accuracy(model, data, device)
@@ -136,7 +135,7 @@ def evaluate(
         flops=flops,
         macs=flops // 2,
         memory_access_bytes=memory,
-        compute_dtype=getattr(model, "compute_dtype", _dtype_name(model)),
+        compute_dtype=about.compute_dtype,
         latency_ms=latency,
         batch_size=config.latency_batch_size,
         threads=threads,
@@ -145,20 +144,18 @@ def evaluate(
         accuracy_top1=top1,
         accuracy_top5=top5,
         notes=measured["notes"],
-        details=dict(getattr(model, "stage_details", {})),
+        details=about.details,
         runtime=measured["best"],
         runtimes=measured["runtimes"],
     )
     if config.profile and distributed.is_main() and device == "cpu":
-        from compress.profile import summary
-
         torch.set_num_threads(threads)
         try:
             result.details["profile"] = summary(model, one_image, result.gflops_per_s, threads)
         finally:
             torch.set_num_threads(own_threads)
     if baseline is not None:
-        compare(result, baseline, getattr(model, "not_faster_reason", None))
+        compare(result, baseline, about.not_faster_reason)
     return result
 
 
@@ -272,13 +269,6 @@ def measure_runtimes(
     return rows
 
 
-def set_threads(threads: int | None) -> int:
-    """Use ``threads`` intra-op threads (default: every core this process may run on)."""
-    threads = threads or distributed.usable_cores()
-    torch.set_num_threads(threads)
-    return threads
-
-
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total, non-zero) parameter elements."""
     total = nonzero = 0
@@ -293,66 +283,6 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(example)
     return counter.get_total_flops() // example.shape[0]
-
-
-class _MemoryAccess(TorchDispatchMode):
-    """Bytes read and written by every op that touches memory, as it would run.
-
-    Views cost nothing. Quantize/dequantize pairs are folded away: a tensor that is
-    dequantized before use is read at its stored width (1 byte for int8), and an op output
-    that is quantized right after is written at the quantized width.
-    """
-
-    def __init__(self, element_bytes: int | None):
-        super().__init__()
-        self.element_bytes = element_bytes
-        self.total = 0
-        self.stored_width: dict[int, int] = {}  # id(tensor) -> bytes per element as stored
-        self.written: dict[int, int] = {}  # id(tensor) -> bytes charged when written
-        self.keep: list[torch.Tensor] = []  # keeps ids unique during one forward
-
-    def _width(self, t: torch.Tensor) -> int:
-        return self.stored_width.get(id(t), self.element_bytes or t.element_size())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        namespace = func.namespace
-        inputs = [
-            a
-            for a in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(a, torch.Tensor)
-        ]
-        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
-        if namespace == "quantized_decomposed" and "dequantize" in func.__name__:
-            for o in outputs:
-                self.stored_width[id(o)] = inputs[0].element_size()
-            self.keep += outputs
-        elif namespace == "quantized_decomposed" and "quantize" in func.__name__:
-            source = inputs[0]
-            if id(source) in self.written:  # the producer really writes the quantized width
-                self.total -= source.numel() * (
-                    self.written[id(source)] - outputs[0].element_size()
-                )
-                self.written[id(source)] = outputs[0].element_size()
-            self.keep += outputs
-        elif not func.is_view and outputs:
-            self.total += sum(t.numel() * self._width(t) for t in inputs)
-            for o in outputs:
-                width = self.element_bytes or o.element_size()
-                self.total += o.numel() * width
-                self.written[id(o)] = width
-            self.keep += outputs
-        return out
-
-
-def count_memory_access(
-    model: nn.Module, example: torch.Tensor, element_bytes: int | None = None
-) -> int:
-    """Bytes of weights and activations read and written per image (memory access cost)."""
-    with torch.inference_mode(), _MemoryAccess(element_bytes) as counter:
-        model(example)
-    return counter.total // example.shape[0]
 
 
 def measure_latency(
@@ -412,8 +342,6 @@ def artifact_size(
     ``notes`` says so.
     """
     if artifact is None:
-        from compress.artifact import save
-
         with tempfile.TemporaryDirectory() as folder:
             try:
                 return artifact_size(model, save(model, Path(folder) / "model", example))
@@ -429,45 +357,6 @@ def artifact_size(
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def environment(device: str = "cpu") -> dict:
-    """Where the figures were measured: versions, device, threads, CPU."""
-    import torchvision
-
-    try:
-        import torchao
-
-        torchao_version = torchao.__version__
-    except ImportError:
-        torchao_version = None
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env = {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torchao": torchao_version,
-        "python": platform.python_version(),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cores_usable": distributed.usable_cores(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
-def _dtype_name(model: nn.Module) -> str:
-    first = next(iter(model.parameters()), None)
-    return str(first.dtype).replace("torch.", "") if first is not None else "float32"
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:

@@ -16,14 +16,41 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from compress.artifact import mark_changed, register_architecture_change
 from compress.data import Data
-from compress.recipe import FactorizeConfig, RecipeError, parse_stage_options
+from compress.errors import RecipeError
+from compress.evaluate import count_flops
+from compress.modules import forward_with_hooks, matching_modules
+from compress.recipe import parse_stage_options
+from compress.registry import StageContext, register_stage
+from compress.schema import Config, option
 
 log = logging.getLogger("compress")
+
+
+@dataclass
+class FactorizeConfig(Config):
+    """`stages: - factorize: {...}`: standard convolutions replaced by depthwise + pointwise
+    pairs (and optionally Linear layers by two thin ones), fitted to the original weights.
+    Recover the accuracy with a `distill` stage after it."""
+
+    method: Literal["depthwise_separable"] = "depthwise_separable"  # as in MobileNet
+    # Which k x k convolutions (k > 1, groups 1): dotted names or "re:" patterns. Empty: every
+    # such convolution with at least `min_in_channels` inputs whose replacement saves at
+    # least `min_macs_saved` of the model's MACs.
+    layers: list[str] = option(default_factory=list)
+    min_in_channels: int = option(16, min=1)  # a 1-channel stem fits badly
+    # Fraction of the model's MACs a replacement must save to be made.
+    min_macs_saved: float = option(0.005, min=0.0, max=1.0)
+    # Linear layers too: rank of the split as a fraction of min(in, out); null: Linear kept.
+    linear_rank: float | None = option(None, min=0.01, max=1.0)
+    skip: list[str] = option(default_factory=list)  # never replaced
 
 
 def separable_fit(conv: nn.Conv2d) -> tuple[nn.Sequential, float]:
@@ -65,8 +92,14 @@ def svd_fit(linear: nn.Linear, rank: int) -> tuple[nn.Sequential, float]:
     return pair, error
 
 
+@register_stage("factorize", FactorizeConfig)
 def factorize(
-    model: nn.Module, data: Data, config: FactorizeConfig | None = None, **options
+    model: nn.Module,
+    data: Data,
+    config: FactorizeConfig | None = None,
+    *,
+    context: StageContext | None = None,
+    **options,
 ) -> nn.Module:
     """Replace convolutions (and optionally Linear layers) by factorized pairs.
 
@@ -74,9 +107,6 @@ def factorize(
         >>> thin = factorize(model, data)            # every eligible 3x3 convolution
         >>> thin = factorize(model, data, layers=["re:layer[34]\\\\..*conv"])
     """
-    from compress.evaluate import count_flops
-    from compress.quantize._pt2e import matching_modules
-
     if config is None:
         config = parse_stage_options("factorize", options)
     elif options:
@@ -85,8 +115,14 @@ def factorize(
     example = data.example_input(1)
     total_macs = count_flops(model, example) // 2
     pixels = _output_pixels(model, example)
-    skipped = set(matching_modules(model, config.skip)) if config.skip else set()
-    chosen = set(matching_modules(model, config.layers)) if config.layers else None
+    skipped = (
+        set(matching_modules(model, config.skip, key="factorize.skip")) if config.skip else set()
+    )
+    chosen = (
+        set(matching_modules(model, config.layers, key="factorize.layers"))
+        if config.layers
+        else None
+    )
     modules = dict(model.named_modules())
     rows, records = [], list(getattr(model, "compress_replacements", []))
     for name, module in list(modules.items()):
@@ -144,10 +180,8 @@ def factorize(
     if not rows:
         log.warning("factorize: no layer qualified; the model is unchanged")
     model.compress_replacements = records
-    if hasattr(model, "compress_shapes"):  # a pruned model: its shapes, after replacement
-        from compress.prune import module_shapes
-
-        model.compress_shapes = module_shapes(model)
+    if records:
+        mark_changed(model, "replacements")
     macs_after = count_flops(model, example) // 2
     model.stage_details = {"layers": rows, "macs_ratio": macs_after / total_macs}
     model.notes = [
@@ -157,6 +191,9 @@ def factorize(
     return model.eval()
 
 
+@register_architecture_change(
+    "replacements", capture=lambda model: model.compress_replacements, order=0
+)  # before pruned shapes, which name the replacements' parts
 def apply_replacements(model: nn.Module, records: list[dict]) -> None:
     """Rebuild recorded replacements on a freshly built model (artifact loading)."""
     for record in records:
@@ -237,7 +274,6 @@ def _conv_macs(conv: nn.Conv2d, out_pixels: int) -> int:
 
 def _output_pixels(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Per Conv2d: output positions (H·W); per Linear: output elements per image."""
-    from compress.models import forward_with_hooks
 
     sizes: dict[str, int] = {}
 

@@ -6,14 +6,14 @@ Writes the run directory: ``recipe.yaml`` (resolved), ``report.json``, ``report.
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
+import importlib
 import json
 import logging
-import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,36 +21,47 @@ import yaml
 from torch import nn
 
 from compress import artifact, distributed
-from compress.artifact import write_atomic
 from compress.data import Data, build_data
 from compress.deploy import missing_runtimes
-from compress.distill import distill
-from compress.evaluate import Evaluation, environment, evaluate
-from compress.factorize import factorize
+from compress.errors import RecipeError, RunDirError
+from compress.evaluate import Evaluation, evaluate
 from compress.memory import memory_guard
 from compress.models import build_model
-from compress.prune import prune
-from compress.quantize import quantize
-from compress.recipe import Recipe, RecipeError, load_recipe, read_yaml
+from compress.paths import cache_dir
+from compress.profile import environment
+from compress.recipe import Recipe, load_recipe
+from compress.registry import STAGES, StageContext
 from compress.report import Report
-from compress.share import share
-from compress.train import run_defaults, train
+from compress.schema import read_yaml
+from compress.storage import write_atomic
+from compress.train import train
 
 log = logging.getLogger("compress")
 
-# Stage name -> function(model, data, config) -> model. STAGE_CONFIGS in recipe.py holds
-# the matching option types; a new stage registers in both.
-STAGES: dict[str, Callable[..., nn.Module]] = {
-    "quantize": quantize,
-    "prune": prune,
-    "distill": distill,
-    "share": share,
-    "factorize": factorize,
-}
+
+def _stage_modules() -> list[str]:
+    """compress's modules (or packages) with a top-level ``@register_stage(...)`` function,
+    found by reading the package's own source: a new stage is one new module, registered
+    next to its code, with no list to extend here."""
+    package = Path(__file__).resolve().parent
+    found = []
+    for path in sorted([*package.glob("*.py"), *package.glob("*/__init__.py")]):
+        tree = ast.parse(path.read_text(), str(path))
+        decorators = [
+            d.func.id
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef)
+            for d in node.decorator_list
+            if isinstance(d, ast.Call) and isinstance(d.func, ast.Name)
+        ]
+        if "register_stage" in decorators:
+            name = path.parent.name if path.name == "__init__.py" else path.stem
+            found.append(f"compress.{name}")
+    return found
 
 
-class RunDirError(ValueError):
-    """A run directory that exists already: runs are never written over."""
+for _module in _stage_modules():  # importing a stage registers it (registry.STAGES)
+    importlib.import_module(_module)
 
 
 def resolve_device(device: str) -> str:
@@ -118,14 +129,14 @@ def run(
             def run_stage(model=model, index=index, stage=stage, folder=folder):
                 log.info("stage %d: %s", index, stage.name)
                 started = time.perf_counter()
-                # The baseline is distillation's default teacher; other stages need only the model.
-                context = {"teacher": baseline} if stage.kind == "distill" else {}
-                checkpoints = run_dir / "checkpoints" / f"stage{index}_{stage.kind}"
-                with (
-                    run_defaults(device=device, seed=recipe.seed, checkpoints=checkpoints),
-                    memory_guard(f"stage {index} ({stage.name}) of {recipe.model.name}"),
-                ):
-                    model = STAGES[stage.kind](model, data, stage.config, **context)
+                context = StageContext(
+                    device=device,
+                    seed=recipe.seed,
+                    checkpoints=run_dir / "checkpoints" / f"stage{index}_{stage.kind}",
+                    baseline=baseline,
+                )
+                with memory_guard(f"stage {index} ({stage.name}) of {recipe.model.name}"):
+                    model = STAGES[stage.kind].function(model, data, stage.config, context=context)
                 log.info(
                     "stage %d done in %.1f s; evaluating", index, time.perf_counter() - started
                 )
@@ -370,11 +381,6 @@ def baseline_key(recipe: Recipe) -> str:
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     return f"{recipe.model.name.replace(':', '_').replace('.', '_')}-{recipe.data.name}-{digest}"
-
-
-def cache_dir() -> Path:
-    """Where trained baselines are kept: $COMPRESS_CACHE, else ~/.cache/compress."""
-    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
 
 
 def _check_targets(recipe: Recipe, report: Report) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from compress.artifact import write_atomic
+from compress.storage import write_atomic
 
 
 def _pyplot():

@@ -20,12 +20,19 @@ import time
 from pathlib import Path
 
 import torch
+import torchao
+import torchvision
 from torch import nn
 from torch.profiler import ProfilerActivity, record_function
 from torch.profiler import profile as torch_profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from compress.artifact import write_atomic
+from compress import distributed
+from compress.distributed import set_threads
+from compress.paths import cache_dir
+from compress.storage import write_atomic
+from compress.traits import traits
 
 
 @contextlib.contextmanager
@@ -46,6 +53,92 @@ def _quiet_native_stderr():
 LABEL = "compress::"
 
 
+def environment(device: str = "cpu") -> dict:
+    """Where the figures were measured: versions, device, threads, CPU."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torchao": torchao.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores_usable": distributed.usable_cores(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+class _MemoryAccess(TorchDispatchMode):
+    """Bytes read and written by every op that touches memory, as it would run.
+
+    Views cost nothing. Quantize/dequantize pairs are folded away: a tensor that is
+    dequantized before use is read at its stored width (1 byte for int8), and an op output
+    that is quantized right after is written at the quantized width.
+    """
+
+    def __init__(self, element_bytes: int | None):
+        super().__init__()
+        self.element_bytes = element_bytes
+        self.total = 0
+        self.stored_width: dict[int, int] = {}  # id(tensor) -> bytes per element as stored
+        self.written: dict[int, int] = {}  # id(tensor) -> bytes charged when written
+        self.keep: list[torch.Tensor] = []  # keeps ids unique during one forward
+
+    def _width(self, t: torch.Tensor) -> int:
+        return self.stored_width.get(id(t), self.element_bytes or t.element_size())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        namespace = func.namespace
+        inputs = [
+            a
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        ]
+        outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if namespace == "quantized_decomposed" and "dequantize" in func.__name__:
+            for o in outputs:
+                self.stored_width[id(o)] = inputs[0].element_size()
+            self.keep += outputs
+        elif namespace == "quantized_decomposed" and "quantize" in func.__name__:
+            source = inputs[0]
+            if id(source) in self.written:  # the producer really writes the quantized width
+                self.total -= source.numel() * (
+                    self.written[id(source)] - outputs[0].element_size()
+                )
+                self.written[id(source)] = outputs[0].element_size()
+            self.keep += outputs
+        elif not func.is_view and outputs:
+            self.total += sum(t.numel() * self._width(t) for t in inputs)
+            for o in outputs:
+                width = self.element_bytes or o.element_size()
+                self.total += o.numel() * width
+                self.written[id(o)] = width
+            self.keep += outputs
+        return out
+
+
+def count_memory_access(
+    model: nn.Module, example: torch.Tensor, element_bytes: int | None = None
+) -> int:
+    """Bytes of weights and activations read and written per image (memory access cost)."""
+    with torch.inference_mode(), _MemoryAccess(element_bytes) as counter:
+        model(example)
+    return counter.total // example.shape[0]
+
+
 def machine_peaks(threads: int | None = None, refresh: bool = False) -> dict:
     """Measured peaks of this machine at ``threads``: FP32 GEMM GFLOP/s, INT8 GEMM GOP/s
     and copy bandwidth GB/s (read + write). Cached under the cache folder per CPU, thread
@@ -55,9 +148,6 @@ def machine_peaks(threads: int | None = None, refresh: bool = False) -> dict:
         >>> peaks = machine_peaks()
         >>> peaks["fp32_gflops"] / peaks["bandwidth_gbs"]   # the ridge point, FLOP per byte
     """
-    from compress.evaluate import environment, set_threads
-    from compress.pipeline import cache_dir
-
     threads = set_threads(threads)
     cpu = environment("cpu")["cpu"]
     key = hashlib.sha256(f"{cpu}|{threads}|{torch.__version__}|{platform.machine()}".encode())
@@ -135,8 +225,6 @@ def layer_costs(
         >>> sum(r["macs"] for r in rows) == count_flops(model, data.example_input(1)) // 2
         True
     """
-    from compress.evaluate import _MemoryAccess
-
     modules = dict(model.named_modules())
     children = {
         name: [f"{name}.{c}" if name else c for c, _ in module.named_children()]
@@ -271,11 +359,10 @@ def profile_model(
         >>> result["model"]["peak_share"]
     """
     peaks = machine_peaks(threads)
-    compute_dtype = getattr(model, "compute_dtype", "float32")
+    about = traits(model)
     peak = _peak(peaks, model)
     ridge = peak / peaks["bandwidth_gbs"]
-    reference = getattr(model, "reference_module", model)
-    rows = layer_costs(reference, example, iterations, getattr(model, "element_bytes", None))
+    rows = layer_costs(about.reference, example, iterations, about.element_bytes)
     for row in rows:
         row["bound"] = "memory" if row["intensity"] < ridge else "compute"
         roof = min(peak, row["intensity"] * peaks["bandwidth_gbs"])
@@ -285,7 +372,7 @@ def profile_model(
     total_us = sum(r["time_us"] for r in rows) or 1.0
     gflops = total_flops / (total_us * 1e3)
     note = None
-    if hasattr(model, "reference_module"):
+    if about.compiled:
         note = (
             "compiled model: the rows come from its reference graph, so MACs and bytes are what"
             " it computes, but the times are the reference graph's, not the compiled kernels'"
@@ -302,21 +389,21 @@ def profile_model(
             "time_us": total_us,
             "gflops": gflops,
             "peak_share": gflops / peak,
-            "compute_dtype": compute_dtype,
+            "compute_dtype": about.compute_dtype,
         },
     }
 
 
 def _peak(peaks: dict, model: nn.Module) -> float:
     """The peak that applies to ``model``: INT8 GEMM for INT8 models, else FP32 GEMM."""
-    int8 = getattr(model, "compute_dtype", "float32") == "int8"
+    int8 = traits(model).compute_dtype == "int8"
     return peaks["int8_gops"] if int8 else peaks["fp32_gflops"]
 
 
 def summary(model: nn.Module, example: torch.Tensor, gflops_per_s: float, threads: int) -> dict:
     """What every report shows: the whole model's achieved GFLOP/s (from the evaluator's
     p50) as a share of the measured peak, and for eager models the costliest layers."""
-    if hasattr(model, "reference_module"):  # compiled: no per-layer timing of what runs
+    if traits(model).compiled:  # no per-layer timing of the kernels that run
         peaks = machine_peaks(threads)
         return {"peaks": peaks, "peak_share": gflops_per_s / _peak(peaks, model), "layers": None}
     result = profile_model(model, example, threads, iterations=10)
@@ -327,54 +414,3 @@ def summary(model: nn.Module, example: torch.Tensor, gflops_per_s: float, thread
         "model": result["model"],
         "layers": sorted(result["layers"], key=lambda r: r["time_us"], reverse=True)[:8],
     }
-
-
-def markdown(result: dict) -> str:
-    """The breakdown as a markdown section."""
-    from compress.report import markdown_table
-
-    peaks, whole = result["peaks"], result["model"]
-    headers = ["layer", "type", "output", "params", "MACs", "bytes", "FLOP/byte", "time share"]
-    headers += ["GFLOP/s", "% of roof", "bound", "downsamples"]
-    rows = [
-        [
-            r["layer"],
-            r["type"],
-            r["output"],
-            f"{r['params']:,}",
-            f"{r['macs']:,}",
-            f"{r['bytes']:,}",
-            f"{r['intensity']:.1f}",
-            f"{100 * r['time_share']:.1f} %",
-            f"{r['gflops']:.2f}",
-            f"{100 * r['roof_share']:.1f} %",
-            r["bound"],
-            "" if r["downsamples"] == 1.0 else f"{r['downsamples']:.0f}x",
-        ]
-        for r in result["layers"]
-    ]
-    lines = [
-        f"Measured peaks on this machine ({peaks['threads']} threads): FP32 GEMM"
-        f" {peaks['fp32_gflops']:.0f} GFLOP/s, INT8 GEMM {peaks['int8_gops']:.0f} GOP/s, copy"
-        f" bandwidth {peaks['bandwidth_gbs']:.1f} GB/s; ridge point"
-        f" {result['ridge_flops_per_byte']:.1f} FLOP/byte. The whole model"
-        f" ({whole['compute_dtype']}): {whole['gflops']:.2f} GFLOP/s in the profiled layers,"
-        f" {100 * whole['peak_share']:.1f} % of the peak, arithmetic intensity"
-        f" {whole['intensity']:.1f} FLOP/byte.",
-        "",
-        *([f"Note: {result['note']}.", ""] if result.get("note") else []),
-        *markdown_table(headers, rows),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_profile(result: dict, folder: str | Path, title: str) -> list[Path]:
-    """``profile.md``, ``profile.json`` and ``roofline.png`` in ``folder``."""
-    from compress.plots import roofline_chart
-
-    folder = Path(folder)
-    written = [folder / "profile.md", folder / "profile.json"]
-    write_atomic(written[0], f"# {title}: where the cost goes\n\n" + markdown(result))
-    write_atomic(written[1], json.dumps(result, indent=1))
-    chart = roofline_chart(result, folder / "roofline.png", title)
-    return written + ([chart] if chart else [])

@@ -17,25 +17,95 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from compress import distributed
+from compress.artifact import mark_changed, register_architecture_change
 from compress.data import Data
+from compress.errors import PruningError
 from compress.evaluate import count_flops, measure_latency
-from compress.recipe import PruneConfig, parse_stage_options
+from compress.modules import forward_with_hooks, matching_modules
+from compress.recipe import TrainConfig, parse_stage_options
+from compress.registry import StageContext, register_stage
+from compress.schema import Config, FieldError, option
+from compress.train import train
 
 log = logging.getLogger("compress")
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
+# A fine-tune after pruning: off unless asked (epochs: N), then a cosine decay from 0.01.
+PRUNE_TRAINING = {"epochs": 0, "lr": 0.01, "schedule": "cosine"}
+MAGNITUDE, STRUCTURED = ("magnitude",), ("structured",)
+TARGETS = ("ratio", "target_macs", "target_latency_ms")
+DEFAULT_RATIO = 0.5  # structured, when no target is given
 
-class PruningError(RuntimeError):
-    """The model cannot be pruned as asked."""
+
+@dataclass
+class PruneConfig(Config):
+    """`stages: - prune: {...}`. Each option says which methods read it."""
+
+    # magnitude: the smallest weights set to zero (unstructured); structured: channels removed.
+    method: Literal["magnitude", "structured"] = "structured"
+    sparsity: float = option(0.5, min=0.0, max=0.99, methods=MAGNITUDE)  # fraction of zeros
+    # Rank weights (magnitude) or channels (structured) per layer or all together.
+    scope: Literal["layer", "global"] = "layer"
+    steps: int = option(
+        1, min=1, methods=MAGNITUDE
+    )  # reach the sparsity in N steps, fine-tuning between
+    # Channel ranking; taylor reads gradients of 4 training batches.
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "random"] = option(
+        "l1", methods=STRUCTURED
+    )
+    # One target at most: the fraction of channels removed (ratio); the fraction of the
+    # baseline's MACs kept (target_macs, pruned in 50 small steps until the count reaches
+    # it); or a p50 ms at batch 1 (target_latency_ms, measured after each step). None: ratio 0.5.
+    ratio: float | None = option(None, min=0.0, max=0.99, methods=STRUCTURED)
+    target_macs: float | None = option(None, min=0.01, max=1.0, methods=STRUCTURED)  # see ratio
+    target_latency_ms: float | None = option(None, min=0.0, methods=STRUCTURED)  # see ratio
+    iterative_steps: int = option(1, min=1, methods=STRUCTURED)  # ratio reached in N steps
+    # Channel counts rounded to a multiple of N (8 suits SIMD kernels).
+    round_to: int | None = option(None, min=1, methods=STRUCTURED)
+    # No layer loses more than this fraction of its channels.
+    max_layer_ratio: float = option(0.9, min=0.0, max=1.0, methods=STRUCTURED)
+    # Modules never pruned (dotted names or "re:" patterns). Default: the last Conv/Linear to
+    # run, the classifier head (SqueezeNet's is a convolution).
+    ignore: list[str] = option(default_factory=list)
+    # When torch-pruning cannot handle the model: stop with an error, or go on with the
+    # model unpruned and a warning in the report.
+    on_unprunable: Literal["error", "skip"] = option("error", methods=STRUCTURED)
+    # Training after pruning, through the shared loop: off unless epochs or max_steps is set.
+    fine_tune: TrainConfig = option(
+        default_factory=lambda: TrainConfig(**PRUNE_TRAINING), defaults=PRUNE_TRAINING
+    )
+
+    def check(self) -> None:
+        if self.method != "structured":
+            return
+        targets = [key for key in TARGETS if getattr(self, key) is not None]
+        if len(targets) > 1:
+            raise FieldError(
+                targets[1],
+                f"give one target, not {' and '.join(targets)} (allowed: {', '.join(TARGETS)})",
+            )
+        if not targets:
+            self.ratio = DEFAULT_RATIO
 
 
-def prune(model: nn.Module, data: Data, config: PruneConfig | None = None, **options) -> nn.Module:
+@register_stage("prune", PruneConfig)
+def prune(
+    model: nn.Module,
+    data: Data,
+    config: PruneConfig | None = None,
+    *,
+    context: StageContext | None = None,
+    **options,
+) -> nn.Module:
     """Prune a copy of ``model`` as ``config`` (or keyword options) says; fine-tune if asked.
 
     Example:
@@ -48,8 +118,8 @@ def prune(model: nn.Module, data: Data, config: PruneConfig | None = None, **opt
         raise TypeError("pass either a PruneConfig or keyword options, not both")
     model = copy.deepcopy(model).cpu().eval()
     if config.method == "magnitude":
-        return _magnitude(model, data, config)
-    return _structured(model, data, config)
+        return _magnitude(model, data, config, context)
+    return _structured(model, data, config, context)
 
 
 def ignored_modules(
@@ -60,15 +130,11 @@ def ignored_modules(
     The output layer is the last Conv/Linear to run on ``example``: a Linear head for most
     models, a 1x1 convolution for SqueezeNet. Pruning it would drop classes.
     """
-    from compress.quantize._pt2e import matching_modules
-
     if patterns:
-        return matching_modules(model, patterns)
+        return matching_modules(model, patterns, key="prune.ignore")
     if example is None:
         heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         return heads[-1:]
-    from compress.models import forward_with_hooks
-
     order: list[str] = []
     forward_with_hooks(
         model,
@@ -99,7 +165,9 @@ def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:
 # ----------------------------------------------------------------------------- magnitude
 
 
-def _magnitude(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
+def _magnitude(
+    model: nn.Module, data: Data, config: PruneConfig, context: StageContext | None
+) -> nn.Module:
     original = copy.deepcopy(model)
     skipped = set(ignored_modules(model, config.ignore)) if config.ignore else set()
     layers = [
@@ -109,13 +177,11 @@ def _magnitude(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
         target = config.sparsity * step / config.steps  # gradual: an even share per step
         _apply_magnitude_masks(layers, target, config.scope)
         if config.fine_tune.epochs or config.fine_tune.max_steps:
-            from compress.train import train
-
             fine_tune = copy.copy(config.fine_tune)
             fine_tune.epochs = (
                 max(1, config.fine_tune.epochs // config.steps) if config.fine_tune.epochs else 0
             )
-            train(model, data, fine_tune, desc=f"fine-tune {step}/{config.steps}")
+            train(model, data, fine_tune, desc=f"fine-tune {step}/{config.steps}", context=context)
     for _, module in layers:
         torch_prune.remove(module, "weight")  # masks made permanent: plain weights remain
     model.eval()
@@ -154,9 +220,9 @@ def _sparsity(weight: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- structured
 
 
-def _structured(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
-    import torch_pruning as tp
-
+def _structured(
+    model: nn.Module, data: Data, config: PruneConfig, context: StageContext | None
+) -> nn.Module:
     original = copy.deepcopy(model)
     example = data.example_input(1)
     ignored = ignored_modules(model, config.ignore, example)
@@ -217,10 +283,8 @@ def _structured(model: nn.Module, data: Data, config: PruneConfig) -> nn.Module:
             break
     model.eval()
     if config.fine_tune.epochs or config.fine_tune.max_steps:
-        from compress.train import train
-
-        train(model, data, config.fine_tune, desc="fine-tune")
-    model.compress_shapes = module_shapes(model)
+        train(model, data, config.fine_tune, desc="fine-tune", context=context)
+    mark_changed(model, "shapes")
     model.stage_details = {
         "layers": layer_table(original, model),
         "macs_ratio": count_flops(model, example) / base_flops,
@@ -279,6 +343,7 @@ def module_shapes(model: nn.Module) -> dict:
     return {"modules": modules, "tensors": tensors}
 
 
+@register_architecture_change("shapes", capture=module_shapes, order=1)
 def apply_shapes(model: nn.Module, shapes: dict) -> None:
     """Resize a freshly built model to ``shapes`` (from :func:`module_shapes`), in place.
 

@@ -8,13 +8,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress.artifact import write_atomic
+from compress.errors import ReportError
 from compress.evaluate import Evaluation
-from compress.plots import chain_chart, pareto_chart
-
-
-class ReportError(ValueError):
-    """A report.json that is malformed: named, never a bare traceback."""
+from compress.plots import chain_chart, pareto_chart, roofline_chart
+from compress.storage import write_atomic
 
 
 @dataclass
@@ -382,3 +379,50 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def profile_markdown(result: dict) -> str:
+    """The breakdown as a markdown section."""
+    peaks, whole = result["peaks"], result["model"]
+    headers = ["layer", "type", "output", "params", "MACs", "bytes", "FLOP/byte", "time share"]
+    headers += ["GFLOP/s", "% of roof", "bound", "downsamples"]
+    rows = [
+        [
+            r["layer"],
+            r["type"],
+            r["output"],
+            f"{r['params']:,}",
+            f"{r['macs']:,}",
+            f"{r['bytes']:,}",
+            f"{r['intensity']:.1f}",
+            f"{100 * r['time_share']:.1f} %",
+            f"{r['gflops']:.2f}",
+            f"{100 * r['roof_share']:.1f} %",
+            r["bound"],
+            "" if r["downsamples"] == 1.0 else f"{r['downsamples']:.0f}x",
+        ]
+        for r in result["layers"]
+    ]
+    lines = [
+        f"Measured peaks on this machine ({peaks['threads']} threads): FP32 GEMM"
+        f" {peaks['fp32_gflops']:.0f} GFLOP/s, INT8 GEMM {peaks['int8_gops']:.0f} GOP/s, copy"
+        f" bandwidth {peaks['bandwidth_gbs']:.1f} GB/s; ridge point"
+        f" {result['ridge_flops_per_byte']:.1f} FLOP/byte. The whole model"
+        f" ({whole['compute_dtype']}): {whole['gflops']:.2f} GFLOP/s in the profiled layers,"
+        f" {100 * whole['peak_share']:.1f} % of the peak, arithmetic intensity"
+        f" {whole['intensity']:.1f} FLOP/byte.",
+        "",
+        *([f"Note: {result['note']}.", ""] if result.get("note") else []),
+        *markdown_table(headers, rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(result: dict, folder: str | Path, title: str) -> list[Path]:
+    """``profile.md``, ``profile.json`` and ``roofline.png`` in ``folder``."""
+    folder = Path(folder)
+    written = [folder / "profile.md", folder / "profile.json"]
+    write_atomic(written[0], f"# {title}: where the cost goes\n\n" + profile_markdown(result))
+    write_atomic(written[1], json.dumps(result, indent=1))
+    chart = roofline_chart(result, folder / "roofline.png", title)
+    return written + ([chart] if chart else [])

@@ -13,15 +13,59 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.data import Data
-from compress.recipe import ShareConfig, parse_stage_options
+from compress.modules import matching_modules
+from compress.recipe import TrainConfig, parse_stage_options
+from compress.registry import StageContext, register_stage
+from compress.schema import Config, option
+from compress.train import train
 
 log = logging.getLogger("compress")
+
+# How weight sharing fine-tunes its codebooks by default: Adam, because each centroid's
+# gradient is the sum over every weight in its cluster (thousands), which SGD would overshoot.
+SHARE_TRAINING = {
+    "epochs": 1,
+    "optimizer": "adamw",
+    "lr": 1e-4,
+    "schedule": "cosine",
+    "weight_decay": 0.0,
+}
+
+
+@dataclass
+class ShareBits(Config):
+    """Codebook bits per layer type: 2^bits shared values per layer (null: not shared)."""
+
+    conv: int | None = option(4, min=1, max=8)  # Conv1d/2d/3d weights
+    linear: int | None = option(5, min=1, max=8)  # Linear weights
+
+
+@dataclass
+class ShareConfig(Config):
+    """`stages: - share: {...}`: k-means weight sharing (Deep Compression, Han et al. 2016)."""
+
+    method: Literal["kmeans"] = "kmeans"  # Lloyd's k-means per layer, on the non-zero weights
+    bits: ShareBits = option(default_factory=ShareBits)  # codebook sizes, per layer type
+    # Where the centroids start: evenly over [min, max] (linear, best in Deep Compression),
+    # at quantiles of the weights (density), or at seeded random weights (random).
+    init: Literal["linear", "density", "random"] = "linear"
+    iterations: int = option(30, min=1)  # Lloyd iterations per layer
+    skip: list[str] = option(
+        default_factory=list
+    )  # dotted names or "re:" patterns kept as they are
+    # Trains the centroids (weights stay on the codebook).
+    fine_tune: TrainConfig = option(
+        default_factory=lambda: TrainConfig(**SHARE_TRAINING), defaults=SHARE_TRAINING
+    )
+
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -90,21 +134,26 @@ class SharedWeight(nn.Module):
         return (sums / counts) * self.pin
 
 
-def share(model: nn.Module, data: Data, config: ShareConfig | None = None, **options) -> nn.Module:
+@register_stage("share", ShareConfig)
+def share(
+    model: nn.Module,
+    data: Data,
+    config: ShareConfig | None = None,
+    *,
+    context: StageContext | None = None,
+    **options,
+) -> nn.Module:
     """Cluster each selected layer's weights into 2^bits shared values; fine-tune if asked.
 
     Example:
         >>> shared = share(model, data, bits={"conv": 4, "linear": 5}, fine_tune={"epochs": 1})
     """
-    from compress.quantize._pt2e import matching_modules
-    from compress.train import train
-
     if config is None:
         config = parse_stage_options("share", options)
     elif options:
         raise TypeError("pass either a ShareConfig or keyword options, not both")
     model = copy.deepcopy(model).cpu().eval()
-    skipped = set(matching_modules(model, config.skip)) if config.skip else set()
+    skipped = set(matching_modules(model, config.skip, key="share.skip")) if config.skip else set()
     rows, shared = [], []
     for name, module in model.named_modules():
         bits = _bits(module, config)
@@ -138,7 +187,7 @@ def share(model: nn.Module, data: Data, config: ShareConfig | None = None, **opt
             }
         )
     if config.fine_tune.epochs or config.fine_tune.max_steps:
-        train(model, data, config.fine_tune, desc="share fine-tune")
+        train(model, data, config.fine_tune, desc="share fine-tune", context=context)
     model = model.cpu()
     for module in shared:  # plain weights again, every value on its layer's codebook
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

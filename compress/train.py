@@ -10,29 +10,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from compress import distributed
-from compress.artifact import memory_cap, model_bytes, read_tensors, write_atomic
 from compress.data import Data
+from compress.errors import TrainingError
+from compress.evaluate import accuracy
 from compress.recipe import TrainConfig, section
+from compress.registry import StageContext
+from compress.storage import memory_cap, model_bytes, read_tensors, write_atomic
 
 log = logging.getLogger("compress")
 
 # loss_fn(model, images, labels, *extra) -> (loss, logits); the default is cross-entropy.
 # ``extra`` is whatever else the train split yields per sample (e.g. cached teacher logits).
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss)."""
 
 
 # How DDP is built, as measured by scripts/bench_ddp.py (ResNet-18 on Fashion-MNIST, 2 gloo
@@ -44,41 +43,6 @@ class TrainingError(RuntimeError):
 DDP_OPTIONS: dict = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
 DDP_BF16_GRADIENTS = False  # bf16 gradient exchange (halves the bytes sent)
 
-# What the pipeline sets for every training in a run (see `run_defaults`).
-_DEFAULTS: dict = {"device": "cpu", "seed": 0, "checkpoints": None, "calls": 0}
-
-
-@contextlib.contextmanager
-def run_defaults(
-    device: str = "cpu", seed: int = 0, checkpoints: str | Path | None = None
-) -> Iterator[None]:
-    """Device, seed and checkpoint folder for every :func:`train` call made inside.
-
-    Each call gets its own folder under ``checkpoints``, numbered in call order, so a
-    resumed run (which makes the same calls in the same order) finds its checkpoints.
-
-    Example:
-        >>> with run_defaults(device="cuda", seed=1, checkpoints="runs/x/checkpoints"):
-        ...     pruned = prune(model, data, method="magnitude", fine_tune={"epochs": 1})
-    """
-    saved = dict(_DEFAULTS)
-    _DEFAULTS.update(device=device, seed=seed, checkpoints=checkpoints, calls=0)
-    try:
-        yield
-    finally:
-        _DEFAULTS.clear()
-        _DEFAULTS.update(saved)
-
-
-def current_device() -> str:
-    """The device trainings run on: ``run_defaults``'s, else the CPU."""
-    return _DEFAULTS["device"]
-
-
-def current_seed() -> int:
-    """The seed trainings use: ``run_defaults``'s, else 0."""
-    return _DEFAULTS["seed"]
-
 
 def train(
     model: nn.Module,
@@ -89,10 +53,12 @@ def train(
     loss_fn: LossFn | None = None,
     desc: str = "train",
     checkpoint_dir: str | Path | None = None,
+    context: StageContext | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on the train split and return it (in eval mode).
 
-    With ``checkpoint_dir`` (or inside :func:`run_defaults`), the state after every epoch
+    ``context`` (a stage's :class:`StageContext`) gives the device, the seed and a
+    checkpoint folder where the arguments do not. With a checkpoint folder, the state after every epoch
     (model, optimizer, scheduler, epoch, step, RNG, best score) is written atomically to
     ``last.pt`` and the best-validating weights to ``best.pt``; a call that finds a
     ``last.pt`` resumes from it, so an interrupted run, called again, ends where an
@@ -103,12 +69,11 @@ def train(
         >>> model = train(model, data, TrainConfig(epochs=1), seed=0)
     """
     config = section("train", config)
-    seed = _DEFAULTS["seed"] if seed is None else seed
-    device = _DEFAULTS["device"] if device is None else device
-    if checkpoint_dir is None and _DEFAULTS["checkpoints"] is not None:
-        _DEFAULTS["calls"] += 1
-        slug = re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-")
-        checkpoint_dir = Path(_DEFAULTS["checkpoints"]) / f"{_DEFAULTS['calls']:02d}-{slug}"
+    context = context or StageContext()
+    seed = context.seed if seed is None else seed
+    device = context.device if device is None else device
+    if checkpoint_dir is None:
+        checkpoint_dir = context.checkpoint_dir(desc)
     torch.manual_seed(seed)
     model.to(device).train()
     threads = config.threads or distributed.rank_threads()
@@ -151,8 +116,6 @@ def train(
             model, device_ids=[torch.device(device).index] if cuda else None, **DDP_OPTIONS
         )
         if DDP_BF16_GRADIENTS and not cuda:
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
             net.register_comm_hook(None, default_hooks.bf16_compress_hook)
     # disable=None: a bar on a terminal, silence in logs and CI; other ranks stay quiet.
     progress = tqdm(
@@ -249,8 +212,6 @@ def train(
 
 def _validate(model: nn.Module, data: Data, device: str) -> float:
     """Top-1 on the calibration split: held out of training, and not the test split."""
-    from compress.evaluate import accuracy
-
     model.eval()  # not chained: an exported QAT graph's eval() returns None
     top1, _ = accuracy(model, data, device, split="calibration")
     return top1

@@ -18,7 +18,8 @@ import statistics
 import torch
 
 from compress.data import build_data
-from compress.evaluate import count_flops, measure_latency, set_threads
+from compress.distributed import set_threads
+from compress.evaluate import count_flops, measure_latency
 from compress.models import build_model
 from compress.prune import prune
 from compress.recipe import DataConfig, ModelConfig

@@ -37,7 +37,8 @@ import torch
 
 from compress.data import build_data
 from compress.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
-from compress.evaluate import measure_latency, set_threads
+from compress.distributed import set_threads
+from compress.evaluate import measure_latency
 from compress.models import build_model
 from compress.quantize import quantize
 from compress.recipe import DataConfig, ModelConfig

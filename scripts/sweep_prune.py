@@ -16,7 +16,8 @@ import time
 import torch
 
 from compress.data import build_data
-from compress.evaluate import count_flops, set_threads
+from compress.distributed import set_threads
+from compress.evaluate import count_flops
 from compress.models import build_model, torchvision_models
 from compress.prune import prune
 from compress.recipe import DataConfig, ModelConfig

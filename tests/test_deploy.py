@@ -13,12 +13,13 @@ import torch
 from compress import deploy
 from compress.artifact import save
 from compress.deploy import ExportError, deployed, export
+from compress.errors import RecipeError
 from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
 from compress.models import build_model
-from compress.pipeline import STAGES
 from compress.pipeline import run as compress_run
 from compress.quantize import quantize
-from compress.recipe import ModelConfig, RecipeError, parse_recipe, parse_stage_options
+from compress.recipe import ModelConfig, parse_recipe, parse_stage_options
+from compress.registry import STAGES, StageContext
 from tests.conftest import run_cli
 from tests.test_stages import QUICK
 
@@ -36,8 +37,8 @@ KINDS = {
 
 def _stage(kind, model, data):
     stage = kind.split(":")[0]
-    context = {"teacher": model} if stage == "distill" else {}
-    return STAGES[stage](model, data, parse_stage_options(stage, KINDS[kind][0]), **context)
+    config = parse_stage_options(stage, KINDS[kind][0])
+    return STAGES[stage].function(model, data, config, context=StageContext(baseline=model))
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

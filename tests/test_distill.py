@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from compress.distill import _StudentWithAdapters, attention_map, distill, kd_loss
+from compress.distill import LayerPair, _StudentWithAdapters, attention_map, distill, kd_loss
+from compress.errors import RecipeError
 from compress.evaluate import EvaluateConfig, evaluate
-from compress.recipe import LayerPair, RecipeError, parse_recipe
+from compress.recipe import parse_recipe
 from tests.tiny import tiny_cnn
 
 

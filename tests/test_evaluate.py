@@ -9,10 +9,10 @@ from compress.data import Data
 from compress.evaluate import (
     compare,
     count_flops,
-    count_memory_access,
     count_params,
     evaluate,
 )
+from compress.profile import count_memory_access
 from compress.recipe import DataConfig, EvaluateConfig
 
 CONFIG = EvaluateConfig(warmup=2, iterations=30, runtimes=["torch"])

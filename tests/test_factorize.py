@@ -63,7 +63,7 @@ def test_factorized_model_saves_and_reloads_identically(trained_tiny, fmnist, tm
 
 
 def test_named_layer_must_be_a_standard_convolution(trained_tiny, fmnist):
-    from compress.recipe import RecipeError
+    from compress.errors import RecipeError
 
     with pytest.raises(RecipeError, match="factorize.layers: 13 is not a standard k x k"):
         factorize(trained_tiny, fmnist, layers=["13"])

@@ -198,7 +198,8 @@ import json, resource, sys, torch
 from pathlib import Path
 from compress.artifact import ArtifactError, load
 from compress.data import DataError, _read_idx
-from compress.recipe import RecipeError, load_recipe
+from compress.errors import RecipeError
+from compress.recipe import load_recipe
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -353,7 +354,8 @@ def test_generated_recipes_validate_or_name_a_key():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from compress.recipe import STAGE_CONFIGS, Recipe, parse_recipe
+    from compress.recipe import Recipe, parse_recipe
+    from compress.registry import STAGES
 
     scalars = st.one_of(
         st.none(),
@@ -376,8 +378,8 @@ def test_generated_recipes_validate_or_name_a_key():
         return st.dictionaries(st.sampled_from(keys), values, max_size=4)
 
     hints = typing.get_type_hints(Recipe)
-    stage = st.sampled_from(sorted(STAGE_CONFIGS)).flatmap(
-        lambda kind: section(STAGE_CONFIGS[kind]).map(lambda options: {kind: options})
+    stage = st.sampled_from(sorted(STAGES)).flatmap(
+        lambda kind: section(STAGES[kind].config).map(lambda options: {kind: options})
     )
     recipe = st.fixed_dictionaries(
         {},

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from compress.evaluate import count_flops, count_memory_access
+from compress.evaluate import count_flops
 from compress.models import build_model
-from compress.profile import layer_costs, machine_peaks, profile_model
+from compress.profile import count_memory_access, layer_costs, machine_peaks, profile_model
 from compress.recipe import ModelConfig
 from tests.conftest import run_cli
 

@@ -1,12 +1,16 @@
 """Recipe validation: every class of bad input names the key path and what is allowed."""
 
+import re
 import textwrap
 
 import pytest
 
+from compress.errors import RecipeError, UsageError
+from compress.prune import PruneConfig
+from compress.quantize import QuantizeConfig
 from compress.recipe import (
-    QuantizeConfig,
-    RecipeError,
+    Recipe,
+    TrainConfig,
     apply_override,
     load_recipe,
     parse_recipe,
@@ -214,3 +218,55 @@ def test_cli_usage_error_exits_2():
     result = run_cli("run")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (
+            lambda: QuantizeConfig(method="int9"),
+            "QuantizeConfig.method: 'int9' is not a valid choice",
+        ),
+        (
+            lambda: QuantizeConfig(calibration_batches=0),
+            "QuantizeConfig.calibration_batches: 0 is out of range",
+        ),
+        (
+            lambda: QuantizeConfig(method="fp16", group_size=64),
+            "QuantizeConfig.group_size: not used by method 'fp16'",
+        ),
+        (
+            lambda: PruneConfig(ratio=0.3, target_macs=0.5),
+            "PruneConfig.target_macs: give one target",
+        ),
+        (lambda: TrainConfig(schedule="cosin"), "did you mean 'cosine'"),
+        (lambda: Recipe(name="../up"), "Recipe.name: '../up' is not a plain name"),
+    ],
+)
+def test_configs_built_in_python_check_themselves(build, expected):
+    """The Python API gets the recipe's errors: a config is checked when it is made."""
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        build()
+
+
+def test_a_config_is_coerced_and_completed_when_built():
+    assert PruneConfig(method="structured").ratio == 0.5  # no target given: the default one
+    assert PruneConfig(method="structured", target_macs=0.5).ratio is None
+    assert isinstance(TrainConfig(lr=1).lr, float)
+
+
+def test_every_usage_error_is_one_line_and_exit_2(tmp_path):
+    """A wrong module name in prune.ignore is a usage error naming that key (it used to be a
+    quantization error naming `skip`, exit 1)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: compress.models:mlp, kwargs: {hidden: 8}}\n"
+        "data: {train_subset: 256, test_subset: 100, calibration_size: 100}\n"
+        "train: {epochs: 0, max_steps: 1}\n"
+        "stages: [{prune: {method: magnitude, ignore: [no_such_layer]}}]\n"
+        "evaluate: {iterations: 1, warmup: 0, profile: false, runtimes: [torch]}\n"
+    )
+    result = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: prune.ignore: 'no_such_layer' matches no module"), last

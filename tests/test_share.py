@@ -89,7 +89,8 @@ def test_artifact_stores_codebooks_and_round_trips_exactly(trained_tiny, fmnist,
 
 @pytest.mark.parametrize("bits", [{"conv": 9}, {"conv": 0}])
 def test_bits_are_validated(bits):
-    from compress.recipe import RecipeError, parse_recipe
+    from compress.errors import RecipeError
+    from compress.recipe import parse_recipe
 
     with pytest.raises(RecipeError, match=r"stages\[0\]\.share\.bits\.conv: .* out of range"):
         parse_recipe({"stages": [{"share": {"bits": bits}}]})

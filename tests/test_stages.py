@@ -9,9 +9,9 @@ import torch
 
 from compress.artifact import load, save
 from compress.evaluate import accuracy, evaluate
-from compress.pipeline import STAGES
 from compress.profile import profile_model
-from compress.recipe import STAGE_METHOD_OPTIONS, EvaluateConfig, parse_stage_options
+from compress.recipe import EvaluateConfig, parse_stage_options
+from compress.registry import STAGES, StageContext
 
 QUICK = {
     "quantize": {"calibration_batches": 1},
@@ -29,7 +29,7 @@ QUICK_METHOD = {
 CASES = [
     (kind, method)
     for kind in sorted(STAGES)
-    for method in sorted(STAGE_METHOD_OPTIONS[kind])
+    for method in STAGES[kind].methods
     if kind != "quantize" or method == "int8_static"
 ]
 # One batch size throughout (the accuracy's), so that an INT8 model compiles once.
@@ -41,7 +41,7 @@ QUICK_EVAL = EvaluateConfig(
 def _options(kind: str, method: str) -> dict:
     if (kind, method) in QUICK_METHOD:
         return {"method": method, **QUICK_METHOD[kind, method]}
-    allowed = STAGE_METHOD_OPTIONS[kind][method]
+    allowed = STAGES[kind].options(method)
     return {"method": method, **{k: v for k, v in QUICK[kind].items() if k in allowed}}
 
 
@@ -49,9 +49,9 @@ def _options(kind: str, method: str) -> dict:
 def test_stage_makes_a_new_model_that_round_trips(kind, method, trained_tiny, fmnist, tmp_path):
     assert kind in QUICK, f"add a quick configuration for the new stage {kind!r}"
     before = {k: v.clone() for k, v in trained_tiny.state_dict().items()}
-    context = {"teacher": trained_tiny} if kind == "distill" else {}
     config = parse_stage_options(kind, _options(kind, method))
-    model = STAGES[kind](trained_tiny, fmnist, config, **context)
+    context = StageContext(baseline=trained_tiny)  # distillation's teacher
+    model = STAGES[kind].function(trained_tiny, fmnist, config, context=context)
     assert model is not trained_tiny and not model.training
     after = trained_tiny.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the input is left as it was

@@ -91,16 +91,15 @@ def test_best_checkpoint_is_kept_and_can_be_the_result(small, tmp_path):
     assert top1 == pytest.approx(last["best"]["top1"])
 
 
-def test_run_defaults_give_each_training_its_own_checkpoint_folder(small, tmp_path):
-    from compress.train import current_device, run_defaults
+def test_a_stage_context_gives_each_training_its_own_checkpoint_folder(small, tmp_path):
+    from compress.registry import StageContext
 
-    with run_defaults(device="cpu", seed=5, checkpoints=tmp_path):
-        assert current_device() == "cpu"
-        train(_fresh(), small, TrainConfig(epochs=1), desc="fine-tune 1/2")
-        train(_fresh(), small, TrainConfig(epochs=1), desc="QAT")
+    context = StageContext(device="cpu", seed=5, checkpoints=tmp_path)
+    train(_fresh(), small, TrainConfig(epochs=1), desc="fine-tune 1/2", context=context)
+    train(_fresh(), small, TrainConfig(epochs=1), desc="QAT", context=context)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01-fine-tune-1-2", "02-qat"]
     assert (tmp_path / "02-qat" / "last.pt").is_file()
-    # Outside the context nothing is written.
+    # Without a context nothing is written.
     train(_fresh(), small, TrainConfig(epochs=1))
     assert len(list(tmp_path.iterdir())) == 2
 

@@ -6,39 +6,33 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 from torch import nn
 
+from compress.artifact import MAX_BATCH
 from compress.data import Data
+from compress.errors import QuantizationError
 from compress.quantize._cast import LowPrecisionModel, cast
+from compress.quantize._config import FALLBACK_METHODS, QAT_TRAINING, QuantizeConfig
 from compress.quantize._int4 import Int4WeightOnlyModel, int4_weight_only
-from compress.quantize._parts import PartlyQuantizedModel
-from compress.quantize._pt2e import (
-    MAX_BATCH,
-    QuantizationError,
-    QuantizedModel,
-    int8_dynamic,
-    int8_qat,
-    int8_static,
-)
+from compress.quantize._parts import PartlyQuantizedModel, quantize_parts
+from compress.quantize._pt2e import QuantizedModel, export_model, quantize_graph
 from compress.quantize._sensitivity import layer_sensitivity, quantize_with_fallback
-from compress.recipe import FALLBACK_METHODS, QuantizeConfig, parse_stage_options
-
-QUANTIZE_METHODS = {
-    "int8_static": int8_static,
-    "int8_dynamic": int8_dynamic,
-    "int8_qat": int8_qat,
-    "fp16": cast,
-    "bf16": cast,
-    "int4_weight_only": int4_weight_only,
-}
+from compress.recipe import parse_stage_options
+from compress.registry import StageContext, register_stage
 
 __all__ = [
+    "FALLBACK_METHODS",
     "MAX_BATCH",
+    "QAT_TRAINING",
     "QUANTIZE_METHODS",
     "Int4WeightOnlyModel",
     "LowPrecisionModel",
     "PartlyQuantizedModel",
     "QuantizationError",
+    "QuantizeConfig",
     "QuantizedModel",
     "layer_sensitivity",
     "quantize",
@@ -46,8 +40,48 @@ __all__ = [
 ]
 
 
+def _pt2e(
+    model: nn.Module,
+    data: Data,
+    config: QuantizeConfig,
+    context: StageContext | None = None,
+    *,
+    mode: str,
+) -> nn.Module:
+    """INT8 through torchao's PT2E flow: the whole graph, or its parts that export."""
+    model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
+    try:
+        exported = export_model(model, data.example_input(2))
+    except QuantizationError as error:
+        if mode == "qat":
+            raise  # QAT trains the whole graph: there is no partial form of it
+        return quantize_parts(model, data, config, mode, str(error))
+    calibration = (images for images, _ in data.loader("calibration"))
+    return quantize_graph(model, exported, calibration, config, mode, data, context)
+
+
+# method -> function(model, data, config, context=None) -> quantized copy.
+QUANTIZE_METHODS = {
+    # Post-training static INT8: observers on the calibration split, then conversion.
+    "int8_static": functools.partial(_pt2e, mode="static"),
+    # INT8 weights for Linear layers; activations quantized at run time (no calibration).
+    "int8_dynamic": functools.partial(_pt2e, mode="dynamic"),
+    # Quantization-aware training: fake-quant, a short fine-tune, then real INT8.
+    "int8_qat": functools.partial(_pt2e, mode="qat"),
+    "fp16": cast,
+    "bf16": cast,
+    "int4_weight_only": int4_weight_only,
+}
+
+
+@register_stage("quantize", QuantizeConfig, final=True)
 def quantize(
-    model: nn.Module, data: Data, config: QuantizeConfig | None = None, **options
+    model: nn.Module,
+    data: Data,
+    config: QuantizeConfig | None = None,
+    *,
+    context: StageContext | None = None,
+    **options,
 ) -> nn.Module:
     """Quantize a copy of ``model`` as ``config`` (or keyword options) says.
 
@@ -62,13 +96,18 @@ def quantize(
     method = QUANTIZE_METHODS[config.method]
     if config.max_accuracy_drop is not None and config.method in FALLBACK_METHODS:
         return quantize_with_fallback(model, data, config, method)
-    return method(model, data, config)
+    return method(model, data, config, context)
 
 
 def sensitivity(
     model: nn.Module, data: Data, config: QuantizeConfig | None = None, **options
 ) -> list[dict]:
-    """Per-layer sensitivity rows for ``config``'s method, most sensitive first."""
+    """Per-layer sensitivity rows for ``config``'s method, most sensitive first.
+
+    Example:
+        >>> rows = sensitivity(model, data, method="int8_static")
+        >>> rows[0]["layer"], rows[0]["accuracy_drop"]
+    """
     if config is None:
         config = parse_stage_options("quantize", options)
     return layer_sensitivity(model, data, config, QUANTIZE_METHODS[config.method])

@@ -9,15 +9,17 @@ import torch
 from torch import nn
 
 from compress.artifact import (
-    ArtifactError,
     fill_state,
     manifest_counts,
     register_loader,
+    save_graph,
+    save_state,
     spec_architecture,
 )
 from compress.data import Data
+from compress.errors import ArtifactError
 from compress.evaluate import count_params
-from compress.recipe import QuantizeConfig
+from compress.quantize._config import QuantizeConfig
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # CPU flags that give fast kernels for each type; without them oneDNN emulates or converts.
@@ -49,11 +51,7 @@ class LowPrecisionModel(nn.Module):
         return self.inner(x.to(self.dtype)).float()
 
     def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
-        from compress.artifact import save_state
-
         if not hasattr(self.inner, "compress_spec"):
-            from compress.artifact import save_graph
-
             if example is None:
                 raise ValueError(
                     "pass an example input to save a model that compress did not build"
@@ -78,7 +76,7 @@ def _load(folder: Path, manifest: dict, trust) -> LowPrecisionModel:
     return LowPrecisionModel(inner, dtype, manifest_counts(folder, manifest))
 
 
-def cast(model: nn.Module, data: Data, config: QuantizeConfig) -> LowPrecisionModel:
+def cast(model: nn.Module, data: Data, config: QuantizeConfig, context=None) -> LowPrecisionModel:
     """Cast a copy of ``model`` to the method's dtype."""
     return LowPrecisionModel(
         copy.deepcopy(model).eval(), DTYPES[config.method], count_params(model)

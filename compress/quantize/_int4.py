@@ -16,15 +16,16 @@ import torch
 from torch import nn
 
 from compress.artifact import (
-    ArtifactError,
     manifest_counts,
     read_weights,
     register_loader,
     spec_architecture,
 )
 from compress.data import Data
+from compress.errors import ArtifactError
 from compress.evaluate import count_params
-from compress.recipe import QuantizeConfig
+from compress.modules import matching_modules
+from compress.quantize._config import QuantizeConfig
 
 NO_KERNEL_NOTE = (
     "int4 weights are stored packed and dequantized to float for compute: no int4 kernel for"
@@ -122,12 +123,12 @@ def _load(folder: Path, manifest: dict, trust) -> Int4WeightOnlyModel:
     return Int4WeightOnlyModel(inner, packed, group_size, manifest_counts(folder, manifest))
 
 
-def int4_weight_only(model: nn.Module, data: Data, config: QuantizeConfig) -> Int4WeightOnlyModel:
+def int4_weight_only(
+    model: nn.Module, data: Data, config: QuantizeConfig, context=None
+) -> Int4WeightOnlyModel:
     """Quantize every Linear weight (except ``skip``) to 4 bits in groups of ``group_size``."""
-    from compress.quantize._pt2e import matching_modules
-
     inner = copy.deepcopy(model).cpu().eval()
-    skipped = set(matching_modules(inner, config.skip))
+    skipped = set(matching_modules(inner, config.skip, key="quantize.skip"))
     packed = {
         name: quantize_weight(module.weight.detach(), config.group_size)
         for name, module in inner.named_modules()

@@ -17,15 +17,19 @@ import torch
 from torch import nn
 
 from compress.artifact import (
-    ArtifactError,
+    load,
     manifest_counts,
     read_weights,
     register_loader,
+    save,
     spec_architecture,
 )
 from compress.data import Data
+from compress.errors import ArtifactError, QuantizationError
 from compress.evaluate import count_params
-from compress.recipe import QuantizeConfig
+from compress.modules import matching_modules
+from compress.quantize._config import QuantizeConfig
+from compress.quantize._pt2e import export_model, quantize_graph
 
 
 class PartlyQuantizedModel(nn.Module):
@@ -62,8 +66,6 @@ class PartlyQuantizedModel(nn.Module):
         return self
 
     def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
-        from compress.artifact import save
-
         if not hasattr(self.model, "compress_spec"):
             raise ValueError(
                 "a partly quantized model can be saved only when compress built it (it has a spec)"
@@ -90,8 +92,6 @@ class PartlyQuantizedModel(nn.Module):
 
 @register_loader("partly_quantized")
 def _load(folder: Path, manifest: dict, trust) -> PartlyQuantizedModel:
-    from compress.artifact import load
-
     model = spec_architecture(folder, manifest, trust)
     state = read_weights(folder, manifest, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -120,15 +120,8 @@ def quantize_parts(
     model: nn.Module, data: Data, config: QuantizeConfig, mode: str, reason: str
 ) -> nn.Module:
     """Quantize every exportable submodule of ``model`` (a copy, in eval mode) in place."""
-    from compress.quantize._pt2e import (
-        QuantizationError,
-        export_model,
-        matching_modules,
-        quantize_graph,
-    )
-
     param_counts = count_params(model)
-    skipped = set(matching_modules(model, config.skip))
+    skipped = set(matching_modules(model, config.skip, key="quantize.skip"))
     float_model = copy.deepcopy(model).eval()  # inputs are captured from the float model
     notes = [f"the whole model does not export ({reason}); quantized the parts that do"]
     quantized, left = [], []

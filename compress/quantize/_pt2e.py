@@ -9,36 +9,52 @@ it computes the same numbers with fake-quant ops, and the evaluator counts FLOPs
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import re
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
+from torchao.quantization.pt2e import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    PerChannelMinMaxObserver,
+    allow_exported_model_train_eval,
+)
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+# Importing torchao's x86 quantizer also registers inductor's INT8 lowering passes: without
+# it a model loaded from disk in a fresh process would compile to fake-quant.
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 from tqdm import tqdm
 
 from compress import distributed
-from compress.artifact import graph_file, load_graph, manifest_counts, register_loader
+from compress.artifact import (
+    MAX_BATCH,
+    graph_file,
+    load_graph,
+    manifest_counts,
+    register_loader,
+    save_graph,
+)
 from compress.data import Data
+from compress.errors import QuantizationError
 from compress.evaluate import count_params
-from compress.recipe import QuantizeConfig
+from compress.modules import matching_modules
+from compress.quantize._config import QuantizeConfig
+from compress.registry import StageContext
+from compress.train import train
 
 # Exported graphs accept batches of 1..MAX_BATCH images. The compiled model is built per
 # power-of-two batch bucket (static shapes are what the INT8 lowering handles), so a batch
 # of 250 runs in the 256 bucket and at most log2(MAX_BATCH) + 1 kernels are compiled.
-MAX_BATCH = 4096
 # inductor's C++ wrapper calls the kernels without Python in between: ~10 % lower latency
 # for resnet18 at batch 1 (2.9 vs 3.2 ms), for ~5 s more compile time per batch size.
 CPP_WRAPPER = True
-
-
-class QuantizationError(RuntimeError):
-    """The model cannot be quantized as asked."""
 
 
 class QuantizedModel(nn.Module):
@@ -76,8 +92,6 @@ class QuantizedModel(nn.Module):
         self.int8_kernels: int | None = None  # INT8 ops inductor lowered at the last new shape
 
     def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
-        from compress.artifact import save_graph
-
         graph = self.reference_module
         if example is None:  # the graph remembers its input's shape
             example = torch.zeros(2, *_input_shape(graph))
@@ -116,10 +130,6 @@ class QuantizedModel(nn.Module):
         if not self._compile:
             return self.reference_module(x)
         if self._compiled is None:
-            # Importing torchao's x86 quantizer registers inductor's INT8 lowering passes; a
-            # model loaded from disk in a fresh process would otherwise compile to fake-quant.
-            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-
             self._compiled = torch.compile(self.reference_module, dynamic=False)
         if x.shape in self._shapes_compiled:
             return self._compiled(x)  # compiled already: no config patch on the hot path
@@ -155,35 +165,6 @@ class QuantizedModel(nn.Module):
         return out
 
 
-def int8_static(model: nn.Module, data: Data, config: QuantizeConfig) -> QuantizedModel:
-    """Post-training static INT8: observers on the calibration split, then conversion."""
-    return _pt2e(model, data, config, mode="static")
-
-
-def int8_dynamic(model: nn.Module, data: Data, config: QuantizeConfig) -> QuantizedModel:
-    """INT8 weights for Linear layers; activations quantized at run time (no calibration)."""
-    return _pt2e(model, data, config, mode="dynamic")
-
-
-def int8_qat(model: nn.Module, data: Data, config: QuantizeConfig) -> QuantizedModel:
-    """Quantization-aware training: fake-quant, a short fine-tune, then real INT8."""
-    return _pt2e(model, data, config, mode="qat")
-
-
-def _pt2e(model: nn.Module, data: Data, config: QuantizeConfig, mode: str) -> nn.Module:
-    model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
-    try:
-        exported = export_model(model, data.example_input(2))
-    except QuantizationError as error:
-        if mode == "qat":
-            raise  # QAT trains the whole graph: there is no partial form of it
-        from compress.quantize._parts import quantize_parts
-
-        return quantize_parts(model, data, config, mode, str(error))
-    calibration = (images for images, _ in data.loader("calibration"))
-    return quantize_graph(model, exported, calibration, config, mode, data)
-
-
 def quantize_graph(
     model: nn.Module,
     exported: nn.Module,
@@ -191,14 +172,12 @@ def quantize_graph(
     config: QuantizeConfig,
     mode: str,
     data: Data | None = None,
+    context: StageContext | None = None,
 ) -> QuantizedModel:
     """prepare → calibrate (or QAT-train on ``data``) → convert one exported graph of ``model``.
 
     ``calibration`` yields input batches; ``config.skip`` names modules of ``model``.
     """
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
-
     param_counts = count_params(model)
     quantizer = DeployableX86Quantizer()
     if mode == "dynamic":
@@ -206,7 +185,7 @@ def quantize_graph(
         quantizer.set_module_type_qconfig(nn.Linear, quantization_config(config, mode))
     else:
         quantizer.set_global(quantization_config(config, mode))
-    skipped = matching_modules(model, config.skip)
+    skipped = matching_modules(model, config.skip, key="quantize.skip")
     for name in skipped:
         quantizer.set_module_name_qconfig(name, None)
     with warnings.catch_warnings():
@@ -214,10 +193,8 @@ def quantize_graph(
         warnings.filterwarnings("ignore", message="The input of .* is not quantized")
         prepared = (prepare_qat_pt2e if mode == "qat" else prepare_pt2e)(exported, quantizer)
     if mode == "qat":
-        from compress.train import train
-
         allow_exported_model_train_eval(prepared)  # the shared loop calls .train()/.eval()
-        train(prepared, data, config.fine_tune, desc="qat")
+        train(prepared, data, config.fine_tune, desc="qat", context=context)
     else:
         calibrate(prepared, calibration, 1 if mode == "dynamic" else config.calibration_batches)
     converted = convert_pt2e(prepared)
@@ -259,13 +236,6 @@ def quantization_config(config: QuantizeConfig, mode: str):
     kernels; ``per_channel: false`` gives every channel the same (per-tensor) scale, so the
     numbers are per-tensor and the kernels stay fast.
     """
-    from torchao.quantization.pt2e import (
-        HistogramObserver,
-        MinMaxObserver,
-        MovingAverageMinMaxObserver,
-    )
-    from torchao.quantization.pt2e.quantizer import QuantizationSpec
-
     reduce_range = not _has_vnni()
     default = xiq.get_default_x86_inductor_quantization_config(
         is_qat=mode == "qat", is_dynamic=mode == "dynamic", reduce_range=reduce_range
@@ -399,32 +369,8 @@ def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
     distributed.broadcast_state(prepared)
 
 
-def matching_modules(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the modules that ``patterns`` select (dotted names or ``re:`` regexes)."""
-    names = [name for name, _ in model.named_modules() if name]
-    selected = []
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            regex = re.compile(pattern[3:])
-            found = [n for n in names if regex.fullmatch(n)]
-        else:
-            found = [pattern] if pattern in names else []
-        if not found:
-            import difflib
-
-            close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise QuantizationError(
-                f"skip: {pattern!r} matches no module of {type(model).__name__}{hint}"
-            )
-        selected += [n for n in found if n not in selected]
-    return selected
-
-
 def _int8_lowerings() -> int:
     """How many quantized ops (qconv, qlinear, ...) inductor has lowered to INT8 kernels so far."""
-    from torch._dynamo.utils import counters
-
     return sum(
         v
         for k, v in counters["inductor"].items()

@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from compress.data import Data
 from compress.evaluate import measure_latency, sqnr_db
-from compress.recipe import QuantizeConfig
+from compress.modules import matching_modules
+from compress.quantize._config import QuantizeConfig
+from compress.traits import traits
 
 QuantizeFn = Callable[[nn.Module, Data, QuantizeConfig], nn.Module]
 
@@ -39,10 +41,8 @@ def layer_sensitivity(
     Example:
         >>> rows = layer_sensitivity(model, data, QuantizeConfig(), QUANTIZE_METHODS["int8_static"])
     """
-    from compress.quantize._pt2e import matching_modules
-
     reference, labels = _logits(model, data)
-    skipped = matching_modules(model, config.skip)
+    skipped = matching_modules(model, config.skip, key="quantize.skip")
     layers = candidate_layers(model, skipped)
     rows = []
     for layer in tqdm(layers, desc="sensitivity", unit="layer", leave=False, disable=None):
@@ -120,7 +120,7 @@ def _describe(steps: list[dict], chosen: dict, target: float) -> str:
 
 
 def _logits(model: nn.Module, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
-    model = getattr(model, "reference_module", model)
+    model = traits(model).reference
     outputs, labels = [], []
     with torch.inference_mode():
         for images, targets in data.loader("calibration"):

@@ -1,0 +1,139 @@
+"""Networks built from a *spec*: a torchvision classifier by name or an import path, adapted
+to the data's classes and channels.
+
+A spec is the plain data that builds a model again (``model.compress_spec``); it is what
+lets a model folder store weights without pickling code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+
+import torch
+import torchvision
+from torch import nn
+
+from compress.errors import ModelError, RecipeError
+
+
+def torchvision_models() -> list[str]:
+    """Names of torchvision's classification builders."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_from_spec(spec: dict) -> nn.Module:
+    """Build a model (random or pretrained weights) from its spec."""
+    name = spec["name"]
+    if ":" in name:
+        model = _from_import_path(name, spec)
+    else:
+        model = _from_torchvision(name, spec)
+    model.compress_spec = dict(spec)
+    return model
+
+
+def _from_import_path(path: str, spec: dict) -> nn.Module:
+    module_name, _, factory_name = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as error:
+        raise RecipeError(
+            f"model.name: cannot import {path!r} ({error}); expected"
+            " 'package.module:factory' on the Python path"
+        ) from None
+    kwargs = dict(spec["kwargs"])
+    # Hand the data's class and channel counts to factories that take them, unless given.
+    accepted = inspect.signature(factory).parameters
+    for key in ("num_classes", "in_channels"):
+        if key in accepted and key not in kwargs:
+            kwargs[key] = spec[key]
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"model.name: {path!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    # A factory that cannot be told the channel count gets its first convolution adapted,
+    # as torchvision models by name do (e.g. torchvision.models:VisionTransformer).
+    if "in_channels" not in accepted and "in_channels" not in kwargs:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and first.in_channels != spec["in_channels"]:
+            _adapt_first_conv(model, spec["in_channels"])
+    return model
+
+
+def unknown_model(name: str) -> str | None:
+    """Why ``name`` names no model (None when it is a torchvision model or an import path)."""
+    if ":" in name:
+        return None  # imported (and checked) when the model is built
+    names = torchvision_models()
+    if name in names:
+        return None
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return (
+        f"unknown model {name!r}; {hint}(allowed: a torchvision classification model such"
+        f" as resnet18, mobilenet_v2, efficientnet_b0, vit_b_16 — `python -m compress list`"
+        f" shows all {len(names)} — or 'package.module:factory')"
+    )
+
+
+def _from_torchvision(name: str, spec: dict) -> nn.Module:
+    problem = unknown_model(name)
+    if problem:
+        raise RecipeError(f"model.name: {problem}")
+    kwargs = dict(spec["kwargs"])
+    weights = spec.get("weights")
+    if weights:
+        # Pretrained weights come with their own head; the head is replaced below.
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        _replace_head(model, spec["num_classes"])
+    else:
+        model = torchvision.models.get_model(name, num_classes=spec["num_classes"], **kwargs)
+    if spec["in_channels"] != 3:
+        _adapt_first_conv(model, spec["in_channels"])
+    return model
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Give the first convolution ``in_channels`` inputs (pretrained RGB kernels averaged)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                conv = nn.Conv2d(
+                    in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                    child.padding_mode,
+                )
+                with torch.no_grad():
+                    conv.weight.copy_(child.weight.mean(dim=1, keepdim=True).expand_as(conv.weight))
+                    if child.bias is not None:
+                        conv.bias.copy_(child.bias)
+                setattr(parent, child_name, conv)
+                return
+    raise ModelError(
+        f"cannot adapt {type(model).__name__} to {in_channels} input channels: no Conv2d"
+    )
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer for one with ``num_classes`` outputs."""
+    last = None
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, child_name, child)
+    if last is None:
+        raise ModelError(
+            f"{type(model).__name__}: no Linear head to resize to {num_classes} classes"
+        )
+    parent, child_name, child = last
+    if child.out_features != num_classes:
+        setattr(parent, child_name, nn.Linear(child.in_features, num_classes))

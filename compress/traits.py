@@ -1,0 +1,68 @@
+"""What a model tells the rest of compress about itself: the one protocol between the
+stages, which set these attributes on the model they return, and the evaluator, report,
+exporters and artifact, which read them through :func:`traits` (or, for saving,
+:mod:`compress.artifact`). A plain ``nn.Module`` has none of them and gets the defaults.
+
+==================  =========================================================  ==============
+attribute           meaning                                                    default
+==================  =========================================================  ==============
+notes               remarks for the report, under this step (list of str)      []
+stage_details       a stage's own figures: per-layer tables, MACs ratio         {}
+reference_module    the module to count FLOPs, bytes and layers on when the    the model
+                    runnable one is compiled (INT8 graphs)
+param_counts        (total, non-zero) weights as stored                        counted
+element_bytes       bytes per weight/activation element as executed            the dtype's
+compute_dtype       what the kernels compute in ("int8", "float16", ...)       the weights'
+cpu_only            its kernels run on the CPU only                            False
+not_faster_reason   why it may not be faster here (half precision on a CPU)    None
+compress_spec       the plain data that builds the float model again           (not saved
+                    (models.py / architectures.py)                             as a spec)
+compress_changes    registered architecture changes it went through            []
+                    (artifact.register_architecture_change)
+save_artifact       ``save_artifact(folder, example) -> manifest``: a kind      spec + weights,
+                    that saves itself (quantized models)                       or a graph
+==================  =========================================================  ==============
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Traits:
+    """The attributes above, read once, with their defaults filled in."""
+
+    notes: tuple[str, ...]
+    details: dict
+    reference: nn.Module
+    param_counts: tuple[int, int] | None
+    element_bytes: int | None
+    compute_dtype: str
+    cpu_only: bool
+    not_faster_reason: str | None
+    compiled: bool  # what runs is not `reference` (compiled INT8 kernels): no per-layer timing
+
+
+def traits(model: nn.Module) -> Traits:
+    """What ``model`` says about itself, defaults filled in.
+
+    Example:
+        >>> traits(quantized).compute_dtype, traits(quantized).notes
+        ('int8', ('kept in float: fc',))
+    """
+    first = next(iter(model.parameters()), None)
+    dtype = str(first.dtype).removeprefix("torch.") if first is not None else "float32"
+    return Traits(
+        notes=tuple(getattr(model, "notes", ())),
+        details=dict(getattr(model, "stage_details", {})),
+        reference=getattr(model, "reference_module", model),
+        param_counts=getattr(model, "param_counts", None),
+        element_bytes=getattr(model, "element_bytes", None),
+        compute_dtype=getattr(model, "compute_dtype", dtype),
+        cpu_only=getattr(model, "cpu_only", False),
+        not_faster_reason=getattr(model, "not_faster_reason", None),
+        compiled=hasattr(model, "reference_module"),
+    )

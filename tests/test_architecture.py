@@ -1,0 +1,139 @@
+"""The import layers: a lower module never imports a higher one, nothing imports in a
+circle, and an import inside a function is kept for optional dependencies only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from compress.registry import STAGES
+
+PACKAGE = Path(__file__).resolve().parent.parent / "compress"
+
+# Bottom first. A module may import modules of its own layer (without a cycle) or below.
+LAYERS = [
+    # Ground floor: knows nothing of models, stages or runs.
+    {
+        "errors",
+        "schema",
+        "modules",
+        "memory",
+        "distributed",
+        "registry",
+        "paths",
+        "storage",
+        "traits",
+    },
+    {"architectures", "recipe", "data"},  # configs, data, building networks from specs
+    {"artifact", "models", "deploy", "profile", "evaluate", "train"},  # shared machinery
+    # The stages: every module that registers one (a new stage is one new module).
+    {spec.function.__module__.split(".")[1] for spec in STAGES.values()},
+    {"plots", "report", "pipeline", "docs", "cli", "__main__", "__init__"},  # runs, reports, CLI
+]
+# Packages compress runs without; imported where they are used, so that a missing one
+# fails only the feature that needs it.
+OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "matplotlib"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for file in sorted(PACKAGE.rglob("*.py")):
+        parts = file.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(parts).removesuffix(".__init__") or "__init__"
+        found[name] = ast.parse(file.read_text(), str(file))
+    return found
+
+
+def _unit(module: str) -> str:
+    """The layer unit a module belongs to: a package's private modules count as the package."""
+    return module.split(".")[0]
+
+
+def _imports(name: str, tree: ast.Module) -> list[tuple[str, int, bool]]:
+    """(imported module, line, inside a function) for each import in ``tree``."""
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, child.lineno, inner) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:  # relative: resolve against this module's package
+                    base = name.split(".")[: -child.level or None]
+                    module = ".".join(["compress", *base, *(child.module or "").split(".")])
+                else:
+                    module = child.module or ""
+                found.append((module, child.lineno, inner))
+                if module == "compress":  # `from compress import x`: x may be a module
+                    found.extend((f"compress.{a.name}", child.lineno, inner) for a in child.names)
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {}
+    for name, tree in modules.items():
+        targets = set()
+        for module, _, _ in _imports(name, tree):
+            if module.startswith("compress."):
+                target = module.removeprefix("compress.")
+                if target in modules:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def _layer(module: str) -> int:
+    for index, layer in enumerate(LAYERS):
+        if _unit(module) in layer:
+            return index
+    raise AssertionError(f"compress/{module} is in no layer of tests/test_architecture.py")
+
+
+def test_every_module_has_a_layer():
+    for name in _modules():
+        _layer(name)
+
+
+def test_no_upward_import():
+    upward = [
+        f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})"
+        for name, targets in _graph().items()
+        for target in targets
+        if _layer(target) > _layer(name)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if target == "__init__" or (node.startswith(target + ".") and target in graph):
+                continue  # a package's own __init__ runs first; not a cycle of modules
+            if state.get(target) == "open":
+                cycles.append(" -> ".join([*stack[stack.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*stack, target])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_imports_inside_functions_only_for_optional_packages():
+    inner = [
+        f"compress/{name.replace('.', '/')}.py:{line} imports {module}"
+        for name, tree in _modules().items()
+        for module, line, in_function in _imports(name, tree)
+        if in_function and module.split(".")[0] not in OPTIONAL
+    ]
+    assert not inner, "\n".join(inner)

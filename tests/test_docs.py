@@ -1,0 +1,32 @@
+"""The generated reference is fresh, and the front door stays short."""
+
+from pathlib import Path
+
+from compress import docs
+from compress.quantize import QuantizeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_recipe_reference_is_generated_from_the_code():
+    assert docs.DOCS.read_text() == docs.recipes_markdown(), (
+        "docs/recipes.md is stale: run `python -m compress.docs` (make docs)"
+    )
+
+
+def test_every_registered_option_and_its_comment_is_in_the_reference():
+    text = docs.recipes_markdown()
+    for stage in docs.STAGES.values():
+        assert f"### `{stage.name}`" in text
+        for name, comment in docs.field_comments(stage.config).items():
+            assert f"| `{name}` |" in text
+            assert comment.replace("|", "\\|") in text
+    # A comment is read from the source: it says what the option is for.
+    assert (
+        "one weight scale per output channel"
+        in docs.field_comments(QuantizeConfig)["per_channel"].lower()
+    )
+
+
+def test_readme_is_a_front_door():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from compress.data import Data
 from compress.errors import RecipeError
 from compress.models import build_model
-from compress.recipe import ModelConfig, TrainConfig, parse_stage_options
+from compress.recipe import ModelConfig, TrainConfig
 from compress.registry import StageContext, register_stage
 from compress.schema import Config, option
 from compress.train import train
@@ -103,11 +103,10 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
 def distill(
     model: nn.Module,
     data: Data,
-    config: DistillConfig | None = None,
-    teacher: nn.Module | None = None,
+    config: DistillConfig,
     *,
-    context: StageContext | None = None,
-    **options,
+    teacher: nn.Module | None = None,
+    context: StageContext,
 ) -> nn.Module:
     """Train a student (a copy of ``model``, or ``config.student``) against ``teacher``
     (default: ``config.teacher``, else the run's baseline, ``context.baseline``).
@@ -117,11 +116,6 @@ def distill(
         >>> student = distill(small, data, teacher=baseline,
         ...                   features=[{"student": "layer3", "teacher": "layer3"}])
     """
-    context = context or StageContext()
-    if config is None:
-        config = parse_stage_options("distill", options)
-    elif options:
-        raise TypeError("pass either a DistillConfig or keyword options, not both")
     teacher = teacher if teacher is not None else context.baseline
     if config.teacher is not None:
         teacher = build_model(config.teacher, data.num_classes, data.input_shape[0])

@@ -27,7 +27,6 @@ from compress.data import Data
 from compress.errors import RecipeError
 from compress.evaluate import count_flops
 from compress.modules import forward_with_hooks, matching_modules
-from compress.recipe import parse_stage_options
 from compress.registry import StageContext, register_stage
 from compress.schema import Config, option
 
@@ -96,10 +95,9 @@ def svd_fit(linear: nn.Linear, rank: int) -> tuple[nn.Sequential, float]:
 def factorize(
     model: nn.Module,
     data: Data,
-    config: FactorizeConfig | None = None,
+    config: FactorizeConfig,
     *,
-    context: StageContext | None = None,
-    **options,
+    context: StageContext,
 ) -> nn.Module:
     """Replace convolutions (and optionally Linear layers) by factorized pairs.
 
@@ -107,10 +105,6 @@ def factorize(
         >>> thin = factorize(model, data)            # every eligible 3x3 convolution
         >>> thin = factorize(model, data, layers=["re:layer[34]\\\\..*conv"])
     """
-    if config is None:
-        config = parse_stage_options("factorize", options)
-    elif options:
-        raise TypeError("pass either a FactorizeConfig or keyword options, not both")
     model = copy.deepcopy(model).cpu().eval()
     example = data.example_input(1)
     total_macs = count_flops(model, example) // 2

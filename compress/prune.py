@@ -31,7 +31,7 @@ from compress.data import Data
 from compress.errors import PruningError
 from compress.evaluate import count_flops, measure_latency
 from compress.modules import forward_with_hooks, matching_modules
-from compress.recipe import TrainConfig, parse_stage_options
+from compress.recipe import TrainConfig
 from compress.registry import StageContext, register_stage
 from compress.schema import Config, FieldError, option
 from compress.train import train
@@ -101,10 +101,9 @@ class PruneConfig(Config):
 def prune(
     model: nn.Module,
     data: Data,
-    config: PruneConfig | None = None,
+    config: PruneConfig,
     *,
-    context: StageContext | None = None,
-    **options,
+    context: StageContext,
 ) -> nn.Module:
     """Prune a copy of ``model`` as ``config`` (or keyword options) says; fine-tune if asked.
 
@@ -112,10 +111,6 @@ def prune(
         >>> pruned = prune(model, data, method="structured", target_macs=0.5)
         >>> sparse = prune(model, data, method="magnitude", sparsity=0.8, fine_tune={"epochs": 1})
     """
-    if config is None:
-        config = parse_stage_options("prune", options)
-    elif options:
-        raise TypeError("pass either a PruneConfig or keyword options, not both")
     model = copy.deepcopy(model).cpu().eval()
     if config.method == "magnitude":
         return _magnitude(model, data, config, context)

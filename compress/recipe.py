@@ -281,10 +281,7 @@ def parse_stage_options(kind: str, options: dict, source: str = "<options>") -> 
         >>> parse_stage_options("prune", {"method": "magnitude", "sparsity": 0.8}).sparsity
         0.8
     """
-    try:
-        return parse_config(stage_spec(kind).config, options, kind)
-    except FieldError as error:
-        raise RecipeError(f"{source}: {error.key}: {error.message}") from None
+    return stage_spec(kind).parse(options, source)
 
 
 def apply_override(raw: Any, override: str, source: str = "<recipe>") -> dict:

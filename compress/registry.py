@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import RecipeError
-from compress.schema import method_options, methods_of, suggest
+from compress.schema import FieldError, method_options, methods_of, parse_config, suggest
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,14 @@ class StageSpec:
     def options(self, method: str) -> set[str]:
         """The options ``method`` reads, ``method`` itself included."""
         return method_options(self.config, method)
+
+    def parse(self, options: dict, source: str = "<options>"):
+        """``options`` (plain data) as this stage's config; a :class:`RecipeError` naming
+        the key otherwise."""
+        try:
+            return parse_config(self.config, options, self.name)
+        except FieldError as error:
+            raise RecipeError(f"{source}: {error.key}: {error.message}") from None
 
 
 STAGES: dict[str, StageSpec] = {}
@@ -73,15 +83,29 @@ class StageContext:
 
 
 def register_stage(name: str, config: type, *, final: bool = False):
-    """Decorator registering ``function(model, data, config, *, context, **options) -> model``
-    as the stage ``name`` whose options are the dataclass ``config``; ``context`` is a
-    :class:`StageContext`."""
+    """Decorator registering ``function(model, data, config, *, context) -> model`` as the
+    stage ``name`` whose options are the dataclass ``config``; ``context`` is a
+    :class:`StageContext`. The registered function also takes the options as keywords
+    instead of a config (``prune(model, data, method="magnitude")``)."""
 
     def add(function: Callable) -> Callable:
         if name in STAGES:
             raise AssertionError(f"stage {name!r} is registered twice")  # a code bug
-        STAGES[name] = StageSpec(name, function, config, final)
-        return function
+        own = set(inspect.signature(function).parameters) - {"model", "data", "config", "context"}
+
+        @functools.wraps(function)
+        def stage(model, data, config=None, *, context: StageContext | None = None, **options):
+            # Called from Python, a stage takes its options as keywords (checked as a
+            # recipe's are) or a config, and runs on the CPU with seed 0 without a context.
+            extra = {key: options.pop(key) for key in list(options) if key in own}
+            if config is None:
+                config = STAGES[name].parse(options)
+            elif options:
+                raise TypeError(f"pass either a {type(config).__name__} or keyword options")
+            return function(model, data, config, context=context or StageContext(), **extra)
+
+        STAGES[name] = StageSpec(name, stage, config, final)
+        return stage
 
     return add
 

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from compress.data import Data
 from compress.modules import matching_modules
-from compress.recipe import TrainConfig, parse_stage_options
+from compress.recipe import TrainConfig
 from compress.registry import StageContext, register_stage
 from compress.schema import Config, option
 from compress.train import train
@@ -138,20 +138,15 @@ class SharedWeight(nn.Module):
 def share(
     model: nn.Module,
     data: Data,
-    config: ShareConfig | None = None,
+    config: ShareConfig,
     *,
-    context: StageContext | None = None,
-    **options,
+    context: StageContext,
 ) -> nn.Module:
     """Cluster each selected layer's weights into 2^bits shared values; fine-tune if asked.
 
     Example:
         >>> shared = share(model, data, bits={"conv": 4, "linear": 5}, fine_tune={"epochs": 1})
     """
-    if config is None:
-        config = parse_stage_options("share", options)
-    elif options:
-        raise TypeError("pass either a ShareConfig or keyword options, not both")
     model = copy.deepcopy(model).cpu().eval()
     skipped = set(matching_modules(model, config.skip, key="share.skip")) if config.skip else set()
     rows, shared = [], []

@@ -78,10 +78,9 @@ QUANTIZE_METHODS = {
 def quantize(
     model: nn.Module,
     data: Data,
-    config: QuantizeConfig | None = None,
+    config: QuantizeConfig,
     *,
-    context: StageContext | None = None,
-    **options,
+    context: StageContext,
 ) -> nn.Module:
     """Quantize a copy of ``model`` as ``config`` (or keyword options) says.
 
@@ -89,10 +88,6 @@ def quantize(
         >>> qmodel = quantize(model, data, method="int8_static", calibration_batches=8)
         >>> qmodel = quantize(model, data, method="int8_static", max_accuracy_drop=0.3)
     """
-    if config is None:
-        config = parse_stage_options("quantize", options)
-    elif options:
-        raise TypeError("pass either a QuantizeConfig or keyword options, not both")
     method = QUANTIZE_METHODS[config.method]
     if config.max_accuracy_drop is not None and config.method in FALLBACK_METHODS:
         return quantize_with_fallback(model, data, config, method)

@@ -260,22 +260,9 @@ def _structured(
         ) from None
     base_flops = count_flops(model, example)
     reached = not searching
-    for step in range(steps):
-        if config.importance == "taylor":
-            _taylor_gradients(model, data)
-        pruner.step()
-        model.zero_grad(set_to_none=True)
-        if config.target_macs is not None:
-            reached = count_flops(model, example) <= config.target_macs * base_flops
-        if config.target_latency_ms is not None:
-            p50 = measure_latency(model.eval(), example, warmup=3, iterations=30)["p50"]
-            log.info(
-                "prune step %d: p50 %.3f ms (target %.3f)", step, p50, config.target_latency_ms
-            )
-            # Under torchrun rank 0's clock decides, so that every rank prunes alike.
-            reached = distributed.broadcast_object(p50 <= config.target_latency_ms)
-        if reached:
-            break
+    with torch.random.fork_rng():  # random importance draws from the run's seed alone
+        torch.manual_seed(context.seed)
+        reached = _prune_steps(model, data, config, pruner, steps, example, base_flops, reached)
     model.eval()
     if config.fine_tune.epochs or config.fine_tune.max_steps:
         train(model, data, config.fine_tune, desc="fine-tune", context=context)
@@ -297,6 +284,27 @@ def _structured(
             " the baseline's"
         )
     return model
+
+
+def _prune_steps(model, data, config, pruner, steps, example, base_flops, reached) -> bool:
+    """torch-pruning's steps until the target (MACs or measured latency) is met; whether it was."""
+    for step in range(steps):
+        if config.importance == "taylor":
+            _taylor_gradients(model, data)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        if config.target_macs is not None:
+            reached = count_flops(model, example) <= config.target_macs * base_flops
+        if config.target_latency_ms is not None:
+            p50 = measure_latency(model.eval(), example, warmup=3, iterations=30)["p50"]
+            log.info(
+                "prune step %d: p50 %.3f ms (target %.3f)", step, p50, config.target_latency_ms
+            )
+            # Under torchrun rank 0's clock decides, so that every rank prunes alike.
+            reached = distributed.broadcast_object(p50 <= config.target_latency_ms)
+        if reached:
+            break
+    return reached
 
 
 def _taylor_gradients(model: nn.Module, data: Data, batches: int = 4) -> None:

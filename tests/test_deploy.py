@@ -41,6 +41,7 @@ def _stage(kind, model, data):
     return STAGES[stage].function(model, data, config, context=StageContext(baseline=model))
 
 
+@pytest.mark.slow  # exports and compiles in two runtimes per kind
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_stage_kind_runs_in_each_runtime_as_in_torch(kind, trained_tiny, fmnist, tmp_path):
     model = _stage(kind, trained_tiny, fmnist)
@@ -56,6 +57,7 @@ def test_every_stage_kind_runs_in_each_runtime_as_in_torch(kind, trained_tiny, f
         assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95, runtime
 
 
+@pytest.mark.slow
 def test_int8_exports_as_qdq_that_onnxruntime_fuses(trained_tiny, fmnist, tmp_path):
     int8 = quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=2)
     path = export(int8, tmp_path / "model.onnx", "onnx", fmnist.example_input(2))
@@ -105,6 +107,7 @@ def _ops_onnxruntime_runs(path, folder) -> collections.Counter:
     return collections.Counter(n.op_type for n in optimized.graph.node)
 
 
+@pytest.mark.slow
 def test_evaluator_headline_is_the_fastest_runtime_and_each_runtime_is_scored(
     trained_tiny, fmnist, tmp_path
 ):
@@ -161,6 +164,7 @@ def test_unknown_runtime_is_a_recipe_error():
         parse_recipe({"evaluate": {"runtimes": ["tensorrt"]}})
 
 
+@pytest.mark.slow
 def test_export_command_writes_once_and_checks_the_file(trained_tiny, fmnist, tmp_path):
     folder = save(
         quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=1),

@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from compress.distill import LayerPair, _StudentWithAdapters, attention_map, distill, kd_loss
 from compress.errors import RecipeError
 from compress.evaluate import EvaluateConfig, evaluate
+from compress.modules import forward_with_hooks
 from compress.recipe import parse_recipe
 from tests.tiny import tiny_cnn
 
@@ -134,6 +136,83 @@ def test_cached_teacher_logits_train_as_the_live_teacher_does(trained_tiny, fmni
     live = distill(trained_tiny, fmnist, teacher=trained_tiny, cache_teacher=False, **options)
     for a, b in zip(cached.state_dict().values(), live.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-4)
+
+
+# Each loss proves its effect: a student trained with it ends closer to the teacher, where
+# that loss measures closeness, than the same-seed student trained on the same steps with
+# cross-entropy alone (measured: KD 0.39x the KL, hints 0.24x the MSE, attention 0.06x).
+EFFECT = 0.6
+SHORT = {"epochs": 0, "max_steps": 40, "lr": 0.05, "validate": False}
+
+
+def _student(teacher, data, **options):
+    return distill(
+        teacher,
+        data,
+        teacher=teacher,
+        student={"name": "tests.tiny:tiny_cnn"},
+        train=SHORT,
+        **options,
+    )
+
+
+def _layer(model, layer, images):
+    got = {}
+    forward_with_hooks(
+        model, images, lambda n, m: (lambda *a: got.update(x=a[2])) if n == layer else None
+    )
+    return got["x"]
+
+
+@pytest.fixture(scope="module")
+def plain_student(trained_tiny, fmnist):
+    """The control: alpha 0 and no layer losses is plain cross-entropy, same seed and steps."""
+    return _student(trained_tiny, fmnist, alpha=0.0)
+
+
+@pytest.mark.slow
+def test_the_kd_term_moves_the_students_logits_toward_the_teachers(
+    trained_tiny, fmnist, plain_student
+):
+    images = fmnist.example_input(500)
+
+    def kl(student, temperature=4.0):
+        with torch.no_grad():
+            return F.kl_div(
+                F.log_softmax(student(images) / temperature, 1),
+                F.log_softmax(trained_tiny(images) / temperature, 1),
+                log_target=True,
+                reduction="batchmean",
+            ).item()
+
+    assert kl(_student(trained_tiny, fmnist, alpha=0.9)) < EFFECT * kl(plain_student)
+
+
+@pytest.mark.slow
+def test_a_hint_loss_moves_the_named_layer_toward_the_teachers(trained_tiny, fmnist, plain_student):
+    images = fmnist.example_input(500)
+    hinted = _student(trained_tiny, fmnist, alpha=0.0, features=[{"student": "6", "teacher": "6"}])
+    target = _layer(trained_tiny, "6", images)
+
+    def gap(student):
+        return F.mse_loss(_layer(student, "6", images), target).item()
+
+    assert gap(hinted) < EFFECT * gap(plain_student)
+
+
+@pytest.mark.slow
+def test_attention_transfer_moves_the_attention_map_toward_the_teachers(
+    trained_tiny, fmnist, plain_student
+):
+    images = fmnist.example_input(500)
+    pair = {"student": "2", "teacher": "2", "weight": 1000}
+    transferred = _student(trained_tiny, fmnist, alpha=0.0, attention=[pair])
+    target = attention_map(_layer(trained_tiny, "2", images))
+
+    def gap(student):
+        return (attention_map(_layer(student, "2", images)) - target).pow(2).mean().item()
+
+    assert gap(transferred) < EFFECT * gap(plain_student)
 
 
 @pytest.mark.slow

@@ -221,6 +221,7 @@ print(json.dumps({"results": results, "grown": peak() - start}))
 """
 
 
+@pytest.mark.slow  # a subprocess with its peak memory measured
 def test_small_files_cannot_make_compress_allocate_much(tmp_path, spec_folder, graph_folder):
     import gzip
 
@@ -289,6 +290,7 @@ def test_small_files_cannot_make_compress_allocate_much(tmp_path, spec_folder, g
     assert out["grown"] < 200 * 2**20  # peak memory grew by less than 200 MB in all
 
 
+@pytest.mark.slow  # a subprocess under a memory limit
 def test_a_step_past_the_machine_memory_stops_with_one_line(tmp_path):
     script = (
         "import logging\n"

@@ -197,6 +197,7 @@ CHAIN = (
 )
 
 
+@pytest.mark.slow  # one process killed at each phase, then resumed
 def test_run_killed_at_every_phase_resumes_to_the_uninterrupted_result(tmp_path):
     """One run killed (os._exit: no cleanup) in turn during training, while saving a stage,
     right after saving it, while evaluating it and while writing the report; each time

@@ -8,6 +8,7 @@ from compress.evaluate import EvaluateConfig, count_flops, evaluate
 from compress.models import build_model
 from compress.prune import PRUNABLE, prune
 from compress.recipe import ModelConfig, RecipeError, parse_recipe
+from compress.registry import StageContext
 
 FAST_EVAL = EvaluateConfig(warmup=2, iterations=10, runtimes=["torch"])
 
@@ -61,6 +62,7 @@ def test_target_macs_is_reached_within_5_percent(synthetic):
     assert abs(ratio - 0.5) <= 0.05 * 0.5 + 1e-9, ratio
 
 
+@pytest.mark.slow
 def test_macs_match_torch_pruning_count(synthetic):
     import torch_pruning as tp
 
@@ -170,3 +172,76 @@ def test_recipe_errors(stage, path, expected):
 
 def test_structured_default_ratio():
     assert parse_recipe({"stages": [{"prune": {}}]}).stages[0].config.ratio == 0.5
+
+
+def _ranked_model(bn: bool) -> torch.nn.Module:
+    """A conv whose 8 channels have known norms (channel c scaled by c + 1), with a BatchNorm
+    whose scales rank them the other way round; the next conv's weights are all alike, so
+    that a channel's rank is its own."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8) if bn else torch.nn.Identity(),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 3, padding=1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),
+    )
+    with torch.no_grad():
+        first = torch.randn(1, 1, 3, 3).sign()  # one kernel shape, |w| = 1
+        model[0].weight.copy_(first * torch.arange(1.0, 9.0).view(8, 1, 1, 1))
+        model[3].weight.fill_(0.1)
+        if bn:
+            model[1].weight.copy_(torch.arange(8.0, 0.0, -1.0))  # channel 0 the largest
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("importance", "kept"),
+    [("l1", [4, 5, 6, 7]), ("l2", [4, 5, 6, 7]), ("bn_scale", [0, 1, 2, 3])],
+)
+def test_an_importance_keeps_the_channels_it_ranks_highest(importance, kept, synthetic):
+    model = _ranked_model(bn=importance == "bn_scale")
+    pruned = prune(
+        model, synthetic, method="structured", ratio=0.5, importance=importance, max_layer_ratio=0.5
+    )
+    norms = pruned[0].weight.detach().abs().flatten(1).sum(1)  # 9 x (c + 1) for channel c
+    assert torch.round(norms / 9 - 1).int().tolist() == kept
+
+
+def test_random_importance_draws_from_the_runs_seed_alone(synthetic):
+    model = _ranked_model(bn=False)
+
+    def kept(seed):
+        torch.manual_seed(123 + seed)  # what ran before does not matter
+        pruned = prune(
+            model,
+            synthetic,
+            method="structured",
+            ratio=0.5,
+            importance="random",
+            context=StageContext(seed=seed),
+        )
+        return torch.round(pruned[0].weight.detach().abs().flatten(1).sum(1) / 9 - 1).int().tolist()
+
+    assert kept(0) == kept(0)
+    assert len({tuple(kept(seed)) for seed in range(4)}) > 1  # the seed does choose
+
+
+@pytest.mark.slow
+def test_a_latency_target_prunes_until_the_measured_p50_reaches_it(synthetic):
+    """Against this machine's own clock, relative only: 0.6x the model's measured p50."""
+    from compress.evaluate import measure_latency
+
+    model = _model()
+    x = synthetic.example_input(1)
+    torch.set_num_threads(2)
+    target = 0.6 * measure_latency(model, x, warmup=5, iterations=50)["p50"]
+    pruned = prune(model, synthetic, method="structured", target_latency_ms=target)
+    macs = pruned.stage_details["macs_ratio"]
+    assert not any("not reached" in note for note in pruned.notes), pruned.notes
+    # Pruned (well below the baseline's MACs), and stopped once there (well above what
+    # pruning every layer to max_layer_ratio leaves, about 0.02x).
+    assert 0.15 < macs < 0.85, macs

@@ -9,8 +9,10 @@ from compress.errors import RecipeError
 from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
 from compress.profile import profile_model
 from compress.quantize import QUANTIZE_METHODS, QuantizationError, quantize
+from compress.quantize._pt2e import _has_vnni
 
-pytestmark = pytest.mark.slow
+# Activations get 7 bits on CPUs without VNNI (reduce_range): 6 dB less SQNR there.
+INT8_MARGIN = 0.0 if _has_vnni() else 6.0
 FAST_EVAL = EvaluateConfig(warmup=3, iterations=20, runtimes=["torch"])
 
 
@@ -21,14 +23,19 @@ def int8_tiny(trained_tiny, fmnist):
 
 # Per method: options for a quick run, the logits' SQNR floor (dB), the accuracy-drop
 # ceiling (points) and the memory-access ceiling (fraction of float). A method added to the
-# registry without a row here fails, so that it cannot go untested.
+# registry without a row here fails, so that it cannot go untested. Floors sit 3-5 dB under
+# what each method measured on this fixture (int8_static 37.5 dB, dynamic 51.0, QAT 32.1,
+# fp16 64.0, bf16 43.6, int4 29.9; 2026-11-30), so that a doubled scale (-6 dB) fails;
+# drop ceilings sit over the measured drops (-0.05, 0.05, 0.2, 0.05, 0.45, 0.7 points on
+# 2,000 images, where one image is 0.05). The tiny CNN's only Linear is its 64x10 head:
+# dynamic INT8 and INT4 are held to tighter figures on an MLP below.
 METHODS = {
-    "int8_static": ({"calibration_batches": 4}, 20.0, 1.0, 0.35),
-    "int8_dynamic": ({}, 30.0, 1.0, 1.0),  # the tiny CNN has one Linear: little to quantize
-    "int8_qat": ({"fine_tune": {"max_steps": 20}}, 15.0, 1.0, 0.35),
-    "fp16": ({}, 50.0, 0.2, 0.55),
-    "bf16": ({}, 25.0, 0.5, 0.55),
-    "int4_weight_only": ({"group_size": 32}, 20.0, 1.0, 1.0),
+    "int8_static": ({"calibration_batches": 4}, 33.0 - INT8_MARGIN, 0.3, 0.35),
+    "int8_dynamic": ({}, 46.0, 0.3, 1.0),
+    "int8_qat": ({"fine_tune": {"max_steps": 20}}, 28.0 - INT8_MARGIN, 0.6, 0.35),
+    "fp16": ({}, 60.0, 0.2, 0.55),
+    "bf16": ({}, 40.0, 0.8, 0.55),
+    "int4_weight_only": ({"group_size": 32}, 26.0, 1.0, 1.0),
 }
 
 
@@ -37,6 +44,7 @@ def base(trained_tiny, fmnist):
     return evaluate(trained_tiny, fmnist, FAST_EVAL, name="baseline")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(QUANTIZE_METHODS))
 def test_method_close_to_float_on_real_data(method, trained_tiny, fmnist, base, tmp_path):
     options, min_sqnr, max_drop, max_memory = METHODS[method]
@@ -61,13 +69,15 @@ def test_method_close_to_float_on_real_data(method, trained_tiny, fmnist, base, 
     )  # input untouched
 
 
+@pytest.mark.slow
 def test_int8_kernels_really_run(int8_tiny, fmnist):
     with torch.inference_mode():
         int8_tiny(fmnist.example_input(1))
     assert int8_tiny.int8_kernels and int8_tiny.int8_kernels >= 4  # 3 conv + 1 linear lowered
-    assert not int8_tiny.notes
+    assert not int8_tiny.notes  # no "INT8 kernels unavailable", no "no INT8 kernel"
 
 
+@pytest.mark.slow
 def test_any_batch_size_matches_reference(int8_tiny, fmnist):
     images = fmnist.example_input(37)  # padded to the 64 bucket, sliced back
     with torch.inference_mode():
@@ -77,6 +87,7 @@ def test_any_batch_size_matches_reference(int8_tiny, fmnist):
     assert sqnr_db(ref, out) >= 30.0
 
 
+@pytest.mark.slow
 def test_save_load_identical_outputs(int8_tiny, fmnist, tmp_path):
     folder = save(int8_tiny, tmp_path / "int8")
     loaded = load(folder, trust_code=True)
@@ -87,6 +98,7 @@ def test_save_load_identical_outputs(int8_tiny, fmnist, tmp_path):
     assert loaded.param_counts == int8_tiny.param_counts
 
 
+@pytest.mark.slow
 def test_int8_artifact_of_resnet18_is_under_0_3x(synthetic, tmp_path):
     from compress.models import build_model
     from compress.recipe import ModelConfig
@@ -127,6 +139,7 @@ def _untraceable(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return _Untraceable(num_classes, in_channels)
 
 
+@pytest.mark.slow
 def test_untraceable_model_is_quantized_in_parts(fmnist, tmp_path):
     from compress.models import model_from_spec
     from compress.quantize import PartlyQuantizedModel
@@ -176,7 +189,13 @@ def test_nothing_quantizable_is_a_clear_error(fmnist):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram", "percentile"])
+# Each observer's SQNR on the fixture (2026-11-30): minmax 35.7, moving_average 38.6,
+# histogram 38.5, percentile 32.6 dB; the floors sit 3 dB under.
+OBSERVERS = {"minmax": 32.5, "moving_average": 35.5, "histogram": 35.5, "percentile": 29.5}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("observer", sorted(OBSERVERS))
 def test_observers_and_per_tensor_weights(observer, trained_tiny, fmnist):
     qmodel = quantize(
         trained_tiny,
@@ -189,7 +208,7 @@ def test_observers_and_per_tensor_weights(observer, trained_tiny, fmnist):
     )
     images = fmnist.example_input(250)
     with torch.inference_mode():
-        assert sqnr_db(trained_tiny(images), qmodel(images)) >= 15.0
+        assert sqnr_db(trained_tiny(images), qmodel(images)) >= OBSERVERS[observer] - INT8_MARGIN
     assert qmodel.int8_kernels >= 4  # every option still runs real INT8 kernels
 
 
@@ -223,6 +242,7 @@ def fragile(trained_tiny):
     return model
 
 
+@pytest.mark.slow
 def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
     from compress.quantize import sensitivity
 
@@ -289,3 +309,44 @@ def test_int4_codes_round_trip_within_a_step(shape, group, offset):
     )  # two codes a byte
     step = q["scales"].float().repeat_interleave(min(group, shape[1]), dim=1)[:, : shape[1]]
     assert torch.all((dequantize(q) - w).abs() <= step * 1.0 + 1e-6)  # code + zero-point rounding
+
+
+@pytest.fixture(scope="module")
+def mlp(fmnist):
+    """A Linear-dominated model (what dynamic INT8 and INT4 weights are for), trained briefly."""
+    from compress.models import build_model
+    from compress.recipe import ModelConfig
+    from compress.train import train
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(name="compress.models:mlp", kwargs={"hidden": 256}),
+        num_classes=10,
+        in_channels=1,
+    )
+    return train(model, fmnist, {"epochs": 2, "lr": 0.05}, seed=0)
+
+
+# On the MLP (2026-11-30): dynamic INT8 50.4 dB, INT4 (groups of 32) 31.6 dB; both drops
+# -0.1 to -0.15 points. Artifact: the float weights are 4 bytes each.
+@pytest.mark.parametrize(
+    ("method", "options", "min_sqnr", "max_size"),
+    [
+        ("int8_dynamic", {}, 46.0, 0.3),  # 1 byte a weight, plus scales and the graph
+        ("int4_weight_only", {"group_size": 32}, 28.0, 0.2),  # half a byte, plus fp16 scales
+    ],
+)
+def test_linear_weights_are_really_stored_narrow(
+    method, options, min_sqnr, max_size, mlp, fmnist, tmp_path
+):
+    from compress.evaluate import accuracy
+
+    qmodel = quantize(mlp, fmnist, method=method, **options)
+    reference = getattr(qmodel, "reference_module", qmodel)  # no compiling here
+    images = fmnist.example_input(250)
+    with torch.inference_mode():
+        assert sqnr_db(mlp(images), reference(images)) >= min_sqnr
+    assert accuracy(mlp, fmnist)[0] - accuracy(reference, fmnist)[0] <= 0.3
+    float_bytes = sum(f.stat().st_size for f in save(mlp, tmp_path / "f").iterdir())
+    narrow = save(qmodel, tmp_path / "q", fmnist.example_input(2))
+    assert sum(f.stat().st_size for f in narrow.rglob("*") if f.is_file()) <= max_size * float_bytes

@@ -214,10 +214,12 @@ def test_cli_validate_good_recipe_and_set(tmp_path):
     assert "batch_size: 32" in result.stdout
 
 
+@pytest.mark.slow  # a real `python -m compress` process
 def test_cli_usage_error_exits_2():
-    result = run_cli("run")
+    result = run_cli("run", process=True)  # as a shell runs it: `python -m compress run`
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: the following arguments are required: recipe")
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from compress.architectures import unknown_model
 from compress.errors import RecipeError
 from compress.registry import STAGES, stage_spec
-from compress.schema import Config, FieldError, coerce, option, parse_config, read_yaml
+from compress.schema import Config, FieldError, coerce, option, parse_config, printable, read_yaml
 
 # A recipe's name names its run folder: a plain name, never a path.
 RUN_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
@@ -250,7 +250,7 @@ def _parse_stage(item: Any, path: str) -> Stage:
     try:
         spec = stage_spec(kind)
     except RecipeError as error:
-        raise FieldError(f"{path}.{kind}", str(error)) from None
+        raise FieldError(f"{path}.{printable(kind)}", str(error)) from None
     return Stage(kind, parse_config(spec.config, options, f"{path}.{kind}"))
 
 

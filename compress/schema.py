@@ -138,7 +138,8 @@ def parse_config(cls: type, raw: Any, path: str = "") -> Any:
     for key in raw:
         if key not in fields_by_name:
             raise FieldError(
-                join(path, str(key)), f"unknown key {key!r}; {suggest(key, list(fields_by_name))}"
+                join(path, printable(key)),
+                f"unknown key {key!r}; {suggest(key, list(fields_by_name))}",
             )
     for name, spec in fields_by_name.items():
         missing = (
@@ -234,6 +235,13 @@ def suggest(bad: Any, allowed: list) -> str:
 
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def printable(key) -> str:
+    """A key as a path names it: as written, or quoted where it holds a line break or other
+    unprintable character (an error stays one line)."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)
 
 
 def _type_name(hint: Any) -> str:

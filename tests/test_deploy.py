@@ -80,6 +80,7 @@ def test_int8_exports_as_qdq_that_onnxruntime_fuses(trained_tiny, fmnist, tmp_pa
     assert ops["QLinearConv"] == 3 and ops["QGemm"] + ops["QLinearMatMul"] == 1
 
 
+@pytest.mark.slow
 def test_dynamic_int8_exports_in_onnxruntimes_dynamic_form(fmnist, tmp_path):
     torch.manual_seed(0)
     mlp = build_model(ModelConfig(name="compress.models:mlp", kwargs={"hidden": 64}), 10, 1)

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from compress.data import build_data
 from compress.distill import LayerPair, _StudentWithAdapters, attention_map, distill, kd_loss
 from compress.errors import RecipeError
 from compress.evaluate import EvaluateConfig, evaluate
 from compress.modules import forward_with_hooks
-from compress.recipe import parse_recipe
+from compress.recipe import DataConfig, parse_recipe
 from tests.tiny import tiny_cnn
 
 
@@ -113,14 +114,14 @@ def test_attention_map_is_unit_norm_per_image():
     assert torch.allclose(maps.norm(dim=1), torch.ones(3))
 
 
-def test_unknown_layer_names_the_key_and_the_choices(trained_tiny, fmnist):
+def test_unknown_layer_names_the_key_and_the_choices(tiny, fmnist):
     with pytest.raises(
         RecipeError, match=r"distill\.features\[0\]\.student: no module 'layer9'.*0, 1, 2"
     ):
         distill(
-            trained_tiny,
+            tiny,
             fmnist,
-            teacher=trained_tiny,
+            teacher=tiny,
             features=[{"student": "layer9", "teacher": "2"}],
             train={"epochs": 0, "max_steps": 1},
         )
@@ -128,12 +129,13 @@ def test_unknown_layer_names_the_key_and_the_choices(trained_tiny, fmnist):
         parse_recipe({"stages": [{"distill": {"features": [{"student": "2"}]}}]})
 
 
-def test_cached_teacher_logits_train_as_the_live_teacher_does(trained_tiny, fmnist):
+def test_cached_teacher_logits_train_as_the_live_teacher_does(tiny):
+    small = build_data(DataConfig(train_subset=1024, test_subset=100, calibration_size=100), seed=0)
     options = {"student": {"name": "tests.tiny:tiny_cnn"}, "train": {"epochs": 0, "max_steps": 8}}
     torch.manual_seed(0)
-    cached = distill(trained_tiny, fmnist, teacher=trained_tiny, cache_teacher=True, **options)
+    cached = distill(tiny, small, teacher=tiny, cache_teacher=True, **options)
     torch.manual_seed(0)
-    live = distill(trained_tiny, fmnist, teacher=trained_tiny, cache_teacher=False, **options)
+    live = distill(tiny, small, teacher=tiny, cache_teacher=False, **options)
     for a, b in zip(cached.state_dict().values(), live.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-4)
 

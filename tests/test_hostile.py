@@ -20,6 +20,7 @@ from compress.data import DataError, build_data
 from compress.models import ModelError, build_model
 from compress.recipe import DataConfig, ModelConfig, RecipeError, load_recipe
 from tests import hostile
+from tests.conftest import run_cli
 
 MLP = ModelConfig(name="compress.models:mlp", kwargs={"hidden": 16})
 
@@ -62,9 +63,7 @@ def refused(call, error=ArtifactError, match: str = "") -> str:
 
 def cli_refused(*argv: str, match: str = "") -> str:
     """``python -m compress ARGV`` must exit 2 with one line on stderr and no traceback."""
-    done = subprocess.run(
-        [sys.executable, "-m", "compress", *argv], capture_output=True, text=True, timeout=300
-    )
+    done = run_cli(*argv)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in done.stderr and match in lines[0], lines
@@ -200,6 +199,7 @@ from compress.artifact import ArtifactError, load
 from compress.data import DataError, _read_idx
 from compress.errors import RecipeError
 from compress.recipe import load_recipe
+from tests.conftest import run_cli
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

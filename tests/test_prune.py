@@ -21,12 +21,12 @@ def _model(name="resnet18", classes=10):
 @pytest.mark.parametrize(
     "name",
     [
-        "resnet18",
-        "mobilenet_v2",
-        "mobilenet_v3_small",
-        "efficientnet_b0",
-        "regnet_x_400mf",
-        "mnasnet0_5",
+        "resnet18",  # residual adds
+        "mobilenet_v2",  # depthwise convolutions
+        *(  # squeeze-excitation, group convolutions: the same promise on more graphs
+            pytest.param(name, marks=pytest.mark.slow)
+            for name in ("mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "mnasnet0_5")
+        ),
     ],
 )
 def test_structured_removes_channels_and_still_runs(name, synthetic):

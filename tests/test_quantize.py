@@ -110,16 +110,14 @@ def test_int8_artifact_of_resnet18_is_under_0_3x(synthetic, tmp_path):
     assert int8_bytes <= 0.3 * float_bytes  # no float copy of the weights left in the archive
 
 
-def test_skip_keeps_layers_in_float(trained_tiny, fmnist):
-    qmodel = quantize(
-        trained_tiny, fmnist, method="int8_static", calibration_batches=1, skip=["re:0|4"]
-    )
+def test_skip_keeps_layers_in_float(tiny, fmnist):
+    qmodel = quantize(tiny, fmnist, method="int8_static", calibration_batches=1, skip=["re:0|4"])
     graph = qmodel.reference_module.graph
     per_channel = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert len(per_channel) == 2  # 4 weighted layers, 2 kept in float
     assert any("kept in float: 0, 4" in note for note in qmodel.notes)
     with pytest.raises(RecipeError, match="quantize.skip: '44'.*did you mean '4'"):
-        quantize(trained_tiny, fmnist, method="int8_static", skip=["44"])
+        quantize(tiny, fmnist, method="int8_static", skip=["44"])
 
 
 class _Untraceable(nn.Module):
@@ -212,10 +210,8 @@ def test_observers_and_per_tensor_weights(observer, trained_tiny, fmnist):
     assert qmodel.int8_kernels >= 4  # every option still runs real INT8 kernels
 
 
-def test_per_tensor_weights_share_one_scale(trained_tiny, fmnist):
-    qmodel = quantize(
-        trained_tiny, fmnist, method="int8_static", calibration_batches=1, per_channel=False
-    )
+def test_per_tensor_weights_share_one_scale(tiny, fmnist):
+    qmodel = quantize(tiny, fmnist, method="int8_static", calibration_batches=1, per_channel=False)
     scales = [
         getattr(qmodel.reference_module, n.args[1].target)
         for n in qmodel.reference_module.graph.nodes
@@ -266,7 +262,7 @@ def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
     assert "kept in float: 13" in " ".join(qmodel.notes)
 
 
-def test_fallback_that_cannot_meet_keeps_the_best(trained_tiny, fmnist):
+def test_fallback_that_cannot_meet_keeps_the_best(tiny, fmnist):
     from compress.quantize import QuantizeConfig
     from compress.quantize._sensitivity import quantize_with_fallback
 
@@ -283,7 +279,7 @@ def test_fallback_that_cannot_meet_keeps_the_best(trained_tiny, fmnist):
 
     levels = {0: 20.0, 1: 30.0, 2: 5.0, 3: 10.0, 4: 15.0}
     result = quantize_with_fallback(
-        trained_tiny,
+        tiny,
         fmnist,
         QuantizeConfig(max_accuracy_drop=0.0),
         lambda m, d, c: Noisy(m, levels[len(c.skip)]),

@@ -272,3 +272,17 @@ def test_every_usage_error_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: prune.ignore: 'no_such_layer' matches no module"), last
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"stages": [{"distill": {"teacher": {"\n": None}}}]},  # found by test_hostile's fuzzing
+        {"stages": [{"a\nb": {}}]},
+        {"x\ny": 1},
+    ],
+)
+def test_a_key_with_a_line_break_still_gives_one_line(raw):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw)
+    assert "\n" not in str(info.value) and "\\n" in str(info.value)

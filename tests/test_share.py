@@ -27,19 +27,19 @@ def test_kmeans_finds_clusters_and_is_seeded():
         assert torch.unique(a[0][a[1]]).numel() <= 16
 
 
-def test_layers_get_at_most_2_to_the_bits_values(trained_tiny, fmnist):
-    shared = share(trained_tiny, fmnist, bits=BITS, fine_tune={"epochs": 0})
+def test_layers_get_at_most_2_to_the_bits_values(tiny, fmnist):
+    shared = share(tiny, fmnist, bits=BITS, fine_tune={"epochs": 0})
     for row in shared.stage_details["layers"]:
         limit = 2 ** BITS["conv" if row["type"].startswith("Conv") else "linear"]
         assert row["unique_values"] == _unique(shared, row["layer"]) <= limit
     assert [r["layer"] for r in shared.stage_details["layers"]] == ["0", "4", "8", "13"]
-    assert _unique(trained_tiny, "4") > 1000  # the input model is left as it was
+    assert _unique(tiny, "4") > 1000  # the input model is left as it was
 
 
-def test_fine_tune_trains_centroids_and_keeps_weights_on_the_codebook(trained_tiny, fmnist):
-    before = share(trained_tiny, fmnist, bits=BITS, fine_tune={"epochs": 0})
+def test_fine_tune_trains_centroids_and_keeps_weights_on_the_codebook(tiny, fmnist):
+    before = share(tiny, fmnist, bits=BITS, fine_tune={"epochs": 0})
     tuned = share(
-        trained_tiny,
+        tiny,
         fmnist,
         bits=BITS,
         fine_tune={"epochs": 0, "max_steps": 15, "optimizer": "adamw", "lr": 1e-3},
@@ -57,8 +57,8 @@ def test_fine_tune_trains_centroids_and_keeps_weights_on_the_codebook(trained_ti
         assert new_index[old_index == cluster].unique().numel() == 1
 
 
-def test_prune_then_share_keeps_zeros_and_shares_the_rest(trained_tiny, fmnist, tmp_path):
-    sparse = prune(trained_tiny, fmnist, method="magnitude", sparsity=0.8, scope="global")
+def test_prune_then_share_keeps_zeros_and_shares_the_rest(tiny, fmnist, tmp_path):
+    sparse = prune(tiny, fmnist, method="magnitude", sparsity=0.8, scope="global")
     shared = share(
         sparse, fmnist, bits=BITS, fine_tune={"epochs": 0, "max_steps": 5, "optimizer": "adamw"}
     )
@@ -75,9 +75,9 @@ def test_prune_then_share_keeps_zeros_and_shares_the_rest(trained_tiny, fmnist, 
     assert shared_size < sparse_size / 2
 
 
-def test_artifact_stores_codebooks_and_round_trips_exactly(trained_tiny, fmnist, tmp_path):
-    shared = share(trained_tiny, fmnist, bits=BITS, fine_tune={"epochs": 0})
-    dense = save(trained_tiny, tmp_path / "dense")
+def test_artifact_stores_codebooks_and_round_trips_exactly(tiny, fmnist, tmp_path):
+    shared = share(tiny, fmnist, bits=BITS, fine_tune={"epochs": 0})
+    dense = save(tiny, tmp_path / "dense")
     folder = save(shared, tmp_path / "shared")
     again = load(folder, trust_code=True)
     for key, value in shared.state_dict().items():

@@ -66,11 +66,11 @@ def _evaluates_and_profiles_from_its_folder(model, folder, fmnist, name):
 
 
 @pytest.mark.parametrize(("kind", "method"), CASES)
-def test_stage_makes_a_new_model_that_round_trips(kind, method, trained_tiny, fmnist, tmp_path):
-    before = {k: v.clone() for k, v in trained_tiny.state_dict().items()}
-    model = _run_stage(kind, method, trained_tiny, fmnist)
-    assert model is not trained_tiny and not model.training
-    after = trained_tiny.state_dict()
+def test_stage_makes_a_new_model_that_round_trips(kind, method, tiny, fmnist, tmp_path):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    model = _run_stage(kind, method, tiny, fmnist)
+    assert model is not tiny and not model.training
+    after = tiny.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the input is left as it was
     folder = save(model, tmp_path / kind, fmnist.example_input(2))
     again = load(folder, trust_code=True)  # the tiny CNN's spec is an import path

@@ -231,7 +231,8 @@ def _structured(
     # For MACs and latency targets, prune in many small steps and stop when the target is met.
     searching = config.target_macs is not None or config.target_latency_ms is not None
     steps = 50 if searching else config.iterative_steps
-    ratio = config.max_layer_ratio if searching else config.ratio
+    # torch-pruning caps layers at max_pruning_ratio in global pruning only: cap here too.
+    ratio = config.max_layer_ratio if searching else min(config.ratio, config.max_layer_ratio)
     try:
         pruner = tp.pruner.BasePruner(
             model,
@@ -272,6 +273,11 @@ def _structured(
         "macs_ratio": count_flops(model, example) / base_flops,
     }
     model.notes = []
+    if not searching and config.ratio > config.max_layer_ratio:
+        model.notes.append(
+            f"ratio={config.ratio} is more than max_layer_ratio={config.max_layer_ratio}:"
+            f" each layer lost {config.max_layer_ratio} of its channels"
+        )
     if not reached:
         target = (
             f"target_macs={config.target_macs}"

@@ -273,7 +273,9 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+        # Nesterov needs a momentum: momentum 0 is plain SGD (torch refuses Nesterov there).
+        nesterov = config.momentum > 0
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=nesterov)
     return torch.optim.AdamW(groups, lr=config.lr)
 
 

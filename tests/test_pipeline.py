@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compress.artifact import load
+from compress.errors import RunDirError
 from tests.conftest import run_cli
 
 EVALUATION_KEYS = {
@@ -257,3 +258,27 @@ def test_resume_refuses_another_recipe_or_a_finished_run(tmp_path):
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "differs from the run's recipe.yaml at seed (0 there, 3 now)" in other.stderr
     assert run_cli("run", str(recipe), "--resume", str(tmp_path)).returncode == 2
+
+
+def test_a_default_run_folder_is_never_reused(tmp_path, monkeypatch):
+    """Two runs in the same second get two folders: the second takes a suffix."""
+    from compress.pipeline import make_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda *_: "20261130-120000")
+    first, second = make_run_dir("r", None), make_run_dir("r", None)
+    assert (first.name, second.name) == ("20261130-120000", "20261130-120000-1")
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "kept.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="exists and is not empty"):
+        make_run_dir("r", tmp_path / "given")
+    assert (tmp_path / "given" / "kept.txt").read_text() == "mine"
+
+
+def test_list_names_every_registered_stage_and_method():
+    from compress.registry import STAGES
+
+    result = run_cli("list")
+    assert result.returncode == 0
+    for name, stage in STAGES.items():
+        assert f"  {name}: {', '.join(stage.methods)}" in result.stdout

@@ -245,3 +245,23 @@ def test_a_latency_target_prunes_until_the_measured_p50_reaches_it(synthetic):
     # Pruned (well below the baseline's MACs), and stopped once there (well above what
     # pruning every layer to max_layer_ratio leaves, about 0.02x).
     assert 0.15 < macs < 0.85, macs
+
+
+def test_gradual_magnitude_steps_end_at_the_sparsity_and_each_layer_within_max_ratio(synthetic):
+    model = _model()
+    sparse = prune(model, synthetic, method="magnitude", sparsity=0.6, steps=3)
+    rows = sparse.stage_details["layers"]
+    pruned = [r for r in rows if r["sparsity_after"] > 0]
+    assert pruned and all(abs(r["sparsity_after"] - 0.6) < 0.01 for r in pruned)
+    thin = prune(model, synthetic, method="structured", ratio=0.5, max_layer_ratio=0.2)
+    for row in thin.stage_details["layers"]:  # no layer loses more than 20 % of its channels
+        assert row["channels_after"] >= 0.8 * row["channels_before"] - 1, row
+    assert any("more than max_layer_ratio=0.2" in note for note in thin.notes)
+
+
+def test_an_unprunable_model_can_be_skipped_with_a_note(synthetic):
+    model = _model("shufflenet_v2_x0_5")
+    kept = prune(model, synthetic, method="structured", ratio=0.3, on_unprunable="skip")
+    assert any("left unpruned (on_unprunable: skip)" in note for note in kept.notes)
+    before, after = model.state_dict(), kept.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

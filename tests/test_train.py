@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from compress.data import build_data
 from compress.models import build_model
@@ -124,3 +125,68 @@ def test_accumulated_micro_batches_equal_one_larger_batch():
     torch.manual_seed(0)
     other = mlp(hidden=32)  # and the figure could fail: other weights are far off
     assert not torch.allclose(_weights(other)[0], weights[0][0], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # (learning rate at 0 %, 25 %, 60 %, 80 % and 100 % of 100 steps) / train.lr
+        ("onecycle", lambda r: r[1] == pytest.approx(1.0, abs=0.01) and r[0] < 0.1 and r[4] < 1e-3),
+        (
+            "cosine",
+            lambda r: r[0] == 1.0 and r[2] == pytest.approx(0.3455, abs=1e-3) and r[4] < 1e-3,
+        ),
+        (
+            "step",
+            lambda r: r[1] == 1.0 and r[2] == pytest.approx(0.1) and r[3] == pytest.approx(0.01),
+        ),
+        ("constant", lambda r: r == [1.0] * 5),
+    ],
+)
+def test_each_schedule_shapes_the_learning_rate_as_documented(schedule, expected):
+    from compress.train import _optimizer, _scheduler
+
+    config = TrainConfig(lr=0.2, schedule=schedule)
+    optimizer = _optimizer(nn.Linear(2, 2), config)
+    scheduler = _scheduler(optimizer, config, total_steps=100)
+    rates = []
+    for step in range(101):
+        if step in (0, 25, 60, 80, 100):
+            rates.append(optimizer.param_groups[0]["lr"] / config.lr)
+        if step < 100:
+            optimizer.step()
+            scheduler.step()
+    assert expected(rates), rates
+
+
+def test_label_smoothing_and_grad_clip_change_the_step_as_configured(small):
+    """Smoothing raises the loss of a confident, correct model; a tight clip shrinks the
+    first update to the clip's norm."""
+    results = {}
+    for name, options in {
+        "plain": {},
+        "smooth": {"label_smoothing": 0.2},
+        "clip": {"grad_clip": 1e-3},
+    }.items():
+        model = _fresh()
+        before = [p.detach().clone() for p in model.parameters()]
+        config = TrainConfig(
+            epochs=0,
+            max_steps=1,
+            lr=0.1,
+            momentum=0.0,
+            weight_decay=0.0,
+            schedule="constant",
+            validate=False,
+            **options,
+        )
+        train(model, small, config, seed=0)
+        results[name] = torch.cat(
+            [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+        )
+    # One SGD step without momentum moves the weights by lr x the (clipped) gradient.
+    assert results["clip"].norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-3)
+    assert results["plain"].norm() > 10 * results["clip"].norm()
+    assert not torch.allclose(
+        results["smooth"], results["plain"]
+    )  # a different target, a different step

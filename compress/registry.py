@@ -4,9 +4,10 @@ docs and the tests all read it from here.
 
 Example:
     >>> @register_stage("prune", PruneConfig)
-    ... def prune(model, data, config=None, *, context=None, **options): ...
+    ... def prune(model, data, config: PruneConfig, *, context: StageContext): ...
     >>> STAGES["prune"].methods
-    ('structured', 'magnitude')
+    ('magnitude', 'structured')
+    >>> pruned = prune(model, data, method="magnitude", sparsity=0.8)  # options as keywords
 """
 
 from __future__ import annotations

@@ -260,10 +260,9 @@ def _structured(
             f"{message} (set on_unprunable: skip to go on without pruning)"
         ) from None
     base_flops = count_flops(model, example)
-    reached = not searching
     with torch.random.fork_rng():  # random importance draws from the run's seed alone
         torch.manual_seed(context.seed)
-        reached = _prune_steps(model, data, config, pruner, steps, example, base_flops, reached)
+        reached = _prune_steps(model, data, config, pruner, steps, example, base_flops)
     model.eval()
     if config.fine_tune.epochs or config.fine_tune.max_steps:
         train(model, data, config.fine_tune, desc="fine-tune", context=context)
@@ -292,8 +291,11 @@ def _structured(
     return model
 
 
-def _prune_steps(model, data, config, pruner, steps, example, base_flops, reached) -> bool:
-    """torch-pruning's steps until the target (MACs or measured latency) is met; whether it was."""
+def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> bool:
+    """torch-pruning's steps: all of them for a ratio (iterative_steps reach it gradually),
+    until the target is met for MACs or measured latency; whether it was."""
+    searching = config.target_macs is not None or config.target_latency_ms is not None
+    reached = not searching
     for step in range(steps):
         if config.importance == "taylor":
             _taylor_gradients(model, data)
@@ -308,7 +310,7 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops, reache
             )
             # Under torchrun rank 0's clock decides, so that every rank prunes alike.
             reached = distributed.broadcast_object(p50 <= config.target_latency_ms)
-        if reached:
+        if searching and reached:
             break
     return reached
 

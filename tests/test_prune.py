@@ -265,3 +265,12 @@ def test_an_unprunable_model_can_be_skipped_with_a_note(synthetic):
     assert any("left unpruned (on_unprunable: skip)" in note for note in kept.notes)
     before, after = model.state_dict(), kept.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_iterative_steps_reach_the_same_ratio_in_steps(synthetic):
+    model = _model()
+    once = prune(model, synthetic, method="structured", ratio=0.5)
+    stepped = prune(model, synthetic, method="structured", ratio=0.5, iterative_steps=3)
+    channels = [[r["channels_after"] for r in m.stage_details["layers"]] for m in (once, stepped)]
+    assert channels[0] == channels[1]
+    assert sum(channels[0]) < 0.6 * sum(r["channels_before"] for r in once.stage_details["layers"])

@@ -1,0 +1,28 @@
+"""Charts are optional: without matplotlib a chart is skipped with one line, never a failure."""
+
+import builtins
+
+from compress import plots
+
+
+def test_without_matplotlib_a_chart_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    rows = [{"layer": "fc", "accuracy_drop": 0.5, "sqnr_db": 30.0}]
+    assert plots.sensitivity_chart(rows, tmp_path / "s.png", "t") is None
+    assert not (tmp_path / "s.png").exists()
+    assert capsys.readouterr().err.strip() == (
+        "matplotlib is not installed: no chart (pip install 'compress[plot]')"
+    )
+
+
+def test_with_matplotlib_the_chart_is_a_png(tmp_path):
+    rows = [{"layer": "fc", "accuracy_drop": 0.5, "sqnr_db": 30.0}]
+    path = plots.sensitivity_chart(rows, tmp_path / "s.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,7 @@ lets a model folder store weights without pickling code.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 
@@ -18,9 +19,10 @@ from torch import nn
 from compress.errors import ModelError, RecipeError
 
 
-def torchvision_models() -> list[str]:
+@functools.cache  # read on every ModelConfig built: the list never changes in a process
+def torchvision_models() -> tuple[str, ...]:
     """Names of torchvision's classification builders."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
 def model_from_spec(spec: dict) -> nn.Module:

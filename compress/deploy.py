@@ -283,8 +283,9 @@ def _deployable_module(model: nn.Module, format: str) -> nn.Module:
     any other model as it is."""
     if format == "openvino" and getattr(model, "dtype", None) in _OPENVINO_PRECISION:
         return copy.deepcopy(model.inner).float()
-    if traits(model).compiled:
-        return traits(model).reference
+    about = traits(model)
+    if about.compiled:
+        return about.reference
     parametrized = [m for m in model.modules() if parametrize.is_parametrized(m)]
     if not parametrized:
         return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -81,6 +82,19 @@ def sum_across_ranks(*values: float) -> list[float]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
     return tensor.cpu().tolist()
+
+
+def gather_shards(values: np.ndarray, length: int) -> np.ndarray:
+    """The whole per-item array of ``length`` items, from each rank's :func:`shard` of it
+    (e.g. which test images each rank's share got right)."""
+    if world_size() == 1:
+        return np.asarray(values)
+    whole = torch.zeros(length, dtype=torch.float64)
+    whole[torch.tensor(shard(length))] = torch.as_tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        whole = whole.cuda()
+    dist.all_reduce(whole)
+    return whole.cpu().numpy().astype(np.asarray(values).dtype)
 
 
 def broadcast_object(value: Any) -> Any:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from compress.data import Data
 from compress.deploy import ExportError, available_runtimes, deployed, deployed_files
 from compress.profile import count_memory_access, summary
 from compress.recipe import EvaluateConfig, section
+from compress.stats import median_interval, pack, paired_drop, unpack
 from compress.traits import traits
 
 # A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
@@ -57,7 +59,9 @@ class Evaluation:
     gflops_per_s: float  # achieved, from the p50
     accuracy_top1: float | None  # percent, on the test split
     accuracy_top5: float | None
-    accuracy_drop: dict[str, float] | None = None  # {"points": ..., "percent": ...} vs baseline
+    # Against the baseline, paired image by image (compress.stats.paired_drop): points,
+    # percent, 95 % exact McNemar interval, images lost and gained, p_value, within_noise.
+    accuracy_drop: dict | None = None
     notes: list[str] = field(default_factory=list)
     details: dict = field(
         default_factory=dict
@@ -67,9 +71,30 @@ class Evaluation:
     # runtime -> {latency_ms, accuracy_top1, accuracy_drop_points, max_abs_diff (logits vs
     # torch), precision, file, size_bytes}; "torch" is the model as model(x) runs it.
     runtimes: dict[str, dict] = field(default_factory=dict)
+    # Which test images the model gets right at top-1: {"images": n, "top1": base64 bits in
+    # test-split order (compress.stats.pack)}; what pairs this model's drop with another's.
+    correct: dict | None = None
+    # p50 against the baseline's, from alternating rounds in each one's fastest runtime:
+    # {"p50": median round ratio, "interval": [low, high] (95 %), "rounds": n}.
+    latency_ratio: dict | None = None
+    # The compute-matched control (evaluate.control): the baseline trained for the same
+    # steps as the stages so far; {"steps", "accuracy_top1", "drop": paired, as above}.
+    control: dict | None = None
+    # The trainings of the step that made this model: {"steps", "config"} each, in order.
+    training: list[dict] = field(default_factory=list)
+    # The fastest deployment, kept in memory for the paired latency rounds; never saved.
+    deployment: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {
+            k: v for k, v in asdict(replace(self, deployment=None)).items() if k != "deployment"
+        }
+
+    def correct_images(self) -> np.ndarray | None:
+        """Per-image top-1 correctness on the test split, or None where it was not kept."""
+        if not self.correct:
+            return None
+        return unpack(self.correct["top1"], self.correct["images"])
 
 
 def evaluate(
@@ -113,14 +138,18 @@ def evaluate(
     element_bytes = about.element_bytes
     memory = count_memory_access(reference, one_image, element_bytes)
     total, nonzero = about.param_counts or count_params(model)
-    top1 = top5 = None
+    top1 = top5 = correct = None
     if config.accuracy:
-        top1, top5 = accuracy(model, data, device)
-    measured = None
+        top1_images, top5_images = correct_per_image(model, data, device)
+        top1, top5 = 100.0 * float(top1_images.mean()), 100.0 * float(top5_images.mean())
+        correct = {"images": int(top1_images.size), "top1": pack(top1_images)}
+    measured = deployment = None
     if distributed.is_main():
         torch.set_num_threads(threads)
         try:
-            measured = _measure(model, data, config, device, threads, deploy_to, notes, top1)
+            measured, deployment = _measure(
+                model, data, config, device, threads, deploy_to, notes, top1
+            )
             measured["size_bytes"] = artifact_size(model, artifact, one_image.cpu(), notes)
         finally:
             torch.set_num_threads(own_threads)
@@ -147,6 +176,8 @@ def evaluate(
         details=about.details,
         runtime=measured["best"],
         runtimes=measured["runtimes"],
+        correct=correct,
+        deployment=deployment,
     )
     if config.profile and distributed.is_main() and device == "cpu":
         torch.set_num_threads(threads)
@@ -155,12 +186,42 @@ def evaluate(
         finally:
             torch.set_num_threads(own_threads)
     if baseline is not None:
+        if deployment is not None and baseline.deployment is not None:  # rank 0
+            torch.set_num_threads(threads)
+            try:
+                result.latency_ratio = paired_latency_ratio(baseline.deployment, deployment, config)
+            finally:
+                torch.set_num_threads(own_threads)
+        result.latency_ratio = distributed.broadcast_object(result.latency_ratio)
         compare(result, baseline, about.not_faster_reason)
     return result
 
 
+def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None = None) -> dict:
+    """p50 of ``model`` against ``baseline`` from alternating rounds, with a 95 % interval.
+
+    Each is a ``(callable, batch)`` pair. Every round times both, in turn (the order
+    alternates from round to round, so a slow drift of the machine weighs on both alike),
+    and takes the ratio of their medians; the result is the median round ratio and a
+    distribution-free interval for it (compress.stats.median_interval).
+
+    Example:
+        >>> paired_latency_ratio((model, x), (quantized, x))["interval"]
+    """
+    config = section("evaluate", config or {})
+    calls = max(5, config.iterations // config.latency_rounds)
+    ratios = []
+    for round_ in range(config.latency_rounds):
+        order = (baseline, model) if round_ % 2 == 0 else (model, baseline)
+        p50 = {id(f): measure_latency(f[0], f[1], 2, calls)["p50"] for f in order}
+        ratios.append(p50[id(model)] / p50[id(baseline)])
+    low, high = median_interval(ratios)
+    return {"p50": float(np.median(ratios)), "interval": [low, high], "rounds": len(ratios)}
+
+
 def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> dict:
-    """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best."""
+    """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best;
+    and the best deployment as ``(callable, batch)``, for the paired latency rounds."""
     latency = measure_latency(
         model,
         data.example_input(config.latency_batch_size).to(device),
@@ -170,15 +231,20 @@ def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> di
     runtimes = {"torch": {"latency_ms": latency, "accuracy_top1": top1}}
     wanted = config.runtimes if config.runtimes is not None else available_runtimes()
     others = [r for r in wanted if r != "torch"]
+    modules = {}
     if others and device == "cpu":
         runtimes.update(
-            measure_runtimes(model, data, config, others, threads, deploy_to, notes, top1)
+            measure_runtimes(
+                model, data, config, others, threads, deploy_to, notes, top1, modules=modules
+            )
         )
     elif others:
         notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
     candidates = [r for r in runtimes if r in wanted] or ["torch"]
     best = min(candidates, key=lambda r: runtimes[r]["latency_ms"]["p50"])
-    return {"runtimes": runtimes, "best": best, "notes": notes}
+    batch = data.example_input(config.latency_batch_size)
+    deployment = (modules[best], batch) if best in modules else (model, batch.to(device))
+    return {"runtimes": runtimes, "best": best, "notes": notes}, deployment
 
 
 def compare(result: Evaluation, baseline: Evaluation, not_faster_reason: str | None = None) -> None:
@@ -188,23 +254,65 @@ def compare(result: Evaluation, baseline: Evaluation, not_faster_reason: str | N
     each runtime's top-1 is compared with the baseline's in the same runtime.
     """
     if result.accuracy_top1 is not None and baseline.accuracy_top1 is not None:
-        points = baseline.accuracy_top1 - result.accuracy_top1
-        result.accuracy_drop = {
-            "points": points,
-            "percent": 100.0 * points / max(baseline.accuracy_top1, 1e-9),
-        }
+        result.accuracy_drop = drop = accuracy_drop(result, baseline)
+        if drop.get("within_noise") and drop["lost"] + drop["gained"]:
+            result.notes.append(
+                f"its top-1 change against the baseline is within noise: {describe_drop(drop)}"
+            )
     for name, row in result.runtimes.items():
         base_top1 = baseline.runtimes.get(name, {}).get("accuracy_top1")
         if row.get("accuracy_top1") is not None and base_top1 is not None:
             row["accuracy_drop_points"] = base_top1 - row["accuracy_top1"]
     ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
+    if result.latency_ratio:  # measured side by side: the better estimate
+        ratio = result.latency_ratio["p50"]
+    interval = (result.latency_ratio or {}).get("interval")
+    spread = (
+        f"; 95 % interval {interval[0]:.2f}x to {interval[1]:.2f}x over"
+        f" {result.latency_ratio['rounds']} alternating rounds"
+        if interval
+        else ""
+    )
     if ratio >= NOT_FASTER_RATIO:
         reason = f"; {not_faster_reason}" if not_faster_reason else ""
         result.notes.append(
             f"not faster than the baseline on this machine: p50 in {result.runtime} is"
             f" {ratio:.2f}x the baseline's in {baseline.runtime} (each at its fastest) at"
-            f" batch {result.batch_size}, {result.threads} threads{reason}"
+            f" batch {result.batch_size}, {result.threads} threads{spread}{reason}"
         )
+    elif interval and interval[1] >= 1.0:
+        result.notes.append(f"faster by its median ratio ({ratio:.2f}x) but within noise{spread}")
+
+
+def accuracy_drop(result: Evaluation, reference: Evaluation) -> dict:
+    """Points of top-1 ``result`` loses against ``reference`` (negative: a gain), paired image
+    by image where both kept their per-image correctness: the 95 % exact McNemar interval
+    and the images lost and gained (compress.stats.paired_drop).
+
+    Example:
+        >>> accuracy_drop(quantized, baseline)["interval"]
+    """
+    mine, theirs = result.correct_images(), reference.correct_images()
+    if mine is not None and theirs is not None and mine.shape == theirs.shape:
+        drop = paired_drop(theirs, mine)
+    else:  # unpaired (an evaluation kept before correctness was): the figure alone
+        drop = {"points": reference.accuracy_top1 - result.accuracy_top1}
+    drop["percent"] = 100.0 * drop["points"] / max(reference.accuracy_top1, 1e-9)
+    return drop
+
+
+def describe_drop(drop: dict) -> str:
+    """A drop in words: "loses 0.06 points (95 % interval -0.10 to +0.22; 31 images lost,
+    25 gained)"."""
+    verb = "loses" if drop["points"] >= 0 else "gains"
+    text = f"{verb} {abs(drop['points']):.2f} points"
+    if "interval" in drop:
+        low, high = drop["interval"]
+        text += (
+            f" (95 % interval {low:+.2f} to {high:+.2f}; {drop['lost']} images lost,"
+            f" {drop['gained']} gained)"
+        )
+    return text
 
 
 def measure_runtimes(
@@ -216,6 +324,7 @@ def measure_runtimes(
     deploy_to: str | Path | None,
     notes: list[str],
     torch_top1: float | None = None,
+    modules: dict | None = None,
 ) -> dict[str, dict]:
     """Latency (and, given torch's ``torch_top1``, top-1 on the test split) of ``model`` in
     each runtime of ``runtimes``.
@@ -223,7 +332,7 @@ def measure_runtimes(
     Each deployment's logits are checked against the torch model's on the latency batch
     (``max_abs_diff``); a top-1 more than :data:`RUNTIME_TOP1_TOLERANCE` points from torch's
     gets a note naming the precision the runtime ran in. A runtime the model cannot reach
-    gets one line in ``notes``.
+    gets one line in ``notes``. ``modules``, when given, keeps each runtime's deployment.
     """
     batch = data.example_input(config.latency_batch_size)
     with torch.inference_mode():
@@ -257,6 +366,8 @@ def measure_runtimes(
                 row["file"] = module.file.name if deploy_to is not None else None
                 row["size_bytes"] = sum(f.stat().st_size for f in files)
             rows[runtime] = row
+            if modules is not None:
+                modules[runtime] = module
             if top1 is not None and abs(top1 - torch_top1) > RUNTIME_TOP1_TOLERANCE:
                 notes.append(
                     f"top-1 in {runtime} is {top1 - torch_top1:+.2f} points from torch's"
@@ -311,22 +422,40 @@ def accuracy(
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) on a split (the test split by default).
 
-    Under torchrun each rank counts its own share and the counts are summed, so every
-    image counts once whatever the number of processes; ``shard=False`` counts the whole
+    Under torchrun each rank scores its own share and the shares are combined, so every
+    image counts once whatever the number of processes; ``shard=False`` scores the whole
     split in this process alone (no collective).
+
+    Example:
+        >>> top1, top5 = accuracy(model, data)
     """
-    top1 = top5 = seen = 0
+    top1, top5 = correct_per_image(model, data, device, split, shard)
+    return 100.0 * float(top1.mean()), 100.0 * float(top5.mean())
+
+
+def correct_per_image(
+    model: nn.Module, data: Data, device: str = "cpu", split: str = "test", shard: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which images of ``split`` the model gets right at top-1 and at top-5 (bools, in the
+    split's order): what a paired comparison of two models needs (compress.stats).
+
+    Example:
+        >>> top1, _ = correct_per_image(model, data)
+        >>> top1.mean()
+    """
+    top1, top5 = [], []
     with torch.inference_mode():
         for images, labels in data.loader(split, shard=shard):
             logits = model(images.to(device)).float()
             labels = labels.to(device)
             best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += (best[:, 0] == labels).sum().item()
-            top5 += (best == labels[:, None]).any(dim=1).sum().item()
-            seen += labels.numel()
+            top1.append((best[:, 0] == labels).cpu())
+            top5.append((best == labels[:, None]).any(dim=1).cpu())
+    top1, top5 = torch.cat(top1).numpy(), torch.cat(top5).numpy()
     if shard:
-        top1, top5, seen = distributed.sum_across_ranks(top1, top5, seen)
-    return 100.0 * top1 / seen, 100.0 * top5 / seen
+        length = len(getattr(data, split))
+        top1, top5 = (distributed.gather_shards(v, length) for v in (top1, top5))
+    return top1, top5
 
 
 def artifact_size(

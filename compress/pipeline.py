@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -24,15 +25,22 @@ from compress import artifact, distributed
 from compress.data import Data, build_data
 from compress.deploy import missing_runtimes
 from compress.errors import RecipeError, RunDirError
-from compress.evaluate import Evaluation, evaluate
+from compress.evaluate import (
+    Evaluation,
+    accuracy_drop,
+    correct_per_image,
+    describe_drop,
+    evaluate,
+)
 from compress.memory import memory_guard
 from compress.models import build_model
 from compress.paths import cache_dir
 from compress.profile import environment
-from compress.recipe import Recipe, load_recipe
+from compress.recipe import Recipe, load_recipe, section
 from compress.registry import STAGES, StageContext
 from compress.report import Report
 from compress.schema import read_yaml
+from compress.stats import paired_drop
 from compress.storage import write_atomic
 from compress.train import train
 
@@ -112,6 +120,7 @@ def run(
         model = baseline = baseline_model(recipe, data, device)
         report = Report(recipe.name, environment(device))
         report.environment["processes"] = distributed.world_size()
+        report.environment["baseline"] = baseline_description(recipe)
         missing = missing_runtimes()
         if recipe.evaluate.runtimes is None and missing:  # said once per run, not per step
             report.notes.append(
@@ -140,6 +149,8 @@ def run(
                 log.info(
                     "stage %d done in %.1f s; evaluating", index, time.perf_counter() - started
                 )
+                if main:  # before the model: a resumed run must know what the stage trained
+                    write_atomic(_training_record(run_dir, index), json.dumps(context.budget))
                 saved = artifact.save(model, folder, data.example_input(2)) if main else None
                 distributed.barrier()
                 return model, saved
@@ -147,7 +158,19 @@ def run(
             model, evaluation = _evaluated(
                 run_dir, f"stage{index}", run_stage, recipe, data, device, base, stage.name, folder
             )
+            evaluation.deployment = None  # only the baseline's is timed again, against others
             report.evaluations.append(evaluation)
+        trained = sum(t["steps"] for e in report.evaluations for t in e.training)
+        if recipe.evaluate.control and trained:
+            report.control = compute_matched_control(
+                recipe, data, device, baseline, report, run_dir
+            )
+        elif trained:
+            report.notes.append(
+                f"no compute-matched control (evaluate.control is off): the stages trained"
+                f" {trained} steps the baseline did not, so a gain may come from that training"
+                " rather than from compression"
+            )
         _check_targets(recipe, report)
         if main:
             report.write(run_dir)
@@ -181,6 +204,10 @@ def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", 
         model, saved = _load_own(folder, recipe).to(device), folder
     else:
         model, saved = make()
+    training = []
+    trained = run_dir / "evaluations" / f"{key}.training.json"
+    if trained.is_file():
+        training = json.loads(trained.read_text(encoding="utf-8"))
     log.info("evaluating %s", name)
     # Without a saved model (the baseline) the size is measured on a temporary copy: the run
     # keeps only new models.
@@ -196,9 +223,80 @@ def _evaluated(run_dir, key, make, recipe, data, device, base, name="baseline", 
             device=device,
             deploy_to=folder,
         )
+    evaluation.training = training
     if distributed.is_main():
         write_atomic(record, json.dumps(evaluation.to_dict(), indent=1))
     return model, evaluation
+
+
+def _training_record(run_dir: Path, index: int) -> Path:
+    return run_dir / "evaluations" / f"stage{index}.training.json"
+
+
+def compute_matched_control(
+    recipe: Recipe, data: Data, device: str, baseline: nn.Module, report: Report, run_dir: Path
+) -> Evaluation:
+    """The baseline trained as the run's stages trained: the same trainings, settings and
+    steps, in the same order, with plain cross-entropy. Each step's evaluation gets the
+    control at its own point of the budget (``evaluation.control``: the steps trained up to
+    and including that stage, its top-1, and the step's paired drop against it); the
+    control after the whole budget is evaluated like any step and returned.
+
+    What is matched is compute, not method: a stage's gain that is no larger than its
+    control's comes from the extra training, not from compression.
+    """
+    model = copy.deepcopy(baseline)
+    context = StageContext(
+        device=device, seed=recipe.seed, checkpoints=run_dir / "checkpoints" / "control"
+    )
+    control_images = report.baseline.correct_images()
+    steps = 0
+    for evaluation in report.evaluations[1:]:
+        for training in evaluation.training:
+            config = section("train", training["config"])
+            # The same settings and schedule, stopped at the same step count.
+            config = dataclasses.replace(config, epochs=0, max_steps=training["steps"])
+            log.info(
+                "control: training the baseline %d steps as %s did",
+                training["steps"],
+                evaluation.name,
+            )
+            train(model, data, config, desc="control", context=context)
+        steps = sum(t["steps"] for t in context.budget)
+        if evaluation.training:
+            control_images = correct_per_image(model, data, device)[0]
+        matched = {"steps": steps, "accuracy_top1": 100.0 * float(control_images.mean())}
+        mine = evaluation.correct_images()
+        if mine is not None and mine.shape == control_images.shape:
+            matched["drop"] = paired_drop(control_images, mine)
+            _say_against_control(evaluation, matched)
+        evaluation.control = matched
+    with memory_guard(f"evaluating the control of {recipe.model.name}"):
+        # Its latency is the baseline's (the same network): only its accuracy is compared.
+        control = evaluate(
+            model, data, recipe.evaluate, name=f"control: baseline + {steps} steps", device=device
+        )
+    if control.accuracy_top1 is not None and report.baseline.accuracy_top1 is not None:
+        control.accuracy_drop = accuracy_drop(control, report.baseline)
+    control.training = list(context.budget)
+    control.deployment = None
+    return control
+
+
+def _say_against_control(evaluation: Evaluation, matched: dict) -> None:
+    """A step's gain over the baseline is credited to compression only where it beats the
+    compute-matched control."""
+    drop = matched["drop"]
+    over_baseline = (evaluation.accuracy_drop or {}).get("points")
+    text = (
+        f"against the compute-matched control (the baseline trained {matched['steps']} more"
+        f" steps: {matched['accuracy_top1']:.2f} %) it {describe_drop(drop)}"
+    )
+    if over_baseline is not None and over_baseline < 0 and not drop["points"] < 0:
+        text += ": its gain over the baseline comes from the extra training, not from compression"
+    elif over_baseline is not None and over_baseline < 0 and drop["within_noise"]:
+        text += ": its gain over the control is within noise"
+    evaluation.notes.append(text)
 
 
 def _read_record(record: Path) -> Evaluation:
@@ -362,6 +460,23 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
             pass
     distributed.barrier()
     return model.to(device).eval()
+
+
+def baseline_description(recipe: Recipe) -> str:
+    """Where the baseline comes from, in words (the report and results/summary.md say it)."""
+    if recipe.model.checkpoint:
+        return f"{recipe.model.name} from {recipe.model.checkpoint}"
+    if recipe.model.weights:
+        return f"{recipe.model.name} with torchvision weights {recipe.model.weights}"
+    train = recipe.train
+    if recipe.data.name == "synthetic" or not (train.epochs or train.max_steps):
+        return f"{recipe.model.name}, untrained (random weights)"
+    length = f"{train.epochs} epochs" if train.epochs else f"{train.max_steps} steps"
+    return (
+        f"{recipe.model.name} trained on {recipe.data.name}: {length}, {train.optimizer}"
+        f" {train.schedule} lr {train.lr:g}, augment {train.augment}, label smoothing"
+        f" {train.label_smoothing:g} (cached as {baseline_key(recipe)})"
+    )
 
 
 def baseline_key(recipe: Recipe) -> str:

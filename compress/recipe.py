@@ -90,6 +90,11 @@ class TrainConfig(Config):
     # step: the rate divided by 10 at 50 % and at 75 % of the steps.
     schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
     label_smoothing: float = option(0.0, min=0.0, max=0.5)  # of the cross-entropy targets
+    # Per-batch augmentation of the train split: crop, a random window of the image padded
+    # by `crop_padding` pixels (edges repeated); flip, left-right half of the time (not for
+    # data whose meaning flips, such as digits). What converges the reference baseline.
+    augment: Literal["none", "flip", "crop", "crop_flip"] = "none"
+    crop_padding: int = option(4, min=1, max=64)  # pixels on each side, for crop
     grad_clip: float | None = option(None, min=0.0)  # max grad L2 norm
     # Mixed precision on CUDA (autocast; fp16 adds loss scaling). CPU runs train in fp32.
     amp: Literal["off", "fp16", "bf16"] = "off"
@@ -111,6 +116,9 @@ class EvaluateConfig(Config):
     latency_batch_size: int = option(1, min=1, max=4096)  # images per timed call
     warmup: int = option(10, min=0)  # untimed calls before timing
     iterations: int = option(100, min=1)  # timed calls
+    # Alternating rounds (baseline, model, ...) that give each latency ratio its interval;
+    # each times iterations / rounds calls of both (at least 5).
+    latency_rounds: int = option(10, min=3, max=1000)
     # Threads for the timings (rank 0 alone, the others waiting). None: all usable cores, as
     # a deployment has; under torchrun each rank's accuracy share then uses cores / ranks.
     threads: int | None = option(None, min=1, max=1024)
@@ -118,6 +126,10 @@ class EvaluateConfig(Config):
     # Points of top-1 the run's last step may lose; beyond it the report says so (and a
     # quantize stage falls back layer by layer to meet it).
     max_accuracy_drop: float | None = option(None, min=0.0)
+    # A compute-matched control: the baseline trained for the same steps, with the same
+    # settings, as the run's stages trained (fine-tunes, distillation, QAT); each step's
+    # drop is then also quoted against it. Doubles a run's training: off by default.
+    control: bool = False
     # Per-layer cost breakdown against this machine's measured peaks (report.md section).
     profile: bool = True
     # Where latency and top-1 are measured; the headline latency is the fastest of them, so

@@ -72,6 +72,9 @@ class StageContext:
     checkpoints: Path | None = None  # one numbered folder per training inside the stage
     baseline: Any = None  # nn.Module
     trainings: int = field(default=0, repr=False)
+    # What the stage's trainings ran, in order: {"steps", "config"} each (train() adds
+    # them). A compute-matched control replays them on the baseline.
+    budget: list = field(default_factory=list, repr=False)
 
     def checkpoint_dir(self, description: str) -> Path | None:
         """The folder for the stage's next training, numbered in call order, so a resumed

@@ -22,6 +22,8 @@ class Report:
     environment: dict
     evaluations: list[Evaluation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # run-level remarks (targets missed, ...)
+    # The baseline trained for the stages' steps (evaluate.control), or None.
+    control: Evaluation | None = None
     run_dir: Path | None = None  # where `run` wrote it; not part of report.json
 
     @property
@@ -37,20 +39,30 @@ class Report:
             "recipe": self.recipe,
             "environment": self.environment,
             "evaluations": [e.to_dict() for e in self.evaluations],
+            "control": self.control.to_dict() if self.control else None,
             "notes": self.notes,
         }
+
+    @property
+    def rows_evaluated(self) -> list[Evaluation]:
+        """Every evaluation of the tables: the steps, then the control when there is one."""
+        return self.evaluations + ([self.control] if self.control else [])
 
     def rows(self) -> list[dict[str, str]]:
         """One row per evaluation with figures and ratios against the baseline, as text."""
         base = self.baseline
         rows = []
-        for e in self.evaluations:
-            drop = e.accuracy_drop["points"] if e.accuracy_drop else None
+        for e in self.rows_evaluated:
+            drop = e.accuracy_drop or {}
+            control = (e.control or {}).get("drop") or {}
             rows.append(
                 {
                     "step": e.name,
                     "top-1 %": _num(e.accuracy_top1, ".2f"),
-                    "drop pts": _num(drop, "+.2f") if e is not base else "",
+                    "drop pts": _num(drop.get("points"), "+.2f") if e is not base else "",
+                    "95 % CI": _interval(drop.get("interval"), "+.2f"),
+                    "lost/gained": _flips(drop),
+                    "drop vs control": _num(control.get("points"), "+.2f") if control else "",
                     "size MB": f"{e.size_bytes / 1e6:.2f}",
                     "size x": _ratio(e.size_bytes, base.size_bytes),
                     "params": _count(e.params),
@@ -62,7 +74,7 @@ class Report:
                     "p50 ms": f"{e.latency_ms['p50']:.3f}",
                     "p90 ms": f"{e.latency_ms['p90']:.3f}",
                     "p99 ms": f"{e.latency_ms['p99']:.3f}",
-                    "p50 x": _ratio(e.latency_ms["p50"], base.latency_ms["p50"]),
+                    "p50 x": _latency_ratio(e, base),
                     "img/s": f"{e.throughput_per_s:.0f}",
                     "torch p50 ms": _num(_runtime_p50(e, "torch"), ".3f"),
                 }
@@ -76,7 +88,7 @@ class Report:
         widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
         lines = ["  ".join(h.rjust(widths[h]) for h in headers)]
         lines += ["  ".join(r[h].rjust(widths[h]) for h in headers) for r in rows]
-        lines += [f"note ({e.name}): {n}" for e in self.evaluations for n in e.notes]
+        lines += [f"note ({e.name}): {n}" for e in self.rows_evaluated for n in e.notes]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -93,12 +105,15 @@ class Report:
             "Ratios (x) are against the baseline: below 1 is smaller or faster. Latency is"
             " each model's fastest runtime (named), so p50 x compares best deployment with"
             " best deployment; `torch p50 ms` is the model as PyTorch runs it uncompiled"
-            " (INT8 models compile themselves), for reference.",
+            " (INT8 models compile themselves), for reference. A drop is paired image by"
+            " image with the baseline: its 95 % interval is exact McNemar (conditional on the"
+            " images that flipped; lost/gained count them), and p50 x is the median of"
+            " alternating rounds with its 95 % interval where both were timed in this run.",
             "",
             *markdown_table(headers, [[r[h] for h in headers] for r in rows]),
         ]
         out += self._runtime_section()
-        notes = [f"- **{e.name}**: {n}" for e in self.evaluations for n in e.notes]
+        notes = [f"- **{e.name}**: {n}" for e in self.rows_evaluated for n in e.notes]
         notes += [f"- {n}" for n in self.notes]
         if notes:
             out += ["", "## Notes", "", *notes]
@@ -232,6 +247,7 @@ class Report:
             raw = json.loads(file.read_text())
             report = cls(raw["recipe"], raw["environment"], notes=list(raw.get("notes", [])))
             report.evaluations = [Evaluation(**e) for e in raw["evaluations"]]
+            report.control = Evaluation(**raw["control"]) if raw.get("control") else None
             if not report.evaluations:
                 raise ValueError("no evaluations")
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
@@ -247,11 +263,16 @@ SUMMARY_COLUMNS = [
     "chain",
     "top1",
     "drop_pts",
+    "drop_ci",
+    "lost_gained",
+    "control_top1",
+    "drop_vs_control",
     "p50_ms",
     "runtime",
     "size_mb",
     "macs_m",
     "p50_x",
+    "p50_x_ci",
     "size_x",
     "macs_x",
     "baseline_top1",
@@ -261,6 +282,8 @@ SUMMARY_COLUMNS = [
 _SUMMARY_FORMATS = {
     "top1": ".2f",
     "drop_pts": "+.2f",
+    "control_top1": ".2f",
+    "drop_vs_control": "+.2f",
     "p50_ms": ".3f",
     "size_mb": ".2f",
     "macs_m": ".1f",
@@ -281,17 +304,27 @@ def summarize(reports: list[Report]) -> list[dict]:
     rows, baselines = [], {}
     for report in reports:
         base, final = report.baseline, report.final
+        drop = final.accuracy_drop or {}
+        control = final.control or {}
         rows.append(
             {
                 "run": report.run_dir.name if report.run_dir else report.recipe,
                 "chain": " → ".join(e.name for e in report.evaluations[1:]) or "baseline",
                 "top1": final.accuracy_top1,
-                "drop_pts": final.accuracy_drop["points"] if final.accuracy_drop else None,
+                "drop_pts": drop.get("points"),
+                "drop_ci": _interval(drop.get("interval"), "+.2f"),
+                "lost_gained": _flips(drop),
+                "control_top1": control.get("accuracy_top1") if control.get("steps") else None,
+                "drop_vs_control": (control.get("drop") or {}).get("points")
+                if control.get("steps")
+                else None,
                 "p50_ms": final.latency_ms["p50"],
                 "runtime": final.runtime,
                 "size_mb": final.size_bytes / 1e6,
                 "macs_m": final.macs / 1e6,
-                "p50_x": final.latency_ms["p50"] / base.latency_ms["p50"],
+                "p50_x": (final.latency_ratio or {}).get("p50")
+                or final.latency_ms["p50"] / base.latency_ms["p50"],
+                "p50_x_ci": _interval((final.latency_ratio or {}).get("interval"), ".2f"),
                 "size_x": final.size_bytes / base.size_bytes if base.size_bytes else None,
                 "macs_x": final.macs / base.macs if base.macs else None,
                 "baseline_top1": base.accuracy_top1,
@@ -307,6 +340,7 @@ def summarize(reports: list[Report]) -> list[dict]:
                 "p50_ms": base.latency_ms["p50"],
                 "size_mb": base.size_bytes / 1e6,
                 "baseline": True,
+                "description": report.environment.get("baseline", "not recorded"),
             },
         )
     return rows + list(baselines.values())
@@ -326,9 +360,20 @@ def write_summary(rows: list[dict], folder: str | Path, title: str = "Experiment
         f"# {title}",
         "",
         "One row per run; ratios (x) against that run's own baseline, below 1 is smaller or"
-        " faster; drop in points of top-1 on the test split (negative: a gain).",
+        " faster; drop in points of top-1 on the test split (negative: a gain), with its 95 %"
+        " exact McNemar interval and the test images lost/gained against the baseline;"
+        " control: the baseline trained for the same steps as the run's stages"
+        " (evaluate.control), and the drop against it.",
         "",
         *markdown_table(SUMMARY_COLUMNS, table),
+        "",
+        "Baselines (each run's own, before any stage):",
+        "",
+        *[
+            f"- {b['run']}, top-1 {_num(b['top1'], '.2f')} %: {b.get('description', 'not recorded')}"
+            for b in rows
+            if b["baseline"]
+        ],
     ]
     written = [folder / "summary.md", folder / "summary.csv"]
     write_atomic(written[0], "\n".join(lines) + "\n")
@@ -364,6 +409,23 @@ def _cell(column: str, value) -> str:
 def _runtime_p50(e: Evaluation, runtime: str) -> float | None:
     row = e.runtimes.get(runtime)
     return row["latency_ms"]["p50"] if row else None
+
+
+def _interval(bounds: list[float] | None, fmt: str, suffix: str = "") -> str:
+    if not bounds:
+        return ""
+    return f"[{format(bounds[0], fmt)}{suffix}, {format(bounds[1], fmt)}{suffix}]"
+
+
+def _flips(drop: dict) -> str:
+    return f"{drop['lost']}/{drop['gained']}" if "lost" in drop else ""
+
+
+def _latency_ratio(e: Evaluation, base: Evaluation) -> str:
+    """The paired ratio with its interval where the run timed both side by side."""
+    if e.latency_ratio:
+        return f"{e.latency_ratio['p50']:.2f} {_interval(e.latency_ratio['interval'], '.2f')}"
+    return _ratio(e.latency_ms["p50"], base.latency_ms["p50"])
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -8,6 +8,7 @@ checkpoints from which an interrupted run resumes to the same result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -86,6 +87,7 @@ def train(
     if total_steps == 0:
         model.eval()
         return model
+    context.budget.append({"steps": total_steps, "config": dataclasses.asdict(config)})
     cuda = torch.device(device).type == "cuda"
     if config.amp != "off" and not cuda:
         log.info("%s: train.amp=%s applies on CUDA only; training in fp32", desc, config.amp)
@@ -131,8 +133,11 @@ def train(
     for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
         net.train()
         batches = data.loader("train", shuffle=True, seed=seed, epoch=epoch)
+        # Seeded per epoch, as the order is: a resumed epoch draws the same augmentations.
+        draws = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         for index, (images, labels, *extra) in enumerate(batches):
-            images, labels = images.to(device), labels.to(device)
+            images = augment(images, config.augment, config.crop_padding, draws).to(device)
+            labels = labels.to(device)
             extra = [e.to(device) for e in extra]
             # The last micro-batch of a step (or of the epoch) steps the optimizer; the ones
             # before it only add their gradients, without a DDP exchange (no_sync).
@@ -208,6 +213,35 @@ def train(
         model.load_state_dict(best["state"])
     model.eval()
     return model
+
+
+def augment(
+    images: torch.Tensor, kind: str, padding: int = 4, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A batch (N, C, H, W) augmented per image: ``kind`` is none, flip, crop or crop_flip.
+
+    Example:
+        >>> augment(torch.rand(8, 1, 28, 28), "crop_flip", padding=4).shape
+        torch.Size([8, 1, 28, 28])
+    """
+    if kind == "none":
+        return images
+    n, channels, height, width = images.shape
+    if "crop" in kind:
+        padded = nn.functional.pad(images, (padding,) * 4, mode="replicate")
+        shift_y, shift_x = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=generator)
+        rows = (shift_y + torch.arange(height))[:, None, :, None]
+        columns = (shift_x + torch.arange(width))[:, None, None, :]
+        images = padded[
+            torch.arange(n)[:, None, None, None],
+            torch.arange(channels)[:, None, None],
+            rows,
+            columns,
+        ]
+    if "flip" in kind:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+    return images
 
 
 def _validate(model: nn.Module, data: Data, device: str) -> float:

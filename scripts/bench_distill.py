@@ -6,7 +6,8 @@
 2. Pruned fine-tune vs pruned + distillation: the baseline pruned to half its MACs
    (structured, L1 per layer), then fine-tuned with the same budget with and without
    the teacher.
-Prints one JSON line per trained model and one per comparison, with the target.
+Prints one JSON line per trained model and one per comparison, with the target; each
+comparison is paired image by image (95 % exact McNemar interval, images lost and gained).
 
     python scripts/bench_distill.py [--recipe recipes/resnet_distill.yaml] [--epochs 3]
 """
@@ -21,9 +22,10 @@ import json
 import torch
 
 import compress
-from compress.evaluate import accuracy, count_flops
+from compress.evaluate import correct_per_image, count_flops
 from compress.pipeline import baseline_model
 from compress.recipe import TrainConfig
+from compress.stats import paired_drop
 
 STUDENT_GAIN = 0.5  # points over the scratch student (issue 5)
 
@@ -48,7 +50,7 @@ def main() -> None:
         kd.alpha = args.alpha
     x = data.example_input(1)
     teacher_macs = count_flops(teacher, x) // 2
-    top1 = {"teacher": accuracy(teacher, data)[0]}
+    top1 = {"teacher": correct_per_image(teacher, data)[0]}
     _line("teacher", top1["teacher"], 1.0)
 
     if args.only != "pruned":
@@ -63,10 +65,10 @@ def _students(recipe, data, teacher, kd, x, teacher_macs, top1) -> None:
         student = compress.distill(
             teacher, data, dataclasses.replace(kd, alpha=alpha), teacher=teacher
         )
-        top1[name] = accuracy(student, data)[0]
+        top1[name] = correct_per_image(student, data)[0]
         _line(name, top1[name], count_flops(student, x) // 2 / teacher_macs)
     _compare(
-        "student_kd - student_scratch", top1["student_kd"] - top1["student_scratch"], STUDENT_GAIN
+        "student_kd - student_scratch", top1["student_scratch"], top1["student_kd"], STUDENT_GAIN
     )
 
 
@@ -75,7 +77,7 @@ def _pruned(recipe, data, teacher, kd, epochs, x, teacher_macs, top1) -> None:
     budget = TrainConfig(epochs=epochs, lr=0.02, schedule="cosine")
     torch.manual_seed(recipe.seed)
     fine_tuned = compress.train(copy.deepcopy(pruned), data, budget, seed=recipe.seed)
-    top1["pruned_fine_tune"] = accuracy(fine_tuned, data)[0]
+    top1["pruned_fine_tune"] = correct_per_image(fine_tuned, data)[0]
     macs = count_flops(pruned, x) // 2 / teacher_macs
     _line("pruned_fine_tune", top1["pruned_fine_tune"], macs)
     torch.manual_seed(recipe.seed)
@@ -87,28 +89,36 @@ def _pruned(recipe, data, teacher, kd, epochs, x, teacher_macs, top1) -> None:
         alpha=kd.alpha,
         train=dataclasses.asdict(budget),
     )
-    top1["pruned_distill"] = accuracy(distilled, data)[0]
+    top1["pruned_distill"] = correct_per_image(distilled, data)[0]
     _line("pruned_distill", top1["pruned_distill"], macs)
     _compare(
-        "pruned_distill - pruned_fine_tune", top1["pruned_distill"] - top1["pruned_fine_tune"], 0.0
+        "pruned_distill - pruned_fine_tune", top1["pruned_fine_tune"], top1["pruned_distill"], 0.0
     )
 
 
-def _line(model: str, top1: float, macs_ratio: float) -> None:
+def _line(model: str, correct, macs_ratio: float) -> None:
+    top1 = 100.0 * float(correct.mean())
     print(
         json.dumps({"model": model, "top1": round(top1, 2), "macs_ratio": round(macs_ratio, 3)}),
         flush=True,
     )
 
 
-def _compare(what: str, gain: float, target: float) -> None:
+def _compare(what: str, before, after, target: float) -> None:
+    """``after``'s gain over ``before`` in points, paired image by image."""
+    drop = paired_drop(before, after)
+    gain = -drop["points"]
     print(
         json.dumps(
             {
                 "compare": what,
                 "points": round(gain, 2),
+                "interval": [round(-drop["interval"][1], 2), round(-drop["interval"][0], 2)],
+                "lost": drop["lost"],
+                "gained": drop["gained"],
                 "target": f">= {target}",
                 "met": gain >= target,
+                "beyond_noise": not drop["within_noise"],
             }
         ),
         flush=True,

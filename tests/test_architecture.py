@@ -23,6 +23,7 @@ LAYERS = [
         "paths",
         "storage",
         "traits",
+        "stats",
     },
     {"architectures", "recipe", "data"},  # configs, data, building networks from specs
     {"artifact", "models", "deploy", "profile", "evaluate", "train"},  # shared machinery

@@ -107,7 +107,9 @@ def test_accuracy_top1_top5_and_drop():
     second = evaluate(_Oracle(shift=1), data, CONFIG, baseline=exact, name="second")
     assert second.accuracy_top1 == 0.0
     assert second.accuracy_top5 == 100.0  # 4 classes: the label is always in the top 5
-    assert second.accuracy_drop == {"points": 100.0, "percent": 100.0}
+    drop = second.accuracy_drop
+    assert (drop["points"], drop["percent"]) == (100.0, 100.0)
+    assert (drop["lost"], drop["gained"], drop["images"]) == (40, 0, 40)
 
 
 def test_not_faster_is_said_in_words():

@@ -1,6 +1,7 @@
 """Reproducible experiments: `compare` across runs, `make experiments`, the Python API."""
 
 import csv
+import json
 import shutil
 import subprocess
 
@@ -63,7 +64,9 @@ def test_compare_two_runs_writes_table_csv_and_plot(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_experiments_on_a_tiny_selection(tmp_path):
     recipe = _recipe(
-        tmp_path, "tiny_int8", "{quantize: {method: int8_static, calibration_batches: 1}}"
+        tmp_path,
+        "tiny_prune",
+        "{prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 0, max_steps: 5}}}",
     )
     result = subprocess.run(
         [
@@ -78,9 +81,14 @@ def test_make_experiments_on_a_tiny_selection(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "runs" / "tiny_int8" / "report.json").is_file()
+    report = json.loads((tmp_path / "runs" / "tiny_prune" / "report.json").read_text())
+    assert report["control"]["training"][0]["steps"] == 5  # experiments run with the control
     summary = (tmp_path / "results" / "summary.md").read_text()
-    assert "| tiny_int8 | quantize:int8_static |" in summary
+    assert "| tiny_prune | prune:magnitude |" in summary
+    row = next(csv.DictReader((tmp_path / "results" / "summary.csv").open()))
+    assert float(row["control_top1"]) == pytest.approx(report["control"]["accuracy_top1"])
+    # The baseline every figure rests on is named.
+    assert "tests.tiny:tiny_cnn trained on fashion_mnist: 15 steps" in summary
     assert (tmp_path / "results" / "pareto.png").read_bytes()[:8] == PNG
 
 

@@ -282,3 +282,50 @@ def test_list_names_every_registered_stage_and_method():
     assert result.returncode == 0
     for name, stage in STAGES.items():
         assert f"  {name}: {', '.join(stage.methods)}" in result.stdout
+
+
+CONTROLLED = (
+    "name: controlled\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+    "data: {train_subset: 640, test_subset: 200, calibration_size: 200, batch_size: 64}\n"
+    "train: {max_steps: 10, lr: 0.1}\n"
+    "evaluate: {warmup: 1, iterations: 6, latency_rounds: 3, runtimes: [torch], profile: false}\n"
+    "stages:\n"
+    "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 1, lr: 0.01,"
+    " schedule: cosine}}\n"
+)
+
+
+def test_control_trains_the_baseline_for_the_stages_budget(tmp_path):
+    recipe = tmp_path / "controlled.yaml"
+    recipe.write_text(CONTROLLED)
+    result = run_cli(
+        "run", str(recipe), "--out", str(tmp_path / "on"), "--set", "evaluate.control=true"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "on" / "report.json").read_text())
+    (pruned,) = report["evaluations"][1:]
+    stage_budget = [t for e in report["evaluations"] for t in e["training"]]
+    assert [t["steps"] for t in stage_budget] == [10]  # one epoch of 640 / 64
+    assert stage_budget[0]["config"]["schedule"] == "cosine"
+    control = report["control"]
+    # The same trainings, settings and steps as the stages, replayed on the baseline.
+    replayed = [
+        (t["steps"], {**t["config"], "epochs": 0, "max_steps": None}) for t in control["training"]
+    ]
+    assert replayed == [
+        (t["steps"], {**t["config"], "epochs": 0, "max_steps": None}) for t in stage_budget
+    ]
+    assert control["name"] == "control: baseline + 10 steps"
+    assert pruned["control"]["steps"] == 10
+    # Each step's drop against its control is paired with the control's own correctness.
+    assert pruned["control"]["accuracy_top1"] == pytest.approx(control["accuracy_top1"])
+    drop = pruned["control"]["drop"]
+    assert drop["points"] == pytest.approx(control["accuracy_top1"] - pruned["accuracy_top1"])
+    assert "control: baseline + 10 steps" in result.stdout
+    assert any("compute-matched control" in n for n in pruned["notes"])
+    # Off (the default), the report says so instead.
+    off = run_cli("run", str(recipe), "--out", str(tmp_path / "off"))
+    assert off.returncode == 0, off.stderr[-3000:]
+    report = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert report["control"] is None
+    assert any("evaluate.control is off" in n and "10 steps" in n for n in report["notes"])

@@ -7,7 +7,7 @@ from torch import nn
 from compress.data import build_data
 from compress.models import build_model
 from compress.recipe import DataConfig, ModelConfig, TrainConfig
-from compress.train import TrainingError, train
+from compress.train import TrainingError, augment, train
 
 CONFIG = TrainConfig(epochs=2, lr=0.05)  # onecycle: the scheduler's state must resume too
 
@@ -190,3 +190,33 @@ def test_label_smoothing_and_grad_clip_change_the_step_as_configured(small):
     assert not torch.allclose(
         results["smooth"], results["plain"]
     )  # a different target, a different step
+
+
+@pytest.mark.parametrize("kind", ["flip", "crop", "crop_flip"])
+def test_augment_moves_each_image_by_its_own_draw(kind):
+    images = torch.rand(64, 2, 9, 7)
+    out = augment(images, kind, padding=2, generator=torch.Generator().manual_seed(0))
+    again = augment(images, kind, padding=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and torch.equal(out, again)  # seeded: resumable
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+    moves = set()
+    for i in range(len(images)):
+        # Each output is one window of the padded image, flipped or not (both channels alike).
+        found = [
+            (dy, dx, flip)
+            for dy in range(5 if "crop" in kind else 1)
+            for dx in range(5 if "crop" in kind else 1)
+            for flip in ((False, True) if "flip" in kind else (False,))
+            if torch.equal(
+                _window(padded[i] if "crop" in kind else images[i], dy, dx, 9, 7, flip), out[i]
+            )
+        ]
+        assert found, f"image {i} is no window of its padded original"
+        moves.add(found[0])
+    assert len(moves) >= (2 if kind == "flip" else 5)  # drawn per image, not once per batch
+    assert torch.equal(augment(images, "none"), images)
+
+
+def _window(image, dy, dx, height, width, flip):
+    window = image[:, dy : dy + height, dx : dx + width]
+    return window.flip(2) if flip else window

@@ -219,7 +219,7 @@ def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None =
     return {"p50": float(np.median(ratios)), "interval": [low, high], "rounds": len(ratios)}
 
 
-def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> dict:
+def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> tuple[dict, tuple]:
     """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best;
     and the best deployment as ``(callable, batch)``, for the paired latency rounds."""
     latency = measure_latency(

@@ -487,6 +487,8 @@ def baseline_key(recipe: Recipe) -> str:
     }
     # Validation reads the weights, never changes them.
     training = {k: v for k, v in d["train"].items() if k != "validate"}
+    if training["augment"] == "none":  # as before augmentation existed: earlier caches hold
+        del training["augment"], training["crop_padding"]
     material = {
         "model": d["model"],
         "data": data,

@@ -9,7 +9,12 @@ import torch
 
 from compress.artifact import load
 from compress.errors import RunDirError
+from compress.evaluate import evaluate
+from compress.pipeline import _check_targets
+from compress.recipe import parse_recipe
+from compress.report import Report
 from tests.conftest import run_cli
+from tests.test_evaluate import CONFIG, _labelled_data, _Oracle
 
 EVALUATION_KEYS = {
     "name",
@@ -329,3 +334,18 @@ def test_control_trains_the_baseline_for_the_stages_budget(tmp_path):
     report = json.loads((tmp_path / "off" / "report.json").read_text())
     assert report["control"] is None
     assert any("evaluate.control is off" in n and "10 steps" in n for n in report["notes"])
+
+
+def test_the_run_level_accuracy_target_is_said_when_missed():
+    data = _labelled_data()
+    base = evaluate(_Oracle(shift=0), data, CONFIG, name="baseline")
+    worse = evaluate(_Oracle(shift=1), data, CONFIG, baseline=base, name="worse")
+    for limit, missed in ((50.0, True), (100.0, False)):
+        report = Report("r", {}, [base, worse])
+        _check_targets(parse_recipe({"evaluate": {"max_accuracy_drop": limit}}), report)
+        said = [n for n in report.notes if "misses evaluate.max_accuracy_drop" in n]
+        assert said == (
+            ["worse misses evaluate.max_accuracy_drop=50.0: it loses 100.00 points"]
+            if missed
+            else []
+        )

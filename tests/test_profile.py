@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from compress.evaluate import count_flops
 from compress.models import build_model
@@ -58,3 +59,21 @@ def test_profile_command_writes_breakdown_and_roofline(tmp_path):
     rows = json.loads((out / "profile.json").read_text())["layers"]
     assert sum(r["macs"] for r in rows) == 5645440 // 1  # the tiny CNN's MACs at 28x28
     assert "USDT" not in result.stderr  # the profiler's native chatter stays hidden
+
+
+def test_layer_rows_match_a_hand_count():
+    # conv 1->2, 3x3 on 5x5 -> 2x3x3; ReLU; flatten (a view); linear 18 -> 4. fp32: 4 bytes.
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(18, 4)
+    ).eval()
+    rows = {r["type"]: r for r in layer_costs(model, torch.rand(1, 1, 5, 5), iterations=1)}
+    conv, relu, linear = rows["Conv2d"], rows["ReLU"], rows["Linear"]
+    assert conv["macs"] == 18 * 9  # 18 outputs, 9 products each
+    assert conv["params"] == 2 * 9 + 2
+    # reads the image (25), the weights (18) and bias (2), writes 18 values
+    assert conv["bytes"] == 4 * (25 + 18 + 2 + 18)
+    assert conv["output"] == "2x3x3"
+    assert relu["macs"] == 0 and relu["bytes"] == 4 * (18 + 18)
+    assert linear["macs"] == 18 * 4
+    assert linear["bytes"] == 4 * (18 + 72 + 4 + 4)  # input, weights, bias; 4 outputs
+    assert "Flatten" not in rows  # a view moves no bytes and does no work

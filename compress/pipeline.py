@@ -472,6 +472,8 @@ def baseline_description(recipe: Recipe) -> str:
     if recipe.data.name == "synthetic" or not (train.epochs or train.max_steps):
         return f"{recipe.model.name}, untrained (random weights)"
     length = f"{train.epochs} epochs" if train.epochs else f"{train.max_steps} steps"
+    if train.epochs and train.max_steps:
+        length += f", at most {train.max_steps} steps"
     return (
         f"{recipe.model.name} trained on {recipe.data.name}: {length}, {train.optimizer}"
         f" {train.schedule} lr {train.lr:g}, augment {train.augment}, label smoothing"

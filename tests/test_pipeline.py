@@ -37,6 +37,10 @@ EVALUATION_KEYS = {
     "details",
     "runtime",
     "runtimes",
+    "correct",
+    "latency_ratio",
+    "training",
+    "control",
 }
 REDUCED = [
     "--set",
@@ -69,7 +73,17 @@ def test_headline_command_end_to_end(tmp_path):
         assert set(evaluation) == EVALUATION_KEYS
         assert set(evaluation["latency_ms"]) == {"p50", "p90", "p99", "mean"}
         assert evaluation["batch_size"] == 1 and evaluation["macs"] > 0
-    assert base["accuracy_drop"] is None and set(int8["accuracy_drop"]) == {"points", "percent"}
+    assert base["accuracy_drop"] is None
+    drop = int8["accuracy_drop"]
+    assert set(drop) == {"points", "percent", "interval", "lost", "gained", "images"} | {
+        "p_value",
+        "within_noise",
+    }
+    # Paired on the 500 test images: the flips account for the drop exactly.
+    assert drop["images"] == 500
+    assert drop["points"] == pytest.approx(100 * (drop["lost"] - drop["gained"]) / 500)
+    assert drop["interval"][0] <= drop["points"] <= drop["interval"][1]
+    assert set(int8["latency_ratio"]) == {"p50", "interval", "rounds"}
     assert int8["compute_dtype"] == "int8" and int8["size_bytes"] < 0.3 * base["size_bytes"]
     # Like for like: each row's headline is its fastest runtime, the baseline's included,
     # and the deployed INT8 files score in every runtime as the torch model does.

@@ -411,10 +411,10 @@ def _runtime_p50(e: Evaluation, runtime: str) -> float | None:
     return row["latency_ms"]["p50"] if row else None
 
 
-def _interval(bounds: list[float] | None, fmt: str, suffix: str = "") -> str:
+def _interval(bounds: list[float] | None, fmt: str) -> str:
     if not bounds:
         return ""
-    return f"[{format(bounds[0], fmt)}{suffix}, {format(bounds[1], fmt)}{suffix}]"
+    return f"[{format(bounds[0], fmt)}, {format(bounds[1], fmt)}]"
 
 
 def _flips(drop: dict) -> str:

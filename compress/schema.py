@@ -248,7 +248,13 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# libyaml's safe loader where PyYAML was built with it (its wheels are): it scans in linear
+# time, where the pure-Python scanner is quadratic in nesting (5,000 nested brackets: 0.002 s
+# against 1.3 s; a 1 MiB recipe of them would take hours) and caps nesting at 1,000 levels.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_SAFE_LOADER):
     """PyYAML's safe loader, refusing a mapping that gives a key twice (which PyYAML would
     silently resolve to the last value)."""
 
@@ -274,8 +280,10 @@ def read_yaml(text: str, source: str) -> Any:
         {'train': {'epochs': 2}}
     """
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a (C)SafeLoader subclass
     except yaml.YAMLError as error:
+        if "maximum nesting depth" in str(error):  # libyaml's cap
+            raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]

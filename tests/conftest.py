@@ -10,6 +10,7 @@ import torch
 from compress.cli import main
 from compress.data import build_data
 from compress.models import build_model
+from compress.quantize._pt2e import CPP_WRAPPER_VARIABLE
 from compress.recipe import DataConfig, ModelConfig, TrainConfig
 from compress.train import train
 
@@ -41,10 +42,25 @@ def run_cli(*args: str, process: bool = False, timeout: int = 600) -> subprocess
     return subprocess.CompletedProcess(["compress", *args], code, out.getvalue(), err.getvalue())
 
 
+@pytest.fixture(scope="session")
+def _session_peaks(tmp_path_factory):
+    """The machine peaks (~0.3 s to measure) are the machine's: measured once a session."""
+    return tmp_path_factory.mktemp("peaks")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Trained baselines go to a per-test cache, never the user's."""
-    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+def _isolated_cache(tmp_path_factory, monkeypatch, _session_peaks):
+    """Trained baselines go to a per-test cache, never the user's; the peaks are shared."""
+    cache = tmp_path_factory.mktemp("cache")  # beside the test's tmp_path, not in it
+    (cache / "peaks").symlink_to(_session_peaks, target_is_directory=True)
+    monkeypatch.setenv("COMPRESS_CACHE", str(cache))
+
+
+@pytest.fixture(autouse=True)
+def _quick_int8_compiles(monkeypatch):
+    """INT8 models compile without inductor's C++ wrapper: 2 s per batch size, not 9.
+    No assertion times a call; test_int8_kernels_really_run keeps the default."""
+    monkeypatch.setenv(CPP_WRAPPER_VARIABLE, "0")
 
 
 @pytest.fixture(scope="session")

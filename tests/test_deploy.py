@@ -125,9 +125,7 @@ def test_evaluator_headline_is_the_fastest_runtime_and_each_runtime_is_scored(
     assert (tmp_path / "m.bin").is_file()  # the IR's weights beside it
 
 
-def test_missing_deploy_extra_measures_in_torch_and_says_so(
-    trained_tiny, fmnist, monkeypatch, tmp_path
-):
+def test_missing_deploy_extra_measures_in_torch_and_says_so(tiny, fmnist, monkeypatch, tmp_path):
     real = deploy.importlib.util.find_spec
     monkeypatch.setattr(
         deploy.importlib.util,
@@ -136,11 +134,11 @@ def test_missing_deploy_extra_measures_in_torch_and_says_so(
     )
     assert "openvino" not in deploy.available_runtimes()
     config = EvaluateConfig(warmup=1, iterations=3, runtimes=["torch", "openvino"], profile=False)
-    result = evaluate(trained_tiny, fmnist, config, name="m")
+    result = evaluate(tiny, fmnist, config, name="m")
     assert set(result.runtimes) == {"torch"} and result.runtime == "torch"
     assert any("not measured in openvino" in n and "openvino missing" in n for n in result.notes)
     with pytest.raises(ExportError, match="compress\\[deploy\\]"):
-        export(trained_tiny, "unused.xml", "openvino", fmnist.example_input(2))
+        export(tiny, "unused.xml", "openvino", fmnist.example_input(2))
     # A run with the default runtimes goes on without it and says so once, not per step.
     recipe = parse_recipe(
         {

@@ -2,7 +2,8 @@
 untouched, saves and reloads with the same outputs, and the reloaded folder evaluates to the
 same accuracy and profiles (what `eval --model` and `profile --model` do). A new stage or
 method is tested here once it says, in QUICK, how to run in a few seconds. Models whose
-kernels compile (INT8) are evaluated from their folder in the slow set; the rest here."""
+kernels compile (INT8) are evaluated and profiled from their folder by
+test_quantize.test_method_close_to_float_on_real_data, for every quantize method."""
 
 import pytest
 import torch
@@ -80,11 +81,3 @@ def test_stage_makes_a_new_model_that_round_trips(kind, method, tiny, fmnist, tm
     assert torch.allclose(reloaded, ours, atol=1e-5)
     if not traits(model).compiled:
         _evaluates_and_profiles_from_its_folder(model, folder, fmnist, f"{kind}:{method}")
-
-
-@pytest.mark.slow  # INT8 kernels compile
-@pytest.mark.parametrize("method", ["int8_static", "int8_dynamic", "int8_qat"])
-def test_an_int8_folder_evaluates_and_profiles(method, trained_tiny, fmnist, tmp_path):
-    model = _run_stage("quantize", method, trained_tiny, fmnist)
-    folder = save(model, tmp_path / method, fmnist.example_input(2))
-    _evaluates_and_profiles_from_its_folder(model, folder, fmnist, f"quantize:{method}")

@@ -70,3 +70,18 @@ def test_cifar10_missing_is_a_clear_error(tmp_path):
 def test_synthetic_shapes(synthetic):
     images, labels = next(iter(synthetic.loader("test")))
     assert images.shape == (32, 1, 28, 28) and labels.max() < 10
+
+
+def test_an_idx_file_is_read_once_and_again_when_it_changes(tmp_path):
+    import os
+
+    from compress.data import _read_idx
+
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([1, 2, 3]))
+    first = _read_idx(path)
+    assert first.tolist() == [1, 2, 3] and _read_idx(path) is first  # inflated once
+    assert not first.flags.writeable  # callers copy; nobody edits the kept array
+    path.write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([7, 8, 9]))
+    os.utime(path, ns=(1, 1))  # another modification time, as a rewrite gives
+    assert _read_idx(path).tolist() == [7, 8, 9]

@@ -219,10 +219,10 @@ def quantize_graph(
 def _fold_only_present_convs(graph_module: torch.fx.GraphModule):
     """QAT's conversion folds BatchNorm into convolutions by matching torchao's conv-BN
     patterns for conv1d, conv2d and both transposed convolutions, exporting 24 small graphs
-    per kind whether or not the model has one (~10 s per kind on 2 cores). Skip the kinds
-    the graph has no node of: the fold then matches the same nodes, and a conv2d network
-    converts in ~11 s instead of ~41 s. Without torchao's helper (a newer torchao), the
-    conversion runs as it comes."""
+    per kind whether or not the model has one. Skip the kinds the graph has no node of:
+    the fold then matches the same nodes (the same graph and outputs, checked on tiny_cnn
+    and resnet18), and a QAT quantize of resnet18 takes 14.3 s instead of 35.2 s on 2
+    cores. Without torchao's helper (a newer torchao), the conversion runs as it comes."""
     helper = getattr(qat_utils, "_fold_conv_bn_qat_helper", None)
     if helper is None:
         yield

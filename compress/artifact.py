@@ -13,6 +13,7 @@ existing folder is never overwritten.
 
 from __future__ import annotations
 
+import functools
 import json
 import lzma
 import operator
@@ -26,9 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-# The quantize/dequantize ops of PT2E graphs are registered by importing torchao's flow.
-import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -608,6 +606,16 @@ def _op_name(target) -> str:
     raise ArtifactError(f"cannot store the operation {target} as data")
 
 
+_QUANTIZE_NAMESPACES = ("quantized_decomposed", "torchao")
+
+
+@functools.cache
+def _register_quantize_ops() -> None:
+    """PT2E graphs' quantize/dequantize ops are registered by importing torchao's flow (~3 s,
+    so only once a stored graph names one)."""
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+
+
 def _op(name, file: Path):
     """The op a stored name stands for: looked up in torch.ops, never imported."""
     if name in _OPERATORS:
@@ -620,6 +628,8 @@ def _op(name, file: Path):
         or name.rsplit(".", 1)[0] in _REFUSED_OPS
     ):
         raise ArtifactError(f"{file}: operation {name!r} is not allowed; refused")
+    if parts[0] in _QUANTIZE_NAMESPACES:
+        _register_quantize_ops()
     try:
         op = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     except (AttributeError, RuntimeError):

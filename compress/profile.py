@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torchao
 import torchvision
 from torch import nn
 from torch.profiler import ProfilerActivity, record_function
@@ -66,7 +66,7 @@ def environment(device: str = "cpu") -> dict:
     env = {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "torchao": torchao.__version__,
+        "torchao": importlib.metadata.version("torchao"),
         "python": platform.python_version(),
         "device": device,
         "threads": torch.get_num_threads(),

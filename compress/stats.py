@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-from scipy.stats import binom, binomtest
 
 CONFIDENCE = 0.95
 
@@ -62,6 +61,8 @@ def paired_drop(baseline: np.ndarray, model: np.ndarray, confidence: float = CON
         low = high = 0.0
         p_value = 1.0
     else:
+        from scipy.stats import binomtest  # ~1 s to import: paid by commands that compare
+
         test = binomtest(lost, flipped)
         ci = test.proportion_ci(confidence_level=confidence, method="exact")
         low = 100.0 * flipped * (2 * ci.low - 1) / images
@@ -93,6 +94,8 @@ def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tupl
         raise ValueError("no values")
     # Sorted from 0, [ordered[k], ordered[n-1-k]] covers the median with probability
     # 1 - 2 P(Binomial(n, 1/2) <= k).
+    from scipy.stats import binom
+
     k = 0
     while k + 1 < n - 2 - k and 1 - 2 * binom.cdf(k + 1, n, 0.5) >= confidence:
         k += 1

@@ -1,10 +1,15 @@
 """The import layers: a lower module never imports a higher one, nothing imports in a
-circle, and an import inside a function is kept for optional dependencies only."""
+circle, and an import inside a function is kept for optional dependencies and for the few
+that would add seconds to every command's start."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from compress.registry import STAGES
 
@@ -34,6 +39,9 @@ LAYERS = [
 # Packages compress runs without; imported where they are used, so that a missing one
 # fails only the feature that needs it.
 OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "matplotlib"}
+# Imported on first use because each costs seconds at start-up (torchao's PT2E flow pulls in
+# dynamo and inductor; scipy.stats ~1 s), paid only by the commands that need them.
+DEFERRED = {"torchao", "scipy", "compress.quantize._pt2e", "compress.quantize._parts"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -135,6 +143,21 @@ def test_imports_inside_functions_only_for_optional_packages():
         f"compress/{name.replace('.', '/')}.py:{line} imports {module}"
         for name, tree in _modules().items()
         for module, line, in_function in _imports(name, tree)
-        if in_function and module.split(".")[0] not in OPTIONAL
+        if in_function
+        and module.split(".")[0] not in OPTIONAL
+        and not any(module == d or module.startswith(d + ".") for d in DEFERRED)
     ]
     assert not inner, "\n".join(inner)
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_starting_the_command_line_imports_no_deferred_module():
+    """`python -m compress --help`, a prune run or `compare` never pay for torchao or scipy:
+    a module-level import of either (or of the INT8 modules) anywhere under compress.cli
+    would show here."""
+    code = "import sys, compress.cli; print(*sorted(sys.modules), sep='\\n')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    assert "compress.quantize" in loaded and "compress.pipeline" in loaded
+    assert not {m for m in loaded if any(m == d or m.startswith(d + ".") for d in DEFERRED)}

@@ -25,7 +25,8 @@ def int8_tiny(trained_tiny, fmnist):
 # ceiling (points) and the memory-access ceiling (fraction of float). A method added to the
 # registry without a row here fails, so that it cannot go untested. Floors sit 3-5 dB under
 # what each method measured on this fixture (int8_static 37.5 dB, dynamic 51.0, QAT 32.1,
-# fp16 64.0, bf16 43.6, int4 29.9; 2026-11-30), so that a doubled scale (-6 dB) fails;
+# fp16 64.0, bf16 43.6, int4 29.9; 2026-11-30), so that a doubled scale (-6 dB) fails
+# (fp16's sits lower: the fixture trained on 1 thread measured 59.7; bf16's 43.6 fails it);
 # drop ceilings sit over the measured drops (-0.05, 0.05, 0.2, 0.05, 0.45, 0.7 points on
 # 2,000 images, where one image is 0.05). The tiny CNN's only Linear is its 64x10 head:
 # dynamic INT8 and INT4 are held to tighter figures on an MLP below.
@@ -33,7 +34,7 @@ METHODS = {
     "int8_static": ({"calibration_batches": 4}, 33.0 - INT8_MARGIN, 0.3, 0.35),
     "int8_dynamic": ({}, 46.0, 0.3, 1.0),
     "int8_qat": ({"fine_tune": {"max_steps": 20}}, 28.0 - INT8_MARGIN, 0.6, 0.35),
-    "fp16": ({}, 60.0, 0.2, 0.55),
+    "fp16": ({}, 55.0, 0.2, 0.55),
     "bf16": ({}, 40.0, 0.8, 0.55),
     "int4_weight_only": ({"group_size": 32}, 26.0, 1.0, 1.0),
 }
@@ -351,24 +352,25 @@ def test_linear_weights_are_really_stored_narrow(
     assert sum(f.stat().st_size for f in narrow.rglob("*") if f.is_file()) <= max_size * float_bytes
 
 
-def test_qat_conversion_folds_only_the_conv_kinds_the_graph_has(monkeypatch):
-    """Measured once against torchao's unfiltered conversion: the same graph and the same
-    outputs for tiny_cnn and resnet18 (26 s -> 13 s and 35 s -> 14 s of quantize)."""
+@pytest.mark.parametrize("helper", ["_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper"])
+def test_qat_fuses_and_folds_only_the_conv_kinds_the_graph_has(helper, monkeypatch):
+    """Measured once against torchao's unfiltered flow: the same graph and the same outputs
+    for tiny_cnn and resnet18 (30 s -> 9-12 s and 31 s -> 14-16 s of quantize)."""
     from torch.nn import functional as F
     from torchao.quantization.pt2e import qat_utils
 
-    from compress.quantize._pt2e import _fold_only_present_convs
+    from compress.quantize._pt2e import _only_present_convs
 
     graph = torch.export.export(nn.Conv2d(1, 2, 3), (torch.zeros(1, 1, 5, 5),)).module()
     called = []
 
-    def fold(model, conv_fn, *args):
+    def per_kind(model, conv_fn, *args):
         called.append(conv_fn)
         return model
 
-    monkeypatch.setattr(qat_utils, "_fold_conv_bn_qat_helper", fold)
-    with _fold_only_present_convs(graph):
+    monkeypatch.setattr(qat_utils, helper, per_kind)
+    with _only_present_convs(graph):
         for conv_fn in (F.conv1d, F.conv2d, F.conv_transpose1d, F.conv_transpose2d):
-            assert qat_utils._fold_conv_bn_qat_helper(graph, conv_fn, (), False) is graph
-    assert called == [F.conv2d]  # the absent kinds skipped, the present one folded
-    assert qat_utils._fold_conv_bn_qat_helper is fold  # torchao's helper is back after
+            assert getattr(qat_utils, helper)(graph, conv_fn, (), False) is graph
+    assert called == [F.conv2d]  # the absent kinds skipped, the present one matched
+    assert getattr(qat_utils, helper) is per_kind  # torchao's helper is back after

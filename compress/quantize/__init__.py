@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 from torch import nn
 
-from compress.artifact import MAX_BATCH
+from compress.artifact import MAX_BATCH, register_loader
 from compress.data import Data
 from compress.errors import QuantizationError
 from compress.quantize._cast import LowPrecisionModel, cast
 from compress.quantize._config import FALLBACK_METHODS, QAT_TRAINING, QuantizeConfig
 from compress.quantize._int4 import Int4WeightOnlyModel, int4_weight_only
-from compress.quantize._parts import PartlyQuantizedModel, quantize_parts
-from compress.quantize._pt2e import QuantizedModel, export_model, quantize_graph
 from compress.quantize._sensitivity import layer_sensitivity, quantize_with_fallback
 from compress.recipe import parse_stage_options
 from compress.registry import StageContext, register_stage
@@ -40,6 +39,35 @@ __all__ = [
 ]
 
 
+# torchao's PT2E flow and x86 quantizer take ~3 s to import (they import dynamo and
+# inductor): the INT8 modules load when an INT8 model is made or loaded, so that a command
+# that never touches one (`--help`, a prune or distill run, `compare`) starts in ~2 s.
+def __getattr__(name: str):
+    if name == "QuantizedModel":
+        from compress.quantize._pt2e import QuantizedModel
+
+        return QuantizedModel
+    if name == "PartlyQuantizedModel":
+        from compress.quantize._parts import PartlyQuantizedModel
+
+        return PartlyQuantizedModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@register_loader("quantized")
+def _load_quantized(folder: Path, manifest: dict, trust) -> nn.Module:
+    from compress.quantize._pt2e import load_quantized
+
+    return load_quantized(folder, manifest, trust)
+
+
+@register_loader("partly_quantized")
+def _load_partly_quantized(folder: Path, manifest: dict, trust) -> nn.Module:
+    from compress.quantize._parts import load_partly_quantized
+
+    return load_partly_quantized(folder, manifest, trust)
+
+
 def _pt2e(
     model: nn.Module,
     data: Data,
@@ -49,6 +77,9 @@ def _pt2e(
     mode: str,
 ) -> nn.Module:
     """INT8 through torchao's PT2E flow: the whole graph, or its parts that export."""
+    from compress.quantize._parts import quantize_parts
+    from compress.quantize._pt2e import export_model, quantize_graph
+
     model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
     try:
         exported = export_model(model, data.example_input(2))

@@ -20,7 +20,6 @@ from compress.artifact import (
     load,
     manifest_counts,
     read_weights,
-    register_loader,
     save,
     spec_architecture,
 )
@@ -90,8 +89,7 @@ class PartlyQuantizedModel(nn.Module):
         }
 
 
-@register_loader("partly_quantized")
-def _load(folder: Path, manifest: dict, trust) -> PartlyQuantizedModel:
+def load_partly_quantized(folder: Path, manifest: dict, trust) -> PartlyQuantizedModel:
     model = spec_architecture(folder, manifest, trust)
     state = read_weights(folder, manifest, model)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 RECIPE ?= recipes/resnet_int8.yaml
-# `make run` trains a quick baseline (4 epochs, ~4 min on 2 cores: 91.5 %) in place of the
+# `make run` trains a quick baseline (4 epochs, 4-10 min on 2 cores: 91.5 %) in place of the
 # recipe's converged reference (20 epochs, ~50 min): the figures in README/docs/results rest
 # on the reference (`make experiments`). QUICK= runs the recipe as written.
 QUICK ?= --set train.epochs=4 --set train.lr=0.05 --set train.label_smoothing=0 \

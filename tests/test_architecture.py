@@ -44,6 +44,10 @@ OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "matplotlib
 DEFERRED = {"torchao", "scipy", "compress.quantize._pt2e", "compress.quantize._parts"}
 
 
+def _deferred(module: str) -> bool:
+    return any(module == d or module.startswith(d + ".") for d in DEFERRED)
+
+
 def _modules() -> dict[str, ast.Module]:
     found = {}
     for file in sorted(PACKAGE.rglob("*.py")):
@@ -143,9 +147,7 @@ def test_imports_inside_functions_only_for_optional_packages():
         f"compress/{name.replace('.', '/')}.py:{line} imports {module}"
         for name, tree in _modules().items()
         for module, line, in_function in _imports(name, tree)
-        if in_function
-        and module.split(".")[0] not in OPTIONAL
-        and not any(module == d or module.startswith(d + ".") for d in DEFERRED)
+        if in_function and module.split(".")[0] not in OPTIONAL and not _deferred(module)
     ]
     assert not inner, "\n".join(inner)
 
@@ -160,4 +162,4 @@ def test_starting_the_command_line_imports_no_deferred_module():
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = set(done.stdout.split())
     assert "compress.quantize" in loaded and "compress.pipeline" in loaded
-    assert not {m for m in loaded if any(m == d or m.startswith(d + ".") for d in DEFERRED)}
+    assert not {m for m in loaded if _deferred(m)}

@@ -2,7 +2,7 @@
 processes, and in half those with 2 micro-batches accumulated per step; saves this rank's
 weights and the threads the training used (``rank<R>-of-<W>-x<ACCUMULATE>.pt`` / ``.json``).
 
-Started by tests/test_distributed.py, under torchrun (2 gloo processes) or alone.
+Run by tests/test_distributed.py under torchrun (2 gloo processes), and called there alone.
 Usage: python tests/ddp_train.py OUT_DIR GLOBAL_BATCH
 """
 
@@ -18,19 +18,24 @@ from compress.models import mlp
 from compress.recipe import DataConfig, TrainConfig
 from compress.train import train
 
-out, global_batch = Path(sys.argv[1]), int(sys.argv[2])
-distributed.init_from_env("cpu")
-for accumulate in (1, 2):
-    batch = global_batch // distributed.world_size() // accumulate
-    # 1,024 training images: divisible by every global batch used, so no rank is padded.
-    data = build_data(
-        DataConfig(train_subset=1024, test_subset=500, calibration_size=200, batch_size=batch),
-        seed=0,
-    )
-    torch.manual_seed(0)
-    model = mlp(hidden=64)
-    train(model, data, TrainConfig(epochs=2, lr=0.05, accumulate=accumulate), seed=0)
-    name = f"rank{distributed.rank()}-of-{distributed.world_size()}-x{accumulate}"
-    torch.save(model.state_dict(), out / f"{name}.pt")
-    (out / f"{name}.json").write_text(json.dumps({"threads": torch.get_num_threads()}))
-distributed.shutdown()
+
+def main(out: Path, global_batch: int) -> None:
+    distributed.init_from_env("cpu")
+    for accumulate in (1, 2):
+        batch = global_batch // distributed.world_size() // accumulate
+        # 1,024 training images: divisible by every global batch used, so no rank is padded.
+        data = build_data(
+            DataConfig(train_subset=1024, test_subset=500, calibration_size=200, batch_size=batch),
+            seed=0,
+        )
+        torch.manual_seed(0)
+        model = mlp(hidden=64)
+        train(model, data, TrainConfig(epochs=2, lr=0.05, accumulate=accumulate), seed=0)
+        name = f"rank{distributed.rank()}-of-{distributed.world_size()}-x{accumulate}"
+        torch.save(model.state_dict(), out / f"{name}.pt")
+        (out / f"{name}.json").write_text(json.dumps({"threads": torch.get_num_threads()}))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))

@@ -113,6 +113,6 @@ def test_python_api_chains_like_the_recipe(tmp_path):
     assert report.accuracy_drop is not None and report.accuracy_top1 > 30
     compress.save(model, tmp_path / "model")
     again = compress.load(tmp_path / "model", trust_code=True)
-    images = data.example_input(4)
+    images = data.example_input(250)  # an evaluation batch: the shape compiled already
     assert torch.equal(again(images).argmax(1), model(images).argmax(1))
     assert set(compress.__all__) >= {"build_model", "build_data", "prune", "distill", "quantize"}

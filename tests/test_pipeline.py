@@ -225,16 +225,21 @@ def test_run_killed_at_every_phase_resumes_to_the_uninterrupted_result(tmp_path)
     recipe = tmp_path / "chain.yaml"
     recipe.write_text(CHAIN)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    # One process imports compress (while the uninterrupted run goes on here); each killed
+    # run is a child forked from it.
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "tests.kill_at"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert run_cli("run", str(recipe), "--out", str(whole)).returncode == 0
 
     def killed(phase: str, *args: str) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.kill_at", phase, "run", str(recipe), *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 137, (phase, done.stderr[-2000:])
+        log = tmp_path / f"{phase}.log"
+        runner.stdin.write(json.dumps([phase, str(log), "run", str(recipe), *args]) + "\n")
+        runner.stdin.flush()
+        assert runner.stdout.readline().strip() == "137", (phase, log.read_text()[-2000:])
 
     killed("training", "--out", str(cut))
     assert list((cut / "checkpoints").rglob("last.pt")) and not (cut / "stage0_prune").exists()
@@ -245,6 +250,8 @@ def test_run_killed_at_every_phase_resumes_to_the_uninterrupted_result(tmp_path)
     assert not (cut / "evaluations" / "stage0.json").exists()
     killed("evaluating", "--resume", str(cut))
     killed("report", "--resume", str(cut))
+    runner.stdin.close()
+    assert runner.wait(timeout=60) == 0
     assert (cut / "report.md").is_file() and not (cut / "report.json").exists()
     done = run_cli("run", str(recipe), "--resume", str(cut))
     assert done.returncode == 0, done.stderr[-3000:]

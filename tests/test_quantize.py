@@ -1,5 +1,7 @@
 """INT8 static quantization on a small CNN trained on real Fashion-MNIST."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -264,6 +266,27 @@ def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
     assert steps[-1]["kept_float"][0] == "13" and steps[-1]["accuracy_drop"] <= 1.0
     assert any("met max_accuracy_drop=1.0" in n and "float layers: 13" in n for n in qmodel.notes)
     assert "kept in float: 13" in " ".join(qmodel.notes)
+
+
+@pytest.mark.slow  # quantizes the tiny CNN five times
+def test_the_sensitivity_scan_exports_the_model_once(tiny, fmnist, monkeypatch):
+    from compress.quantize import sensitivity
+    from compress.quantize._sensitivity import _logits
+
+    pt2e = sys.modules["compress.quantize._pt2e"]
+    exports = []
+    export = pt2e.export_model
+    monkeypatch.setattr(pt2e, "export_model", lambda *a: exports.append(1) or export(*a))
+    rows = sensitivity(tiny, fmnist, method="int8_static", calibration_batches=1)
+    assert len(rows) == 4 and len(exports) == 1  # once, not once per layer
+    # A layer quantized from the shared graph scores as one exported for it alone.
+    alone = quantize(
+        tiny, fmnist, method="int8_static", calibration_batches=1, skip=["0", "4", "8"]
+    )
+    assert len(exports) == 2
+    reference, _ = _logits(tiny, fmnist)
+    row = next(r for r in rows if r["layer"] == "13")
+    assert row["sqnr_db"] == sqnr_db(reference, _logits(alone, fmnist)[0])
 
 
 def test_fallback_that_cannot_meet_keeps_the_best(tiny, fmnist):

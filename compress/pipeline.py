@@ -36,7 +36,7 @@ from compress.memory import memory_guard
 from compress.models import build_model
 from compress.paths import cache_dir
 from compress.profile import environment
-from compress.recipe import Recipe, load_recipe, section
+from compress.recipe import Recipe, TrainConfig, load_recipe, section
 from compress.registry import STAGES, StageContext
 from compress.report import Report
 from compress.schema import read_yaml
@@ -434,10 +434,10 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     if not needs_training:
         return model.to(device).eval()
     log.info(
-        "training the baseline (%s on %s, %d epochs); cached in %s for later runs",
+        "training the baseline (%s on %s, %s); cached in %s for later runs",
         recipe.model.name,
         recipe.data.name,
-        recipe.train.epochs,
+        _training_length(recipe.train),
         cached,
     )
     # Checkpoints beside the cache entry: an interrupted baseline training resumes.
@@ -462,6 +462,13 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     return model.to(device).eval()
 
 
+def _training_length(train: TrainConfig) -> str:
+    length = f"{train.epochs} epochs" if train.epochs else f"{train.max_steps} steps"
+    if train.epochs and train.max_steps:
+        length += f", at most {train.max_steps} steps"
+    return length
+
+
 def baseline_description(recipe: Recipe) -> str:
     """Where the baseline comes from, in words (the report and results/summary.md say it)."""
     if recipe.model.checkpoint:
@@ -471,11 +478,9 @@ def baseline_description(recipe: Recipe) -> str:
     train = recipe.train
     if recipe.data.name == "synthetic" or not (train.epochs or train.max_steps):
         return f"{recipe.model.name}, untrained (random weights)"
-    length = f"{train.epochs} epochs" if train.epochs else f"{train.max_steps} steps"
-    if train.epochs and train.max_steps:
-        length += f", at most {train.max_steps} steps"
     return (
-        f"{recipe.model.name} trained on {recipe.data.name}: {length}, {train.optimizer}"
+        f"{recipe.model.name} trained on {recipe.data.name}: {_training_length(train)},"
+        f" {train.optimizer}"
         f" {train.schedule} lr {train.lr:g}, augment {train.augment}, label smoothing"
         f" {train.label_smoothing:g} (cached as {baseline_key(recipe)})"
     )

@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 
 from compress import artifact, cli, pipeline, report
 
@@ -72,8 +73,6 @@ def run_child(phase: str, log: str, argv: list[str]) -> None:
     except SystemExit as error:
         code = error.code if isinstance(error.code, int) else 1
     except BaseException:
-        import traceback
-
         traceback.print_exc()
     finally:
         sys.stdout.flush()

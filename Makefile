@@ -64,14 +64,16 @@ bench: setup
 # Every recipe as written (the ResNet-18 ones on the converged reference baseline), seeded,
 # each into its own run folder, each training stage with its compute-matched control; then
 # the summary table (md, csv) and the Pareto plot in $(RESULTS)/, which this target
-# regenerates by design.
+# regenerates by design. Given an earlier EXPERIMENTS folder, it goes on where that call
+# stopped: finished runs are kept, interrupted ones resume (`compress run --resume`).
 EXPERIMENT_SET ?= --set evaluate.control=true
 experiments: setup
 	@failed=""; for recipe in $(RECIPES); do \
-	  echo "== $$recipe"; \
-	  $(PY) -m compress run $$recipe --out $(EXPERIMENTS)/$$(basename $$recipe .yaml) \
-	    $(EXPERIMENT_SET) \
-	    || failed="$$failed $$recipe"; \
+	  dir=$(EXPERIMENTS)/$$(basename $$recipe .yaml); \
+	  if [ -f $$dir/report.json ]; then echo "== $$recipe: finished in $$dir, kept"; continue; fi; \
+	  if [ -f $$dir/recipe.yaml ]; then where="--resume $$dir"; else where="--out $$dir"; fi; \
+	  echo "== $$recipe ($$where)"; \
+	  $(PY) -m compress run $$recipe $$where $(EXPERIMENT_SET) || failed="$$failed $$recipe"; \
 	done; \
 	$(PY) -m compress compare $(EXPERIMENTS) --out $(RESULTS) --overwrite || exit 1; \
 	if [ -n "$$failed" ]; then echo "failed:$$failed" >&2; exit 1; fi

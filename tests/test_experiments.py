@@ -68,20 +68,29 @@ def test_make_experiments_on_a_tiny_selection(tmp_path):
         "tiny_prune",
         "{prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 0, max_steps: 5}}}",
     )
-    result = subprocess.run(
-        [
-            "make",
-            "experiments",
-            f"RECIPES={recipe}",
-            f"EXPERIMENTS={tmp_path / 'runs'}",
-            f"RESULTS={tmp_path / 'results'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    make = [
+        "make",
+        "experiments",
+        f"RECIPES={recipe}",
+        f"EXPERIMENTS={tmp_path / 'runs'}",
+        f"RESULTS={tmp_path / 'results'}",
+    ]
+    result = subprocess.run(make, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "runs" / "tiny_prune" / "report.json").read_text())
+    finished = tmp_path / "runs" / "tiny_prune" / "report.json"
+    report = json.loads(finished.read_text())
+    # The same folder again: an interrupted run resumes, a finished one is kept as it is.
+    finished.unlink()
+    resumed = subprocess.run(make, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0 and "--resume" in resumed.stdout, resumed.stderr[-3000:]
+    accuracies = [e["accuracy_top1"] for e in report["evaluations"]]
+    assert [e["accuracy_top1"] for e in json.loads(finished.read_text())["evaluations"]] == (
+        accuracies
+    )
+    kept = finished.read_bytes()
+    again = subprocess.run(make, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "finished in" in again.stdout, again.stderr[-3000:]
+    assert finished.read_bytes() == kept
     assert report["control"]["training"][0]["steps"] == 5  # experiments run with the control
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "| tiny_prune | prune:magnitude |" in summary

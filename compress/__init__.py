@@ -32,6 +32,7 @@ from compress.quantize import quantize, sensitivity  # noqa: E402
 from compress.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from compress.registry import STAGES, StageContext, register_stage  # noqa: E402
 from compress.report import Report  # noqa: E402
+from compress.search import SearchConfig, SearchResult, search  # noqa: E402
 from compress.share import share  # noqa: E402
 from compress.train import train  # noqa: E402
 
@@ -44,6 +45,8 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Report",
+    "SearchConfig",
+    "SearchResult",
     "StageContext",
     "UsageError",
     "build_data",
@@ -60,6 +63,7 @@ __all__ = [
     "register_stage",
     "run",
     "save",
+    "search",
     "sensitivity",
     "share",
     "train",

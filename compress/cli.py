@@ -1,4 +1,4 @@
-"""The command line: ``python -m compress {run,eval,validate,sensitivity,profile,compare,export,list}``.
+"""The command line: ``python -m compress {run,search,eval,validate,sensitivity,profile,compare,export,list}``.
 
 Exit codes: 0 success; 2 a bad recipe, option or path (one line on stderr naming the key,
 the value and what is allowed); 1 a runtime failure (a short explanation, no traceback).
@@ -39,6 +39,7 @@ from compress.report import (
     write_profile,
     write_summary,
 )
+from compress.search import search
 from compress.storage import write_atomic
 from compress.traits import traits
 
@@ -109,6 +110,41 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     prof.add_argument(
         "--out", help="output directory (default runs/<recipe name>-profile/<timestamp>)"
+    )
+    find = recipe_command(
+        "search",
+        "find the chain (prune, distill, quantize) that meets a latency, size or MACs target"
+        " within an accuracy floor, then run it",
+    )
+    find.add_argument(
+        "--target-latency-ms",
+        metavar="MS|Fx",
+        help="p50 at evaluate.latency_batch_size, in ms, or a fraction of the baseline's"
+        " (0.3x); each model in its fastest runtime unless --runtime",
+    )
+    find.add_argument(
+        "--target-size-mb", metavar="MB|Fx", help="size on disk in MB, or 0.1x the baseline's"
+    )
+    find.add_argument(
+        "--target-macs", metavar="F", help="a fraction of the baseline's MACs (e.g. 0.25)"
+    )
+    find.add_argument(
+        "--runtime", choices=RUNTIMES, help="the runtime latency counts in (default: fastest)"
+    )
+    find.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.5,
+        help="points of top-1 the chain may lose on the calibration split (default 0.5)",
+    )
+    find.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=60.0,
+        help="wall-clock minutes for the search, its final run included (default 60)",
+    )
+    find.add_argument(
+        "--out", help="run directory of the chosen chain (default runs/<name>-searched/<time>)"
     )
     compare = sub.add_parser(
         "compare",
@@ -250,6 +286,45 @@ def _sensitivity(args) -> int:
     return 0
 
 
+def _search(args) -> int:
+
+    targets = {
+        "--target-latency-ms": (args.target_latency_ms, "target_latency_ms", "target_latency_x"),
+        "--target-size-mb": (args.target_size_mb, "target_size_mb", "target_size_x"),
+        "--target-macs": (args.target_macs, "target_macs", None),
+    }
+    given = [(flag, *spec) for flag, spec in targets.items() if spec[0] is not None]
+    if len(given) != 1:
+        raise UsageError(
+            f"search: give exactly one of {', '.join(targets)}"
+            f" (got {', '.join(g[0] for g in given) or 'none'})"
+        )
+    flag, text, absolute, relative = given[0]
+    key = relative if relative and text.endswith("x") else absolute
+    try:
+        value = float(text.removesuffix("x") if key == relative else text)
+    except ValueError:
+        raise UsageError(
+            f"search: {flag} {text!r} is not a number"
+            + (" (e.g. 2.5, or 0.3x for a fraction of the baseline's)" if relative else "")
+        ) from None
+    found = search(
+        args.recipe,
+        {
+            key: value,
+            "max_drop": args.max_drop,
+            "runtime": args.runtime,
+            "budget_minutes": args.budget_minutes,
+        },
+        out=args.out,
+        overrides=args.overrides,
+    )
+    print(found.report.table())
+    print(f"\n{found.summary}")
+    print(f"run directory: {found.report.run_dir} (search.md: every candidate)")
+    return 0
+
+
 def _profile(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -368,6 +443,7 @@ def _list(args) -> int:
 
 _COMMANDS = {
     "run": _run,
+    "search": _search,
     "compare": _compare,
     "profile": _profile,
     "eval": _eval,

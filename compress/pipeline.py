@@ -354,9 +354,11 @@ def resumable_run_dir(recipe: Recipe, path: str | Path) -> Path:
 
 
 def _differences(a, b, path: str = "") -> list[tuple[str, object, object]]:
+    """Where ``b`` (the recipe now) differs from ``a`` (a run's recipe.yaml). A key only
+    ``a`` has is an option its method does not read, which older runs wrote: not a change."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
-        for key in list(a) + [k for k in b if k not in a]:
+        for key in b:
             out += _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):

@@ -17,7 +17,16 @@ from typing import Any, Literal
 from compress.architectures import unknown_model
 from compress.errors import RecipeError
 from compress.registry import STAGES, stage_spec
-from compress.schema import Config, FieldError, coerce, option, parse_config, printable, read_yaml
+from compress.schema import (
+    Config,
+    FieldError,
+    coerce,
+    method_options,
+    option,
+    parse_config,
+    printable,
+    read_yaml,
+)
 
 # A recipe's name names its run folder: a plain name, never a path.
 RUN_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
@@ -152,6 +161,21 @@ class Stage:
         method = getattr(self.config, "method", None)
         return f"{self.kind}:{method}" if method else self.kind
 
+    def options(self) -> dict:
+        """The options as plain data, only those the stage's method reads: a recipe setting
+        another method's option is refused, so a resolved recipe must not hold one.
+
+        Example:
+            >>> parse_recipe({"stages": ["prune"]}).stages[0].options()["method"]
+            'structured'
+        """
+        options = dataclasses.asdict(self.config)
+        method = options.get("method")
+        if method is None:
+            return options
+        used = method_options(type(self.config), method)
+        return {key: value for key, value in options.items() if key in used}
+
 
 @dataclass
 class Recipe(Config):
@@ -196,7 +220,7 @@ class Recipe(Config):
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("model", "data", "train", "evaluate"):
             out[key] = dataclasses.asdict(out[key])
-        out["stages"] = [{s.kind: dataclasses.asdict(s.config)} for s in self.stages]
+        out["stages"] = [{s.kind: s.options()} for s in self.stages]
         return out
 
 

@@ -34,7 +34,8 @@ LAYERS = [
     {"artifact", "models", "deploy", "profile", "evaluate", "train"},  # shared machinery
     # The stages: every module that registers one (a new stage is one new module).
     {spec.function.__module__.split(".")[1] for spec in STAGES.values()},
-    {"plots", "report", "pipeline", "docs", "cli", "__main__", "__init__"},  # runs, reports, CLI
+    # runs, searches, reports, CLI
+    {"plots", "report", "pipeline", "search", "docs", "cli", "__main__", "__init__"},
 ]
 # Packages compress runs without; imported where they are used, so that a missing one
 # fails only the feature that needs it.

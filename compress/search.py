@@ -1,0 +1,522 @@
+"""Compression to a budget: the chain that meets a latency, size or MACs target with the
+least top-1 lost, chosen on the calibration split and written as a plain recipe.
+
+The search, in order (each decision on the calibration split; the test split is read
+once, by the final run):
+
+1. **Candidates**: structured pruning of the baseline to a grid of MACs fractions
+   (``keep``; torch-pruning, no fine-tune) times a format (``int8_static`` or ``float``).
+   Pruning with a magnitude importance is cheap and deterministic, so each candidate's
+   MACs and parameters are exact.
+2. **A cost model per format**, fitted on three measured candidates (the largest, the
+   middle and the smallest keep): p50 = a + b * MACs in the target runtime (or each
+   candidate's fastest runtime), size = c + d * parameters. Every other candidate is
+   predicted. Measuring a handful and predicting the rest is what makes a grid of ~26
+   cheap: an export and timing costs seconds, a fine-tune minutes.
+3. **Training the few that matter**: for each format, the least-pruned candidate
+   predicted to meet the target (accuracy falls as pruning deepens, so it is that
+   format's best hope), distilled from the baseline with the recipe's distillation
+   settings, quantized when INT8, and scored image by image against the baseline on the
+   calibration split; its latency and size are then measured, not predicted.
+4. **The choice**: the most accurate trained candidate that meets both the target
+   (measured) and the accuracy floor; when none does, the closest, said in words. Its chain
+   is written as a plain recipe and run with :func:`compress.run`, which gives the usual
+   run directory; ``search.json`` / ``search.md`` beside the report list every candidate
+   and the cost model's error on the chosen one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from compress.data import Data, build_data
+from compress.deploy import available_runtimes, deployed
+from compress.distributed import usable_cores
+from compress.errors import ExportError, RunDirError
+from compress.evaluate import artifact_size, correct_per_image, count_flops, measure_latency
+from compress.pipeline import baseline_model, resolve_device, run
+from compress.recipe import Recipe, load_recipe, parse_recipe
+from compress.registry import STAGES, StageContext
+from compress.report import Report
+from compress.schema import Config, FieldError, coerce, option
+from compress.stats import paired_drop
+from compress.storage import write_atomic
+
+log = logging.getLogger("compress")
+
+FORMATS = ("int8_static", "float")
+# MACs fractions tried: about 20 % apart, from unpruned to a twentieth.
+KEEP = (1.0, 0.8, 0.65, 0.5, 0.4, 0.32, 0.25, 0.2, 0.16, 0.13, 0.1, 0.08, 0.06, 0.05)
+# The fine-tune when the recipe has no distill stage: resnet_full's (KD, 4 epochs, cosine).
+DISTILL_TRAINING = {"epochs": 4, "lr": 0.02, "schedule": "cosine"}
+TARGETS = (
+    "target_latency_ms",
+    "target_latency_x",
+    "target_size_mb",
+    "target_size_x",
+    "target_macs",
+)
+
+
+@dataclass
+class SearchConfig(Config):
+    """What ``compress search`` aims at: one target and an accuracy floor."""
+
+    # One target. Latency: p50 ms at evaluate.latency_batch_size, or a fraction of the
+    # baseline's p50 (each in its fastest runtime, or in `runtime`); size: MB on disk, or a
+    # fraction of the baseline's; MACs: a fraction of the baseline's.
+    target_latency_ms: float | None = option(None, min=0.0)
+    target_latency_x: float | None = option(None, min=0.0, max=1.0)
+    target_size_mb: float | None = option(None, min=0.0)
+    target_size_x: float | None = option(None, min=0.0, max=1.0)
+    target_macs: float | None = option(None, min=0.0, max=1.0)
+    # Points of top-1 the chosen chain may lose on the calibration split (paired).
+    max_drop: float = option(0.5, min=0.0)
+    # Where latency counts: one runtime, or None for each model's fastest of
+    # evaluate.runtimes (every installed one when that is unset).
+    runtime: Literal["torch", "inductor", "onnxruntime", "openvino"] | None = None
+    # Wall-clock minutes for the whole search, final run included: no candidate starts
+    # training when it and the final run would not fit.
+    budget_minutes: float = option(60.0, min=0.0)
+    keep: list[float] = option(default_factory=lambda: list(KEEP))  # MACs fractions tried
+    formats: list[Literal["int8_static", "float"]] = option(default_factory=lambda: list(FORMATS))
+
+    def check(self) -> None:
+        given = [key for key in TARGETS if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise FieldError(
+                given[1] if given else "target",
+                f"give exactly one target (allowed: {', '.join(TARGETS)});"
+                f" got {', '.join(given) or 'none'}",
+            )
+        if not self.keep or not all(0.0 < k <= 1.0 for k in self.keep):
+            raise FieldError("keep", f"{self.keep!r}: each a MACs fraction in (0, 1]")
+        if not self.formats:
+            raise FieldError("formats", f"give at least one of {', '.join(FORMATS)}")
+
+    @property
+    def metric(self) -> str:
+        """ "latency", "size" or "macs": what the target bounds."""
+        return next(k for k in TARGETS if getattr(self, k) is not None).split("_")[1]
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found: the final run's report, every candidate, the chosen one."""
+
+    report: Report
+    candidates: list[dict]
+    chosen: dict
+    met: bool  # the chosen chain meets the target and the floor, as the search measured
+    target: dict  # the target in absolute units: {"metric", "value", "unit"}
+    prediction_error: float | None  # the final run's p50 / the cost model's - 1
+    config: SearchConfig
+
+    @property
+    def summary(self) -> str:
+        """The outcome in one sentence: the chain, its figures, and whether it met both."""
+        return _describe(self.chosen, self.target, self.met, self.config.max_drop)
+
+
+def search(
+    recipe: Recipe | str | Path,
+    config: SearchConfig | dict | None = None,
+    *,
+    out: str | Path | None = None,
+    overrides: list[str] = (),
+    **options,
+) -> SearchResult:
+    """Find the chain (prune → distill → quantize, each optional) that meets a target, and
+    run it. The recipe gives the model, data, training and evaluation settings, and its
+    prune / distill / quantize stages, when it has them, the options the search starts from.
+
+    Example:
+        >>> found = search("recipes/resnet_full.yaml", target_latency_x=0.3, max_drop=0.5)
+        >>> found.chosen["format"], found.chosen["keep"], found.report.run_dir
+    """
+    started = time.monotonic()
+    if not isinstance(config, SearchConfig):
+        config = coerce(SearchConfig, {**(config or {}), **options}, "search")
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, list(overrides))
+    if (
+        out is not None
+        and Path(out).exists()
+        and (not Path(out).is_dir() or any(Path(out).iterdir()))
+    ):
+        raise RunDirError(  # said before the search, not after it
+            f"--out {out}: the folder exists and is not empty; compress never writes over a run"
+        )
+    device = resolve_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    data = build_data(recipe.data, seed=recipe.seed)
+    baseline = baseline_model(recipe, data, device).cpu().eval()
+    templates = _templates(recipe)
+    runtimes = [config.runtime] if config.runtime else _runtimes(recipe)
+    progress = tqdm(desc="search", total=4, unit="phase", dynamic_ncols=True, leave=False)
+
+    example = data.example_input(1)
+    base_macs = count_flops(baseline, example) // 2
+    base_correct = correct_per_image(baseline, data, "cpu", "calibration", shard=False)[0]
+    base_cost = _measured(baseline, data, recipe, runtimes)
+    target = _target(config, base_cost, base_macs)
+    log.info("search: target %s %.4g %s", target["metric"], target["value"], target["unit"])
+    progress.update()
+
+    candidates, models = [], {}
+    for keep in sorted(set(config.keep), reverse=True):
+        model = baseline if keep >= 1.0 else _pruned(baseline, data, keep, templates["prune"])
+        macs = count_flops(model, example) // 2
+        params = sum(p.numel() for p in model.parameters())
+        for fmt in config.formats:
+            models[keep, fmt] = model
+            candidates.append(
+                {
+                    "keep": keep,
+                    "format": fmt,
+                    "macs": macs,
+                    "macs_x": macs / base_macs,
+                    "params": params,
+                    "trained": False,
+                }
+            )
+    progress.update()
+
+    _fit_cost_model(candidates, models, data, recipe, templates, runtimes)
+    for c in candidates:
+        c["meets_predicted"] = _value(c, target, "predicted") <= target["value"]
+    progress.update()
+
+    base_top1 = 100.0 * float(base_correct.mean())
+    last_minutes = 0.0
+    for candidate in _to_train(candidates, target):
+        elapsed = (time.monotonic() - started) / 60
+        if last_minutes and elapsed + 2 * last_minutes > config.budget_minutes:
+            candidate["skipped"] = "budget"  # it and the final run would not fit
+            continue
+        begun = time.monotonic()
+        model = _trained(
+            models[candidate["keep"], candidate["format"]],
+            baseline,
+            data,
+            recipe,
+            templates,
+            candidate["format"],
+            device,
+        )
+        correct = correct_per_image(model, data, "cpu", "calibration", shard=False)[0]
+        cost = _measured(model, data, recipe, runtimes)
+        candidate.update(
+            trained=True,
+            calibration_top1=100.0 * float(correct.mean()),
+            calibration_drop=paired_drop(base_correct, correct),
+            latency_ms=cost["latency_ms"],
+            runtime=cost["runtime"],
+            size_mb=cost["size_mb"],
+        )
+        candidate["meets_target"] = _value(candidate, target, "measured") <= target["value"]
+        candidate["meets_floor"] = candidate["calibration_drop"]["points"] <= config.max_drop
+        last_minutes = (time.monotonic() - begun) / 60
+        candidate["minutes"] = last_minutes
+        progress.set_postfix_str(_best_so_far(candidates))
+    progress.update()
+
+    trained = [c for c in candidates if c["trained"]]
+    met = [c for c in trained if c["meets_target"] and c["meets_floor"]]
+    if met:
+        chosen = min(met, key=lambda c: (c["calibration_drop"]["points"], c["latency_ms"]))
+    else:
+        chosen = min(trained, key=lambda c: _shortfall(c, target, config.max_drop))
+    chosen["chosen"] = True
+    plain = _plain_recipe(recipe, chosen, templates)
+    progress.close()
+    log.info(
+        "search: %s; running its recipe", _describe(chosen, target, bool(met), config.max_drop)
+    )
+    report = run(plain, out=out)
+    final = report.final
+    measured_p50 = (
+        final.runtimes.get(config.runtime, {}).get("latency_ms", {}).get("p50")
+        if config.runtime
+        else final.latency_ms["p50"]
+    )
+    error = (
+        measured_p50 / chosen["latency_ms_predicted"] - 1.0
+        if measured_p50 and chosen.get("latency_ms_predicted")
+        else None
+    )
+    result = SearchResult(report, candidates, chosen, bool(met), target, error, config)
+    _write(result, config, base_top1, base_cost, time.monotonic() - started)
+    (log.info if met else log.warning)("search: %s", result.summary)
+    return result
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def _templates(recipe: Recipe) -> dict[str, dict]:
+    """The recipe's own prune / distill / quantize options, where it has those stages: the
+    search keeps them and chooses only the amount and the format."""
+    found = {s.kind: s.options() for s in reversed(recipe.stages)}
+    prune = found.get("prune") or {}
+    if prune.get("method") != "structured":
+        prune = {}
+    prune = {k: v for k, v in prune.items() if k not in ("ratio", "target_latency_ms")}
+    quantize = found.get("quantize") or {}
+    if quantize.get("method") != "int8_static":
+        quantize = {}
+    return {
+        "prune": {**prune, "method": "structured", "fine_tune": {"epochs": 0}},
+        "distill": found.get("distill") or {"train": dict(DISTILL_TRAINING)},
+        "quantize": {**quantize, "method": "int8_static"},
+    }
+
+
+def _runtimes(recipe: Recipe) -> list[str]:
+    return list(recipe.evaluate.runtimes or available_runtimes())
+
+
+def _pruned(baseline: nn.Module, data: Data, keep: float, options: dict) -> nn.Module:
+    options = {**options, "target_macs": keep}
+    config = STAGES["prune"].parse(options, "search.prune")
+    return STAGES["prune"].function(baseline, data, config)
+
+
+def _quantized(model: nn.Module, data: Data, options: dict) -> nn.Module:
+    config = STAGES["quantize"].parse(options, "search.quantize")
+    return STAGES["quantize"].function(model, data, config)
+
+
+def _trained(model, baseline, data, recipe, templates, fmt, device) -> nn.Module:
+    """A candidate as its recipe would make it: distilled, then quantized when INT8."""
+    context = StageContext(device=device, seed=recipe.seed, baseline=baseline)
+    config = STAGES["distill"].parse(templates["distill"], "search.distill")
+    model = STAGES["distill"].function(model, data, config, context=context).cpu()
+    return _quantized(model, data, templates["quantize"]) if fmt == "int8_static" else model
+
+
+def _measured(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str]) -> dict:
+    """p50 in the fastest of ``runtimes`` (and where), and the size on disk."""
+    batch = data.example_input(recipe.evaluate.latency_batch_size)
+    threads = recipe.evaluate.threads or usable_cores()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = None
+    try:
+        for runtime in runtimes:
+            if runtime == "inductor" and getattr(model, "compiles_itself", False):
+                continue  # its torch row is the compiled model already
+            try:
+                module = deployed(model, runtime, threads, batch)
+            except ExportError as error:
+                log.info("search: not measured in %s: %s", runtime, error)
+                continue
+            p50 = measure_latency(module, batch, recipe.evaluate.warmup, recipe.evaluate.iterations)
+            if best is None or p50["p50"] < best[1]:
+                best = (runtime, p50["p50"])
+    finally:
+        torch.set_num_threads(previous)
+    if best is None:
+        raise ExportError(f"search: the model runs in none of {', '.join(runtimes)}")
+    size = artifact_size(model, None, data.example_input(1))
+    return {"runtime": best[0], "latency_ms": best[1], "size_mb": size / 1e6}
+
+
+def _target(config: SearchConfig, base: dict, base_macs: int) -> dict:
+    if config.target_latency_ms is not None:
+        return {"metric": "latency", "value": config.target_latency_ms, "unit": "ms"}
+    if config.target_latency_x is not None:
+        value = config.target_latency_x * base["latency_ms"]
+        return {
+            "metric": "latency",
+            "value": value,
+            "unit": "ms",
+            "of_baseline": config.target_latency_x,
+        }
+    if config.target_size_mb is not None:
+        return {"metric": "size", "value": config.target_size_mb, "unit": "MB"}
+    if config.target_size_x is not None:
+        value = config.target_size_x * base["size_mb"]
+        return {"metric": "size", "value": value, "unit": "MB", "of_baseline": config.target_size_x}
+    return {"metric": "macs", "value": config.target_macs, "unit": "x the baseline's MACs"}
+
+
+def _fit_cost_model(candidates, models, data, recipe, templates, runtimes) -> None:
+    """Measure three candidates per format, fit p50 = a + b*MACs and size = c + d*params by
+    least squares, and predict every candidate (``*_predicted``; the measured ones keep
+    their measurement too)."""
+    for fmt in {c["format"] for c in candidates}:
+        mine = sorted((c for c in candidates if c["format"] == fmt), key=lambda c: -c["keep"])
+        probes = {id(c): c for c in (mine[0], mine[len(mine) // 2], mine[-1])}.values()
+        for c in probes:
+            model = models[c["keep"], fmt]
+            if fmt == "int8_static":
+                model = _quantized(model, data, templates["quantize"])
+            cost = _measured(model, data, recipe, runtimes)
+            c["probe"] = cost
+        measured = [c for c in mine if "probe" in c]
+        latency = _line([c["macs"] for c in measured], [c["probe"]["latency_ms"] for c in measured])
+        size = _line([c["params"] for c in measured], [c["probe"]["size_mb"] for c in measured])
+        for c in mine:
+            c["latency_ms_predicted"] = max(latency(c["macs"]), 1e-6)
+            c["size_mb_predicted"] = max(size(c["params"]), 1e-6)
+
+
+def _line(x: list[float], y: list[float]):
+    """y = a + b*x by least squares (a constant when every x is the same)."""
+    if len(set(x)) < 2:
+        mean = float(np.mean(y))
+        return lambda _: mean
+    b, a = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
+    return lambda value: float(a + b * value)
+
+
+def _value(candidate: dict, target: dict, which: str) -> float:
+    """The candidate's figure for the target's metric, ``predicted`` or ``measured``."""
+    if target["metric"] == "macs":
+        return candidate["macs_x"]
+    key = "latency_ms" if target["metric"] == "latency" else "size_mb"
+    return candidate[f"{key}_predicted"] if which == "predicted" else candidate[key]
+
+
+def _to_train(candidates: list[dict], target: dict) -> list[dict]:
+    """Per format, the least-pruned candidate predicted to meet the target; where no
+    candidate of any format is, the one predicted closest."""
+    chosen = []
+    for fmt in dict.fromkeys(c["format"] for c in candidates):
+        meeting = [c for c in candidates if c["format"] == fmt and c["meets_predicted"]]
+        if meeting:
+            chosen.append(max(meeting, key=lambda c: c["keep"]))
+    if not chosen:
+        chosen = [min(candidates, key=lambda c: _value(c, target, "predicted"))]
+    # The one predicted most accurate first (the least pruned), so a tight budget trains it.
+    return sorted(chosen, key=lambda c: -c["keep"])
+
+
+def _shortfall(candidate: dict, target: dict, max_drop: float) -> float:
+    """How far a candidate misses: relative excess over the target plus over the floor."""
+    over = max(0.0, _value(candidate, target, "measured") / max(target["value"], 1e-12) - 1.0)
+    drop = candidate["calibration_drop"]["points"]
+    return over + max(0.0, drop - max_drop) / max(max_drop, 0.1)
+
+
+def _plain_recipe(recipe: Recipe, chosen: dict, templates: dict) -> Recipe:
+    """The chosen chain as an ordinary recipe: ``compress run`` reproduces it unsearched."""
+    stages = []
+    if chosen["keep"] < 1.0:
+        stages.append({"prune": {**templates["prune"], "target_macs": chosen["keep"]}})
+    stages.append({"distill": templates["distill"]})
+    if chosen["format"] == "int8_static":
+        stages.append({"quantize": templates["quantize"]})
+    plain = recipe.to_dict()
+    plain.update(name=f"{recipe.name}-searched", stages=stages)
+    return parse_recipe(json.loads(json.dumps(plain)), "<search>")
+
+
+def _best_so_far(candidates: list[dict]) -> str:
+    done = [c for c in candidates if c["trained"]]
+    best = min(done, key=lambda c: c["calibration_drop"]["points"])
+    return f"best: {best['format']} keep {best['keep']:g}, drop {best['calibration_drop']['points']:+.2f}"
+
+
+def _describe(chosen: dict, target: dict, met: bool, max_drop: float) -> str:
+    chain = (f"prune to {chosen['keep']:g}x MACs → " if chosen["keep"] < 1 else "") + "distill"
+    if chosen["format"] == "int8_static":
+        chain += " → int8_static"
+    figure = _value(chosen, target, "measured")
+    drop = chosen["calibration_drop"]["points"]
+    text = (
+        f"{chain}: {target['metric']} {figure:.4g} (target {target['value']:.4g}"
+        f" {target['unit']}), calibration drop {drop:+.2f} points (floor {max_drop:g})"
+    )
+    if not met:
+        text = (
+            "no candidate met both the target and the accuracy floor within the budget;"
+            f" the closest is written: {text}"
+        )
+    return text
+
+
+def _write(result: SearchResult, config: SearchConfig, base_top1, base_cost, seconds) -> None:
+    folder = result.report.run_dir
+    summary = {
+        "config": dataclasses.asdict(config),
+        "target": result.target,
+        "met": result.met,
+        "baseline": {"calibration_top1": base_top1, **base_cost},
+        "chosen": result.chosen,
+        "latency_prediction_error": result.prediction_error,
+        "final": {
+            "p50_ms": result.report.final.latency_ms["p50"],
+            "runtime": result.report.final.runtime,
+            "top1": result.report.final.accuracy_top1,
+        },
+        "minutes": seconds / 60,
+        "candidates": result.candidates,
+    }
+    write_atomic(folder / "search.json", json.dumps(summary, indent=1, default=float))
+    lines = [
+        f"# Search: {result.report.recipe}",
+        "",
+        result.summary + ".",
+        "",
+        f"Baseline: {base_top1:.2f} % on the calibration split, p50 {base_cost['latency_ms']:.3f}"
+        f" ms in {base_cost['runtime']}, {base_cost['size_mb']:.2f} MB. Searched in"
+        f" {seconds / 60:.1f} minutes. The chosen chain is `recipe.yaml`; `compress run`"
+        " reproduces it; its test-split figures are in `report.md`.",
+        "",
+    ]
+    if result.prediction_error is not None:
+        lines += [
+            f"Latency model: predicted {result.chosen['latency_ms_predicted']:.3f} ms for the"
+            f" chosen chain, measured {result.report.final.latency_ms['p50']:.3f} ms by the final"
+            f" run ({result.prediction_error:+.0%}).",
+            "",
+        ]
+    lines += [
+        "| keep MACs | format | MACs x | p50 ms predicted | p50 ms measured | size MB predicted"
+        " | size MB measured | calibration top-1 | drop pts [95 % CI] | chosen |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result.candidates:
+        probe = c.get("probe", {})
+        latency = c.get("latency_ms", probe.get("latency_ms"))
+        size = c.get("size_mb", probe.get("size_mb"))
+        drop = c.get("calibration_drop")
+        lines.append(
+            f"| {c['keep']:g} | {c['format']} | {c['macs_x']:.3f}"
+            f" | {c['latency_ms_predicted']:.3f} | {_cell(latency, '.3f')}"
+            f" | {c['size_mb_predicted']:.2f} | {_cell(size, '.2f')}"
+            f" | {_cell(c.get('calibration_top1'), '.2f')}"
+            f" | {_drop_cell(drop) if drop else c.get('skipped', '')}"
+            f" | {'yes' if c.get('chosen') else ''} |"
+        )
+    write_atomic(folder / "search.md", "\n".join(lines) + "\n")
+
+
+def _cell(value, fmt: str) -> str:
+    return (
+        ""
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, fmt)
+    )
+
+
+def _drop_cell(drop: dict) -> str:
+    low, high = drop["interval"]
+    return f"{drop['points']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+__all__ = ["SearchConfig", "SearchResult", "search"]

@@ -1,0 +1,133 @@
+"""Compression to a budget (`compress search`) on a tiny model: a target met, an impossible
+target, the same choice from the same seed, and the written recipe reproducing it."""
+
+import json
+
+import pytest
+import yaml
+
+import compress
+from tests.conftest import run_cli
+
+TINY = (
+    "name: tiny\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+    "data: {train_subset: 1000, test_subset: 300, calibration_size: 300}\n"
+    "train: {max_steps: 15, lr: 0.1}\n"
+    "evaluate: {warmup: 1, iterations: 5, latency_rounds: 3, profile: false, runtimes: [torch]}\n"
+    # The search keeps the recipe's distillation settings: a short one here.
+    "stages: [{distill: {train: {max_steps: 5}}}]\n"
+)
+SMALL = {"keep": [1.0, 0.5, 0.3], "formats": ["float"]}  # three candidates: seconds
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def _figures(found) -> list[tuple]:
+    """What must not change between two searches with one seed (timings may)."""
+    return [
+        (c["keep"], c["format"], c["macs"], c["params"], c.get("calibration_top1"))
+        for c in found.candidates
+    ]
+
+
+@pytest.mark.slow  # searches, trains and runs: about 10-25 s each
+def test_a_macs_target_is_met_the_same_way_twice_and_its_recipe_reproduces_it(recipe, tmp_path):
+    found = compress.search(recipe, target_macs=0.4, max_drop=100, out=tmp_path / "a", **SMALL)
+    # The least-pruned candidate under the target: 0.5 keeps about half the MACs (> 0.4).
+    assert found.met and found.chosen["keep"] == 0.3 and found.chosen["format"] == "float"
+    base, final = found.report.baseline, found.report.final
+    assert final.macs <= 0.4 * base.macs < 0.5 * base.macs
+    written = yaml.safe_load((found.report.run_dir / "recipe.yaml").read_text())
+    assert [next(iter(s)) for s in written["stages"]] == ["prune", "distill"]
+    assert written["stages"][0]["prune"]["target_macs"] == 0.3
+    assert written["stages"][1]["distill"]["train"]["max_steps"] == 5  # the recipe's settings
+    summary = json.loads((found.report.run_dir / "search.json").read_text())
+    assert summary["met"] and len(summary["candidates"]) == 3
+    assert "| 0.3 | float |" in (found.report.run_dir / "search.md").read_text()
+    # Only the chosen candidate was trained; its calibration drop carries its interval.
+    trained = [c for c in found.candidates if c["trained"]]
+    assert trained == [found.chosen] and len(found.chosen["calibration_drop"]["interval"]) == 2
+
+    again = compress.search(recipe, target_macs=0.4, max_drop=100, out=tmp_path / "b", **SMALL)
+    assert _figures(again) == _figures(found)
+    assert again.report.final.accuracy_top1 == final.accuracy_top1
+
+    reproduced = compress.run(found.report.run_dir / "recipe.yaml", out=tmp_path / "c")
+    assert reproduced.final.accuracy_top1 == final.accuracy_top1
+    assert reproduced.final.macs == final.macs
+
+
+@pytest.mark.slow  # searches, trains and runs: about 10-25 s each
+def test_an_impossible_target_keeps_the_closest_candidate_and_says_so(recipe, tmp_path):
+    found = compress.search(recipe, target_macs=0.01, max_drop=100, out=tmp_path / "run", **SMALL)
+    assert not found.met
+    assert found.chosen["keep"] == 0.3  # the most pruned: the closest to 0.01 of the MACs
+    assert "no candidate met" in found.summary
+    assert "no candidate met" in (found.report.run_dir / "search.md").read_text()
+    assert not json.loads((found.report.run_dir / "search.json").read_text())["met"]
+
+
+@pytest.mark.slow  # searches, trains and runs: about 10-25 s each
+def test_an_accuracy_floor_no_candidate_meets_is_said_too(recipe, tmp_path):
+    # A floor of 0 points lost is missed whenever pruning 70 % of the MACs costs any image.
+    found = compress.search(recipe, target_macs=0.4, max_drop=0.0, out=tmp_path / "run", **SMALL)
+    drop = found.chosen["calibration_drop"]["points"]
+    assert found.met == (drop <= 0.0)
+    assert ("no candidate met" in found.summary) == (drop > 0.0)
+
+
+@pytest.mark.slow
+def test_int8_and_float_candidates_within_a_budget(recipe, tmp_path):
+    # A budget of 0 minutes still trains one candidate (the least pruned); the other is skipped.
+    found = compress.search(
+        recipe,
+        target_macs=0.4,
+        max_drop=100,
+        keep=[1.0, 0.5, 0.3],
+        budget_minutes=0,
+        out=tmp_path / "run",
+    )
+    trained = [c for c in found.candidates if c["trained"]]
+    skipped = [c for c in found.candidates if c.get("skipped") == "budget"]
+    assert len(trained) == 1 and len(skipped) == 1
+    assert {trained[0]["format"], skipped[0]["format"]} == {"int8_static", "float"}
+    # The cost model predicted every candidate and measured three per format.
+    assert all(
+        c["latency_ms_predicted"] > 0 and c["size_mb_predicted"] > 0 for c in found.candidates
+    )
+    assert sum("probe" in c for c in found.candidates) == 6
+    int8 = [c for c in found.candidates if c["format"] == "int8_static"]
+    floats = {c["keep"]: c for c in found.candidates if c["format"] == "float"}
+    assert all(c["size_mb_predicted"] < floats[c["keep"]]["size_mb_predicted"] for c in int8)
+    if found.chosen["format"] == "int8_static":
+        assert found.report.final.compute_dtype == "int8"
+    assert found.prediction_error is not None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give exactly one of --target-latency-ms"),
+        (["--target-macs", "0.3", "--target-size-mb", "2"], "give exactly one of"),
+        (["--target-latency-ms", "fast"], "'fast' is not a number"),
+        (["--target-macs", "1.5"], "target_macs"),
+    ],
+)
+def test_a_bad_target_is_one_line_and_exit_2(recipe, args, message):
+    result = run_cli("search", str(recipe), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_search_refuses_a_used_out_folder_before_searching(recipe, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "report.json").write_text("{}")
+    result = run_cli("search", str(recipe), "--target-macs", "0.5", "--out", str(used))
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert "compress: search" not in result.stderr  # refused before any work

@@ -42,10 +42,9 @@ from torch import nn
 from tqdm import tqdm
 
 from compress.data import Data, build_data
-from compress.deploy import available_runtimes, deployed
-from compress.distributed import usable_cores
+from compress.deploy import available_runtimes
 from compress.errors import ExportError, RunDirError
-from compress.evaluate import artifact_size, correct_per_image, count_flops, measure_latency
+from compress.evaluate import correct_per_image, count_flops, evaluate
 from compress.pipeline import baseline_model, resolve_device, run
 from compress.recipe import Recipe, load_recipe, parse_recipe
 from compress.registry import STAGES, StageContext
@@ -308,30 +307,17 @@ def _trained(model, baseline, data, recipe, templates, fmt, device) -> nn.Module
 
 
 def _measured(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str]) -> dict:
-    """p50 in the fastest of ``runtimes`` (and where), and the size on disk."""
-    batch = data.example_input(recipe.evaluate.latency_batch_size)
-    threads = recipe.evaluate.threads or usable_cores()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    best = None
-    try:
-        for runtime in runtimes:
-            if runtime == "inductor" and getattr(model, "compiles_itself", False):
-                continue  # its torch row is the compiled model already
-            try:
-                module = deployed(model, runtime, threads, batch)
-            except ExportError as error:
-                log.info("search: not measured in %s: %s", runtime, error)
-                continue
-            p50 = measure_latency(module, batch, recipe.evaluate.warmup, recipe.evaluate.iterations)
-            if best is None or p50["p50"] < best[1]:
-                best = (runtime, p50["p50"])
-    finally:
-        torch.set_num_threads(previous)
-    if best is None:
+    """p50 in the fastest of ``runtimes`` (and which), and the size on disk: the shared
+    evaluator's figures, without the accuracy (the search scores the calibration split)."""
+    config = dataclasses.replace(recipe.evaluate, accuracy=False, profile=False, runtimes=runtimes)
+    result = evaluate(model, data, config, name="candidate")
+    if result.runtime not in runtimes:
         raise ExportError(f"search: the model runs in none of {', '.join(runtimes)}")
-    size = artifact_size(model, None, data.example_input(1))
-    return {"runtime": best[0], "latency_ms": best[1], "size_mb": size / 1e6}
+    return {
+        "runtime": result.runtime,
+        "latency_ms": result.latency_ms["p50"],
+        "size_mb": result.size_bytes / 1e6,
+    }
 
 
 def _target(config: SearchConfig, base: dict, base_macs: int) -> dict:

@@ -164,6 +164,10 @@ def search(
     baseline = baseline_model(recipe, data, device).cpu().eval()
     templates = _templates(recipe)
     runtimes = [config.runtime] if config.runtime else _runtimes(recipe)
+
+    def context() -> StageContext:  # what a run hands each stage: its seed, the teacher
+        return StageContext(device=device, seed=recipe.seed, baseline=baseline)
+
     progress = tqdm(desc="search", total=4, unit="phase", dynamic_ncols=True, leave=False)
 
     example = data.example_input(1)
@@ -176,7 +180,8 @@ def search(
 
     candidates, models = [], {}
     for keep in sorted(set(config.keep), reverse=True):
-        model = baseline if keep >= 1.0 else _pruned(baseline, data, keep, templates["prune"])
+        prune = {**templates["prune"], "target_macs": keep}
+        model = baseline if keep >= 1.0 else _stage("prune", baseline, data, prune, context())
         macs = count_flops(model, example) // 2
         params = sum(p.numel() for p in model.parameters())
         for fmt in config.formats:
@@ -193,7 +198,7 @@ def search(
             )
     progress.update()
 
-    _fit_cost_model(candidates, models, data, recipe, templates, runtimes)
+    _fit_cost_model(candidates, models, data, recipe, templates, runtimes, context)
     for c in candidates:
         c["meets_predicted"] = _value(c, target, "predicted") <= target["value"]
     progress.update()
@@ -206,15 +211,8 @@ def search(
             candidate["skipped"] = "budget"  # it and the final run would not fit
             continue
         begun = time.monotonic()
-        model = _trained(
-            models[candidate["keep"], candidate["format"]],
-            baseline,
-            data,
-            recipe,
-            templates,
-            candidate["format"],
-            device,
-        )
+        model = models[candidate["keep"], candidate["format"]]
+        model = _trained(model, data, templates, candidate["format"], context)
         correct = correct_per_image(model, data, "cpu", "calibration", shard=False)[0]
         cost = _measured(model, data, recipe, runtimes)
         candidate.update(
@@ -287,23 +285,18 @@ def _runtimes(recipe: Recipe) -> list[str]:
     return list(recipe.evaluate.runtimes or available_runtimes())
 
 
-def _pruned(baseline: nn.Module, data: Data, keep: float, options: dict) -> nn.Module:
-    options = {**options, "target_macs": keep}
-    config = STAGES["prune"].parse(options, "search.prune")
-    return STAGES["prune"].function(baseline, data, config)
+def _stage(kind: str, model: nn.Module, data: Data, options: dict, context) -> nn.Module:
+    """One registered stage, as a run calls it, with ``options`` as a recipe would give."""
+    config = STAGES[kind].parse(options, f"search.{kind}")
+    return STAGES[kind].function(model, data, config, context=context).cpu().eval()
 
 
-def _quantized(model: nn.Module, data: Data, options: dict) -> nn.Module:
-    config = STAGES["quantize"].parse(options, "search.quantize")
-    return STAGES["quantize"].function(model, data, config)
-
-
-def _trained(model, baseline, data, recipe, templates, fmt, device) -> nn.Module:
+def _trained(model, data, templates, fmt, context) -> nn.Module:
     """A candidate as its recipe would make it: distilled, then quantized when INT8."""
-    context = StageContext(device=device, seed=recipe.seed, baseline=baseline)
-    config = STAGES["distill"].parse(templates["distill"], "search.distill")
-    model = STAGES["distill"].function(model, data, config, context=context).cpu()
-    return _quantized(model, data, templates["quantize"]) if fmt == "int8_static" else model
+    model = _stage("distill", model, data, templates["distill"], context())
+    if fmt == "int8_static":
+        model = _stage("quantize", model, data, templates["quantize"], context())
+    return model
 
 
 def _measured(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str]) -> dict:
@@ -339,7 +332,7 @@ def _target(config: SearchConfig, base: dict, base_macs: int) -> dict:
     return {"metric": "macs", "value": config.target_macs, "unit": "x the baseline's MACs"}
 
 
-def _fit_cost_model(candidates, models, data, recipe, templates, runtimes) -> None:
+def _fit_cost_model(candidates, models, data, recipe, templates, runtimes, context) -> None:
     """Measure three candidates per format, fit p50 = a + b*MACs and size = c + d*params by
     least squares, and predict every candidate (``*_predicted``; the measured ones keep
     their measurement too)."""
@@ -349,7 +342,7 @@ def _fit_cost_model(candidates, models, data, recipe, templates, runtimes) -> No
         for c in probes:
             model = models[c["keep"], fmt]
             if fmt == "int8_static":
-                model = _quantized(model, data, templates["quantize"])
+                model = _stage("quantize", model, data, templates["quantize"], context())
             cost = _measured(model, data, recipe, runtimes)
             c["probe"] = cost
         measured = [c for c in mine if "probe" in c]

@@ -170,32 +170,13 @@ def search(
 
     progress = tqdm(desc="search", total=4, unit="phase", dynamic_ncols=True, leave=False)
 
-    example = data.example_input(1)
-    base_macs = count_flops(baseline, example) // 2
     base_correct = correct_per_image(baseline, data, "cpu", "calibration", shard=False)[0]
     base_cost = _measured(baseline, data, recipe, runtimes)
-    target = _target(config, base_cost, base_macs)
+    target = _target(config, base_cost)
     log.info("search: target %s %.4g %s", target["metric"], target["value"], target["unit"])
     progress.update()
 
-    candidates, models = [], {}
-    for keep in sorted(set(config.keep), reverse=True):
-        prune = {**templates["prune"], "target_macs": keep}
-        model = baseline if keep >= 1.0 else _stage("prune", baseline, data, prune, context())
-        macs = count_flops(model, example) // 2
-        params = sum(p.numel() for p in model.parameters())
-        for fmt in config.formats:
-            models[keep, fmt] = model
-            candidates.append(
-                {
-                    "keep": keep,
-                    "format": fmt,
-                    "macs": macs,
-                    "macs_x": macs / base_macs,
-                    "params": params,
-                    "trained": False,
-                }
-            )
+    candidates, models = _grid(baseline, data, config, templates, context)
     progress.update()
 
     _fit_cost_model(candidates, models, data, recipe, templates, runtimes, context)
@@ -274,15 +255,43 @@ def _templates(recipe: Recipe) -> dict[str, dict]:
     quantize = found.get("quantize") or {}
     if quantize.get("method") != "int8_static":
         quantize = {}
+    # The pruned model is the student: a student the recipe names is another search's.
+    distill = {k: v for k, v in (found.get("distill") or {}).items() if k != "student"}
     return {
         "prune": {**prune, "method": "structured", "fine_tune": {"epochs": 0}},
-        "distill": found.get("distill") or {"train": dict(DISTILL_TRAINING)},
+        "distill": distill or {"train": dict(DISTILL_TRAINING)},
         "quantize": {**quantize, "method": "int8_static"},
     }
 
 
 def _runtimes(recipe: Recipe) -> list[str]:
     return list(recipe.evaluate.runtimes or available_runtimes())
+
+
+def _grid(baseline, data, config, templates, context) -> tuple[list[dict], dict]:
+    """Every (keep, format) candidate with its exact MACs and parameters, and the pruned
+    models by (keep, format): pruned once per keep, shared by the formats."""
+    example = data.example_input(1)
+    base_macs = count_flops(baseline, example) // 2
+    candidates, models = [], {}
+    for keep in sorted(set(config.keep), reverse=True):
+        prune = {**templates["prune"], "target_macs": keep}
+        model = baseline if keep >= 1.0 else _stage("prune", baseline, data, prune, context())
+        macs = count_flops(model, example) // 2
+        params = sum(p.numel() for p in model.parameters())
+        for fmt in config.formats:
+            models[keep, fmt] = model
+            candidates.append(
+                {
+                    "keep": keep,
+                    "format": fmt,
+                    "macs": macs,
+                    "macs_x": macs / base_macs,
+                    "params": params,
+                    "trained": False,
+                }
+            )
+    return candidates, models
 
 
 def _stage(kind: str, model: nn.Module, data: Data, options: dict, context) -> nn.Module:
@@ -313,7 +322,8 @@ def _measured(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str])
     }
 
 
-def _target(config: SearchConfig, base: dict, base_macs: int) -> dict:
+def _target(config: SearchConfig, base: dict) -> dict:
+    """The target in absolute units (ms, MB, or a fraction of the baseline's MACs)."""
     if config.target_latency_ms is not None:
         return {"metric": "latency", "value": config.target_latency_ms, "unit": "ms"}
     if config.target_latency_x is not None:

@@ -131,3 +131,16 @@ def test_search_refuses_a_used_out_folder_before_searching(recipe, tmp_path):
     result = run_cli("search", str(recipe), "--target-macs", "0.5", "--out", str(used))
     assert result.returncode == 2 and "not empty" in result.stderr
     assert "compress: search" not in result.stderr  # refused before any work
+
+
+def test_the_search_keeps_the_recipes_stage_options_and_makes_the_pruned_model_the_student():
+    from compress.search import _templates
+
+    full = _templates(compress.load_recipe("recipes/resnet_full.yaml"))
+    assert full["prune"]["importance"] == "l1" and full["prune"]["round_to"] == 8
+    assert full["prune"]["fine_tune"] == {"epochs": 0}  # the distillation trains instead
+    assert full["distill"]["train"]["epochs"] == 4
+    assert full["quantize"]["calibration_batches"] == 16
+    # resnet_distill trains a named small student; in a search the pruned model is the student.
+    distill = _templates(compress.load_recipe("recipes/resnet_distill.yaml"))["distill"]
+    assert "student" not in distill and distill["train"]["epochs"] == 2

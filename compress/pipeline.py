@@ -374,6 +374,17 @@ def _differences(a, b, path: str = "") -> list[tuple[str, object, object]]:
 CLAIMED = ".claimed"
 
 
+def refuse_used_out(out: str | Path) -> Path:
+    """``out`` as a path, if a run may write there (new, or an empty folder)."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunDirError(
+            f"--out {path}: the folder exists and is not empty; compress never writes"
+            " over a run. Choose a new folder."
+        )
+    return path
+
+
 def make_run_dir(name: str, out: str | Path | None) -> Path:
     """Create the run directory; an existing one is an error, never reused.
 
@@ -382,12 +393,7 @@ def make_run_dir(name: str, out: str | Path | None) -> Path:
     file exclusively. Either way two runs started at the same moment never share one.
     """
     if out is not None:
-        path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RunDirError(
-                f"--out {path}: the folder exists and is not empty; compress never writes"
-                " over a run. Choose a new folder."
-            )
+        path = refuse_used_out(out)
         path.mkdir(parents=True, exist_ok=True)
         try:  # of two runs started together on one folder, one alone creates the marker
             (path / CLAIMED).open("x").close()

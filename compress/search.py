@@ -43,9 +43,9 @@ from tqdm import tqdm
 
 from compress.data import Data, build_data
 from compress.deploy import available_runtimes
-from compress.errors import ExportError, RunDirError
+from compress.errors import ExportError
 from compress.evaluate import correct_per_image, count_flops, evaluate
-from compress.pipeline import baseline_model, resolve_device, run
+from compress.pipeline import baseline_model, refuse_used_out, resolve_device, run
 from compress.recipe import Recipe, load_recipe, parse_recipe
 from compress.registry import STAGES, StageContext
 from compress.report import Report
@@ -105,11 +105,6 @@ class SearchConfig(Config):
         if not self.formats:
             raise FieldError("formats", f"give at least one of {', '.join(FORMATS)}")
 
-    @property
-    def metric(self) -> str:
-        """ "latency", "size" or "macs": what the target bounds."""
-        return next(k for k in TARGETS if getattr(self, k) is not None).split("_")[1]
-
 
 @dataclass
 class SearchResult:
@@ -150,14 +145,8 @@ def search(
         config = coerce(SearchConfig, {**(config or {}), **options}, "search")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
-    if (
-        out is not None
-        and Path(out).exists()
-        and (not Path(out).is_dir() or any(Path(out).iterdir()))
-    ):
-        raise RunDirError(  # said before the search, not after it
-            f"--out {out}: the folder exists and is not empty; compress never writes over a run"
-        )
+    if out is not None:
+        refuse_used_out(out)  # said before the search, not after it
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, seed=recipe.seed)
@@ -179,7 +168,7 @@ def search(
     candidates, models = _grid(baseline, data, config, templates, context)
     progress.update()
 
-    _fit_cost_model(candidates, models, data, recipe, templates, runtimes, context)
+    _fit_cost_model(candidates, models, data, recipe, templates, runtimes, context, base_cost)
     for c in candidates:
         c["meets_predicted"] = _value(c, target, "predicted") <= target["value"]
     progress.update()
@@ -342,19 +331,24 @@ def _target(config: SearchConfig, base: dict) -> dict:
     return {"metric": "macs", "value": config.target_macs, "unit": "x the baseline's MACs"}
 
 
-def _fit_cost_model(candidates, models, data, recipe, templates, runtimes, context) -> None:
+def _fit_cost_model(
+    candidates, models, data, recipe, templates, runtimes, context, base_cost
+) -> None:
     """Measure three candidates per format, fit p50 = a + b*MACs and size = c + d*params by
     least squares, and predict every candidate (``*_predicted``; the measured ones keep
-    their measurement too)."""
+    their measurement too). The unpruned float candidate is the baseline, measured already
+    (``base_cost``)."""
     for fmt in {c["format"] for c in candidates}:
         mine = sorted((c for c in candidates if c["format"] == fmt), key=lambda c: -c["keep"])
         probes = {id(c): c for c in (mine[0], mine[len(mine) // 2], mine[-1])}.values()
         for c in probes:
+            if fmt == "float" and c["keep"] >= 1.0:
+                c["probe"] = base_cost
+                continue
             model = models[c["keep"], fmt]
             if fmt == "int8_static":
                 model = _stage("quantize", model, data, templates["quantize"], context())
-            cost = _measured(model, data, recipe, runtimes)
-            c["probe"] = cost
+            c["probe"] = _measured(model, data, recipe, runtimes)
         measured = [c for c in mine if "probe" in c]
         latency = _line([c["macs"] for c in measured], [c["probe"]["latency_ms"] for c in measured])
         size = _line([c["params"] for c in measured], [c["probe"]["size_mb"] for c in measured])

@@ -74,11 +74,11 @@ def test_an_impossible_target_keeps_the_closest_candidate_and_says_so(recipe, tm
 
 @pytest.mark.slow  # searches, trains and runs: about 10-25 s each
 def test_an_accuracy_floor_no_candidate_meets_is_said_too(recipe, tmp_path):
-    # A floor of 0 points lost is missed whenever pruning 70 % of the MACs costs any image.
+    # A floor of 0 points lost: pruning 70 % of the MACs costs images, so it is missed.
     found = compress.search(recipe, target_macs=0.4, max_drop=0.0, out=tmp_path / "run", **SMALL)
-    drop = found.chosen["calibration_drop"]["points"]
-    assert found.met == (drop <= 0.0)
-    assert ("no candidate met" in found.summary) == (drop > 0.0)
+    assert found.chosen["calibration_drop"]["points"] > 0.0  # this seed's pruned model loses
+    assert not found.met and found.chosen["meets_target"] and not found.chosen["meets_floor"]
+    assert "no candidate met" in found.summary
 
 
 @pytest.mark.slow

@@ -35,6 +35,9 @@ from compress.traits import traits
 # A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
 # below ~5 % the difference is within run-to-run noise on a shared machine.
 NOT_FASTER_RATIO = 0.95
+# Seconds each turn of a paired latency round warms its model first: long enough for the
+# other runtime's threads to go idle (50 ms removed the bias measured with 10-call rounds).
+ROUND_WARMUP_S = 0.05
 # A deployed model whose top-1 strays further than this (points) from the torch model's
 # gets a note: on 10,000 test images 0.1 points is 10 images.
 RUNTIME_TOP1_TOLERANCE = 0.1
@@ -203,17 +206,24 @@ def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None =
     Each is a ``(callable, batch)`` pair. Every round times both, in turn (the order
     alternates from round to round, so a slow drift of the machine weighs on both alike),
     and takes the ratio of their medians; the result is the median round ratio and a
-    distribution-free interval for it (compress.stats.median_interval).
+    distribution-free interval for it (compress.stats.median_interval). Each turn first
+    warms its model for ROUND_WARMUP_S: another runtime's threads keep the cores busy for
+    tens of milliseconds after its last call (ONNX Runtime's spin), which made whichever
+    model came second look slower (measured: ORT FP32 against OpenVINO FP32 read 0.74x in
+    10-call rounds, 1.13x alone and with the warm-up).
 
     Example:
         >>> paired_latency_ratio((model, x), (quantized, x))["interval"]
     """
     config = section("evaluate", config or {})
-    calls = max(5, config.iterations // config.latency_rounds)
+    calls = max(10, config.iterations // config.latency_rounds)
     ratios = []
     for round_ in range(config.latency_rounds):
         order = (baseline, model) if round_ % 2 == 0 else (model, baseline)
-        p50 = {id(f): measure_latency(f[0], f[1], 2, calls)["p50"] for f in order}
+        p50 = {
+            id(f): measure_latency(f[0], f[1], 2, calls, warmup_s=ROUND_WARMUP_S)["p50"]
+            for f in order
+        }
         ratios.append(p50[id(model)] / p50[id(baseline)])
     low, high = median_interval(ratios)
     return {"p50": float(np.median(ratios)), "interval": [low, high], "rounds": len(ratios)}
@@ -397,13 +407,25 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def measure_latency(
-    model: nn.Module, batch: torch.Tensor, warmup: int = 10, iterations: int = 100
+    model: nn.Module,
+    batch: torch.Tensor,
+    warmup: int = 10,
+    iterations: int = 100,
+    warmup_s: float = 0.0,
 ) -> dict[str, float]:
-    """Per-call wall time in ms (p50, p90, p99, mean) after ``warmup`` untimed calls."""
+    """Per-call wall time in ms (p50, p90, p99, mean) after ``warmup`` untimed calls, and
+    more of them until ``warmup_s`` seconds have passed.
+
+    Example:
+        >>> measure_latency(model, torch.randn(1, 1, 28, 28), iterations=50)["p50"]
+    """
     cuda = batch.is_cuda
     with torch.inference_mode():
-        for _ in range(warmup):
+        warm_until = time.perf_counter() + warmup_s
+        calls = 0
+        while calls < warmup or time.perf_counter() < warm_until:
             model(batch)
+            calls += 1
         times = []
         for _ in range(iterations):
             if cuda:

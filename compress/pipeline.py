@@ -34,7 +34,7 @@ from compress.evaluate import (
 )
 from compress.memory import memory_guard
 from compress.models import build_model
-from compress.paths import cache_dir
+from compress.paths import cache_dir, references_dir
 from compress.profile import environment
 from compress.recipe import Recipe, TrainConfig, load_recipe, section
 from compress.registry import STAGES, StageContext
@@ -417,7 +417,8 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
 
     Training happens when the recipe names neither a checkpoint nor pretrained weights and
     the data is real (not synthetic); the result is cached under the cache folder, keyed by
-    everything that changes it (model, data, seed, training settings).
+    everything that changes it (model, data, seed, training settings). A key the repository
+    ships under ``references/`` (the converged reference) is read from there, not trained.
     """
     needs_training = (
         not recipe.model.checkpoint
@@ -426,13 +427,12 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
         and (recipe.train.epochs > 0 or recipe.train.max_steps is not None)
     )
     cached = cache_dir() / "baselines" / baseline_key(recipe)
+    stored = _stored_baseline(cached)
     # Rank 0's cache decides; a rank on another machine without it gets rank 0's weights.
-    use_cache = distributed.broadcast_object(
-        needs_training and (cached / artifact.MANIFEST).is_file()
-    )
-    if use_cache and (cached / artifact.MANIFEST).is_file():
-        log.info("using the cached baseline %s", cached)
-        model = _load_own(cached, recipe)
+    use_cache = distributed.broadcast_object(needs_training and stored is not None)
+    if use_cache and stored is not None:
+        log.info("using the %s baseline %s", "cached" if stored == cached else "shipped", stored)
+        model = _load_own(stored, recipe)
         distributed.broadcast_state(model)
         return model.to(device).eval()
     model = build_model(recipe.model, data.num_classes, data.input_shape[0])
@@ -468,6 +468,14 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
             pass
     distributed.barrier()
     return model.to(device).eval()
+
+
+def _stored_baseline(cached: Path) -> Path | None:
+    """The trained baseline for this key: the cache's, else the one the repository ships."""
+    for folder in (cached, references_dir() / cached.name):
+        if (folder / artifact.MANIFEST).is_file():
+            return folder
+    return None
 
 
 def _training_length(train: TrainConfig) -> str:

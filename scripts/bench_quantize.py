@@ -38,7 +38,7 @@ import torch
 from compress.data import build_data
 from compress.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
 from compress.distributed import set_threads
-from compress.evaluate import measure_latency
+from compress.evaluate import ROUND_WARMUP_S, measure_latency
 from compress.models import build_model
 from compress.quantize import quantize
 from compress.recipe import DataConfig, ModelConfig
@@ -89,7 +89,9 @@ def main() -> None:
                 for label, model in contenders.items():
                     iterations = _iterations(model, batch, args.seconds)
                     p50[label].append(
-                        measure_latency(model, batch, warmup=2, iterations=iterations)["p50"]
+                        measure_latency(
+                            model, batch, warmup=2, iterations=iterations, warmup_s=ROUND_WARMUP_S
+                        )["p50"]
                     )
             print(json.dumps(_row(name, batch_size, args, threads, p50)), flush=True)
 

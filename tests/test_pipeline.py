@@ -3,15 +3,20 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from compress import artifact, pipeline
 from compress.artifact import load
+from compress.data import build_data
 from compress.errors import RunDirError
-from compress.evaluate import evaluate
+from compress.evaluate import accuracy, evaluate
+from compress.models import build_model
+from compress.paths import cache_dir, references_dir
 from compress.pipeline import _check_targets
-from compress.recipe import parse_recipe
+from compress.recipe import load_recipe, parse_recipe
 from compress.report import Report
 from tests.conftest import run_cli
 from tests.test_evaluate import CONFIG, _labelled_data, _Oracle
@@ -370,3 +375,57 @@ def test_the_run_level_accuracy_target_is_said_when_missed():
             if missed
             else []
         )
+
+
+def test_a_shipped_reference_is_read_instead_of_trained(tmp_path, monkeypatch):
+    """A key the repository ships under references/ is loaded as data; nothing trains and
+    nothing is copied into the cache."""
+    recipe = parse_recipe(
+        {
+            "model": {"name": "tests.tiny:tiny_cnn"},
+            "data": {"train_subset": 500, "test_subset": 100, "calibration_size": 100},
+            "train": {"epochs": 60},
+        }
+    )
+    data = build_data(recipe.data)
+    shipped = tmp_path / "references"
+    reference = build_model(recipe.model, num_classes=10, in_channels=1)
+    torch.nn.init.normal_(reference[-1].weight)  # unlike a freshly built model
+    artifact.save(reference, shipped / pipeline.baseline_key(recipe))
+    monkeypatch.setattr(pipeline, "references_dir", lambda: shipped)
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("trained"))
+
+    loaded = pipeline.baseline_model(recipe, data, "cpu")
+    assert torch.equal(loaded[-1].weight, reference[-1].weight)
+    assert not (cache_dir() / "baselines").exists()
+
+    # Another training line is another key: it is not mistaken for the shipped one.
+    other = parse_recipe({**recipe.to_dict(), "train": {"epochs": 59}})
+    with pytest.raises(pytest.fail.Exception, match="trained"):
+        pipeline.baseline_model(other, data, "cpu")
+
+
+RESNET_RECIPES = [
+    path
+    for path in sorted(Path("recipes").glob("*.yaml"))
+    if (recipe := load_recipe(path)).model.name == "resnet18"
+    and recipe.data.name == "fashion_mnist"
+]
+
+
+@pytest.mark.slow  # scores ResNet-18 on the 10,000 test images: ~30 s
+def test_the_shipped_reference_is_every_resnet_recipes_baseline_and_scores_its_record():
+    """Every ResNet-18 recipe rests on the one shipped reference (a changed training line
+    without a retrained reference fails here), and its weights still score the top-1 that
+    references.json (and so README and docs) quote, on the whole Fashion-MNIST test split."""
+    assert len(RESNET_RECIPES) >= 10
+    keys = {pipeline.baseline_key(load_recipe(path)) for path in RESNET_RECIPES}
+    assert len(keys) == 1
+    (key,) = keys
+    folder = references_dir() / key
+    assert (folder / artifact.MANIFEST).is_file(), f"no shipped reference {folder}"
+    record = json.loads((references_dir() / "references.json").read_text())[key]
+    recipe = load_recipe(RESNET_RECIPES[0])
+    top1, _ = accuracy(artifact.load(folder), build_data(recipe.data))
+    assert top1 == pytest.approx(record["test_top1"], abs=0.005)
+    assert top1 > 92.60  # longer-trained than the 20-epoch line it replaced

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import compress
+from compress.search import _segments
 from tests.conftest import run_cli
 
 TINY = (
@@ -144,3 +145,13 @@ def test_the_search_keeps_the_recipes_stage_options_and_makes_the_pruned_model_t
     # resnet_distill trains a named small student; in a search the pruned model is the student.
     distill = _templates(compress.load_recipe("recipes/resnet_distill.yaml"))["distill"]
     assert "student" not in distill and distill["train"]["epochs"] == 2
+
+
+def test_the_latency_model_follows_measured_points_that_level_off():
+    """Straight lines between the probes: exact at each, between them on the chord, and
+    beyond the ends along the end segments (ResNet-18's measured p50s at 28x28)."""
+    predict = _segments([1.0, 0.2, 0.04], [0.564, 0.204, 0.084])
+    assert predict(0.2) == pytest.approx(0.204) and predict(1.0) == pytest.approx(0.564)
+    assert predict(0.6) == pytest.approx((0.564 + 0.204) / 2)
+    assert predict(0.0) == pytest.approx(0.084 - 0.04 * (0.204 - 0.084) / 0.16)
+    assert _segments([0.5, 0.5], [1.0, 3.0])(0.1) == 2.0  # one distinct x: the mean

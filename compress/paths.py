@@ -18,7 +18,7 @@ def cache_dir() -> Path:
 def references_dir() -> Path:
     """Trained baselines shipped with the repository (``references/<baseline key>``).
 
-    The converged reference that README and docs figures rest on takes two hours to train
+    The converged reference that README and docs figures rest on takes 84 minutes to train
     on 2 cores; a fresh clone reads it from here instead. Each entry is an artifact folder,
     loaded as data like any other. Absent when compress is installed without the repository.
 

@@ -58,7 +58,7 @@ log = logging.getLogger("compress")
 FORMATS = ("int8_static", "float")
 # MACs fractions tried: about 20 % apart, from unpruned to a twentieth.
 KEEP = (1.0, 0.8, 0.65, 0.5, 0.4, 0.32, 0.25, 0.2, 0.16, 0.13, 0.1, 0.08, 0.06, 0.05)
-# Candidates timed per format for the latency model (each ~20-40 s on ResNet-18 at 28x28).
+# Candidates timed per format for the latency model: an export and a timing each.
 PROBES = 4
 # The fine-tune when the recipe has no distill stage: resnet_full's (KD, 4 epochs, cosine).
 DISTILL_TRAINING = {"epochs": 4, "lr": 0.02, "schedule": "cosine"}

@@ -92,31 +92,29 @@ def test_latency_ratio_rounds_see_a_slower_model():
 
 class _Runtime:
     """A model that busy-waits ``ms`` per call, twice as long while another runtime's
-    threads still spin (``spin_s`` after that runtime's last call), as ONNX Runtime's do."""
+    threads still spin (``spin_s`` after that runtime's last call), as ONNX Runtime's do.
+    ``last_calls`` is shared by the runtimes of one process."""
 
-    last_call: dict = {}
-
-    def __init__(self, name: str, ms: float, spin_s: float = 0.0):
-        self.name, self.ms, self.spin_s = name, ms, spin_s
+    def __init__(self, name: str, ms: float, last_calls: dict, spin_s: float = 0.0):
+        self.name, self.ms, self.last_calls, self.spin_s = name, ms, last_calls, spin_s
 
     def __call__(self, batch):
         now = time.perf_counter()
         contended = any(
-            now < last + spin for name, (last, spin) in self.last_call.items() if name != self.name
+            now < last + spin for name, (last, spin) in self.last_calls.items() if name != self.name
         )
         end = now + (2 if contended else 1) * self.ms / 1e3
         while time.perf_counter() < end:
             pass
-        self.last_call[self.name] = (time.perf_counter(), self.spin_s)
+        self.last_calls[self.name] = (time.perf_counter(), self.spin_s)
         return batch
 
 
 def test_latency_ratio_rounds_are_not_skewed_by_the_other_runtimes_spin():
     """The regression: in 10-call rounds the model timed after a spinning runtime looked
     slower, and a fast ORT model read ~0.26x an OpenVINO baseline it ran at 0.37x of."""
-    x = torch.zeros(1)
-    _Runtime.last_call = {}
-    baseline = _Runtime("openvino", ms=1.0)
-    model = _Runtime("onnxruntime", ms=0.5, spin_s=0.02)
+    x, last_calls = torch.zeros(1), {}
+    baseline = _Runtime("openvino", ms=1.0, last_calls=last_calls)
+    model = _Runtime("onnxruntime", ms=0.5, last_calls=last_calls, spin_s=0.02)
     ratio = paired_latency_ratio((baseline, x), (model, x), EvaluateConfig(iterations=100))
     assert ratio["p50"] == pytest.approx(0.5, rel=0.15)

@@ -144,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
         help="wall-clock minutes for the search, its final run included (default 60)",
     )
     find.add_argument(
+        "--max-distill-stretch",
+        type=int,
+        default=8,
+        help="when no candidate meets both, distill the nearest up to N times the recipe's"
+        " epochs with the time left (default 8; 1: never)",
+    )
+    find.add_argument(
         "--out", help="run directory of the chosen chain (default runs/<name>-searched/<time>)"
     )
     compare = sub.add_parser(
@@ -315,6 +322,7 @@ def _search(args) -> int:
             "max_drop": args.max_drop,
             "runtime": args.runtime,
             "budget_minutes": args.budget_minutes,
+            "max_distill_stretch": args.max_distill_stretch,
         },
         out=args.out,
         overrides=args.overrides,

@@ -58,8 +58,9 @@ class DistillConfig(Config):
     # Attention transfer (Zagoruyko & Komodakis, 2017): match the normalised spatial maps
     # of squared activations; the paper weighs each pair by about 1000.
     attention: list[LayerPair] = option(default_factory=list)
-    # Compute the teacher's logits once, before training, instead of every step: the train
-    # split has no random augmentation, so they never change. Logit distillation only.
+    # Compute the teacher's logits once, before training, instead of every step: without
+    # random augmentation (train.augment none) they never change. Logit distillation only;
+    # with augmentation the teacher sees each augmented batch, whatever this says.
     cache_teacher: bool = True
     train: TrainConfig = option(default_factory=TrainConfig)  # the student's training settings
 
@@ -139,7 +140,7 @@ def distill(
     ]
     wrapped = _StudentWithAdapters(student, teacher, pairs, data.example_input(2), device)
 
-    if not pairs and config.cache_teacher:
+    if not pairs and config.cache_teacher and config.train.augment == "none":
         # The teacher's logits, once: every later epoch costs the student alone.
         data = dataclasses.replace(
             data, train=_WithTargets(data.train, _logits(teacher, data, device))

@@ -129,9 +129,13 @@ def test_unknown_layer_names_the_key_and_the_choices(tiny, fmnist):
         parse_recipe({"stages": [{"distill": {"features": [{"student": "2"}]}}]})
 
 
-def test_cached_teacher_logits_train_as_the_live_teacher_does(tiny):
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_cached_teacher_logits_train_as_the_live_teacher_does(tiny, augment):
+    # With augmentation a cache of the plain images' logits would teach the wrong targets:
+    # the teacher then sees each augmented batch.
     small = build_data(DataConfig(train_subset=1024, test_subset=100, calibration_size=100), seed=0)
-    options = {"student": {"name": "tests.tiny:tiny_cnn"}, "train": {"epochs": 0, "max_steps": 8}}
+    train = {"epochs": 0, "max_steps": 8, "augment": augment}
+    options = {"student": {"name": "tests.tiny:tiny_cnn"}, "train": train}
     torch.manual_seed(0)
     cached = distill(tiny, small, teacher=tiny, cache_teacher=True, **options)
     torch.manual_seed(0)

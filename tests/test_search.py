@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import compress
-from compress.search import _segments
+from compress.search import _mark_predicted, _next_smaller, _segments, _to_train
 from tests.conftest import run_cli
 
 TINY = (
@@ -43,6 +43,10 @@ def test_a_macs_target_is_met_the_same_way_twice_and_its_recipe_reproduces_it(re
     assert found.met and found.chosen["keep"] == 0.3 and found.chosen["format"] == "float"
     base, final = found.report.baseline, found.report.final
     assert final.macs <= 0.4 * base.macs < 0.5 * base.macs
+    # The test split, read once by the final run, is judged against the same target.
+    assert found.on_test["figure"] == final.macs / base.macs and found.on_test["meets_target"]
+    assert found.on_test["drop"]["points"] == final.accuracy_drop["points"]
+    assert "The final run on the test split: macs" in found.summary
     written = yaml.safe_load((found.report.run_dir / "recipe.yaml").read_text())
     assert [next(iter(s)) for s in written["stages"]] == ["prune", "distill"]
     assert written["stages"][0]["prune"]["target_macs"] == 0.3
@@ -75,11 +79,48 @@ def test_an_impossible_target_keeps_the_closest_candidate_and_says_so(recipe, tm
 
 @pytest.mark.slow  # searches, trains and runs: about 10-25 s each
 def test_an_accuracy_floor_no_candidate_meets_is_said_too(recipe, tmp_path):
-    # A floor of 0 points lost: pruning 70 % of the MACs costs images, so it is missed.
-    found = compress.search(recipe, target_macs=0.4, max_drop=0.0, out=tmp_path / "run", **SMALL)
+    # A floor of 0 points lost: pruning 70 % of the MACs costs images, so it is missed; no
+    # budget is left for a longer distillation.
+    found = compress.search(
+        recipe, target_macs=0.4, max_drop=0.0, budget_minutes=0, out=tmp_path / "run", **SMALL
+    )
     assert found.chosen["calibration_drop"]["points"] > 0.0  # this seed's pruned model loses
     assert not found.met and found.chosen["meets_target"] and not found.chosen["meets_floor"]
     assert "no candidate met" in found.summary
+    assert [c["stretch"] for c in found.candidates if c["trained"]] == [1]
+
+
+@pytest.mark.slow
+def test_a_missed_floor_spends_the_time_left_on_a_longer_distillation(recipe, tmp_path):
+    found = compress.search(
+        recipe, target_macs=0.4, max_drop=0.0, max_distill_stretch=3, out=tmp_path / "run", **SMALL
+    )
+    first, longer = [c for c in found.candidates if c["trained"]]
+    assert (first["keep"], first["stretch"], longer["keep"], longer["stretch"]) == (0.3, 1, 0.3, 3)
+    assert not first["meets_floor"]  # why the longer one was trained
+    assert longer["distill_train"]["max_steps"] == 3 * first["distill_train"]["max_steps"] == 15
+    # The choice is made among both; the written recipe trains as long as the chosen one did.
+    written = yaml.safe_load((found.report.run_dir / "recipe.yaml").read_text())
+    steps = written["stages"][-1]["distill"]["train"]["max_steps"]
+    assert steps == found.chosen["distill_train"]["max_steps"]
+    if found.met:  # only the longer one can meet a floor the first one missed
+        assert found.chosen is longer
+    assert "| 0.3 | float | 3 |" in (found.report.run_dir / "search.md").read_text()
+
+
+def test_a_candidate_that_misses_the_target_hands_its_turn_to_the_next_more_pruned():
+    # keep 0.35 prunes to the same MACs as 0.5 (round_to's staircase): the same network.
+    macs = {1.0: 100, 0.5: 50, 0.35: 50, 0.3: 30, 0.2: 20}
+    grid = [
+        {"keep": k, "format": f, "macs": m, "trained": k == 0.5, "stretch": 1}
+        for k, m in macs.items()
+        for f in ("float", "int8_static")
+    ]
+    missed = next(c for c in grid if c["keep"] == 0.5 and c["format"] == "float")
+    after = _next_smaller(grid, missed)
+    assert (after["keep"], after["format"]) == (0.3, "float")
+    last = next(c for c in grid if c["keep"] == 0.2 and c["format"] == "float")
+    assert _next_smaller(grid, last) is None
 
 
 @pytest.mark.slow
@@ -155,3 +196,18 @@ def test_the_latency_model_follows_measured_points_that_level_off():
     assert predict(0.6) == pytest.approx((0.564 + 0.204) / 2)
     assert predict(0.0) == pytest.approx(0.084 - 0.04 * (0.204 - 0.084) / 0.16)
     assert _segments([0.5, 0.5], [1.0, 3.0])(0.1) == 2.0  # one distinct x: the mean
+
+
+def test_a_latency_prediction_just_over_the_target_is_trained_first_but_macs_are_exact():
+    # Predicted p50 by keep; the target is 1.0 ms. The latency model errs by 10-20 % near
+    # the target, so 1.1 ms is worth training (the walk moves on if it misses as measured).
+    grid = [
+        {"keep": k, "format": "float", "macs_x": k, "latency_ms_predicted": ms}
+        for k, ms in ((1.0, 2.0), (0.5, 1.1), (0.3, 0.9))
+    ]
+    for target, first in (
+        ({"metric": "latency", "value": 1.0, "unit": "ms"}, 0.5),
+        ({"metric": "macs", "value": 0.4, "unit": "x"}, 0.3),  # 0.5 is known to miss
+    ):
+        _mark_predicted(grid, target)
+        assert [c["keep"] for c in _to_train(grid, target)] == [first]

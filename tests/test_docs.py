@@ -30,3 +30,11 @@ def test_every_registered_option_and_its_comment_is_in_the_reference():
 
 def test_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_the_readmes_recipe_is_the_file_make_run_runs():
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("## A recipe", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert shown == (ROOT / "recipes/resnet_int8.yaml").read_text(), (
+        "README's recipe differs from recipes/resnet_int8.yaml: copy the file into it"
+    )

@@ -211,3 +211,22 @@ def test_a_latency_prediction_just_over_the_target_is_trained_first_but_macs_are
     ):
         _mark_predicted(grid, target)
         assert [c["keep"] for c in _to_train(grid, target)] == [first]
+
+
+def test_a_relative_latency_target_is_judged_on_the_test_run_by_the_paired_ratio():
+    from types import SimpleNamespace
+
+    from compress.search import SearchConfig, _on_test
+
+    drop = {"points": 0.2, "interval": [-0.1, 0.5]}
+    final = SimpleNamespace(latency_ratio={"p50": 0.28}, accuracy_drop=drop)
+    report = SimpleNamespace(final=final)
+    # p50 0.19 ms against 0.3x a baseline measured at 0.6 ms (0.18 ms) would miss; the
+    # paired rounds, baseline and model alternating in one process, say 0.28x: met.
+    relative = {"metric": "latency", "value": 0.18, "unit": "ms", "of_baseline": 0.3}
+    judged = _on_test(report, relative, SearchConfig(target_latency_x=0.3), p50=0.19)
+    assert (judged["figure"], judged["limit"], judged["meets_target"]) == (0.28, 0.3, True)
+    assert judged["meets_floor"]
+    absolute = {"metric": "latency", "value": 0.18, "unit": "ms"}
+    judged = _on_test(report, absolute, SearchConfig(target_latency_ms=0.18), p50=0.19)
+    assert (judged["figure"], judged["meets_target"]) == (0.19, False)

@@ -101,8 +101,11 @@ class TrainConfig(Config):
     label_smoothing: float = option(0.0, min=0.0, max=0.5)  # of the cross-entropy targets
     # Per-batch augmentation of the train split: crop, a random window of the image padded
     # by `crop_padding` pixels (edges repeated); flip, left-right half of the time (not for
-    # data whose meaning flips, such as digits). What converges the reference baseline.
-    augment: Literal["none", "flip", "crop", "crop_flip"] = "none"
+    # data whose meaning flips, such as digits); erase, a random rectangle set to the mean
+    # in half the images (random erasing). What converges the reference baseline.
+    augment: Literal[
+        "none", "flip", "crop", "crop_flip", "erase", "crop_erase", "flip_erase", "crop_flip_erase"
+    ] = "none"
     crop_padding: int = option(4, min=1, max=64)  # pixels on each side, for crop
     grad_clip: float | None = option(None, min=0.0)  # max grad L2 norm
     # Mixed precision on CUDA (autocast; fp16 adds loss scaling). CPU runs train in fp32.

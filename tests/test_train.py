@@ -220,3 +220,20 @@ def test_augment_moves_each_image_by_its_own_draw(kind):
 def _window(image, dy, dx, height, width, flip):
     window = image[:, dy : dy + height, dx : dx + width]
     return window.flip(2) if flip else window
+
+
+def test_erase_blanks_one_rectangle_in_about_half_the_images():
+    images = torch.rand(400, 2, 28, 28) + 1  # no pixel is 0 before erasing
+    out = augment(images, "erase", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, augment(images, "erase", generator=torch.Generator().manual_seed(0)))
+    erased = out == 0
+    assert torch.equal(erased[:, 0], erased[:, 1])  # every channel alike
+    assert torch.equal(out[~erased], images[~erased])  # the rest untouched
+    hit = erased[:, 0].flatten(1).any(1)
+    assert 0.4 < hit.float().mean() < 0.6
+    for mask in erased[hit, 0]:
+        rows, columns = mask.any(1).nonzero(), mask.any(0).nonzero()
+        height, width = len(rows), len(columns)
+        assert mask.sum() == height * width  # one solid rectangle
+        assert rows.max() - rows.min() + 1 == height and columns.max() - columns.min() + 1 == width
+        assert 0.01 * 784 <= height * width <= 0.34 * 784

@@ -42,7 +42,7 @@ from compress.report import Report
 from compress.schema import read_yaml
 from compress.stats import paired_drop
 from compress.storage import write_atomic
-from compress.train import train
+from compress.train import cooldown_config, train
 
 log = logging.getLogger("compress")
 
@@ -450,11 +450,18 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     )
     # Checkpoints beside the cache entry: an interrupted baseline training resumes.
     checkpoints = cached.with_name(cached.name + ".training")
+    config = recipe.train
+    # A cooldown after a schedule already trained (cached or shipped) trains only itself.
+    scheduled = _scheduled_baseline(recipe)
+    if scheduled is not None:
+        log.info("the schedule's baseline is %s: training only its cooldown", scheduled)
+        model = _load_own(scheduled, recipe)
+        config = cooldown_config(recipe.train)
     with memory_guard(f"training the baseline {recipe.model.name}"):
         model = train(
             model,
             data,
-            recipe.train,
+            config,
             seed=recipe.seed,
             device=device,
             desc="baseline",
@@ -478,10 +485,22 @@ def _stored_baseline(cached: Path) -> Path | None:
     return None
 
 
+def _scheduled_baseline(recipe: Recipe) -> Path | None:
+    """With a cooldown, the stored baseline of the same recipe without it, if any."""
+    if not recipe.train.cooldown_epochs:
+        return None
+    without = dataclasses.replace(
+        recipe, train=dataclasses.replace(recipe.train, cooldown_epochs=0)
+    )
+    return _stored_baseline(cache_dir() / "baselines" / baseline_key(without))
+
+
 def _training_length(train: TrainConfig) -> str:
     length = f"{train.epochs} epochs" if train.epochs else f"{train.max_steps} steps"
     if train.epochs and train.max_steps:
         length += f", at most {train.max_steps} steps"
+    if train.cooldown_epochs:
+        length += f", then {train.cooldown_epochs} cooldown epochs"
     return length
 
 
@@ -498,7 +517,13 @@ def baseline_description(recipe: Recipe) -> str:
         f"{recipe.model.name} trained on {recipe.data.name}: {_training_length(train)},"
         f" {train.optimizer}"
         f" {train.schedule} lr {train.lr:g}, augment {train.augment}, label smoothing"
-        f" {train.label_smoothing:g} (cached as {baseline_key(recipe)})"
+        f" {train.label_smoothing:g}"
+        + (
+            f"; cooldown at lr {train.cooldown_lr:g} without augmentation or smoothing"
+            if train.cooldown_epochs
+            else ""
+        )
+        + f" (cached as {baseline_key(recipe)})"
     )
 
 
@@ -512,6 +537,8 @@ def baseline_key(recipe: Recipe) -> str:
     training = {k: v for k, v in d["train"].items() if k != "validate"}
     if training["augment"] == "none":  # as before augmentation existed: earlier caches hold
         del training["augment"], training["crop_padding"]
+    if not training["cooldown_epochs"]:  # likewise: keys from before the cooldown existed
+        del training["cooldown_epochs"], training["cooldown_lr"]
     material = {
         "model": d["model"],
         "data": data,

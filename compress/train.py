@@ -96,6 +96,7 @@ def train(
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, total_steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    given_loss = loss_fn  # the cooldown builds its own criterion when none is given
     loss_fn = loss_fn or (lambda m, x, y, *_: _cross_entropy(m, x, y, criterion))
 
     step = first_epoch = 0
@@ -212,7 +213,42 @@ def train(
         )
         model.load_state_dict(best["state"])
     model.eval()
+    cooldown = cooldown_config(config)
+    if cooldown is not None:  # its own checkpoints: a run stopped in it resumes there
+        cooldown_dir = Path(checkpoint_dir) / "cooldown" if checkpoint_dir is not None else None
+        train(
+            model,
+            data,
+            cooldown,
+            seed,
+            device,
+            given_loss,
+            f"{desc} cooldown",
+            cooldown_dir,
+            context,
+        )
     return model
+
+
+def cooldown_config(config: TrainConfig) -> TrainConfig | None:
+    """The phase :func:`train` runs after ``config``'s schedule (``cooldown_epochs``), or None.
+
+    Example:
+        >>> cooldown_config(TrainConfig(epochs=60, cooldown_epochs=4)).augment
+        'none'
+    """
+    if not config.cooldown_epochs:
+        return None
+    return dataclasses.replace(
+        config,
+        epochs=config.cooldown_epochs,
+        max_steps=None,
+        lr=config.cooldown_lr,
+        schedule="cosine",
+        augment="none",
+        label_smoothing=0.0,
+        cooldown_epochs=0,
+    )
 
 
 def augment(

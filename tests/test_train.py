@@ -7,7 +7,8 @@ from torch import nn
 from compress.data import build_data
 from compress.models import build_model
 from compress.recipe import DataConfig, ModelConfig, TrainConfig
-from compress.train import TrainingError, augment, train
+from compress.registry import StageContext
+from compress.train import TrainingError, augment, cooldown_config, train
 
 CONFIG = TrainConfig(epochs=2, lr=0.05)  # onecycle: the scheduler's state must resume too
 
@@ -93,8 +94,6 @@ def test_best_checkpoint_is_kept_and_can_be_the_result(small, tmp_path):
 
 
 def test_a_stage_context_gives_each_training_its_own_checkpoint_folder(small, tmp_path):
-    from compress.registry import StageContext
-
     context = StageContext(device="cpu", seed=5, checkpoints=tmp_path)
     train(_fresh(), small, TrainConfig(epochs=1), desc="fine-tune 1/2", context=context)
     train(_fresh(), small, TrainConfig(epochs=1), desc="QAT", context=context)
@@ -237,3 +236,23 @@ def test_erase_blanks_one_rectangle_in_about_half_the_images():
         assert mask.sum() == height * width  # one solid rectangle
         assert rows.max() - rows.min() + 1 == height and columns.max() - columns.min() + 1 == width
         assert 0.01 * 784 <= height * width <= 0.34 * 784
+
+
+def test_a_cooldown_is_a_clean_second_phase_that_resumes(small, tmp_path):
+    config = TrainConfig(
+        epochs=1, lr=0.05, augment="crop_flip", label_smoothing=0.1, cooldown_epochs=1
+    )
+    context = StageContext(device="cpu", seed=2)
+    whole = _weights(train(_fresh(), small, config, context=context, checkpoint_dir=tmp_path))
+    phases = [entry["config"] for entry in context.budget]
+    assert [p["augment"] for p in phases] == ["crop_flip", "none"]
+    assert [p["label_smoothing"] for p in phases] == [0.1, 0.0]
+    assert [(p["schedule"], p["lr"]) for p in phases] == [("onecycle", 0.05), ("cosine", 0.02)]
+    # The same as the schedule alone, then its cooldown_config alone.
+    first = train(_fresh(), small, TrainConfig(**{**phases[0], "cooldown_epochs": 0}), seed=2)
+    two_calls = _weights(train(first, small, cooldown_config(config), seed=2))
+    assert all(torch.equal(x, y) for x, y in zip(whole, two_calls, strict=True))
+    # Called again on its checkpoints, both phases are found finished: nothing changes.
+    again = _weights(train(_fresh(), small, config, seed=2, checkpoint_dir=tmp_path))
+    assert all(torch.equal(x, y) for x, y in zip(whole, again, strict=True))
+    assert cooldown_config(TrainConfig(epochs=3)) is None

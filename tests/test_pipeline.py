@@ -51,6 +51,8 @@ REDUCED = [
     "--set",
     "train.max_steps=15",
     "--set",
+    "train.cooldown_epochs=0",
+    "--set",
     "data.train_subset=2000",
     "--set",
     "data.test_subset=500",
@@ -100,7 +102,8 @@ def test_headline_command_end_to_end(tmp_path):
         assert evaluation["latency_ms"] == runtimes[fastest]["latency_ms"]
     assert "inductor" in base["runtimes"] and "inductor" not in int8["runtimes"]
     for name in ("onnxruntime", "openvino"):
-        assert abs(int8["runtimes"][name]["accuracy_top1"] - int8["accuracy_top1"]) <= 0.4
+        # Within 2 of the 500 images (the slack: float rounding of 0.4 points).
+        assert abs(int8["runtimes"][name]["accuracy_top1"] - int8["accuracy_top1"]) <= 0.4 + 1e-9
         assert int8["runtimes"][name]["size_bytes"] < 0.3 * base["size_bytes"]
     for name in (
         "report.md",

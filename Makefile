@@ -11,7 +11,7 @@ RECIPE ?= recipes/resnet_int8.yaml
 # README/docs/results rest on the reference (`make experiments`). QUICK= runs the recipe
 # as written.
 QUICK ?= --set train.epochs=0 --set train.max_steps=600 --set train.lr=0.1 \
-	--set train.label_smoothing=0 --set train.augment=none --set train.cooldown_epochs=0
+	--set train.label_smoothing=0 --set train.augment=none
 PYTEST_ARGS ?=
 # `make experiments`: which recipes, where their runs go (one new folder per call), where
 # the summary goes. E.g. make experiments RECIPES="recipes/resnet_int8.yaml recipes/resnet_full.yaml"

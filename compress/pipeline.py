@@ -487,7 +487,8 @@ def _stored_baseline(cached: Path) -> Path | None:
 
 def _scheduled_baseline(recipe: Recipe) -> Path | None:
     """With a cooldown, the stored baseline of the same recipe without it, if any."""
-    if not recipe.train.cooldown_epochs:
+    # Under max_steps the cooldown's share depends on the schedule's steps: train it all.
+    if cooldown_config(recipe.train) is None or recipe.train.max_steps is not None:
         return None
     without = dataclasses.replace(
         recipe, train=dataclasses.replace(recipe.train, cooldown_epochs=0)
@@ -499,7 +500,7 @@ def _training_length(train: TrainConfig) -> str:
     length = f"{train.epochs} epochs" if train.epochs else f"{train.max_steps} steps"
     if train.epochs and train.max_steps:
         length += f", at most {train.max_steps} steps"
-    if train.cooldown_epochs:
+    if cooldown_config(train) is not None:
         length += f", then {train.cooldown_epochs} cooldown epochs"
     return length
 
@@ -520,7 +521,7 @@ def baseline_description(recipe: Recipe) -> str:
         f" {train.label_smoothing:g}"
         + (
             f"; cooldown at lr {train.cooldown_lr:g} without augmentation or smoothing"
-            if train.cooldown_epochs
+            if cooldown_config(train) is not None
             else ""
         )
         + f" (cached as {baseline_key(recipe)})"
@@ -537,7 +538,8 @@ def baseline_key(recipe: Recipe) -> str:
     training = {k: v for k, v in d["train"].items() if k != "validate"}
     if training["augment"] == "none":  # as before augmentation existed: earlier caches hold
         del training["augment"], training["crop_padding"]
-    if not training["cooldown_epochs"]:  # likewise: keys from before the cooldown existed
+    # Likewise for keys from before the cooldown existed, and when max_steps leaves none.
+    if cooldown_config(recipe.train) is None:
         del training["cooldown_epochs"], training["cooldown_lr"]
     material = {
         "model": d["model"],

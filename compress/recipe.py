@@ -90,7 +90,8 @@ class TrainConfig(Config):
     """The one training loop's settings (baseline training; later fine-tunes)."""
 
     epochs: int = option(4, min=0)  # resnet18 on Fashion-MNIST: ~91 % in ~4 min on 2 cores
-    # Stop after N steps (quick runs); with epochs 0, train exactly N steps.
+    # Stop after N steps in all, cooldown included (quick runs); with epochs 0, train exactly
+    # N steps of the schedule and no cooldown.
     max_steps: int | None = option(None, min=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: Nesterov momentum
     lr: float = option(0.05, min=0.0)  # peak learning rate

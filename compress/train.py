@@ -213,7 +213,7 @@ def train(
         )
         model.load_state_dict(best["state"])
     model.eval()
-    cooldown = cooldown_config(config)
+    cooldown = cooldown_config(config, steps_done=total_steps)
     if cooldown is not None:  # its own checkpoints: a run stopped in it resumes there
         cooldown_dir = Path(checkpoint_dir) / "cooldown" if checkpoint_dir is not None else None
         train(
@@ -230,8 +230,11 @@ def train(
     return model
 
 
-def cooldown_config(config: TrainConfig) -> TrainConfig | None:
+def cooldown_config(config: TrainConfig, steps_done: int = 0) -> TrainConfig | None:
     """The phase :func:`train` runs after ``config``'s schedule (``cooldown_epochs``), or None.
+
+    ``max_steps`` bounds the whole training: the cooldown gets the steps the schedule
+    (``steps_done`` of them) left, and none with ``epochs: 0``, whose schedule takes them all.
 
     Example:
         >>> cooldown_config(TrainConfig(epochs=60, cooldown_epochs=4)).augment
@@ -239,10 +242,15 @@ def cooldown_config(config: TrainConfig) -> TrainConfig | None:
     """
     if not config.cooldown_epochs:
         return None
+    steps_left = None
+    if config.max_steps is not None:
+        steps_left = 0 if config.epochs == 0 else config.max_steps - steps_done
+        if steps_left <= 0:
+            return None
     return dataclasses.replace(
         config,
         epochs=config.cooldown_epochs,
-        max_steps=None,
+        max_steps=steps_left,
         lr=config.cooldown_lr,
         schedule="cosine",
         augment="none",

@@ -51,8 +51,6 @@ REDUCED = [
     "--set",
     "train.max_steps=15",
     "--set",
-    "train.cooldown_epochs=0",
-    "--set",
     "data.train_subset=2000",
     "--set",
     "data.test_subset=500",
@@ -438,6 +436,20 @@ def test_a_cooldown_after_a_stored_schedule_trains_only_itself(tmp_path, monkeyp
     assert (config.epochs, config.augment, config.cooldown_epochs) == (1, "none", 0)
     assert torch.equal(start, stored[-1].weight)  # from the stored schedule's weights
     assert (cache_dir() / "baselines" / pipeline.baseline_key(recipe)).is_dir()
+
+
+def test_a_quick_run_of_a_recipe_with_a_cooldown_keys_and_says_no_cooldown():
+    """make run's QUICK (epochs 0, max_steps) on a cooldown recipe trains none of it, so its
+    baseline is the one cached without a cooldown, and its description does not claim one."""
+    train = {"epochs": 0, "max_steps": 600, "cooldown_epochs": 4}
+    quick = parse_recipe({"model": {"name": "resnet18"}, "train": train})
+    without = parse_recipe(
+        {"model": {"name": "resnet18"}, "train": {**train, "cooldown_epochs": 0}}
+    )
+    assert pipeline.baseline_key(quick) == pipeline.baseline_key(without)
+    assert "cooldown" not in pipeline.baseline_description(quick)
+    bounded = parse_recipe({"model": {"name": "resnet18"}, "train": {**train, "epochs": 2}})
+    assert "then 4 cooldown epochs" in pipeline.baseline_description(bounded)
 
 
 # Scores ResNet-18 on the 10,000 test images: 3 s here, so not marked slow.

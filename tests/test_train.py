@@ -256,3 +256,17 @@ def test_a_cooldown_is_a_clean_second_phase_that_resumes(small, tmp_path):
     again = _weights(train(_fresh(), small, config, seed=2, checkpoint_dir=tmp_path))
     assert all(torch.equal(x, y) for x, y in zip(whole, again, strict=True))
     assert cooldown_config(TrainConfig(epochs=3)) is None
+
+
+def test_max_steps_bounds_the_schedule_and_its_cooldown_together(small):
+    """A quick run (max_steps) stays quick on a recipe with a cooldown."""
+    steps_per_epoch = len(small.loader("train", shuffle=True, seed=0))
+    context = StageContext(device="cpu", seed=0)
+    config = TrainConfig(epochs=1, max_steps=steps_per_epoch + 2, cooldown_epochs=3)
+    train(_fresh(), small, config, context=context)
+    assert [entry["steps"] for entry in context.budget] == [steps_per_epoch, 2]
+    # With epochs 0 the schedule takes every step: no cooldown, whatever its epochs.
+    context = StageContext(device="cpu", seed=0)
+    train(_fresh(), small, TrainConfig(epochs=0, max_steps=3, cooldown_epochs=3), context=context)
+    assert [entry["steps"] for entry in context.budget] == [3]
+    assert cooldown_config(TrainConfig(epochs=0, max_steps=3, cooldown_epochs=3)) is None

@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from compress import distributed
 from compress.artifact import save
 from compress.data import Data
 from compress.deploy import ExportError, available_runtimes, deployed, deployed_files
-from compress.profile import count_memory_access, summary
+from compress.profile import count_memory_access, flop_counter, summary
 from compress.recipe import EvaluateConfig, section
 from compress.stats import median_interval, pack, paired_drop, unpack
 from compress.traits import traits
@@ -401,7 +400,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward pass on ``example`` (per image), via torch.utils.flop_counter."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), flop_counter() as counter:
         model(example)
     return counter.get_total_flops() // example.shape[0]
 

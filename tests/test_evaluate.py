@@ -64,6 +64,25 @@ def test_macs_exact_for_conv_and_linear():
     assert count_flops(_tiny(), torch.randn(3, 1, 5, 5)) == flops  # per image, whatever the batch
 
 
+def test_macs_exact_for_attention_as_the_cpu_runs_it():
+    """nn.MultiheadAttention in eval takes a fused fast path and SDPA a CPU kernel, neither
+    of which torch's counter knows: both must still count, so a quantized copy (which leaves
+    the fast path) does not look like more MACs than its float model."""
+    tokens, width, heads = 17, 32, 4
+    attention = torch.nn.MultiheadAttention(width, heads, batch_first=True).eval()
+
+    class SelfAttention(torch.nn.Module):
+        def forward(self, x):
+            return attention(x, x, x, need_weights=False)[0]
+
+    projections = 4 * tokens * width * width  # q, k, v and out
+    scores_and_mix = 2 * tokens * tokens * width  # QK^T and its product with V, all heads
+    assert count_flops(SelfAttention(), torch.randn(1, tokens, width)) // 2 == (
+        projections + scores_and_mix
+    )
+    assert torch.backends.mha.get_fastpath_enabled()  # restored for the latency that follows
+
+
 def test_memory_access_exact():
     # conv reads x (25) + w (18) + b (2), writes 18; flatten is a view (free);
     # linear reads b (4) + x (18) + w (72), writes 4. All float32: 4 bytes each.

@@ -78,13 +78,6 @@ def pareto_chart(rows: list[dict], path: str | Path) -> Path | None:
             axis.scatter(r["p50_ms"], r["top1"], s=area, marker="*", color="black", zorder=3)
         else:
             axis.scatter(r["p50_ms"], r["top1"], s=area, alpha=0.6, zorder=2)
-        axis.annotate(
-            r["run"],
-            (r["p50_ms"], r["top1"]),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
-        )
     front = pareto_front([(r["p50_ms"], r["top1"]) for r in points])
     if front:
         xs, ys = zip(*front, strict=True)
@@ -94,7 +87,46 @@ def pareto_chart(rows: list[dict], path: str | Path) -> Path | None:
     axis.set_xlabel("p50 latency (ms, log scale; each model in its fastest runtime)")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_title("accuracy against latency (marker area: artifact size; star: baseline)")
+    # Runs on the front and baselines are labelled first, so they get the nearest places.
+    on_front = set(front)
+    points.sort(key=lambda r: (r["p50_ms"], r["top1"]) not in on_front and not r["baseline"])
+    _label_apart(fig, axis, [(r["run"], (r["p50_ms"], r["top1"])) for r in points])
     return _save(fig, plt, Path(path))
+
+
+def _label_apart(fig, axis, labels: list[tuple[str, tuple[float, float]]]) -> None:
+    """Each label beside its point, at the nearest of a few places that overlaps no label
+    placed before it, the legend or the frame; the first place when none is free."""
+    fig.canvas.draw()  # final axis limits, and a renderer to measure text with
+    renderer = fig.canvas.get_renderer()
+    frame = axis.get_window_extent(renderer)
+    legend = axis.get_legend()
+    taken = [legend.get_window_extent(renderer)] if legend is not None else []
+    places = [
+        (dx, dy) for step in range(4) for dy in (3 + 10 * step, -9 - 10 * step) for dx in (4, -4)
+    ]
+    for text, xy in labels:
+        for attempt, (dx, dy) in enumerate(places + [places[0]]):
+            note = axis.annotate(
+                text,
+                xy,
+                fontsize=7,
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha="left" if dx > 0 else "right",
+            )
+            box = note.get_window_extent(renderer)
+            inside = (
+                frame.x0 <= box.x0
+                and box.x1 <= frame.x1
+                and frame.y0 <= box.y0
+                and box.y1 <= frame.y1
+            )
+            free = inside and not any(box.overlaps(other) for other in taken)
+            if free or attempt == len(places):
+                break
+            note.remove()
+        taken.append(box)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

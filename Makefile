@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 RECIPE ?= recipes/resnet_int8.yaml
-# `make run` trains a quick baseline (600 steps of 128 images, 1.3 epochs: 3-4 min on 2
+# `make run` trains a quick baseline (600 steps of 128 images, 1.3 epochs: 2-4 min on 2
 # cores, 89-90 %) in place of the recipe's shipped reference (references/, 64 epochs), so that
 # `make run` takes 5-7 minutes on a fresh clone (4:37 and 7:01 measured; README). The figures in
 # README/docs/results rest on the reference (`make experiments`). QUICK= runs the recipe

@@ -132,7 +132,7 @@ class _MemoryAccess(TorchDispatchMode):
 
 # torch.utils.flop_counter has no formula for attention as a CPU runs it: the fused op of
 # nn.MultiheadAttention's inference fast path, and SDPA's CPU kernel, would count 0 MACs (a
-# small ViT's baseline read 0.67x its real MACs, so dynamic INT8 looked like 1.49x them).
+# small ViT's baseline read 0.65x its real MACs, so dynamic INT8 looked like 1.49x them).
 def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)  # shapes, as torch's own formula gets them
 

@@ -363,6 +363,23 @@ def test_control_trains_the_baseline_for_the_stages_budget(tmp_path):
     assert any("evaluate.control is off" in n and "10 steps" in n for n in report["notes"])
 
 
+def test_a_fine_tune_with_a_cooldown_gets_a_control_of_the_same_steps(tmp_path):
+    """The control replays each training as `epochs: 0, max_steps: N`; a replayed schedule
+    must not run its cooldown again on top of the replayed cooldown."""
+    recipe = tmp_path / "controlled.yaml"
+    recipe.write_text(
+        CONTROLLED.replace("schedule: cosine}", "schedule: cosine, cooldown_epochs: 1}")
+    )
+    result = run_cli(
+        "run", str(recipe), "--out", str(tmp_path / "on"), "--set", "evaluate.control=true"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "on" / "report.json").read_text())
+    stage_steps = [t["steps"] for e in report["evaluations"] for t in e["training"]]
+    assert stage_steps == [10, 10]  # the fine-tune's epoch, then its cooldown epoch
+    assert [t["steps"] for t in report["control"]["training"]] == stage_steps
+
+
 def test_the_run_level_accuracy_target_is_said_when_missed():
     data = _labelled_data()
     base = evaluate(_Oracle(shift=0), data, CONFIG, name="baseline")

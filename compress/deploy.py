@@ -367,6 +367,10 @@ def _dynamic_quantization_translations() -> dict:
         return op.DequantizeLinear(x, scale, zero_point)
 
     ops = torch.ops.quantized_decomposed
+    if not hasattr(ops, "choose_qparams"):
+        # Registered when torchao's PT2E flow is imported; a process that only loads and
+        # exports a float model has none of these ops in its graphs.
+        return {}
     return {
         ops.choose_qparams.tensor: choose_qparams,
         ops.quantize_per_tensor.tensor: quantize,

@@ -184,6 +184,17 @@ def test_export_command_writes_once_and_checks_the_file(trained_tiny, fmnist, tm
     assert missing.returncode == 2 and "not a compress model folder" in missing.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter
+def test_a_float_model_exports_from_a_fresh_process(fmnist, tmp_path):
+    """Exporting a float model must not need torchao's quantization ops registered: a
+    process that loads a model folder and exports it has never imported torchao."""
+    model = build_model(ModelConfig(name="compress.models:mlp", kwargs={"hidden": 64}), 10, 1)
+    folder = save(model.eval(), tmp_path / "model", fmnist.example_input(2))
+    done = run_cli("export", str(folder), "--format", "onnx", process=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "model.onnx").is_file()
+
+
 class _DataDependent(torch.nn.Module):
     """Control flow on a tensor's value: torch.export cannot trace it."""
 

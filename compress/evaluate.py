@@ -293,6 +293,25 @@ def compare(result: Evaluation, baseline: Evaluation, not_faster_reason: str | N
         result.notes.append(f"faster by its median ratio ({ratio:.2f}x) but within noise{spread}")
 
 
+def compare_with_input(result: Evaluation, previous: Evaluation) -> None:
+    """In a chain, say when a step is not faster than the model it was given (each in its
+    fastest runtime): its ratio against the baseline alone would hide it.
+
+    Example:
+        >>> compare_with_input(report.evaluations[2], report.evaluations[1])
+    """
+    ratio = result.latency_ms["p50"] / previous.latency_ms["p50"]
+    if ratio < NOT_FASTER_RATIO:
+        return
+    result.notes.append(
+        f"not faster than its input ({previous.name}): p50 {result.latency_ms['p50']:.3f} ms"
+        f" in {result.runtime} against {previous.latency_ms['p50']:.3f} ms in"
+        f" {previous.runtime} ({ratio:.2f}x, p50s timed apart); this step changed the size"
+        f" {result.size_bytes / previous.size_bytes:.2f}x and the MACs"
+        f" {result.macs / previous.macs:.2f}x"
+    )
+
+
 def accuracy_drop(result: Evaluation, reference: Evaluation) -> dict:
     """Points of top-1 ``result`` loses against ``reference`` (negative: a gain), paired image
     by image where both kept their per-image correctness: the 95 % exact McNemar interval

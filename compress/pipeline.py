@@ -28,6 +28,7 @@ from compress.errors import RecipeError, RunDirError
 from compress.evaluate import (
     Evaluation,
     accuracy_drop,
+    compare_with_input,
     correct_per_image,
     describe_drop,
     evaluate,
@@ -159,6 +160,8 @@ def run(
                 run_dir, f"stage{index}", run_stage, recipe, data, device, base, stage.name, folder
             )
             evaluation.deployment = None  # only the baseline's is timed again, against others
+            if index:
+                compare_with_input(evaluation, report.evaluations[-1])
             report.evaluations.append(evaluation)
         trained = sum(t["steps"] for e in report.evaluations for t in e.training)
         if recipe.evaluate.control and trained:

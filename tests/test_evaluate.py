@@ -8,6 +8,7 @@ from compress.artifact import save
 from compress.data import Data
 from compress.evaluate import (
     compare,
+    compare_with_input,
     count_flops,
     count_params,
     evaluate,
@@ -139,6 +140,12 @@ def test_not_faster_is_said_in_words():
     slower.notes.clear()
     compare(slower, base)
     assert any("not faster than the baseline" in n for n in slower.notes)
+    step = evaluate(_tiny(), data, CONFIG, name="step")
+    step.latency_ms, step.notes = {k: v * 1.5 for k, v in base.latency_ms.items()}, []
+    compare_with_input(step, slower)  # a chained step faster than its input: nothing to say
+    assert not step.notes
+    compare_with_input(step, base)
+    assert any("not faster than its input (baseline)" in n and "1.50x" in n for n in step.notes)
     faster = evaluate(_tiny(), data, CONFIG, name="fast")
     faster.latency_ms = {k: v / 2 for k, v in base.latency_ms.items()}
     faster.notes.clear()

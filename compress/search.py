@@ -74,7 +74,7 @@ KEEP += (0.12, 0.11, 0.1, 0.08, 0.06, 0.05)
 PROBES = 4
 # A latency prediction up to this fraction over the target is trained first (see _slack).
 LATENCY_SLACK = 0.15
-# The fine-tune when the recipe has no distill stage: resnet_full's (KD, 4 epochs, cosine).
+# The fine-tune when the recipe has no distill stage: KD, a short 4 epochs (step 4 stretches it).
 DISTILL_TRAINING = {"epochs": 4, "lr": 0.02, "schedule": "cosine"}
 TARGETS = (
     "target_latency_ms",
@@ -106,7 +106,7 @@ class SearchConfig(Config):
     # training when it and the final run would not fit.
     budget_minutes: float = option(60.0, min=0.0)
     # The longest distillation of step 4, in multiples of the recipe's epochs (and
-    # max_steps): 8x resnet_full's 4 epochs is 32, about 15 minutes for a ResNet-18
+    # max_steps): 8x a 4-epoch distillation is 32, about 15 minutes for a ResNet-18
     # pruned to a tenth of its MACs on 2 cores. 1 turns step 4 off.
     max_distill_stretch: int = option(8, min=1, max=100)
     keep: list[float] = option(default_factory=lambda: list(KEEP))  # MACs fractions tried

@@ -181,7 +181,7 @@ def test_the_search_keeps_the_recipes_stage_options_and_makes_the_pruned_model_t
     full = _templates(compress.load_recipe("recipes/resnet_full.yaml"))
     assert full["prune"]["importance"] == "l1" and full["prune"]["round_to"] == 8
     assert full["prune"]["fine_tune"] == {"epochs": 0}  # the distillation trains instead
-    assert full["distill"]["train"]["epochs"] == 4
+    assert full["distill"]["train"]["epochs"] == 16
     assert full["quantize"]["calibration_batches"] == 16
     # resnet_distill trains a named small student; in a search the pruned model is the student.
     distill = _templates(compress.load_recipe("recipes/resnet_distill.yaml"))["distill"]

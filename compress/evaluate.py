@@ -300,15 +300,25 @@ def compare_with_input(result: Evaluation, previous: Evaluation) -> None:
     Example:
         >>> compare_with_input(report.evaluations[2], report.evaluations[1])
     """
+    shape = ("params", "nonzero_params", "macs", "compute_dtype")
+    if all(getattr(result, k) == getattr(previous, k) for k in shape):
+        return  # the step only trained the weights (distillation into the same network)
     ratio = result.latency_ms["p50"] / previous.latency_ms["p50"]
     if ratio < NOT_FASTER_RATIO:
         return
+    changed = [
+        f"the {what} {mine / theirs:.2f}x"
+        for what, mine, theirs in (
+            ("size", result.size_bytes, previous.size_bytes),
+            ("MACs", result.macs, previous.macs),
+        )
+        if theirs  # a model torch's counter finds no MACs in has no ratio to give
+    ]
     result.notes.append(
         f"not faster than its input ({previous.name}): p50 {result.latency_ms['p50']:.3f} ms"
         f" in {result.runtime} against {previous.latency_ms['p50']:.3f} ms in"
-        f" {previous.runtime} ({ratio:.2f}x, p50s timed apart); this step changed the size"
-        f" {result.size_bytes / previous.size_bytes:.2f}x and the MACs"
-        f" {result.macs / previous.macs:.2f}x"
+        f" {previous.runtime} ({ratio:.2f}x, p50s timed apart)"
+        + (f"; this step changed {' and '.join(changed)}" if changed else "")
     )
 
 

@@ -143,9 +143,12 @@ def test_not_faster_is_said_in_words():
     step = evaluate(_tiny(), data, CONFIG, name="step")
     step.latency_ms, step.notes = {k: v * 1.5 for k, v in base.latency_ms.items()}, []
     compare_with_input(step, slower)  # a chained step faster than its input: nothing to say
+    compare_with_input(step, base)  # one that only trained the same network: nothing either
     assert not step.notes
+    step.compute_dtype = "int8"
     compare_with_input(step, base)
     assert any("not faster than its input (baseline)" in n and "1.50x" in n for n in step.notes)
+    assert "the MACs 1.00x" in step.notes[-1]
     faster = evaluate(_tiny(), data, CONFIG, name="fast")
     faster.latency_ms = {k: v / 2 for k, v in base.latency_ms.items()}
     faster.notes.clear()

@@ -188,6 +188,7 @@ def test_prune_distill_quantize_chain_end_to_end(tmp_path):
     names = [e["name"] for e in evaluations]
     assert names == ["baseline", "prune:structured", "distill:kd", "quantize:int8_static"]
     base, pruned, distilled, quantized = evaluations
+    assert not [n for n in distilled["notes"] if "than its input" in n]  # it only trained
     # Cumulative: every row's ratios are against the baseline, and they compound.
     assert pruned["macs"] < base["macs"] and distilled["macs"] == pruned["macs"]
     assert quantized["compute_dtype"] == "int8" and distilled["size_bytes"] < base["size_bytes"]

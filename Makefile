@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 RECIPE ?= recipes/resnet_int8.yaml
 # `make run` trains a quick baseline (600 steps of 128 images, 1.3 epochs: 2-4 min on 2
 # cores, 89-90 %) in place of the recipe's shipped reference (references/, 64 epochs), so that
-# `make run` takes 5-7 minutes on a fresh clone (4:37 and 7:01 measured; README). The figures in
+# `make run` takes 4.5-7 minutes on a fresh clone (4:37 in README; 7:01 in a slower hour). The figures in
 # README/docs/results rest on the reference (`make experiments`). QUICK= runs the recipe
 # as written.
 QUICK ?= --set train.epochs=0 --set train.max_steps=600 --set train.lr=0.1 \

@@ -201,7 +201,7 @@ class InductorModel(nn.Module):
 class OnnxRuntimeModel(nn.Module):
     """An ONNX Runtime CPU session with all graph optimisations (QDQ fusion included)."""
 
-    def __init__(self, path: str | Path, threads: int):
+    def __init__(self, path: str | Path, threads: int, optimized_to: str | Path | None = None):
         super().__init__()
         import onnxruntime as ort
 
@@ -210,6 +210,8 @@ class OnnxRuntimeModel(nn.Module):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # unused-initializer warnings are noise here
+        if optimized_to is not None:  # the graph as ORT runs it: which nodes it fused
+            options.optimized_model_filepath = str(optimized_to)
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
@@ -232,13 +234,17 @@ class OpenVinoModel(nn.Module):
     AVX-512 BF16); ``precision`` records what it chose, since top-1 is measured as it runs.
     """
 
-    def __init__(self, path: str | Path, threads: int, precision: str | None = None):
+    def __init__(
+        self, path: str | Path, threads: int, precision: str | None = None, profile: bool = False
+    ):
         super().__init__()
         import openvino as ov
 
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if precision is not None:  # an FP16/BF16 model: OpenVINO's own half-precision path
             config["INFERENCE_PRECISION_HINT"] = precision
+        if profile:  # per-node times in request.profiling_info (costs a little per call)
+            config["PERF_COUNT"] = True
         try:
             core = ov.Core()
             graph = core.read_model(str(path))

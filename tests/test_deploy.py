@@ -12,7 +12,7 @@ import torch
 
 from compress import deploy
 from compress.artifact import save
-from compress.deploy import ExportError, deployed, export
+from compress.deploy import ExportError, OnnxRuntimeModel, OpenVinoModel, deployed, export
 from compress.errors import RecipeError
 from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
 from compress.models import build_model
@@ -99,6 +99,23 @@ def test_dynamic_int8_exports_in_onnxruntimes_dynamic_form(fmnist, tmp_path):
         expected = int8.reference_module(images)
     got = deployed(int8, "onnxruntime", 1, images, tmp_path / "m")(images)
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_runtimes_show_where_their_time_goes(trained_tiny, fmnist, tmp_path):
+    """What scripts/runtime_layers.py reads: OpenVINO's per-node times and the graph ONNX
+    Runtime runs after its optimisations."""
+    xml = export(trained_tiny, tmp_path / "m.xml", "openvino", fmnist.example_input(2))
+    profiled = OpenVinoModel(xml, 1, profile=True)
+    profiled(fmnist.example_input(1))
+    executed = [n for n in profiled.request.profiling_info if n.status.name == "EXECUTED"]
+    assert sum(n.node_type == "Convolution" for n in executed) == 3  # tiny_cnn's three convs
+    path = export(trained_tiny, tmp_path / "m.onnx", "onnx", fmnist.example_input(2))
+    OnnxRuntimeModel(path, 1, optimized_to=tmp_path / "optimized.onnx")
+    nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    # As it runs on an x86 CPU: every Conv in ORT's blocked NCHWc layout, BN folded into it.
+    assert {n.domain for n in nodes if n.op_type == "Conv"} == {"com.microsoft.nchwc"}
+    assert not [n for n in nodes if n.op_type == "BatchNormalization"]
 
 
 def _ops_onnxruntime_runs(path, folder) -> collections.Counter:

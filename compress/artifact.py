@@ -471,6 +471,16 @@ _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*", re.IGNORECASE)
 _ATTRIBUTE = re.compile(r"(?!__)[A-Za-z0-9_]+(\.(?!__)[A-Za-z0-9_]+)*")
 _MEMORY_FORMATS = ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
 _MAX_ARG_DEPTH = 8
+# The work a graph file can cause is bounded by what its tensors imply. A network's graph
+# holds a few nodes per stored tensor (torchvision's classifiers: 1.6 for resnet18, 4.4
+# for swin_t, the most; INT8 adds quantize and dequantize nodes around them), so a
+# graph may hold 64 nodes per tensor plus 1,024, and never more than 100,000 (loading one
+# costs ~0.13 ms a node on 2 cores: ~14 s; scripts/bench_graph_load.py); its arguments may
+# hold 32 values a node on average (a convolution has 9, a concatenation one per input).
+GRAPH_NODES_PER_TENSOR = 64
+GRAPH_BASE_NODES = 1024
+MAX_GRAPH_NODES = 100_000
+GRAPH_VALUES_PER_NODE = 32
 
 
 def save_graph(
@@ -530,11 +540,18 @@ def load_graph(file: Path) -> torch.fx.GraphModule:
     stored = _read_json(file)
     if not isinstance(stored, dict) or stored.get("format") != GRAPH_FORMAT:
         raise ArtifactError(f"{file}: not a {GRAPH_FORMAT} graph; refused")
+    nodes = stored.get("nodes")
+    if not isinstance(nodes, list):
+        raise ArtifactError(f"{file}: no list of nodes; refused")
+    _check_node_count(len(nodes), MAX_GRAPH_NODES, "", file)  # before the tensors are read
     tensors = read_tensors(data_file(file.parent, _tensor_file(file.name)), memory_cap())
+    ceiling = min(GRAPH_NODES_PER_TENSOR * len(tensors) + GRAPH_BASE_NODES, MAX_GRAPH_NODES)
+    _check_node_count(len(nodes), ceiling, f" for its {len(tensors)} tensors", file)
     parameters = set(stored.get("parameters") or [])
     graph, made, root = torch.fx.Graph(), [], {}
+    values = [GRAPH_VALUES_PER_NODE * len(nodes)]  # argument values left to decode
     try:
-        for entry in stored["nodes"]:
+        for entry in nodes:
             op = entry["op"]
             if op == "placeholder":
                 node = graph.placeholder(f"x{len(made)}" if made else "x")
@@ -546,13 +563,13 @@ def load_graph(file: Path) -> torch.fx.GraphModule:
                 root[target] = nn.Parameter(tensor, False) if target in parameters else tensor
                 node = graph.get_attr(target)
             elif op == "call_function":
-                args = _decode(entry["args"], made, file)
-                kwargs = _decode(entry["kwargs"], made, file)
+                args = _decode(entry["args"], made, file, values)
+                kwargs = _decode(entry["kwargs"], made, file, values)
                 if not isinstance(args, tuple) or not isinstance(kwargs, dict):
                     raise ArtifactError(f"{file}: malformed arguments; refused")
                 node = graph.call_function(_op(entry["target"], file), args, kwargs)
             elif op == "output":
-                node = graph.output(_decode(entry["args"], made, file))
+                node = graph.output(_decode(entry["args"], made, file, values))
             else:
                 raise ArtifactError(f"{file}: node kind {op!r} refused")
             made.append(node)
@@ -661,22 +678,36 @@ def _encode(value, index: dict):
     raise ArtifactError(f"cannot store the argument {value!r} ({type(value).__name__}) as data")
 
 
-def _decode(value, made: list, file: Path, depth: int = 0):
+def _check_node_count(count: int, ceiling: int, why: str, file: Path) -> None:
+    if count > ceiling:
+        raise ArtifactError(
+            f"{file}: {count} nodes, more than the {ceiling} a network's graph holds{why}; refused"
+        )
+
+
+def _decode(value, made: list, file: Path, values: list[int], depth: int = 0):
+    """A stored argument as FX takes it; ``values`` counts down what the graph may still
+    decode (a budget shared by all its nodes)."""
     if depth > _MAX_ARG_DEPTH:
         raise ArtifactError(f"{file}: arguments nested too deeply; refused")
+    values[0] -= 1
+    if values[0] < 0:
+        raise ArtifactError(
+            f"{file}: more argument values than {GRAPH_VALUES_PER_NODE} a node; refused"
+        )
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [_decode(v, made, file, depth + 1) for v in value]
+        return [_decode(v, made, file, values, depth + 1) for v in value]
     if isinstance(value, dict) and len(value) == 1:
         (tag, inner), where = next(iter(value.items())), f"{file}: argument {value!r}"
         if tag == "node" and isinstance(inner, int) and 0 <= inner < len(made):
             if made[inner].op != "output":
                 return made[inner]
         elif tag == "tuple" and isinstance(inner, list):
-            return tuple(_decode(v, made, file, depth + 1) for v in inner)
+            return tuple(_decode(v, made, file, values, depth + 1) for v in inner)
         elif tag == "dict" and isinstance(inner, dict):
-            return {str(k): _decode(v, made, file, depth + 1) for k, v in inner.items()}
+            return {str(k): _decode(v, made, file, values, depth + 1) for k, v in inner.items()}
         elif tag == "dtype" and isinstance(inner, str) and _IDENTIFIER.fullmatch(inner):
             if isinstance(getattr(torch, inner, None), torch.dtype):
                 return getattr(torch, inner)

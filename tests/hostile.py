@@ -53,6 +53,28 @@ def edit_graph(folder: Path, change) -> None:
     (folder / "graph.json").write_text(json.dumps(graph))
 
 
+def chain(length: int, operation: str = "aten.relu.default"):
+    """A graph edit: ``length`` more operations chained before the output (a small file,
+    ~120 bytes a node, that costs work in proportion to its nodes)."""
+
+    def change(graph):
+        output = graph["nodes"].pop()
+        last = len(graph["nodes"]) - 1
+        for index in range(last + 1, last + 1 + length):
+            graph["nodes"].append(
+                {
+                    "op": "call_function",
+                    "target": operation,
+                    "args": {"tuple": [{"node": index - 1}]},
+                    "kwargs": {"dict": {}},
+                }
+            )
+        output["args"] = {"node": len(graph["nodes"]) - 1}
+        graph["nodes"].append(output)
+
+    return change
+
+
 def rezip(file: Path, duplicate: str | None = None, deflate: bool = False) -> None:
     """Rewrite a torch.save zip: entries deflated, or a second entry named as the one that
     ends in ``duplicate`` (holding a pickle of None), which one reader may take and

@@ -145,6 +145,43 @@ def test_graph_names_only_allowed_operations(attack, graph_folder, marker, tmp_p
     assert not marker.exists() and hostile.checksums(tmp_path) == before
 
 
+def test_a_graph_does_only_the_work_its_tensors_imply(graph_folder, tmp_path, monkeypatch):
+    """Nodes past the ceiling (64 a stored tensor + 1,024; 100,000 at most) are refused
+    before FX builds a node or the tensors are read (300,000 chained nodes, a 35 MB file:
+    refused in 2 s, where loading them took minutes)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: resnet18}\n"
+        "data: {test_subset: 50, calibration_size: 100}\n"
+        "evaluate: {iterations: 1, warmup: 0, profile: false, runtimes: [torch]}\n"
+    )
+    under = shutil.copytree(graph_folder, tmp_path / "under")
+    hostile.edit_graph(under, hostile.chain(1_000))  # 1,006 nodes, 2 tensors: under 1,152
+    assert len(load(under).graph.nodes) == 1_006
+    over = shutil.copytree(graph_folder, tmp_path / "over")
+    hostile.edit_graph(over, hostile.chain(1_200))
+    refused(lambda: load(over), match="1206 nodes, more than the 1152 a network's graph holds")
+    hostile.edit_graph(graph_folder, hostile.chain(300_000))
+
+    def built(*args, **kwargs):
+        raise AssertionError("a node was built or a tensor read before the count was checked")
+
+    monkeypatch.setattr(torch.fx.Graph, "create_node", built)
+    monkeypatch.setattr("compress.artifact.read_tensors", built)
+    cli_refused(
+        "eval", str(recipe), "--model", str(graph_folder), match="300006 nodes, more than the"
+    )
+
+
+def test_arguments_are_bounded_across_the_graph(graph_folder):
+    def long_arguments(graph):
+        node = next(n for n in graph["nodes"] if n["op"] == "call_function")
+        node["kwargs"] = {"dict": {"padding": list(range(40_000))}}
+
+    hostile.edit_graph(graph_folder, long_arguments)
+    refused(lambda: load(graph_folder), match="more argument values than 32 a node")
+
+
 def test_torch_export_archives_are_not_loaded(graph_folder, tmp_path):
     program = torch.export.export(torch.nn.Linear(4, 2), (torch.randn(2, 4),))
     torch.export.save(program, graph_folder / "model.pt2")

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Subset,
+    TensorDataset,
+)
 from torchvision import transforms
 
 from compress import distributed
@@ -72,7 +79,9 @@ class Data:
         dataset = getattr(self, split)
         if batch_size is None:
             batch_size = self.config.batch_size if split == "train" else self.config.eval_batch_size
-        sampler = None
+        if shard and not shuffle and distributed.world_size() > 1:
+            dataset = Subset(dataset, distributed.shard(len(dataset)))
+        batches = None
         if shuffle:
             # With one process this is the order a seeded RandomSampler gives: randperm
             # seeded with seed + epoch.
@@ -84,12 +93,13 @@ class Data:
                 seed=seed,
             )
             sampler.set_epoch(epoch)
-        elif shard and distributed.world_size() > 1:
-            dataset = Subset(dataset, distributed.shard(len(dataset)))
+            # A training order never ends in a batch of one image: BatchNorm cannot
+            # normalise it in training mode (one value per channel at 1x1).
+            batches = _NoLoneBatch(sampler, batch_size, drop_last=False)
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
+            batch_size=1 if batches else batch_size,  # DataLoader's default with a batch_sampler
+            batch_sampler=batches,
             # Workers' base seed comes from this generator, not from the global RNG.
             generator=torch.Generator().manual_seed(seed + epoch),
             num_workers=self.config.workers,
@@ -101,6 +111,23 @@ class Data:
         if images.shape[0] < batch_size:  # a tiny test split: repeat to the batch size asked
             images = images.repeat((batch_size + images.shape[0] - 1) // images.shape[0], 1, 1, 1)
         return images[:batch_size]
+
+
+class _NoLoneBatch(BatchSampler):
+    """The sampler's order in batches, leaving out a last batch of one image (one image of
+    an epoch; a split of one image stays whole)."""
+
+    def _lone(self) -> bool:
+        count = len(self.sampler)
+        return count > 1 and count % self.batch_size == 1
+
+    def __iter__(self):
+        batches = super().__iter__()
+        for _ in range(len(self)):
+            yield next(batches)
+
+    def __len__(self) -> int:
+        return super().__len__() - self._lone()
 
 
 def build_data(config: DataConfig | dict | None = None, seed: int = 0) -> Data:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from compress.architectures import unknown_model
+from compress.architectures import input_problem, unknown_model
 from compress.errors import RecipeError
 from compress.registry import STAGES, stage_spec
 from compress.schema import (
@@ -31,6 +31,16 @@ from compress.schema import (
 # A recipe's name names its run folder: a plain name, never a path.
 RUN_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
 MAX_RECIPE_BYTES = 1 << 20
+
+
+# What a recipe is checked against before any file is read: image channels and training
+# images of the datasets whose files are fixed, and their native size (imagefolder: RGB,
+# any count and size).
+DATASET_FACTS: dict[str, tuple[int | None, int | None, int | None]] = {
+    "fashion_mnist": (1, 60_000, 28),
+    "cifar10": (3, 50_000, 32),
+    "imagefolder": (3, None, None),
+}
 
 
 @dataclass
@@ -74,15 +84,50 @@ class DataConfig(Config):
     # DataLoader worker processes (Fashion-MNIST is in memory: 0 is fastest).
     workers: int = option(0, min=0, max=256)
     image_size: int | None = option(None, min=8, max=4096)  # resize and centre-crop; null: native
-    mean: list[float] | None = None  # per channel; default: the dataset's statistics
-    std: list[float] | None = None  # per channel; default: the dataset's statistics
+    mean: list[float] | None = None  # one per image channel; default: the dataset's statistics
+    std: list[float] | None = None  # one per channel, each above 0; default: the dataset's
     # Images held out of train for calibration and validation (never the test split).
     calibration_size: int = option(1000, min=1)
-    train_subset: int | None = option(None, min=1)  # first N, for quick runs
+    # First N, for quick runs; at least 2 (BatchNorm cannot normalise a batch of one).
+    train_subset: int | None = option(None, min=2)
     test_subset: int | None = option(None, min=1)  # first N test images
     synthetic_size: int = option(512, min=1)  # images per synthetic split
     synthetic_classes: int = option(10, min=2)  # synthetic: classes (random labels)
     synthetic_channels: int = option(3, min=1)  # synthetic: image channels
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """Channels, height and width of the images the model gets, where known unread."""
+        if self.name == "synthetic":
+            return (self.synthetic_channels, self.image_size or 28, self.image_size or 28)
+        channels, _, native = DATASET_FACTS[self.name]
+        size = self.image_size or native
+        return None if size is None else (channels, size, size)
+
+    def check(self) -> None:
+        channels, train_images, _ = DATASET_FACTS.get(self.name, (None, None, None))
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is None:
+                continue
+            if self.name == "synthetic":
+                raise FieldError(key, "not used by data.name 'synthetic' (its images are random)")
+            if channels is not None and len(values) != channels:
+                raise FieldError(
+                    key,
+                    f"{values!r} has {len(values)} values; {self.name} images have"
+                    f" {channels} channel{'s' * (channels > 1)}: give one value per channel",
+                )
+        for index, value in enumerate(self.std or []):
+            if value <= 0:  # every pixel would be divided by it
+                raise FieldError(
+                    f"std[{index}]", f"{value!r} must be above 0 (images are divided by it)"
+                )
+        if train_images is not None and self.calibration_size >= train_images:
+            raise FieldError(
+                "calibration_size",
+                f"{self.calibration_size} leaves no training images ({self.name} has"
+                f" {train_images}); lower it (the default holds out 1000)",
+            )
 
 
 @dataclass
@@ -125,6 +170,11 @@ class TrainConfig(Config):
     # Intra-op threads per process. None: this machine's cores shared among the processes
     # of the run on it (all of them for a single process).
     threads: int | None = option(None, min=1, max=1024)
+    # Under torchrun: BatchNorm normalises over the global batch (every rank's images), as
+    # one process would; each rank otherwise normalises over its own share. Costs one
+    # all-reduce per BatchNorm layer and step. Set in the recipe's train section, it holds
+    # for every training of the run (stages' fine-tunes, distillation, QAT, the control).
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -220,6 +270,10 @@ class Recipe(Config):
                     f" {stage.kind} stage ends the chain; put {stage.kind} last"
                     " (e.g. prune → distill → quantize)",
                 )
+            if self.train.sync_batchnorm:  # how the ranks train: the same for every training
+                for value in vars(stage.config).values():
+                    if isinstance(value, TrainConfig):
+                        value.sync_batchnorm = True
             resolve = getattr(stage.config, "resolve", None)
             if resolve is not None:  # a stage default taken from the run's settings
                 resolve(self)
@@ -251,10 +305,24 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8"
         ) from None
     raw = read_yaml(text, str(path))
-    raw = {} if raw is None else raw
+    if raw is None or raw == {}:  # every key has a default: an empty file would run them all
+        raise RecipeError(
+            f"{path}: the recipe is empty; a minimal recipe is"
+            " `{model: {name: resnet18}, stages: [{quantize: {method: int8_static}}]}`"
+            " (every key: docs/recipes.md)"
+        )
     for override in overrides:
         raw = apply_override(raw, override, source=str(path))
-    return parse_recipe(raw, source=str(path))
+    recipe = parse_recipe(raw, source=str(path))
+    shape = recipe.data.image_shape()
+    if shape is not None and not recipe.model.weights:  # a zero-size layer fails every run
+        problem = input_problem(recipe.model.name, recipe.model.kwargs, shape)
+        if problem:
+            raise RecipeError(
+                f"{path}: data.image_size: model {recipe.model.name} cannot take"
+                f" {'x'.join(map(str, shape))} images ({problem}); change data.image_size or model.kwargs"
+            )
+    return recipe
 
 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:

@@ -292,3 +292,62 @@ def test_a_key_with_a_line_break_still_gives_one_line(raw):
     with pytest.raises(RecipeError) as info:
         parse_recipe(raw)
     assert "\n" not in str(info.value) and "\\n" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "expected"),
+    [
+        ({"std": [0]}, "data.std[0]", "must be above 0 (images are divided by it)"),
+        ({"std": [-0.3]}, "data.std[0]", "must be above 0"),
+        ({"std": [0.3, 0.3, 0.3]}, "data.std", "fashion_mnist images have 1 channel"),
+        ({"name": "cifar10", "mean": [0.5]}, "data.mean", "cifar10 images have 3 channels"),
+        ({"mean": []}, "data.mean", "has 0 values"),
+        ({"name": "synthetic", "std": [1.0]}, "data.std", "not used by data.name 'synthetic'"),
+        ({"calibration_size": 60_000}, "data.calibration_size", "leaves no training images"),
+        ({"name": "cifar10", "calibration_size": 50_000}, "data.calibration_size", "has 50000"),
+        ({"train_subset": 1}, "data.train_subset", "out of range (must be between 2 and"),
+    ],
+)
+def test_values_that_break_arithmetic_are_refused_at_validation(data, path, expected):
+    message = _error({"data": data})
+    assert f" {path}: " in message and expected in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "sets"),
+    [("", []), ("# a comment only\n", []), ("{}\n", []), ("", ["data.batch_size=64"])],
+)
+def test_an_empty_recipe_is_refused_with_a_minimal_one(tmp_path, text, sets):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(RecipeError, match="the recipe is empty; a minimal recipe is") as info:
+        load_recipe(recipe, sets)
+    minimal = str(info.value).split("`")[1]  # the minimal recipe it quotes is valid
+    assert parse_recipe(yaml.safe_load(minimal)).stages[0].name == "quantize:int8_static"
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["model.name=vgg11", "data.image_size=8"], "vgg11 cannot take 1x8x8 images"),
+        (["model.name=vit_b_16"], "vit_b_16 cannot take 1x28x28 images"),
+        (["data.name=synthetic", "model.name=alexnet"], "alexnet cannot take 3x28x28 images"),
+    ],
+)
+def test_an_input_too_small_for_the_network_is_refused_at_validation(sets, expected):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("recipes/resnet_int8.yaml", sets)
+    message = str(info.value)
+    assert " data.image_size: " in message and expected in message, message
+    assert load_recipe("recipes/resnet_int8.yaml", ["model.name=vgg11", "data.image_size=32"])
+
+
+def test_sync_batchnorm_in_the_train_section_holds_for_every_training_of_the_run():
+    raw = {
+        "train": {"sync_batchnorm": True},
+        "stages": [{"prune": {}}, {"distill": {}}, {"quantize": {"method": "int8_qat"}}],
+    }
+    prune, distill, quantize = (s.config for s in parse_recipe(raw).stages)
+    assert prune.fine_tune.sync_batchnorm and distill.train.sync_batchnorm
+    assert quantize.fine_tune.sync_batchnorm
+    assert not parse_recipe({"stages": [{"distill": {}}]}).stages[0].config.train.sync_batchnorm

@@ -270,3 +270,17 @@ def test_max_steps_bounds_the_schedule_and_its_cooldown_together(small):
     train(_fresh(), small, TrainConfig(epochs=0, max_steps=3, cooldown_epochs=3), context=context)
     assert [entry["steps"] for entry in context.budget] == [3]
     assert cooldown_config(TrainConfig(epochs=0, max_steps=3, cooldown_epochs=3)) is None
+
+
+def test_a_last_batch_of_one_image_is_left_out_of_training():
+    """129 images in batches of 128 would end in a batch of one, which ResNet-18's last
+    BatchNorm (1x1 at 28x28) cannot normalise in training: it raised ValueError before."""
+    data = build_data(
+        DataConfig(train_subset=129, test_subset=10, calibration_size=100, batch_size=128), seed=0
+    )
+    assert [len(labels) for _, labels in data.loader("train", shuffle=True)] == [128]
+    assert [len(labels) for _, labels in data.loader("train")] == [128, 1]  # evaluation: all
+    model = build_model("resnet18", data=data)
+    before = model.layer4[1].bn2.running_mean.clone()
+    train(model, data, TrainConfig(epochs=1, validate=False), seed=0)
+    assert not torch.equal(before, model.layer4[1].bn2.running_mean)  # it trained one step

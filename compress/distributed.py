@@ -8,13 +8,16 @@ rest of the code calls them unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce as all_reduce_with_gradient
 
 
 def init_from_env(device: str) -> str:
@@ -126,6 +129,63 @@ def broadcast_buffers(module: nn.Module) -> None:
     for buffer in module.buffers():
         if dist.get_backend() == "nccl" or buffer.device.type == "cpu":
             dist.broadcast(buffer, src=0)
+
+
+class _SyncedBatchNorm:
+    """BatchNorm whose training statistics are those of the global batch: each rank's
+    per-channel sums and counts added across ranks (one all-reduce a layer, its gradient
+    too). torch's own SyncBatchNorm runs on GPUs only; this one on gloo as well."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats and world_size() > 1):
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        count = x.new_full((1,), x.numel() // channels)
+        sums = all_reduce_with_gradient(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        total, square, n = sums[:channels], sums[channels:-1], sums[-1]
+        mean = total / n
+        variance = (square / n - mean * mean).clamp_min(0)  # biased, as BatchNorm divides by
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = (
+                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            )
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(variance.detach() * n / (n - 1).clamp_min(1), momentum)
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+_SYNCED = {
+    base: type(f"Synced{base.__name__}", (_SyncedBatchNorm, base), {})
+    for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+}
+
+
+@contextlib.contextmanager
+def synced_batchnorm(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the block, ``model``'s BatchNorm layers normalise over the global batch of all
+    ranks (``train.sync_batchnorm``); yields how many layers that is (none with one
+    process). The layers keep their parameters, buffers and state_dict keys.
+
+    Example:
+        >>> with synced_batchnorm(model, config.sync_batchnorm):
+        ...     loss = criterion(model(images), labels)
+    """
+    layers = [m for m in model.modules() if type(m) in _SYNCED] if enabled else []
+    if world_size() == 1:
+        layers = []
+    for layer in layers:
+        layer.__class__ = _SYNCED[type(layer)]
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.__class__ = layer.__class__.__bases__[1]
 
 
 def shard(length: int) -> range:

@@ -537,8 +537,10 @@ def baseline_key(recipe: Recipe) -> str:
     data = {
         k: v for k, v in d["data"].items() if k not in ("eval_batch_size", "workers", "test_subset")
     }
-    # Validation reads the weights, never changes them.
-    training = {k: v for k, v in d["train"].items() if k != "validate"}
+    # Validation reads the weights, never changes them. How ranks share BatchNorm
+    # statistics under torchrun, like how many ranks there are, is not in the key: the
+    # shipped reference serves a torchrun with sync_batchnorm as it serves one process.
+    training = {k: v for k, v in d["train"].items() if k not in ("validate", "sync_batchnorm")}
     if training["augment"] == "none":  # as before augmentation existed: earlier caches hold
         del training["augment"], training["crop_padding"]
     # Likewise for keys from before the cooldown existed, and when max_steps leaves none.

@@ -130,82 +130,89 @@ def train(
         leave=False,
         disable=None if distributed.is_main() else True,
     )
-    correct = seen = 0
-    for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
-        net.train()
-        batches = data.loader("train", shuffle=True, seed=seed, epoch=epoch)
-        # Seeded per epoch, as the order is: a resumed epoch draws the same augmentations.
-        draws = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        for index, (images, labels, *extra) in enumerate(batches):
-            images = augment(images, config.augment, config.crop_padding, draws).to(device)
-            labels = labels.to(device)
-            extra = [e.to(device) for e in extra]
-            # The last micro-batch of a step (or of the epoch) steps the optimizer; the ones
-            # before it only add their gradients, without a DDP exchange (no_sync).
-            stepping = (index + 1) % config.accumulate == 0 or index + 1 == micro_batches
-            if index % config.accumulate == 0:
-                optimizer.zero_grad(set_to_none=True)
-            group_start = index - index % config.accumulate
-            in_step = min(config.accumulate, micro_batches - group_start)
-            exchange = stepping or net is model  # no_sync defers DDP's gradient exchange
-            with contextlib.nullcontext() if exchange else net.no_sync():
-                with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss, logits = loss_fn(net, images, labels, *extra)
-                if not torch.isfinite(loss):
-                    progress.close()
-                    last_good = (
-                        f"; last good checkpoint: {checkpoint}"
-                        if checkpoint and checkpoint.is_file()
-                        else ""
-                    )
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step};"
-                        f" lower train.lr or set train.grad_clip{last_good}"
-                    )
-                scaler.scale(loss / in_step).backward()  # a step's mean over its micro-batches
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += labels.numel()
-            if not stepping:
-                continue
-            if config.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            progress.update()
-            progress.set_postfix(
-                epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%"
-            )
-            if step >= total_steps:
-                break
-        distributed.broadcast_buffers(model)  # every rank validates and ends with rank 0's
-        top1 = _validate(model, data, device) if config.validate else None
-        log.info(
-            "%s: epoch %d done, step %d/%d, last loss %.3f, train accuracy %.1f %%%s",
-            desc,
-            epoch,
-            step,
-            total_steps,
-            loss.item(),
-            100 * correct / max(seen, 1),
-            "" if top1 is None else f", validation top-1 {top1:.2f} %",
-        )
+    # Under torchrun with sync_batchnorm, BatchNorm sees the global batch (the float
+    # model it ends with has plain BatchNorm layers again).
+    with distributed.synced_batchnorm(model, config.sync_batchnorm) as synced:
+        if synced:
+            log.info("%s: %d BatchNorm layers normalise over every rank's images", desc, synced)
         correct = seen = 0
-        if top1 is not None and top1 > best["top1"]:
-            # The weights are copied only where they are used: use_best, or best.pt.
-            keep = config.use_best or checkpoint is not None
-            best = {"top1": top1, "epoch": epoch, "state": _cpu_state(model) if keep else None}
-            if checkpoint is not None and distributed.is_main():
-                write_atomic(
-                    checkpoint.with_name("best.pt"),
-                    lambda tmp, state=best["state"]: torch.save(state, tmp),
+        for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
+            net.train()
+            batches = data.loader("train", shuffle=True, seed=seed, epoch=epoch)
+            # Seeded per epoch, as the order is: a resumed epoch draws the same augmentations.
+            draws = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            for index, (images, labels, *extra) in enumerate(batches):
+                images = augment(images, config.augment, config.crop_padding, draws).to(device)
+                labels = labels.to(device)
+                extra = [e.to(device) for e in extra]
+                # The last micro-batch of a step (or of the epoch) steps the optimizer; the ones
+                # before it only add their gradients, without a DDP exchange (no_sync).
+                stepping = (index + 1) % config.accumulate == 0 or index + 1 == micro_batches
+                if index % config.accumulate == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                group_start = index - index % config.accumulate
+                in_step = min(config.accumulate, micro_batches - group_start)
+                exchange = stepping or net is model  # no_sync defers DDP's gradient exchange
+                with contextlib.nullcontext() if exchange else net.no_sync():
+                    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, logits = loss_fn(net, images, labels, *extra)
+                    if not torch.isfinite(loss):
+                        progress.close()
+                        last_good = (
+                            f"; last good checkpoint: {checkpoint}"
+                            if checkpoint and checkpoint.is_file()
+                            else ""
+                        )
+                        raise TrainingError(
+                            f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step};"
+                            f" lower train.lr or set train.grad_clip{last_good}"
+                        )
+                    scaler.scale(loss / in_step).backward()  # a step's mean over its micro-batches
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += labels.numel()
+                if not stepping:
+                    continue
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                progress.update()
+                progress.set_postfix(
+                    epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%"
                 )
-        if checkpoint is not None:
-            if distributed.is_main():
-                _save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, epoch, step, best)
-            distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume
+                if step >= total_steps:
+                    break
+            distributed.broadcast_buffers(model)  # every rank validates and ends with rank 0's
+            top1 = _validate(model, data, device) if config.validate else None
+            log.info(
+                "%s: epoch %d done, step %d/%d, last loss %.3f, train accuracy %.1f %%%s",
+                desc,
+                epoch,
+                step,
+                total_steps,
+                loss.item(),
+                100 * correct / max(seen, 1),
+                "" if top1 is None else f", validation top-1 {top1:.2f} %",
+            )
+            correct = seen = 0
+            if top1 is not None and top1 > best["top1"]:
+                # The weights are copied only where they are used: use_best, or best.pt.
+                keep = config.use_best or checkpoint is not None
+                best = {"top1": top1, "epoch": epoch, "state": _cpu_state(model) if keep else None}
+                if checkpoint is not None and distributed.is_main():
+                    write_atomic(
+                        checkpoint.with_name("best.pt"),
+                        lambda tmp, state=best["state"]: torch.save(state, tmp),
+                    )
+            if checkpoint is not None:
+                if distributed.is_main():
+                    _save_checkpoint(
+                        checkpoint, model, optimizer, scheduler, scaler, epoch, step, best
+                    )
+                distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume
     progress.close()
     if config.use_best and best["state"] is not None:
         log.info(

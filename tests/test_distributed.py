@@ -37,6 +37,24 @@ def test_two_ranks_end_identical_and_match_one_process_on_the_global_batch(tmp_p
         assert torch.allclose(rank0[key], single[key], atol=1e-4), key  # same global batches
         assert torch.allclose(rank0_accumulated[key], single[key], atol=1e-4), key
         assert not torch.equal(rank0[key], torch.zeros_like(rank0[key]))
+    # BatchNorm: each rank normalises over its 32 images unless sync_batchnorm makes it
+    # the global batch of 64, as one process has it (weights and running statistics).
+    single, synced, synced1, alone = (
+        torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        for name in (
+            "rank0-of-1-bn-sync1",
+            "rank0-of-2-bn-sync1",
+            "rank1-of-2-bn-sync1",
+            "rank0-of-2-bn-sync0",
+        )
+    )
+    worst = {"synced": 0.0, "alone": 0.0}
+    for key in single:
+        assert torch.equal(synced[key], synced1[key]), key
+        if single[key].is_floating_point():
+            worst["synced"] = max(worst["synced"], (synced[key] - single[key]).abs().max().item())
+            worst["alone"] = max(worst["alone"], (alone[key] - single[key]).abs().max().item())
+    assert worst["synced"] < 1e-4 and worst["alone"] > 100 * worst["synced"], worst
     # Each rank takes its share of the machine's cores; one process takes them all.
     cores = len(os.sched_getaffinity(0))
     threads = {

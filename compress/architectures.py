@@ -81,10 +81,13 @@ def unknown_model(name: str) -> str | None:
     )
 
 
-def input_problem(name: str, kwargs: dict, image_shape: tuple[int, int, int]) -> str | None:
-    """Why torchvision's network ``name`` cannot take images of ``image_shape`` (channels,
-    height, width), or None. Built and run on the meta device: no memory, no arithmetic
-    (0.05 s for resnet18). Import paths are not imported here (that runs their code).
+def input_problem(
+    name: str, kwargs: dict, image_shape: tuple[int, int, int], training: bool = False
+) -> str | None:
+    """Why torchvision's network ``name`` cannot take one image of ``image_shape``
+    (channels, height, width), in eval mode or in ``training`` mode, or None. Built and run
+    on the meta device: no memory, no arithmetic (0.05 s for resnet18). Import paths are
+    not imported here (that runs their code).
 
     Example:
         >>> input_problem("vgg11", {}, (1, 8, 8))
@@ -95,9 +98,10 @@ def input_problem(name: str, kwargs: dict, image_shape: tuple[int, int, int]) ->
     spec = {"name": name, "kwargs": kwargs, "num_classes": 10, "in_channels": image_shape[0]}
     try:
         with torch.device("meta"):
-            model_from_spec({**spec, "weights": None}).eval()(torch.empty(1, *image_shape))
-    except NotImplementedError:  # a builder the meta device cannot run: checked when it runs
-        return None
+            model = model_from_spec({**spec, "weights": None}).train(training)
+            model(torch.empty(1, *image_shape))
+    except (NotImplementedError, TypeError, ModelError):  # the meta device cannot run this
+        return None  # builder, or the kwargs are wrong: the run itself says which
     except (RuntimeError, AssertionError, ValueError) as error:
         return str(error).strip().splitlines()[0][:200]
     return None

@@ -98,7 +98,9 @@ class Data:
             batches = _NoLoneBatch(sampler, batch_size, drop_last=False)
         return DataLoader(
             dataset,
-            batch_size=1 if batches else batch_size,  # DataLoader's default with a batch_sampler
+            batch_size=1
+            if batches is not None
+            else batch_size,  # DataLoader's default with a batch_sampler
             batch_sampler=batches,
             # Workers' base seed comes from this generator, not from the global RNG.
             generator=torch.Generator().manual_seed(seed + epoch),

@@ -137,27 +137,29 @@ class _SyncedBatchNorm:
     too). torch's own SyncBatchNorm runs on GPUs only; this one on gloo as well."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats and world_size() > 1):
+        if not (self.training and world_size() > 1):
             return super().forward(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        count = x.new_full((1,), x.numel() // channels)
-        sums = all_reduce_with_gradient(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        wide = x.float()  # sums and counts in fp32: fp16 counts overflow at 65,504 values
+        count = wide.new_full((1,), x.numel() // channels)
+        sums = all_reduce_with_gradient(torch.cat([wide.sum(dims), (wide * wide).sum(dims), count]))
         total, square, n = sums[:channels], sums[channels:-1], sums[-1]
         mean = total / n
         variance = (square / n - mean * mean).clamp_min(0)  # biased, as BatchNorm divides by
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            momentum = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
-            self.running_mean.lerp_(mean.detach(), momentum)
-            self.running_var.lerp_(variance.detach() * n / (n - 1).clamp_min(1), momentum)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum
+                if momentum is None:  # a cumulative average, as torch's
+                    momentum = 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(variance.detach() * n / (n - 1).clamp_min(1), momentum)
         shape = (1, channels) + (1,) * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
+        y = (wide - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(x.dtype)
 
 
 _SYNCED = {

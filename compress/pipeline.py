@@ -362,6 +362,8 @@ def _differences(a, b, path: str = "") -> list[tuple[str, object, object]]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in b:
+            if key not in a and b[key] in (None, False):
+                continue  # an option added since that run, at its off default
             out += _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):

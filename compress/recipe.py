@@ -173,7 +173,8 @@ class TrainConfig(Config):
     # Under torchrun: BatchNorm normalises over the global batch (every rank's images), as
     # one process would; each rank otherwise normalises over its own share. Costs one
     # all-reduce per BatchNorm layer and step. Set in the recipe's train section, it holds
-    # for every training of the run (stages' fine-tunes, distillation, QAT, the control).
+    # for every training of the run (stages' fine-tunes, distillation, the control; QAT
+    # trains an exported graph, whose BatchNorm is no module to sync).
     sync_batchnorm: bool = False
 
 
@@ -316,11 +317,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     recipe = parse_recipe(raw, source=str(path))
     shape = recipe.data.image_shape()
     if shape is not None and not recipe.model.weights:  # a zero-size layer fails every run
-        problem = input_problem(recipe.model.name, recipe.model.kwargs, shape)
+        name, kwargs = recipe.model.name, recipe.model.kwargs
+        problem = input_problem(name, kwargs, shape)
         if problem:
             raise RecipeError(
-                f"{path}: data.image_size: model {recipe.model.name} cannot take"
-                f" {'x'.join(map(str, shape))} images ({problem}); change data.image_size or model.kwargs"
+                f"{path}: data.image_size: model {name} cannot take"
+                f" {'x'.join(map(str, shape))} images ({problem}); change data.image_size"
+                " or model.kwargs"
+            )
+        if recipe.data.batch_size == 1 and input_problem(name, kwargs, shape, training=True):
+            raise RecipeError(
+                f"{path}: data.batch_size: 1 image a batch, which {name}'s BatchNorm cannot"
+                " normalise in training (one value per channel); use 2 or more"
             )
     return recipe
 

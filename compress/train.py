@@ -133,7 +133,8 @@ def train(
     # Under torchrun with sync_batchnorm, BatchNorm sees the global batch (the float
     # model it ends with has plain BatchNorm layers again).
     with distributed.synced_batchnorm(model, config.sync_batchnorm) as synced:
-        if synced:
+        if config.sync_batchnorm and distributed.world_size() > 1:
+            # A QAT graph (torch.export) holds its BatchNorm as operations, not modules.
             log.info("%s: %d BatchNorm layers normalise over every rank's images", desc, synced)
         correct = seen = 0
         for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):

@@ -162,7 +162,7 @@ def allreduce(args) -> dict:
 def recipe_runs(args) -> None:
     """The recipe in 1 process and in 2 (half the batch each), without and with synced
     BatchNorm; each run's last model paired with the single run's, image by image."""
-    from compress.recipe import load_recipe
+    from compress.recipe import TrainConfig, load_recipe
     from compress.stats import paired_drop, unpack
 
     recipe = load_recipe(args.recipe, args.set)
@@ -177,13 +177,19 @@ def recipe_runs(args) -> None:
         ),
     ]
     if args.noise:  # how far one process moves from itself: another seed, another thread count
+        stage_threads = [  # each stage's own trainings too (they have their own settings)
+            f"stages.{index}.{stage.kind}.{key}.threads=1"
+            for index, stage in enumerate(recipe.stages)
+            for key, value in vars(stage.config).items()
+            if isinstance(value, TrainConfig)
+        ]
         single_run = [sys.executable, "-m", "compress"]
         runs += [
             *(
                 (f"1 process, seed {recipe.seed + k}", single_run, [f"seed={recipe.seed + k}"])
                 for k in (1, 2, 3)
             ),
-            ("1 process, 1 thread", single_run, ["train.threads=1"]),
+            ("1 process, 1 thread", single_run, ["train.threads=1", *stage_threads]),
         ]
     single = None
     for name, launcher, extra in runs:

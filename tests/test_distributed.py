@@ -99,3 +99,35 @@ def test_recipe_runs_under_torchrun_with_one_writer(tmp_path):
     log = (out / "run.log").read_text()
     assert f"2 processes, {max(1, cores // 2)} threads each" in log
     assert all(e["threads"] == cores for e in report["evaluations"])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_synced_batchnorm_is_batchnorm_over_the_summed_statistics(monkeypatch, momentum):
+    """One process standing for a world whose all-reduce returns this rank's sums: the
+    synced layer must then be torch's BatchNorm (output, gradients, running statistics,
+    the cumulative average of momentum None), and count in fp32 for half inputs."""
+    from compress import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_reduce_with_gradient", lambda t: t)
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(8, momentum=momentum)
+    synced = torch.nn.BatchNorm2d(8, momentum=momentum)
+    synced.load_state_dict(plain.state_dict())
+    model = torch.nn.Sequential(synced)
+    with distributed.synced_batchnorm(model) as layers:
+        assert layers == 1 and type(synced).__name__ == "SyncedBatchNorm2d"
+        for _ in range(3):
+            x = torch.randn(16, 8, 5, 5) * 3 + 1
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            (plain(x1) ** 2).sum().backward()
+            (synced(x2) ** 2).sum().backward()
+            assert torch.allclose(x1.grad, x2.grad, atol=1e-4)
+        assert torch.allclose(plain(x), synced(x), atol=1e-4)
+        for key, value in plain.state_dict().items():
+            assert torch.allclose(value.float(), synced.state_dict()[key].float(), atol=1e-5), key
+        images = torch.randn(64, 8, 32, 32).half()  # 65,536 values a channel
+        half = synced(images)
+        expected = torch.nn.functional.batch_norm(images.float(), None, None, training=True)
+        assert half.dtype == torch.half and torch.allclose(half.float(), expected, atol=1e-2)
+    assert type(synced) is torch.nn.BatchNorm2d  # plain again after the block

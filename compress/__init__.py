@@ -34,11 +34,14 @@ from compress.registry import STAGES, StageContext, register_stage  # noqa: E402
 from compress.report import Report  # noqa: E402
 from compress.search import SearchConfig, SearchResult, search  # noqa: E402
 from compress.share import share  # noqa: E402
+from compress.tasks import TASKS, Custom, Task, register_task  # noqa: E402
 from compress.train import train  # noqa: E402
 
 __all__ = [
     "STAGES",
+    "TASKS",
     "CompressError",
+    "Custom",
     "Data",
     "Evaluation",
     "ExportError",
@@ -48,6 +51,7 @@ __all__ = [
     "SearchConfig",
     "SearchResult",
     "StageContext",
+    "Task",
     "UsageError",
     "build_data",
     "build_model",
@@ -61,6 +65,7 @@ __all__ = [
     "prune",
     "quantize",
     "register_stage",
+    "register_task",
     "run",
     "save",
     "search",

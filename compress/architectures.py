@@ -21,8 +21,28 @@ from compress.errors import ModelError, RecipeError
 
 @functools.cache  # read on every ModelConfig built: the list never changes in a process
 def torchvision_models() -> tuple[str, ...]:
-    """Names of torchvision's classification builders."""
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+    """Names of torchvision's classification and segmentation builders."""
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models))) + (
+        segmentation_models()
+    )
+
+
+@functools.cache
+def segmentation_models() -> tuple[str, ...]:
+    """Names of torchvision's semantic segmentation builders (lraspp_mobilenet_v3_large, ...)."""
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models.segmentation)))
+
+
+class SegmentationOutput(nn.Module):
+    """A torchvision segmenter whose output is its ``"out"`` logits (N, classes, H, W): the
+    tensor export, quantization and the runtimes work on (the auxiliary head is off)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
 
 
 def model_from_spec(spec: dict) -> nn.Module:
@@ -75,8 +95,9 @@ def unknown_model(name: str) -> str | None:
     close = difflib.get_close_matches(name, names, n=3)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     return (
-        f"unknown model {name!r}; {hint}(allowed: a torchvision classification model such"
-        f" as resnet18, mobilenet_v2, efficientnet_b0, vit_b_16 — `python -m compress list`"
+        f"unknown model {name!r}; {hint}(allowed: a torchvision classification or"
+        f" segmentation model such as resnet18, mobilenet_v2, vit_b_16,"
+        f" lraspp_mobilenet_v3_large — `python -m compress list`"
         f" shows all {len(names)} — or 'package.module:factory')"
     )
 
@@ -118,10 +139,12 @@ def _from_torchvision(name: str, spec: dict) -> nn.Module:
         model = torchvision.models.get_model(name, weights=weights, **kwargs)
         _replace_head(model, spec["num_classes"])
     else:
+        if name in segmentation_models():  # no backbone weights fetched: nothing downloads
+            kwargs.setdefault("weights_backbone", None)
         model = torchvision.models.get_model(name, num_classes=spec["num_classes"], **kwargs)
     if spec["in_channels"] != 3:
         _adapt_first_conv(model, spec["in_channels"])
-    return model
+    return SegmentationOutput(model) if name in segmentation_models() else model
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:

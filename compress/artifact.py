@@ -468,7 +468,8 @@ _OPERATORS = {
     for f in (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv)
 }
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*", re.IGNORECASE)
-_ATTRIBUTE = re.compile(r"(?!__)[A-Za-z0-9_]+(\.(?!__)[A-Za-z0-9_]+)*")
+# Module names may hold hyphens (regnet's "block1-0"); no part may start with a dunder.
+_ATTRIBUTE = re.compile(r"(?!__)[A-Za-z0-9_-]+(\.(?!__)[A-Za-z0-9_-]+)*")
 _MEMORY_FORMATS = ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
 _MAX_ARG_DEPTH = 8
 # The work a graph file can cause is bounded by what its tensors imply. A network's graph
@@ -505,8 +506,10 @@ def save_graph(
         entry = {"op": node.op}
         if node.op == "get_attr":
             tensor = _attribute(module, node.target)
-            if not isinstance(tensor, torch.Tensor) or not _ATTRIBUTE.fullmatch(node.target):
+            if not isinstance(tensor, torch.Tensor):
                 raise ArtifactError(f"cannot store {node.target!r} as data (not a tensor)")
+            if not _ATTRIBUTE.fullmatch(node.target):
+                raise ArtifactError(f"cannot store {node.target!r} as data (not a plain name)")
             tensors[node.target] = tensor.detach().contiguous()
             entry["target"] = node.target
         elif node.op == "call_function":

@@ -280,7 +280,7 @@ def _sensitivity(args) -> int:
         "",
         *markdown_table(
             ["layer", "accuracy drop (pts)", "SQNR (dB)"],
-            [[r["layer"], f"{r['accuracy_drop']:.2f}", f"{r['sqnr_db']:.1f}"] for r in rows],
+            [[r["layer"], f"{r['drop']:.2f}", f"{r['sqnr_db']:.1f}"] for r in rows],
         ),
     ]
     write_atomic(out / "sensitivity.md", "\n".join(lines) + "\n")

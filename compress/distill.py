@@ -4,7 +4,8 @@ through intermediate layers too: hint losses with 1x1 adapters (FitNets, Romero 
 
 The student is the model from the previous stage (a pruned model, say), or a fresh model
 the recipe names; the teacher is the run's baseline unless the recipe names one. Training
-goes through the shared loop with the losses below.
+goes through the shared loop with the losses below; the output distillation loss is the
+task's (compress.tasks: KL over classes, per image or per pixel).
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from compress.models import build_model
 from compress.recipe import ModelConfig, TrainConfig
 from compress.registry import StageContext, register_stage
 from compress.schema import Config, option
+from compress.tasks import get_task
 from compress.train import train
 
 log = logging.getLogger("compress")
+# The teacher's outputs are cached for the whole train split only up to this size: a
+# segmenter's per-pixel logits for 60,000 scenes would take tens of GiB.
+MAX_CACHED_TEACHER_BYTES = 1 << 30
 
 
 @dataclass
@@ -60,33 +65,10 @@ class DistillConfig(Config):
     attention: list[LayerPair] = option(default_factory=list)
     # Compute the teacher's logits once, before training, instead of every step: without
     # random augmentation (train.augment none) they never change. Logit distillation only;
-    # with augmentation the teacher sees each augmented batch, whatever this says.
+    # with augmentation, or outputs over 1 GiB for the split (a segmenter's), the teacher
+    # sees each batch, whatever this says.
     cache_teacher: bool = True
     train: TrainConfig = option(default_factory=TrainConfig)  # the student's training settings
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    alpha: float,
-) -> torch.Tensor:
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)``.
-
-    The T^2 factor keeps the soft term's gradients on the scale of the hard term's.
-
-    Example:
-        >>> loss = kd_loss(student(x), teacher(x), y, temperature=4.0, alpha=0.9)
-    """
-    soft = F.kl_div(
-        F.log_softmax(student_logits.float() / temperature, dim=1),
-        F.log_softmax(teacher_logits.float() / temperature, dim=1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    hard = F.cross_entropy(student_logits.float(), labels)
-    return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
 def attention_map(features: torch.Tensor) -> torch.Tensor:
@@ -138,26 +120,33 @@ def distill(
     pairs = [("features", p) for p in config.features] + [
         ("attention", p) for p in config.attention
     ]
-    wrapped = _StudentWithAdapters(student, teacher, pairs, data.example_input(2), device)
+    example = data.example_input(2)
+    wrapped = _StudentWithAdapters(student, teacher, pairs, example, device)
+    task = get_task(data.task)
+    with torch.inference_mode():
+        output_bytes = task.output(teacher(example.to(device)))[0].numel() * 4
+    cached = output_bytes * len(data.train) <= MAX_CACHED_TEACHER_BYTES
 
-    if not pairs and config.cache_teacher and config.train.augment == "none":
-        # The teacher's logits, once: every later epoch costs the student alone.
+    def kd(output, teacher_output, targets):
+        return task.distill_loss(output, teacher_output, targets, config.temperature, config.alpha)
+
+    if not pairs and config.cache_teacher and config.train.augment == "none" and cached:
+        # The teacher's outputs, once: every later epoch costs the student alone.
         data = dataclasses.replace(
-            data, train=_WithTargets(data.train, _logits(teacher, data, device))
+            data, train=_WithTargets(data.train, _teacher_outputs(teacher, data, device))
         )
 
-        def loss_fn(net, images, labels, teacher_logits):
-            logits = net(images)
-            return kd_loss(logits, teacher_logits, labels, config.temperature, config.alpha), logits
+        def loss_fn(net, inputs, targets, teacher_output):
+            output = task.output(net(inputs))
+            return kd(output, teacher_output, targets), output
 
     else:
 
-        def loss_fn(net, images, labels, *_):
+        def loss_fn(net, inputs, targets, *_):
             with torch.no_grad():  # the teacher only gives targets
-                teacher_logits = teacher(images)
-            logits = net(images)
-            loss = kd_loss(logits, teacher_logits, labels, config.temperature, config.alpha)
-            return loss + wrapped.layer_loss(), logits
+                teacher_output = task.output(teacher(inputs))
+            output = task.output(net(inputs))
+            return kd(output, teacher_output, targets) + wrapped.layer_loss(), output
 
     try:
         train(wrapped, data, config.train, loss_fn=loss_fn, desc="distill", context=context)
@@ -259,9 +248,13 @@ class _WithTargets(Dataset):
         return (*self.base[index], self.targets[index])
 
 
-def _logits(teacher: nn.Module, data: Data, device: str) -> torch.Tensor:
-    """The teacher's logits for every training image, in the split's order."""
+def _teacher_outputs(teacher: nn.Module, data: Data, device: str) -> torch.Tensor:
+    """The teacher's outputs (logits) for every training example, in the split's order."""
+    task = get_task(data.task)
     with torch.inference_mode():
         return torch.cat(
-            [teacher(images.to(device)).float().cpu() for images, *_ in data.loader("train")]
+            [
+                task.output(teacher(task.split(batch)[0].to(device))).float().cpu()
+                for batch in data.loader("train")
+            ]
         )

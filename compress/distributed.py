@@ -88,11 +88,11 @@ def sum_across_ranks(*values: float) -> list[float]:
 
 
 def gather_shards(values: np.ndarray, length: int) -> np.ndarray:
-    """The whole per-item array of ``length`` items, from each rank's :func:`shard` of it
-    (e.g. which test images each rank's share got right)."""
+    """The whole per-item array of ``length`` items (rows, when 2-D), from each rank's
+    :func:`shard` of it (e.g. each test image's scores in that rank's share)."""
     if world_size() == 1:
         return np.asarray(values)
-    whole = torch.zeros(length, dtype=torch.float64)
+    whole = torch.zeros((length, *np.asarray(values).shape[1:]), dtype=torch.float64)
     whole[torch.tensor(shard(length))] = torch.as_tensor(values, dtype=torch.float64)
     if dist.get_backend() == "nccl":
         whole = whole.cuda()

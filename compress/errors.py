@@ -23,6 +23,10 @@ class DataError(UsageError):
     """A dataset that is missing, malformed, or does not fit the model."""
 
 
+class TaskError(UsageError):
+    """A model output, targets or metric that the task cannot read (bad input: exit 2)."""
+
+
 class RunDirError(UsageError):
     """A run directory that exists already: runs are never written over."""
 

@@ -2,7 +2,8 @@
 
 Figures: parameters (total, non-zero), artifact size on disk, FLOPs/MACs
 (``torch.utils.flop_counter``), memory-access bytes, latency percentiles, throughput,
-achieved GFLOP/s, top-1/top-5 accuracy and the drop against a baseline.
+achieved GFLOP/s, the task's metric (compress.tasks: top-1 for classification, mIoU for
+segmentation, the user's own) and its paired drop against a baseline.
 
 A compressed model tells the evaluator about itself (its notes, the reference module to
 count FLOPs on when what runs is compiled, its stored parameter counts and element width)
@@ -28,7 +29,8 @@ from compress.data import Data
 from compress.deploy import ExportError, available_runtimes, deployed, deployed_files
 from compress.profile import count_memory_access, flop_counter, summary
 from compress.recipe import EvaluateConfig, section
-from compress.stats import median_interval, pack, paired_drop, unpack
+from compress.stats import median_interval, pack_rows, unpack, unpack_rows
+from compress.tasks import Task, get_task
 from compress.traits import traits
 
 # A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
@@ -59,31 +61,37 @@ class Evaluation:
     threads: int
     throughput_per_s: float  # images per second at `batch_size` (from the p50)
     gflops_per_s: float  # achieved, from the p50
-    accuracy_top1: float | None  # percent, on the test split
-    accuracy_top5: float | None
-    # Against the baseline, paired image by image (compress.stats.paired_drop): points,
-    # percent, 95 % exact McNemar interval, images lost and gained, p_value, within_noise.
-    accuracy_drop: dict | None = None
+    # The task's metric on the test split (`metric` names it: top-1 % for classification,
+    # mIoU % for segmentation); `metrics` holds it and the task's other figures.
+    score: float | None
+    # Against the baseline, paired example by example (compress.tasks, Task.drop): points
+    # of the metric (positive: worse), percent, its 95 % interval, within_noise; exact
+    # McNemar with images lost and gained and p_value for classification, a seeded paired
+    # bootstrap (examples, resamples) for the other tasks.
+    drop: dict | None = None
     notes: list[str] = field(default_factory=list)
     details: dict = field(
         default_factory=dict
     )  # what the stage reports itself (per-layer tables, ...)
     # Where `latency_ms` was measured: the fastest of the runtimes below.
     runtime: str = "torch"
-    # runtime -> {latency_ms, accuracy_top1, accuracy_drop_points, max_abs_diff (logits vs
+    # runtime -> {latency_ms, score, drop_points, max_abs_diff (logits vs
     # torch), precision, file, size_bytes}; "torch" is the model as model(x) runs it.
     runtimes: dict[str, dict] = field(default_factory=dict)
-    # Which test images the model gets right at top-1: {"images": n, "top1": base64 bits in
-    # test-split order (compress.stats.pack)}; what pairs this model's drop with another's.
-    correct: dict | None = None
+    # The task's per-example rows on the test split, in its order (compress.stats.pack_rows):
+    # what pairs this model's drop with another's.
+    examples: dict | None = None
     # p50 against the baseline's, from alternating rounds in each one's fastest runtime:
     # {"p50": median round ratio, "interval": [low, high] (95 %), "rounds": n}.
     latency_ratio: dict | None = None
     # The compute-matched control (evaluate.control): the baseline trained for the same
-    # steps as the stages so far; {"steps", "accuracy_top1", "drop": paired, as above}.
+    # steps as the stages so far; {"steps", "score", "drop": paired, as above}.
     control: dict | None = None
     # The trainings of the step that made this model: {"steps", "config"} each, in order.
     training: list[dict] = field(default_factory=list)
+    task: str = "classification"
+    metric: str = "top-1"  # the name of `score`
+    metrics: dict[str, float] = field(default_factory=dict)
     # The fastest deployment, kept in memory for the paired latency rounds; never saved.
     deployment: Any = field(default=None, repr=False, compare=False)
 
@@ -92,11 +100,32 @@ class Evaluation:
             k: v for k, v in asdict(replace(self, deployment=None)).items() if k != "deployment"
         }
 
-    def correct_images(self) -> np.ndarray | None:
-        """Per-image top-1 correctness on the test split, or None where it was not kept."""
-        if not self.correct:
-            return None
-        return unpack(self.correct["top1"], self.correct["images"])
+    def example_rows(self) -> np.ndarray | None:
+        """The task's per-example rows on the test split, or None where they were not kept."""
+        return unpack_rows(self.examples) if self.examples else None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Evaluation:
+        """An evaluation as report.json holds it; one written before tasks (top-1 and its
+        per-image correctness bits) reads as classification."""
+        raw = dict(raw)
+        if "accuracy_top1" in raw:
+            raw["score"] = raw.pop("accuracy_top1")
+            top5 = raw.pop("accuracy_top5", None)
+            raw["metrics"] = {"top-1": raw["score"], "top-5": top5} if raw["score"] else {}
+            raw["drop"] = raw.pop("accuracy_drop", None)
+            correct = raw.pop("correct", None)
+            if correct:  # top-1 bits only: its top-5 column repeats top-1 (pairing reads top-1)
+                hits = unpack(correct["top1"], correct["images"]).astype(np.uint8)
+                raw["examples"] = pack_rows(np.stack([hits, hits, np.ones_like(hits)], 1))
+            for row in raw.get("runtimes", {}).values():
+                row["score"] = row.pop("accuracy_top1", None)
+                if "accuracy_drop_points" in row:
+                    row["drop_points"] = row.pop("accuracy_drop_points")
+            if raw.get("control"):
+                raw["control"] = dict(raw["control"])
+                raw["control"]["score"] = raw["control"].pop("accuracy_top1", None)
+        return cls(**raw)
 
 
 def evaluate(
@@ -140,17 +169,19 @@ def evaluate(
     element_bytes = about.element_bytes
     memory = count_memory_access(reference, one_image, element_bytes)
     total, nonzero = about.param_counts or count_params(model)
-    top1 = top5 = correct = None
+    task = get_task(data.task)
+    score = examples = None
+    metrics = {}
     if config.accuracy:
-        top1_images, top5_images = correct_per_image(model, data, device)
-        top1, top5 = 100.0 * float(top1_images.mean()), 100.0 * float(top5_images.mean())
-        correct = {"images": int(top1_images.size), "top1": pack(top1_images)}
+        rows = example_scores(model, data, device)
+        metrics = task.summarize(rows)
+        score, examples = metrics[task.metric], pack_rows(rows)
     measured = deployment = None
     if distributed.is_main():
         torch.set_num_threads(threads)
         try:
             measured, deployment = _measure(
-                model, data, config, device, threads, deploy_to, notes, top1
+                model, data, config, device, threads, deploy_to, notes, score
             )
             measured["size_bytes"] = artifact_size(model, artifact, one_image.cpu(), notes)
         finally:
@@ -172,13 +203,15 @@ def evaluate(
         threads=threads,
         throughput_per_s=config.latency_batch_size / p50_s,
         gflops_per_s=flops * config.latency_batch_size / p50_s / 1e9,
-        accuracy_top1=top1,
-        accuracy_top5=top5,
+        score=score,
         notes=measured["notes"],
         details=about.details,
         runtime=measured["best"],
         runtimes=measured["runtimes"],
-        correct=correct,
+        examples=examples,
+        task=task.name,
+        metric=task.metric,
+        metrics=metrics,
         deployment=deployment,
     )
     if config.profile and distributed.is_main() and device == "cpu":
@@ -195,7 +228,7 @@ def evaluate(
             finally:
                 torch.set_num_threads(own_threads)
         result.latency_ratio = distributed.broadcast_object(result.latency_ratio)
-        compare(result, baseline, about.not_faster_reason)
+        compare(result, baseline, about.not_faster_reason, task)
     return result
 
 
@@ -228,7 +261,7 @@ def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None =
     return {"p50": float(np.median(ratios)), "interval": [low, high], "rounds": len(ratios)}
 
 
-def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> tuple[dict, tuple]:
+def _measure(model, data, config, device, threads, deploy_to, notes, score) -> tuple[dict, tuple]:
     """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best;
     and the best deployment as ``(callable, batch)``, for the paired latency rounds."""
     latency = measure_latency(
@@ -237,14 +270,14 @@ def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> tu
         config.warmup,
         config.iterations,
     )
-    runtimes = {"torch": {"latency_ms": latency, "accuracy_top1": top1}}
+    runtimes = {"torch": {"latency_ms": latency, "score": score}}
     wanted = config.runtimes if config.runtimes is not None else available_runtimes()
     others = [r for r in wanted if r != "torch"]
     modules = {}
     if others and device == "cpu":
         runtimes.update(
             measure_runtimes(
-                model, data, config, others, threads, deploy_to, notes, top1, modules=modules
+                model, data, config, others, threads, deploy_to, notes, score, modules=modules
             )
         )
     elif others:
@@ -256,22 +289,30 @@ def _measure(model, data, config, device, threads, deploy_to, notes, top1) -> tu
     return {"runtimes": runtimes, "best": best, "notes": notes}, deployment
 
 
-def compare(result: Evaluation, baseline: Evaluation, not_faster_reason: str | None = None) -> None:
+def compare(
+    result: Evaluation,
+    baseline: Evaluation,
+    not_faster_reason: str | None = None,
+    task: Task | None = None,
+) -> None:
     """Fill in the accuracy drop and the plain-words notes against the baseline.
 
     Latency compares best deployment with best deployment (each one's fastest runtime);
-    each runtime's top-1 is compared with the baseline's in the same runtime.
+    each runtime's metric is compared with the baseline's in the same runtime.
     """
-    if result.accuracy_top1 is not None and baseline.accuracy_top1 is not None:
-        result.accuracy_drop = drop = accuracy_drop(result, baseline)
-        if drop.get("within_noise") and drop["lost"] + drop["gained"]:
+    if result.score is not None and baseline.score is not None:
+        result.drop = drop = metric_drop(result, baseline, task)
+        changed = drop.get("lost", 0) + drop.get("gained", 0) if "lost" in drop else drop["points"]
+        if drop.get("within_noise") and changed:
             result.notes.append(
-                f"its top-1 change against the baseline is within noise: {describe_drop(drop)}"
+                f"its {result.metric} change against the baseline is within noise:"
+                f" {describe_drop(drop)}"
             )
     for name, row in result.runtimes.items():
-        base_top1 = baseline.runtimes.get(name, {}).get("accuracy_top1")
-        if row.get("accuracy_top1") is not None and base_top1 is not None:
-            row["accuracy_drop_points"] = base_top1 - row["accuracy_top1"]
+        base_score = baseline.runtimes.get(name, {}).get("score")
+        if row.get("score") is not None and base_score is not None:
+            sign = 1.0 if (task or get_task(result.task)).higher_is_better else -1.0
+            row["drop_points"] = sign * (base_score - row["score"])
     ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
     if result.latency_ratio:  # measured side by side: the better estimate
         ratio = result.latency_ratio["p50"]
@@ -322,20 +363,24 @@ def compare_with_input(result: Evaluation, previous: Evaluation) -> None:
     )
 
 
-def accuracy_drop(result: Evaluation, reference: Evaluation) -> dict:
-    """Points of top-1 ``result`` loses against ``reference`` (negative: a gain), paired image
-    by image where both kept their per-image correctness: the 95 % exact McNemar interval
-    and the images lost and gained (compress.stats.paired_drop).
+def metric_drop(result: Evaluation, reference: Evaluation, task: Task | None = None) -> dict:
+    """Points of the task's metric ``result`` loses against ``reference`` (negative: a
+    gain), paired example by example where both kept their rows, with its 95 % interval:
+    exact McNemar for classification (with the images lost and gained), a seeded paired
+    bootstrap otherwise (compress.tasks).
 
     Example:
-        >>> accuracy_drop(quantized, baseline)["interval"]
+        >>> metric_drop(quantized, baseline)["interval"]
     """
-    mine, theirs = result.correct_images(), reference.correct_images()
+    task = task or get_task(reference.task)
+    mine, theirs = result.example_rows(), reference.example_rows()
     if mine is not None and theirs is not None and mine.shape == theirs.shape:
-        drop = paired_drop(theirs, mine)
-    else:  # unpaired (an evaluation kept before correctness was): the figure alone
-        drop = {"points": reference.accuracy_top1 - result.accuracy_top1}
-    drop["percent"] = 100.0 * drop["points"] / max(reference.accuracy_top1, 1e-9)
+        drop = task.drop(theirs, mine)
+    else:  # unpaired (an evaluation kept before its rows were): the figure alone
+        sign = 1.0 if task.higher_is_better else -1.0
+        drop = {"points": sign * (reference.score - result.score)}
+    drop["percent"] = 100.0 * drop["points"] / max(abs(reference.score), 1e-9)
+    drop["metric"] = reference.metric
     return drop
 
 
@@ -344,12 +389,16 @@ def describe_drop(drop: dict) -> str:
     25 gained)"."""
     verb = "loses" if drop["points"] >= 0 else "gains"
     text = f"{verb} {abs(drop['points']):.2f} points"
+    if drop.get("metric", "top-1") != "top-1":
+        text += f" of {drop['metric']}"
     if "interval" in drop:
         low, high = drop["interval"]
-        text += (
-            f" (95 % interval {low:+.2f} to {high:+.2f}; {drop['lost']} images lost,"
-            f" {drop['gained']} gained)"
+        paired = (
+            f"{drop['lost']} images lost, {drop['gained']} gained"
+            if "lost" in drop
+            else f"{drop.get('method', 'paired bootstrap')} over {drop['examples']} examples"
         )
+        text += f" (95 % interval {low:+.2f} to {high:+.2f}; {paired})"
     return text
 
 
@@ -361,20 +410,21 @@ def measure_runtimes(
     threads: int,
     deploy_to: str | Path | None,
     notes: list[str],
-    torch_top1: float | None = None,
+    torch_score: float | None = None,
     modules: dict | None = None,
 ) -> dict[str, dict]:
-    """Latency (and, given torch's ``torch_top1``, top-1 on the test split) of ``model`` in
-    each runtime of ``runtimes``.
+    """Latency (and, given torch's ``torch_score``, the task's metric on the test split) of
+    ``model`` in each runtime of ``runtimes``.
 
-    Each deployment's logits are checked against the torch model's on the latency batch
-    (``max_abs_diff``); a top-1 more than :data:`RUNTIME_TOP1_TOLERANCE` points from torch's
+    Each deployment's outputs are checked against the torch model's on the latency batch
+    (``max_abs_diff``); a metric more than :data:`RUNTIME_TOP1_TOLERANCE` points from torch's
     gets a note naming the precision the runtime ran in. A runtime the model cannot reach
     gets one line in ``notes``. ``modules``, when given, keeps each runtime's deployment.
     """
+    task = get_task(data.task)
     batch = data.example_input(config.latency_batch_size)
     with torch.inference_mode():
-        expected = model(batch).float()
+        expected = task.output(model(batch)).float()
     folder = Path(tempfile.mkdtemp(prefix="compress-deploy-")) if deploy_to is None else None
     rows = {}
     try:
@@ -386,16 +436,16 @@ def measure_runtimes(
                 module = deployed(model, runtime, threads, batch, stem)
                 latency = measure_latency(module, batch, config.warmup, config.iterations)
                 with torch.inference_mode():
-                    difference = (module(batch).float() - expected).abs().max().item()
-                top1 = None
-                if torch_top1 is not None and runtime != "inductor":  # inductor: torch's numbers
-                    top1 = accuracy(module, data, "cpu", shard=False)[0]
+                    difference = (task.output(module(batch)).float() - expected).abs().max().item()
+                score = None
+                if torch_score is not None and runtime != "inductor":  # inductor: torch's numbers
+                    score = metrics(module, data, "cpu", shard=False)[task.metric]
             except ExportError as error:
                 notes.append(f"not measured in {runtime}: {error}")
                 continue
             row = {
                 "latency_ms": latency,
-                "accuracy_top1": top1,
+                "score": score,
                 "max_abs_diff": difference,
                 "precision": getattr(module, "precision", "as in torch"),
             }
@@ -406,10 +456,10 @@ def measure_runtimes(
             rows[runtime] = row
             if modules is not None:
                 modules[runtime] = module
-            if top1 is not None and abs(top1 - torch_top1) > RUNTIME_TOP1_TOLERANCE:
+            if score is not None and abs(score - torch_score) > RUNTIME_TOP1_TOLERANCE:
                 notes.append(
-                    f"top-1 in {runtime} is {top1 - torch_top1:+.2f} points from torch's"
-                    f" ({top1:.2f} vs {torch_top1:.2f} %): it runs in {row['precision']},"
+                    f"{task.metric} in {runtime} is {score - torch_score:+.2f} points from torch's"
+                    f" ({score:.2f} vs {torch_score:.2f} %): it runs in {row['precision']},"
                     " with its own rounding of activations"
                 )
     finally:
@@ -467,45 +517,56 @@ def measure_latency(
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(times))}
 
 
-def accuracy(
+def metrics(
     model: nn.Module, data: Data, device: str = "cpu", split: str = "test", shard: bool = True
-) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) on a split (the test split by default).
+) -> dict[str, float]:
+    """The task's metric (first) and its other figures on a split (the test split by
+    default): ``{"top-1": ..., "top-5": ...}`` for classification, ``{"mIoU": ...,
+    "pixel accuracy": ...}`` for segmentation.
 
     Under torchrun each rank scores its own share and the shares are combined, so every
-    image counts once whatever the number of processes; ``shard=False`` scores the whole
+    example counts once whatever the number of processes; ``shard=False`` scores the whole
     split in this process alone (no collective).
 
     Example:
-        >>> top1, top5 = accuracy(model, data)
+        >>> metrics(model, data)["top-1"]
     """
-    top1, top5 = correct_per_image(model, data, device, split, shard)
-    return 100.0 * float(top1.mean()), 100.0 * float(top5.mean())
+    return get_task(data.task).summarize(example_scores(model, data, device, split, shard))
 
 
-def correct_per_image(
+def example_scores(
     model: nn.Module, data: Data, device: str = "cpu", split: str = "test", shard: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which images of ``split`` the model gets right at top-1 and at top-5 (bools, in the
-    split's order): what a paired comparison of two models needs (compress.stats).
+) -> np.ndarray:
+    """The task's row for each example of ``split`` (in the split's order; for
+    classification: top-1 hit, top-5 hit, 1): what a paired comparison of two models needs
+    (compress.tasks).
 
     Example:
-        >>> top1, _ = correct_per_image(model, data)
-        >>> top1.mean()
+        >>> rows = example_scores(model, data)
+        >>> get_task(data.task).summarize(rows)
     """
-    top1, top5 = [], []
+    task = get_task(data.task)
+    rows = []
     with torch.inference_mode():
-        for images, labels in data.loader(split, shard=shard):
-            logits = model(images.to(device)).float()
-            labels = labels.to(device)
-            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1.append((best[:, 0] == labels).cpu())
-            top5.append((best == labels[:, None]).any(dim=1).cpu())
-    top1, top5 = torch.cat(top1).numpy(), torch.cat(top5).numpy()
+        for batch in data.loader(split, shard=shard):
+            inputs, targets, _ = task.split(batch)
+            output = task.output(model(_to(inputs, device))).float()
+            rows.append(task.scores(output, _to(targets, device)))
+    rows = np.concatenate(rows)
     if shard:
-        length = len(getattr(data, split))
-        top1, top5 = (distributed.gather_shards(v, length) for v in (top1, top5))
-    return top1, top5
+        rows = distributed.gather_shards(rows, len(getattr(data, split)))
+    return rows
+
+
+def _to(value, device: str):
+    """Tensors (in a tuple, list or dict too) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 def artifact_size(

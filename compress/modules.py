@@ -43,9 +43,10 @@ def matching_modules(model: nn.Module, patterns: list[str], key: str = "skip") -
 
 def forward_with_hooks(
     model: nn.Module, example: torch.Tensor, hook_for: Callable[[str, nn.Module], Callable | None]
-) -> None:
+):
     """One no-grad forward of ``example`` with a temporary forward hook on every module for
-    which ``hook_for(name, module)`` returns one (``hook(module, inputs, output)``).
+    which ``hook_for(name, module)`` returns one (``hook(module, inputs, output)``); returns
+    the model's output.
 
     Example:
         >>> order = []
@@ -58,7 +59,7 @@ def forward_with_hooks(
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(example)
+            return model(example)
     finally:
         for hook in hooks:
             hook.remove()

@@ -27,11 +27,11 @@ from compress.deploy import missing_runtimes
 from compress.errors import RecipeError, RunDirError
 from compress.evaluate import (
     Evaluation,
-    accuracy_drop,
     compare_with_input,
-    correct_per_image,
     describe_drop,
     evaluate,
+    example_scores,
+    metric_drop,
 )
 from compress.memory import memory_guard
 from compress.models import build_model
@@ -41,8 +41,8 @@ from compress.recipe import Recipe, TrainConfig, load_recipe, section
 from compress.registry import STAGES, StageContext
 from compress.report import Report
 from compress.schema import read_yaml
-from compress.stats import paired_drop
 from compress.storage import write_atomic
+from compress.tasks import get_task
 from compress.train import cooldown_config, train
 
 log = logging.getLogger("compress")
@@ -240,9 +240,9 @@ def compute_matched_control(
     recipe: Recipe, data: Data, device: str, baseline: nn.Module, report: Report, run_dir: Path
 ) -> Evaluation:
     """The baseline trained as the run's stages trained: the same trainings, settings and
-    steps, in the same order, with plain cross-entropy. Each step's evaluation gets the
+    steps, in the same order, with the task's plain loss. Each step's evaluation gets the
     control at its own point of the budget (``evaluation.control``: the steps trained up to
-    and including that stage, its top-1, and the step's paired drop against it); the
+    and including that stage, its score, and the step's paired drop against it); the
     control after the whole budget is evaluated like any step and returned.
 
     What is matched is compute, not method: a stage's gain that is no larger than its
@@ -252,7 +252,8 @@ def compute_matched_control(
     context = StageContext(
         device=device, seed=recipe.seed, checkpoints=run_dir / "checkpoints" / "control"
     )
-    control_images = report.baseline.correct_images()
+    control_rows = report.baseline.example_rows()
+    task = get_task(data.task)
     steps = 0
     for evaluation in report.evaluations[1:]:
         for training in evaluation.training:
@@ -267,11 +268,11 @@ def compute_matched_control(
             train(model, data, config, desc="control", context=context)
         steps = sum(t["steps"] for t in context.budget)
         if evaluation.training:
-            control_images = correct_per_image(model, data, device)[0]
-        matched = {"steps": steps, "accuracy_top1": 100.0 * float(control_images.mean())}
-        mine = evaluation.correct_images()
-        if mine is not None and mine.shape == control_images.shape:
-            matched["drop"] = paired_drop(control_images, mine)
+            control_rows = example_scores(model, data, device)
+        matched = {"steps": steps, "score": task.summarize(control_rows)[task.metric]}
+        mine = evaluation.example_rows()
+        if mine is not None and mine.shape == control_rows.shape:
+            matched["drop"] = dict(task.drop(control_rows, mine), metric=task.metric)
             _say_against_control(evaluation, matched)
         evaluation.control = matched
     with memory_guard(f"evaluating the control of {recipe.model.name}"):
@@ -279,8 +280,8 @@ def compute_matched_control(
         control = evaluate(
             model, data, recipe.evaluate, name=f"control: baseline + {steps} steps", device=device
         )
-    if control.accuracy_top1 is not None and report.baseline.accuracy_top1 is not None:
-        control.accuracy_drop = accuracy_drop(control, report.baseline)
+    if control.score is not None and report.baseline.score is not None:
+        control.drop = metric_drop(control, report.baseline, task)
     control.training = list(context.budget)
     control.deployment = None
     return control
@@ -290,10 +291,10 @@ def _say_against_control(evaluation: Evaluation, matched: dict) -> None:
     """A step's gain over the baseline is credited to compression only where it beats the
     compute-matched control."""
     drop = matched["drop"]
-    over_baseline = (evaluation.accuracy_drop or {}).get("points")
+    over_baseline = (evaluation.drop or {}).get("points")
     text = (
         f"against the compute-matched control (the baseline trained {matched['steps']} more"
-        f" steps: {matched['accuracy_top1']:.2f} %) it {describe_drop(drop)}"
+        f" steps: {evaluation.metric} {matched['score']:.2f}) it {describe_drop(drop)}"
     )
     if over_baseline is not None and over_baseline < 0 and not drop["points"] < 0:
         text += ": its gain over the baseline comes from the extra training, not from compression"
@@ -305,7 +306,7 @@ def _say_against_control(evaluation: Evaluation, matched: dict) -> None:
 def _read_record(record: Path) -> Evaluation:
     """An evaluation kept by an interrupted run; a malformed one is named, not a traceback."""
     try:
-        return Evaluation(**json.loads(record.read_text(encoding="utf-8")))
+        return Evaluation.from_dict(json.loads(record.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError, RecursionError) as error:
         raise RunDirError(
             f"--resume: {record} is not an evaluation compress wrote"
@@ -539,6 +540,8 @@ def baseline_key(recipe: Recipe) -> str:
     data = {
         k: v for k, v in d["data"].items() if k not in ("eval_batch_size", "workers", "test_subset")
     }
+    if data.get("classes") is None:  # as before segmentation folders existed: caches hold
+        data.pop("classes", None)
     # Validation reads the weights, never changes them. How ranks share BatchNorm
     # statistics under torchrun, like how many ranks there are, is not in the key: the
     # shipped reference serves a torchrun with sync_batchnorm as it serves one process.
@@ -564,12 +567,12 @@ def _check_targets(recipe: Recipe, report: Report) -> None:
     middle of a chain, e.g. pruning before distillation, may lose more on the way.)"""
     limit = recipe.evaluate.max_accuracy_drop
     final = report.final
-    if limit is None or final is report.baseline or not final.accuracy_drop:
+    if limit is None or final is report.baseline or not final.drop:
         return
-    if final.accuracy_drop["points"] > limit:
+    if final.drop["points"] > limit:
         report.notes.append(
             f"{final.name} misses evaluate.max_accuracy_drop={limit}:"
-            f" it loses {final.accuracy_drop['points']:.2f} points"
+            f" it loses {final.drop['points']:.2f} points"
         )
 
 

@@ -46,9 +46,10 @@ def chain_chart(evaluations: list, path: str | Path, title: str) -> Path | None:
     names = [e.name for e in evaluations]
     steps = range(len(names))
     fig, accuracy_axis = plt.subplots(figsize=(max(5.0, 1.6 * len(names)), 3.6))
-    top1 = [e.accuracy_top1 if e.accuracy_top1 is not None else float("nan") for e in evaluations]
-    accuracy_axis.plot(steps, top1, "o-", color="tab:blue", label="top-1 %")
-    accuracy_axis.set_ylabel("top-1 accuracy (%)", color="tab:blue")
+    scores = [e.score if e.score is not None else float("nan") for e in evaluations]
+    metric = evaluations[0].metric
+    accuracy_axis.plot(steps, scores, "o-", color="tab:blue", label=metric)
+    accuracy_axis.set_ylabel(f"{metric} (test split)", color="tab:blue")
     latency_axis = accuracy_axis.twinx()
     latency_axis.plot(
         steps, [e.latency_ms["p50"] for e in evaluations], "s--", color="tab:red", label="p50 ms"
@@ -64,33 +65,34 @@ def pareto_chart(rows: list[dict], path: str | Path) -> Path | None:
     """Accuracy against p50 latency, one point per run (marker area by artifact size), the
     baselines marked, and the Pareto front (no other point both faster and more accurate).
 
-    ``rows`` are the summary's: ``run``, ``top1``, ``p50_ms``, ``size_mb``, ``baseline``.
+    ``rows`` are the summary's: ``run``, ``metric``, ``score``, ``p50_ms``, ``size_mb``,
+    ``baseline``.
     """
     plt = _pyplot()
     if plt is None:
         return None
-    points = [r for r in rows if r["top1"] is not None]
+    points = [r for r in rows if r["score"] is not None]
     fig, axis = plt.subplots(figsize=(7.5, 5))
     largest = max((r["size_mb"] for r in points), default=1.0) or 1.0
     for r in points:
         area = 30 + 400 * r["size_mb"] / largest
         if r["baseline"]:
-            axis.scatter(r["p50_ms"], r["top1"], s=area, marker="*", color="black", zorder=3)
+            axis.scatter(r["p50_ms"], r["score"], s=area, marker="*", color="black", zorder=3)
         else:
-            axis.scatter(r["p50_ms"], r["top1"], s=area, alpha=0.6, zorder=2)
-    front = pareto_front([(r["p50_ms"], r["top1"]) for r in points])
+            axis.scatter(r["p50_ms"], r["score"], s=area, alpha=0.6, zorder=2)
+    front = pareto_front([(r["p50_ms"], r["score"]) for r in points])
     if front:
         xs, ys = zip(*front, strict=True)
         axis.step(xs, ys, where="post", color="tab:green", label="Pareto front")
         axis.legend(loc="lower right")
     axis.set_xscale("log")
     axis.set_xlabel("p50 latency (ms, log scale; each model in its fastest runtime)")
-    axis.set_ylabel("top-1 accuracy (%)")
+    axis.set_ylabel(" / ".join(sorted({r.get("metric", "top-1") for r in points})) or "score")
     axis.set_title("accuracy against latency (marker area: artifact size; star: baseline)")
     # Runs on the front and baselines are labelled first, so they get the nearest places.
     on_front = set(front)
-    points.sort(key=lambda r: (r["p50_ms"], r["top1"]) not in on_front and not r["baseline"])
-    _label_apart(fig, axis, [(r["run"], (r["p50_ms"], r["top1"])) for r in points])
+    points.sort(key=lambda r: (r["p50_ms"], r["score"]) not in on_front and not r["baseline"])
+    _label_apart(fig, axis, [(r["run"], (r["p50_ms"], r["score"])) for r in points])
     return _save(fig, plt, Path(path))
 
 
@@ -151,7 +153,7 @@ def sensitivity_chart(rows: list[dict], path: str | Path, title: str) -> Path | 
         return None
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(rows)), 6), sharex=True)
     names = [r["layer"] for r in rows]
-    top.bar(names, [r["accuracy_drop"] for r in rows], color="tab:red")
+    top.bar(names, [r["drop"] for r in rows], color="tab:red")
     top.set_ylabel("accuracy drop (pts)")
     top.set_title(title)
     bottom.bar(names, [min(r["sqnr_db"], 99.0) for r in rows], color="tab:blue")

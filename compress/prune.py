@@ -34,6 +34,7 @@ from compress.modules import forward_with_hooks, matching_modules
 from compress.recipe import TrainConfig
 from compress.registry import StageContext, register_stage
 from compress.schema import Config, FieldError, option
+from compress.tasks import get_task
 from compress.train import train
 
 log = logging.getLogger("compress")
@@ -120,23 +121,34 @@ def prune(
 def ignored_modules(
     model: nn.Module, patterns: list[str], example: torch.Tensor | None = None
 ) -> list[str]:
-    """Names ``patterns`` select; with none given, the output layer (the classifier head).
+    """Names ``patterns`` select; with none given, the output layers (the classifier head).
 
     The output layer is the last Conv/Linear to run on ``example``: a Linear head for most
-    models, a 1x1 convolution for SqueezeNet. Pruning it would drop classes.
+    models, a 1x1 convolution for SqueezeNet. Pruning it would drop classes. Every other
+    layer with as many outputs as the model's output has channels goes with it: a
+    segmenter's heads whose logits are summed (LR-ASPP's low and high classifiers).
     """
     if patterns:
         return matching_modules(model, patterns, key="prune.ignore")
     if example is None:
         heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         return heads[-1:]
-    order: list[str] = []
-    forward_with_hooks(
-        model,
-        example,
-        lambda n, m: (lambda *_: order.append(n)) if isinstance(m, PRUNABLE) else None,
-    )
-    return order[-1:]
+    order: list[tuple[str, int]] = []
+
+    def record(name, module):
+        if not isinstance(module, PRUNABLE):
+            return None
+        axis = -1 if isinstance(module, nn.Linear) else 1  # features, or channels
+        return lambda _m, _i, output: order.append((name, output.shape[axis]))
+
+    output = forward_with_hooks(model, example, record)
+    output = output["out"] if isinstance(output, dict) else output
+    if not order:
+        return []
+    last, _ = order[-1]
+    width = output.shape[1] if isinstance(output, torch.Tensor) and output.ndim > 1 else None
+    heads = {n for n, channels in order if channels == width} if width else set()
+    return [last, *sorted(heads - {last})]
 
 
 def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:
@@ -319,10 +331,12 @@ def _taylor_gradients(model: nn.Module, data: Data, batches: int = 4) -> None:
     """Accumulate gradients on a few training batches: Taylor importance reads them."""
     model.train()
     model.zero_grad(set_to_none=True)
-    for i, (images, labels) in enumerate(data.loader("train", shuffle=True)):
+    task = get_task(data.task)
+    for i, batch in enumerate(data.loader("train", shuffle=True)):
         if i >= batches:
             break
-        nn.functional.cross_entropy(model(images), labels).backward()
+        inputs, targets, _ = task.split(batch)
+        task.loss(task.output(model(inputs)), targets).backward()
     model.eval()
 
 

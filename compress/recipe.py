@@ -40,6 +40,8 @@ DATASET_FACTS: dict[str, tuple[int | None, int | None, int | None]] = {
     "fashion_mnist": (1, 60_000, 28),
     "cifar10": (3, 50_000, 32),
     "imagefolder": (3, None, None),
+    "fashion_mnist_scenes": (1, 12_000, 64),
+    "voc": (None, None, None),  # grey or colour: read from the images
 }
 
 
@@ -74,8 +76,12 @@ class DataConfig(Config):
     """Which data, how it is split and batched."""
 
     # fashion_mnist (Debian's dataset-fashion-mnist package), cifar10, imagefolder
-    # (root/train/<class>/..., root/test/ or root/val/), synthetic (random: latency only).
-    name: Literal["fashion_mnist", "cifar10", "imagefolder", "synthetic"] = "fashion_mnist"
+    # (root/train/<class>/..., root/test/ or root/val/), synthetic (random: latency only);
+    # segmentation: fashion_mnist_scenes (garments on a 64x64 canvas, 11 classes, written
+    # by `make setup`), voc (Pascal VOC layout under root).
+    name: Literal[
+        "fashion_mnist", "cifar10", "imagefolder", "synthetic", "fashion_mnist_scenes", "voc"
+    ] = "fashion_mnist"
     # Folder holding the dataset; for Fashion-MNIST searched before /usr/share/datasets.
     root: str | None = None
     download: bool = False  # let torchvision fetch the dataset into `root` (needs a network)
@@ -94,6 +100,9 @@ class DataConfig(Config):
     synthetic_size: int = option(512, min=1)  # images per synthetic split
     synthetic_classes: int = option(10, min=2)  # synthetic: classes (random labels)
     synthetic_channels: int = option(3, min=1)  # synthetic: image channels
+    # voc: number of classes (background included); default 1 + the largest index in the
+    # first 64 masks of each split.
+    classes: int | None = option(None, min=2, max=65536)
 
     def image_shape(self) -> tuple[int, int, int] | None:
         """Channels, height and width of the images the model gets, where known unread."""
@@ -161,7 +170,7 @@ class TrainConfig(Config):
     grad_clip: float | None = option(None, min=0.0)  # max grad L2 norm
     # Mixed precision on CUDA (autocast; fp16 adds loss scaling). CPU runs train in fp32.
     amp: Literal["off", "fp16", "bf16"] = "off"
-    validate: bool = True  # top-1 on the calibration split (held out of train) each epoch
+    validate: bool = True  # the task's metric on the calibration split, each epoch
     use_best: bool = False  # end with the epoch that validated best, not the last one
     # Micro-batches of data.batch_size whose gradients add up to one optimizer step: the
     # batch of N x data.batch_size x processes in the memory of one micro-batch. Under
@@ -192,8 +201,8 @@ class EvaluateConfig(Config):
     # a deployment has; under torchrun each rank's accuracy share then uses cores / ranks.
     threads: int | None = option(None, min=1, max=1024)
     accuracy: bool = True  # False for latency-only runs (synthetic data)
-    # Points of top-1 the run's last step may lose; beyond it the report says so (and a
-    # quantize stage falls back layer by layer to meet it).
+    # Points of the task's metric (top-1, mIoU) the run's last step may lose; beyond it
+    # the report says so (and a quantize stage falls back layer by layer to meet it).
     max_accuracy_drop: float | None = option(None, min=0.0)
     # A compute-matched control: the baseline trained for the same steps, with the same
     # settings, as the run's stages trained (fine-tunes, distillation, QAT); each step's

@@ -12,6 +12,7 @@ from compress.errors import ReportError
 from compress.evaluate import Evaluation
 from compress.plots import chain_chart, pareto_chart, roofline_chart
 from compress.storage import write_atomic
+from compress.tasks import TASKS, get_task
 
 
 @dataclass
@@ -53,12 +54,12 @@ class Report:
         base = self.baseline
         rows = []
         for e in self.rows_evaluated:
-            drop = e.accuracy_drop or {}
+            drop = e.drop or {}
             control = (e.control or {}).get("drop") or {}
             rows.append(
                 {
                     "step": e.name,
-                    "top-1 %": _num(e.accuracy_top1, ".2f"),
+                    _metric_column(base): _num(e.score, ".2f"),
                     "drop pts": _num(drop.get("points"), "+.2f") if e is not base else "",
                     "95 % CI": _interval(drop.get("interval"), "+.2f"),
                     "lost/gained": _flips(drop),
@@ -105,10 +106,12 @@ class Report:
             "Ratios (x) are against the baseline: below 1 is smaller or faster. Latency is"
             " each model's fastest runtime (named), so p50 x compares best deployment with"
             " best deployment; `torch p50 ms` is the model as PyTorch runs it uncompiled"
-            " (INT8 models compile themselves), for reference. A drop is paired image by"
-            " image with the baseline: its 95 % interval is exact McNemar (conditional on the"
-            " images that flipped; lost/gained count them), and p50 x is the median of"
-            " alternating rounds with its 95 % interval where both were timed in this run.",
+            " (INT8 models compile themselves), for reference. A drop, in points of"
+            f" {base.metric}, is paired example by example with the baseline: its 95 %"
+            f" interval is {get_task(base.task).interval_method if base.task in TASKS else 'paired'}"
+            " (for top-1, exact McNemar conditional on the images that flipped; lost/gained"
+            " count them), and p50 x is the median of alternating rounds with its 95 %"
+            " interval where both were timed in this run.",
             "",
             *markdown_table(headers, [[r[h] for h in headers] for r in rows]),
         ]
@@ -174,16 +177,16 @@ class Report:
         return "\n".join(out) + "\n"
 
     def _runtime_section(self) -> list[str]:
-        """Each model in each runtime: latency, top-1 and its drop against the baseline in
-        the same runtime, the largest logit difference from torch, the deployed file."""
+        """Each model in each runtime: latency, the task's metric and its drop against the
+        baseline in the same runtime, the largest output difference from torch, the file."""
         rows = [
             [
                 e.name,
                 name,
                 f"{r['latency_ms']['p50']:.3f}",
                 _ratio(r["latency_ms"]["p50"], self.baseline.latency_ms["p50"]),
-                _num(r.get("accuracy_top1"), ".2f"),
-                _num(r.get("accuracy_drop_points"), "+.2f"),
+                _num(r.get("score"), ".2f"),
+                _num(r.get("drop_points"), "+.2f"),
                 _num(r.get("max_abs_diff"), ".2g"),
                 str(r.get("precision", "")),
                 f"{r['file']} ({r['size_bytes'] / 1e6:.2f} MB)" if r.get("file") else "",
@@ -207,7 +210,7 @@ class Report:
                     "runtime",
                     "p50 ms",
                     "p50 x",
-                    "top-1 %",
+                    _metric_column(self.baseline),
                     "drop pts",
                     "max |Δ|",
                     "precision",
@@ -246,8 +249,8 @@ class Report:
         try:
             raw = json.loads(file.read_text())
             report = cls(raw["recipe"], raw["environment"], notes=list(raw.get("notes", [])))
-            report.evaluations = [Evaluation(**e) for e in raw["evaluations"]]
-            report.control = Evaluation(**raw["control"]) if raw.get("control") else None
+            report.evaluations = [Evaluation.from_dict(e) for e in raw["evaluations"]]
+            report.control = Evaluation.from_dict(raw["control"]) if raw.get("control") else None
             if not report.evaluations:
                 raise ValueError("no evaluations")
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
@@ -257,15 +260,22 @@ class Report:
         return report
 
 
+def _metric_column(evaluation: Evaluation) -> str:
+    """The table column of the task's metric: "top-1 %", "mIoU %"."""
+    unit = get_task(evaluation.task).unit if evaluation.task in TASKS else ""
+    return f"{evaluation.metric} {unit}".strip()
+
+
 # Columns of results/summary.{md,csv}: one row per run, ratios against that run's baseline.
 SUMMARY_COLUMNS = [
     "run",
     "chain",
-    "top1",
+    "metric",
+    "score",
     "drop_pts",
     "drop_ci",
     "lost_gained",
-    "control_top1",
+    "control_score",
     "drop_vs_control",
     "p50_ms",
     "runtime",
@@ -275,14 +285,14 @@ SUMMARY_COLUMNS = [
     "p50_x_ci",
     "size_x",
     "macs_x",
-    "baseline_top1",
+    "baseline_score",
 ]
 
 
 _SUMMARY_FORMATS = {
-    "top1": ".2f",
+    "score": ".2f",
     "drop_pts": "+.2f",
-    "control_top1": ".2f",
+    "control_score": ".2f",
     "drop_vs_control": "+.2f",
     "p50_ms": ".3f",
     "size_mb": ".2f",
@@ -290,7 +300,7 @@ _SUMMARY_FORMATS = {
     "p50_x": ".3f",
     "size_x": ".3f",
     "macs_x": ".3f",
-    "baseline_top1": ".2f",
+    "baseline_score": ".2f",
 }
 
 
@@ -304,17 +314,18 @@ def summarize(reports: list[Report]) -> list[dict]:
     rows, baselines = [], {}
     for report in reports:
         base, final = report.baseline, report.final
-        drop = final.accuracy_drop or {}
+        drop = final.drop or {}
         control = final.control or {}
         rows.append(
             {
                 "run": report.run_dir.name if report.run_dir else report.recipe,
                 "chain": " → ".join(e.name for e in report.evaluations[1:]) or "baseline",
-                "top1": final.accuracy_top1,
+                "metric": final.metric,
+                "score": final.score,
                 "drop_pts": drop.get("points"),
                 "drop_ci": _interval(drop.get("interval"), "+.2f"),
                 "lost_gained": _flips(drop),
-                "control_top1": control.get("accuracy_top1") if control.get("steps") else None,
+                "control_score": control.get("score") if control.get("steps") else None,
                 "drop_vs_control": (control.get("drop") or {}).get("points")
                 if control.get("steps")
                 else None,
@@ -327,16 +338,17 @@ def summarize(reports: list[Report]) -> list[dict]:
                 "p50_x_ci": _interval((final.latency_ratio or {}).get("interval"), ".2f"),
                 "size_x": final.size_bytes / base.size_bytes if base.size_bytes else None,
                 "macs_x": final.macs / base.macs if base.macs else None,
-                "baseline_top1": base.accuracy_top1,
+                "baseline_score": base.score,
                 "baseline": False,
             }
         )
-        key = (base.params, base.macs, base.accuracy_top1)
+        key = (base.params, base.macs, base.score)
         baselines.setdefault(
             key,
             {
                 "run": f"baseline ({base.params / 1e6:.1f}M params)",
-                "top1": base.accuracy_top1,
+                "metric": base.metric,
+                "score": base.score,
                 "p50_ms": base.latency_ms["p50"],
                 "size_mb": base.size_bytes / 1e6,
                 "baseline": True,
@@ -360,8 +372,9 @@ def write_summary(rows: list[dict], folder: str | Path, title: str = "Experiment
         f"# {title}",
         "",
         "One row per run; ratios (x) against that run's own baseline, below 1 is smaller or"
-        " faster; drop in points of top-1 on the test split (negative: a gain), with its 95 %"
-        " exact McNemar interval and the test images lost/gained against the baseline;"
+        " faster; score: the task's metric on the test split (top-1 for classification);"
+        " drop in points of it (negative: a gain), with its 95 % interval (exact McNemar, with"
+        " the test images lost/gained, for top-1; a paired bootstrap for other metrics);"
         " control: the baseline trained for the same steps as the run's stages"
         " (evaluate.control), and the drop against it.",
         "",
@@ -370,7 +383,8 @@ def write_summary(rows: list[dict], folder: str | Path, title: str = "Experiment
         "Baselines (each run's own, before any stage):",
         "",
         *[
-            f"- {b['run']}, top-1 {_num(b['top1'], '.2f')} %: {b.get('description', 'not recorded')}"
+            f"- {b['run']}, {b['metric']} {_num(b['score'], '.2f')}:"
+            f" {b.get('description', 'not recorded')}"
             for b in rows
             if b["baseline"]
         ],

@@ -1,5 +1,6 @@
 """Compression to a budget: the chain that meets a latency, size or MACs target with the
-least top-1 lost, chosen on the calibration split and written as a plain recipe.
+least of the task's metric lost (top-1, mIoU, ...), chosen on the calibration split and
+written as a plain recipe.
 
 The search, in order (each decision on the calibration split; the test split is read
 once, by the final run):
@@ -52,14 +53,14 @@ from tqdm import tqdm
 from compress.data import Data, build_data
 from compress.deploy import available_runtimes
 from compress.errors import ExportError
-from compress.evaluate import correct_per_image, count_flops, evaluate
+from compress.evaluate import count_flops, evaluate, example_scores
 from compress.pipeline import baseline_model, refuse_used_out, resolve_device, run
 from compress.recipe import Recipe, TrainConfig, load_recipe, parse_recipe
 from compress.registry import STAGES, StageContext
 from compress.report import Report
 from compress.schema import Config, FieldError, coerce, option
-from compress.stats import paired_drop
 from compress.storage import write_atomic
+from compress.tasks import get_task
 
 log = logging.getLogger("compress")
 
@@ -97,7 +98,7 @@ class SearchConfig(Config):
     target_size_mb: float | None = option(None, min=0.0)
     target_size_x: float | None = option(None, min=0.0, max=1.0)
     target_macs: float | None = option(None, min=0.0, max=1.0)
-    # Points of top-1 the chosen chain may lose on the calibration split (paired).
+    # Points of the task's metric the chosen chain may lose on the calibration split (paired).
     max_drop: float = option(0.5, min=0.0)
     # Where latency counts: one runtime, or None for each model's fastest of
     # evaluate.runtimes (every installed one when that is unset).
@@ -201,7 +202,8 @@ def search(
 
     progress = tqdm(desc="search", total=5, unit="phase", dynamic_ncols=True, leave=False)
 
-    base_correct = correct_per_image(baseline, data, "cpu", "calibration", shard=False)[0]
+    task = get_task(data.task)
+    base_rows = example_scores(baseline, data, "cpu", "calibration", shard=False)
     base_cost = _measured(baseline, data, recipe, runtimes)
     target = _target(config, base_cost)
     log.info("search: target %s %.4g %s", target["metric"], target["value"], target["unit"])
@@ -214,7 +216,7 @@ def search(
     _mark_predicted(candidates, target)
     progress.update()
 
-    base_top1 = 100.0 * float(base_correct.mean())
+    base_score = task.summarize(base_rows)[task.metric]
 
     def score(candidate: dict) -> None:
         """Train the candidate as its recipe would, then score and measure it."""
@@ -224,13 +226,13 @@ def search(
         model = _trained(
             model, data, {**templates, "distill": distill}, candidate["format"], context
         )
-        correct = correct_per_image(model, data, "cpu", "calibration", shard=False)[0]
+        rows = example_scores(model, data, "cpu", "calibration", shard=False)
         cost = _measured(model, data, recipe, runtimes)
         candidate.update(
             trained=True,
             distill_train=distill["train"],
-            calibration_top1=100.0 * float(correct.mean()),
-            calibration_drop=paired_drop(base_correct, correct),
+            calibration_score=task.summarize(rows)[task.metric],
+            calibration_drop=dict(task.drop(base_rows, rows), metric=task.metric),
             latency_ms=cost["latency_ms"],
             runtime=cost["runtime"],
             size_mb=cost["size_mb"],
@@ -286,7 +288,7 @@ def search(
     )
     on_test = _on_test(report, target, config, measured_p50)
     result = SearchResult(report, candidates, chosen, bool(met), target, error, config, on_test)
-    _write(result, config, base_top1, base_cost, time.monotonic() - started)
+    _write(result, config, base_score, base_cost, time.monotonic() - started)
     (log.info if met else log.warning)("search: %s", result.summary)
     return result
 
@@ -592,7 +594,7 @@ def _on_test(report: Report, target: dict, config: SearchConfig, p50: float | No
     ratio (alternating rounds in one process, each model in its fastest runtime), not by two
     p50s taken minutes apart: the baseline's p50 alone read 0.539-0.612 ms in three searches."""
     final = report.final
-    drop = final.accuracy_drop or {}
+    drop = final.drop or {}
     ratio = (final.latency_ratio or {}).get("p50")
     if target["metric"] == "latency" and "of_baseline" in target and ratio and not config.runtime:
         figure, limit, unit = ratio, target["of_baseline"], "x the baseline's in paired rounds"
@@ -618,20 +620,21 @@ def _unit(target: dict) -> str:
     return "x" if target["metric"] == "macs" else target["unit"]
 
 
-def _write(result: SearchResult, config: SearchConfig, base_top1, base_cost, seconds) -> None:
+def _write(result: SearchResult, config: SearchConfig, base_score, base_cost, seconds) -> None:
     folder = result.report.run_dir
+    metric = result.report.baseline.metric
     summary = {
         "config": dataclasses.asdict(config),
         "target": result.target,
         "met": result.met,
-        "baseline": {"calibration_top1": base_top1, **base_cost},
+        "baseline": {"calibration_score": base_score, "metric": metric, **base_cost},
         "chosen": result.chosen,
         "latency_prediction_error": result.prediction_error,
         "on_test": result.on_test,
         "final": {
             "p50_ms": result.report.final.latency_ms["p50"],
             "runtime": result.report.final.runtime,
-            "top1": result.report.final.accuracy_top1,
+            "score": result.report.final.score,
         },
         "minutes": seconds / 60,
         "candidates": result.candidates,
@@ -642,7 +645,7 @@ def _write(result: SearchResult, config: SearchConfig, base_top1, base_cost, sec
         "",
         result.summary + ".",
         "",
-        f"Baseline: {base_top1:.2f} % on the calibration split, p50 {base_cost['latency_ms']:.3f}"
+        f"Baseline: {metric} {base_score:.2f} on the calibration split, p50 {base_cost['latency_ms']:.3f}"
         f" ms in {base_cost['runtime']}, {base_cost['size_mb']:.2f} MB. Searched in"
         f" {seconds / 60:.1f} minutes. The chosen chain is `recipe.yaml`; `compress run`"
         " reproduces it; its test-split figures are in `report.md`.",
@@ -657,7 +660,7 @@ def _write(result: SearchResult, config: SearchConfig, base_top1, base_cost, sec
         ]
     lines += [
         "| keep MACs | format | distill x | MACs x | p50 ms predicted | p50 ms measured | size MB predicted"
-        " | size MB measured | calibration top-1 | drop pts [95 % CI] | chosen |",
+        f" | size MB measured | calibration {metric} | drop pts [95 % CI] | chosen |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result.candidates:
@@ -669,7 +672,7 @@ def _write(result: SearchResult, config: SearchConfig, base_top1, base_cost, sec
             f"| {c['keep']:g} | {c['format']} | {c['stretch']} | {c['macs_x']:.3f}"
             f" | {c['latency_ms_predicted']:.3f} | {_cell(latency, '.3f')}"
             f" | {c['size_mb_predicted']:.2f} | {_cell(size, '.2f')}"
-            f" | {_cell(c.get('calibration_top1'), '.2f')}"
+            f" | {_cell(c.get('calibration_score'), '.2f')}"
             f" | {_drop_cell(drop) if drop else c.get('skipped', '')}"
             f" | {'yes' if c.get('chosen') else ''} |"
         )

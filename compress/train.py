@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -23,14 +24,15 @@ from tqdm import tqdm
 from compress import distributed
 from compress.data import Data
 from compress.errors import TrainingError
-from compress.evaluate import accuracy
+from compress.evaluate import metrics
 from compress.recipe import TrainConfig, section
 from compress.registry import StageContext
 from compress.storage import memory_cap, model_bytes, read_tensors, write_atomic
+from compress.tasks import get_task
 
 log = logging.getLogger("compress")
 
-# loss_fn(model, images, labels, *extra) -> (loss, logits); the default is cross-entropy.
+# loss_fn(model, inputs, targets, *extra) -> (loss, output); the default is the task's loss.
 # ``extra`` is whatever else the train split yields per sample (e.g. cached teacher logits).
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -95,12 +97,13 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, total_steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    task = get_task(data.task)
     given_loss = loss_fn  # the cooldown builds its own criterion when none is given
-    loss_fn = loss_fn or (lambda m, x, y, *_: _cross_entropy(m, x, y, criterion))
+    loss_fn = loss_fn or (lambda m, x, y, *_: _task_loss(m, x, y, task, config.label_smoothing))
+    better = 1.0 if task.higher_is_better else -1.0  # validation scores compared as better * s
 
     step = first_epoch = 0
-    best = {"top1": -1.0, "epoch": -1, "state": None}
+    best = {"score": -math.inf, "epoch": -1, "state": None}
     checkpoint = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if checkpoint is not None and checkpoint.is_file():
         first_epoch, step, best = _resume(checkpoint, model, optimizer, scheduler, scaler)
@@ -136,15 +139,21 @@ def train(
         if config.sync_batchnorm and distributed.world_size() > 1:
             # A QAT graph (torch.export) holds its BatchNorm as operations, not modules.
             log.info("%s: %d BatchNorm layers normalise over every rank's images", desc, synced)
-        correct = seen = 0
+        seen = []  # the task's rows of the epoch's training batches: its running metric
         for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
             net.train()
             batches = data.loader("train", shuffle=True, seed=seed, epoch=epoch)
             # Seeded per epoch, as the order is: a resumed epoch draws the same augmentations.
             draws = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            for index, (images, labels, *extra) in enumerate(batches):
-                images = augment(images, config.augment, config.crop_padding, draws).to(device)
-                labels = labels.to(device)
+            for index, batch in enumerate(batches):
+                images, labels, extra = task.split(batch)
+                if task.dense:
+                    images, labels = augment(
+                        images, config.augment, config.crop_padding, draws, masks=labels
+                    )
+                else:
+                    images = augment(images, config.augment, config.crop_padding, draws)
+                images, labels = images.to(device), labels.to(device)
                 extra = [e.to(device) for e in extra]
                 # The last micro-batch of a step (or of the epoch) steps the optimizer; the ones
                 # before it only add their gradients, without a DDP exchange (no_sync).
@@ -169,8 +178,7 @@ def train(
                             f" lower train.lr or set train.grad_clip{last_good}"
                         )
                     scaler.scale(loss / in_step).backward()  # a step's mean over its micro-batches
-                correct += (logits.argmax(1) == labels).sum().item()
-                seen += labels.numel()
+                seen.append(task.scores(logits.detach().float(), labels))
                 if not stepping:
                     continue
                 if config.grad_clip:
@@ -181,28 +189,35 @@ def train(
                 scheduler.step()
                 step += 1
                 progress.update()
-                progress.set_postfix(
-                    epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%"
-                )
+                if step % 10 == 0 or step >= total_steps:  # the running metric: cheap
+                    running = task.summarize(np.concatenate(seen))[task.metric]
+                    progress.set_postfix(
+                        epoch=epoch, loss=f"{loss.item():.3f}", metric=f"{running:.1f}"
+                    )
                 if step >= total_steps:
                     break
             distributed.broadcast_buffers(model)  # every rank validates and ends with rank 0's
-            top1 = _validate(model, data, device) if config.validate else None
+            score = _validate(model, data, device) if config.validate else None
             log.info(
-                "%s: epoch %d done, step %d/%d, last loss %.3f, train accuracy %.1f %%%s",
+                "%s: epoch %d done, step %d/%d, last loss %.3f, train %s %.1f%s",
                 desc,
                 epoch,
                 step,
                 total_steps,
                 loss.item(),
-                100 * correct / max(seen, 1),
-                "" if top1 is None else f", validation top-1 {top1:.2f} %",
+                task.metric,
+                task.summarize(np.concatenate(seen))[task.metric] if seen else math.nan,
+                "" if score is None else f", validation {task.metric} {score:.2f}",
             )
-            correct = seen = 0
-            if top1 is not None and top1 > best["top1"]:
+            seen = []
+            if score is not None and better * score > best["score"]:
                 # The weights are copied only where they are used: use_best, or best.pt.
                 keep = config.use_best or checkpoint is not None
-                best = {"top1": top1, "epoch": epoch, "state": _cpu_state(model) if keep else None}
+                best = {
+                    "score": better * score,
+                    "epoch": epoch,
+                    "state": _cpu_state(model) if keep else None,
+                }
                 if checkpoint is not None and distributed.is_main():
                     write_atomic(
                         checkpoint.with_name("best.pt"),
@@ -217,7 +232,11 @@ def train(
     progress.close()
     if config.use_best and best["state"] is not None:
         log.info(
-            "%s: keeping epoch %d (validation top-1 %.2f %%)", desc, best["epoch"], best["top1"]
+            "%s: keeping epoch %d (validation %s %.2f)",
+            desc,
+            best["epoch"],
+            task.metric,
+            better * best["score"],
         )
         model.load_state_dict(best["state"])
     model.eval()
@@ -268,17 +287,25 @@ def cooldown_config(config: TrainConfig, steps_done: int = 0) -> TrainConfig | N
 
 
 def augment(
-    images: torch.Tensor, kind: str, padding: int = 4, generator: torch.Generator | None = None
-) -> torch.Tensor:
+    images: torch.Tensor,
+    kind: str,
+    padding: int = 4,
+    generator: torch.Generator | None = None,
+    masks: torch.Tensor | None = None,
+):
     """A batch (N, C, H, W) augmented per image: ``kind`` is none or a ``_``-joined subset of
-    crop, flip and erase, in that order (``crop_flip_erase``).
+    crop, flip and erase, in that order (``crop_flip_erase``). Given per-pixel ``masks``
+    (N, H, W), they are cropped and flipped with their images (not erased: an erased
+    garment is still there) and ``(images, masks)`` is returned.
 
     Example:
         >>> augment(torch.rand(8, 1, 28, 28), "crop_flip_erase", padding=4).shape
         torch.Size([8, 1, 28, 28])
     """
     if kind == "none":
-        return images
+        return images if masks is None else (images, masks)
+    if masks is not None:  # one more channel: moved exactly as the image's (exact in float)
+        images = torch.cat([images, masks[:, None].to(images.dtype)], 1)
     n, channels, height, width = images.shape
     if "crop" in kind:
         padded = nn.functional.pad(images, (padding,) * 4, mode="replicate")
@@ -294,9 +321,11 @@ def augment(
     if "flip" in kind:
         flipped = torch.rand(n, generator=generator) < 0.5
         images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+    if masks is not None:
+        images, masks = images[:, :-1], images[:, -1].round().to(masks.dtype)
     if "erase" in kind:
         images = images.masked_fill(_erased(n, height, width, generator)[:, None], 0.0)
-    return images
+    return images if masks is None else (images, masks)
 
 
 # Random erasing (Zhong et al., 2020): half the images lose a rectangle of 2-33 % of their
@@ -325,10 +354,9 @@ def _erased(n: int, height: int, width: int, generator: torch.Generator | None) 
 
 
 def _validate(model: nn.Module, data: Data, device: str) -> float:
-    """Top-1 on the calibration split: held out of training, and not the test split."""
+    """The task's metric on the calibration split: held out of training, not the test split."""
     model.eval()  # not chained: an exported QAT graph's eval() returns None
-    top1, _ = accuracy(model, data, device, split="calibration")
-    return top1
+    return metrics(model, data, device, split="calibration")[get_task(data.task).metric]
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -347,7 +375,7 @@ def _save_checkpoint(
         "epoch": epoch,
         "step": step,
         "rng": torch.get_rng_state(),
-        "best": {"top1": best["top1"], "epoch": best["epoch"]},  # its weights: best.pt
+        "best": {"score": best["score"], "epoch": best["epoch"]},  # its weights: best.pt
     }
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
@@ -368,14 +396,16 @@ def _resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, 
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     best = dict(state["best"], state=None)
+    if "top1" in best:  # a checkpoint from before tasks: top-1, higher is better
+        best["score"] = best.pop("top1")
     if path.with_name("best.pt").is_file():
         best["state"] = read_tensors(path.with_name("best.pt"), model_bytes(model))
     return state["epoch"] + 1, state["step"], best
 
 
-def _cross_entropy(model, images, labels, criterion):
-    logits = model(images)
-    return criterion(logits, labels), logits
+def _task_loss(model, inputs, targets, task, label_smoothing: float):
+    output = task.output(model(inputs))
+    return task.loss(output, targets, label_smoothing), output
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

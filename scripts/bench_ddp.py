@@ -203,7 +203,7 @@ def recipe_runs(args) -> None:
         last = report["evaluations"][-1]
         correct = unpack(last["correct"]["top1"], last["correct"]["images"])
         row = {"config": name, "wall_s": round(wall) or None, "step": last["name"]}
-        row |= {"top1": last["accuracy_top1"], "recipe": args.recipe, "sets": [*args.set, *extra]}
+        row |= {"top1": last["score"], "recipe": args.recipe, "sets": [*args.set, *extra]}
         if single is None:
             single = correct
         else:

@@ -30,7 +30,7 @@ LAYERS = [
         "traits",
         "stats",
     },
-    {"architectures", "recipe", "data"},  # configs, data, building networks from specs
+    {"architectures", "recipe", "data", "tasks", "voc"},  # configs, data, tasks, networks
     {"artifact", "models", "deploy", "profile", "evaluate", "train"},  # shared machinery
     # The stages: every module that registers one (a new stage is one new module).
     {spec.function.__module__.split(".")[1] for spec in STAGES.values()},

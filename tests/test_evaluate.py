@@ -120,14 +120,14 @@ def test_latency_percentiles_ordered_and_throughput_consistent():
     assert result.threads >= 1
 
 
-def test_accuracy_top1_top5_and_drop():
+def test_score_top5_and_drop():
     data = _labelled_data()
     exact = evaluate(_Oracle(), data, CONFIG, name="oracle")
-    assert (exact.accuracy_top1, exact.accuracy_top5) == (100.0, 100.0)
+    assert (exact.score, exact.metrics["top-5"], exact.metric) == (100.0, 100.0, "top-1")
     second = evaluate(_Oracle(shift=1), data, CONFIG, baseline=exact, name="second")
-    assert second.accuracy_top1 == 0.0
-    assert second.accuracy_top5 == 100.0  # 4 classes: the label is always in the top 5
-    drop = second.accuracy_drop
+    assert second.score == 0.0
+    assert second.metrics["top-5"] == 100.0  # 4 classes: the label is always in the top 5
+    drop = second.drop
     assert (drop["points"], drop["percent"]) == (100.0, 100.0)
     assert (drop["lost"], drop["gained"], drop["images"]) == (40, 0, 40)
 

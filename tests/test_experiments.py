@@ -83,10 +83,8 @@ def test_make_experiments_on_a_tiny_selection(tmp_path):
     finished.unlink()
     resumed = subprocess.run(make, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0 and "--resume" in resumed.stdout, resumed.stderr[-3000:]
-    accuracies = [e["accuracy_top1"] for e in report["evaluations"]]
-    assert [e["accuracy_top1"] for e in json.loads(finished.read_text())["evaluations"]] == (
-        accuracies
-    )
+    accuracies = [e["score"] for e in report["evaluations"]]
+    assert [e["score"] for e in json.loads(finished.read_text())["evaluations"]] == (accuracies)
     kept = finished.read_bytes()
     again = subprocess.run(make, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "finished in" in again.stdout, again.stderr[-3000:]
@@ -95,8 +93,8 @@ def test_make_experiments_on_a_tiny_selection(tmp_path):
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "| tiny_prune | prune:magnitude |" in summary
     row = next(csv.DictReader((tmp_path / "results" / "summary.csv").open()))
-    assert float(row["control_top1"]) == pytest.approx(
-        report["control"]["accuracy_top1"], abs=0.005
+    assert row["metric"] == "top-1" and float(row["control_score"]) == pytest.approx(
+        report["control"]["score"], abs=0.005
     )  # the summary's two decimals
     # The baseline every figure rests on is named.
     assert "tests.tiny:tiny_cnn trained on fashion_mnist: 4 epochs, at most 15 steps" in summary
@@ -119,7 +117,7 @@ def test_python_api_chains_like_the_recipe(tmp_path):
         model, data, {"warmup": 1, "iterations": 5, "runtimes": ["torch"]}, baseline=base
     )
     assert report.macs <= 0.5 * base.macs and report.compute_dtype == "int8"
-    assert report.accuracy_drop is not None and report.accuracy_top1 > 30
+    assert report.drop is not None and report.score > 30
     compress.save(model, tmp_path / "model")
     again = compress.load(tmp_path / "model", trust_code=True)
     images = data.example_input(250)  # an evaluation batch: the shape compiled already

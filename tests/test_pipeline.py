@@ -12,7 +12,7 @@ from compress import artifact, pipeline
 from compress.artifact import load
 from compress.data import build_data
 from compress.errors import RunDirError
-from compress.evaluate import accuracy, evaluate
+from compress.evaluate import evaluate, metrics
 from compress.models import build_model
 from compress.paths import cache_dir, references_dir
 from compress.pipeline import _check_targets
@@ -35,14 +35,16 @@ EVALUATION_KEYS = {
     "threads",
     "throughput_per_s",
     "gflops_per_s",
-    "accuracy_top1",
-    "accuracy_top5",
-    "accuracy_drop",
+    "task",
+    "metric",
+    "score",
+    "metrics",
+    "drop",
     "notes",
     "details",
     "runtime",
     "runtimes",
-    "correct",
+    "examples",
     "latency_ratio",
     "training",
     "control",
@@ -78,9 +80,9 @@ def test_headline_command_end_to_end(tmp_path):
         assert set(evaluation) == EVALUATION_KEYS
         assert set(evaluation["latency_ms"]) == {"p50", "p90", "p99", "mean"}
         assert evaluation["batch_size"] == 1 and evaluation["macs"] > 0
-    assert base["accuracy_drop"] is None
-    drop = int8["accuracy_drop"]
-    assert set(drop) == {"points", "percent", "interval", "lost", "gained", "images"} | {
+    assert base["drop"] is None
+    drop = int8["drop"]
+    assert set(drop) == {"points", "percent", "interval", "lost", "gained", "images", "metric"} | {
         "p_value",
         "within_noise",
     }
@@ -101,7 +103,7 @@ def test_headline_command_end_to_end(tmp_path):
     assert "inductor" in base["runtimes"] and "inductor" not in int8["runtimes"]
     for name in ("onnxruntime", "openvino"):
         # Within 2 of the 500 images (the slack: float rounding of 0.4 points).
-        assert abs(int8["runtimes"][name]["accuracy_top1"] - int8["accuracy_top1"]) <= 0.4 + 1e-9
+        assert abs(int8["runtimes"][name]["score"] - int8["score"]) <= 0.4 + 1e-9
         assert int8["runtimes"][name]["size_bytes"] < 0.3 * base["size_bytes"]
     for name in (
         "report.md",
@@ -122,14 +124,14 @@ def test_headline_command_end_to_end(tmp_path):
     again = run_cli("eval", "recipes/resnet_int8.yaml", *REDUCED, *torch_only)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "using the cached baseline" in again.stderr
-    assert f"{base['accuracy_top1']:.2f}" in again.stdout
+    assert f"{base['score']:.2f}" in again.stdout
 
     # The saved INT8 model evaluates from its folder, with the same accuracy.
     saved = run_cli(
         "eval", "recipes/resnet_int8.yaml", "--model", str(out / "model"), *REDUCED, *torch_only
     )
     assert saved.returncode == 0, saved.stderr[-3000:]
-    assert f"{int8['accuracy_top1']:.2f}" in saved.stdout
+    assert f"{int8['score']:.2f}" in saved.stdout
     assert "no INT8 kernel" not in saved.stdout  # a fresh process still lowers to INT8 kernels
 
     # A run directory is never reused.
@@ -271,7 +273,7 @@ def test_run_killed_at_every_phase_resumes_to_the_uninterrupted_result(tmp_path)
     first, second = (json.loads((d / "report.json").read_text()) for d in (whole, cut))
     for one, other in zip(first["evaluations"], second["evaluations"], strict=True):
         assert one["name"] == other["name"]
-        assert one["accuracy_top1"] == other["accuracy_top1"]
+        assert one["score"] == other["score"]
         assert one["size_bytes"] == other["size_bytes"]
 
 
@@ -351,9 +353,9 @@ def test_control_trains_the_baseline_for_the_stages_budget(tmp_path):
     assert control["name"] == "control: baseline + 10 steps"
     assert pruned["control"]["steps"] == 10
     # Each step's drop against its control is paired with the control's own correctness.
-    assert pruned["control"]["accuracy_top1"] == pytest.approx(control["accuracy_top1"])
+    assert pruned["control"]["score"] == pytest.approx(control["score"])
     drop = pruned["control"]["drop"]
-    assert drop["points"] == pytest.approx(control["accuracy_top1"] - pruned["accuracy_top1"])
+    assert drop["points"] == pytest.approx(control["score"] - pruned["score"])
     assert "control: baseline + 10 steps" in result.stdout
     assert any("compute-matched control" in n for n in pruned["notes"])
     # Off (the default), the report says so instead.
@@ -484,6 +486,6 @@ def test_the_shipped_reference_is_every_resnet_recipes_baseline_and_scores_its_r
     folder = references_dir() / key
     assert (folder / artifact.MANIFEST).is_file(), f"no shipped reference {folder}"
     record = json.loads((references_dir() / "references.json").read_text())[key]
-    top1, _ = accuracy(artifact.load(folder), build_data(resnets[0].data))
+    top1 = metrics(artifact.load(folder), build_data(resnets[0].data))["top-1"]
     assert top1 == pytest.approx(record["test_top1"], abs=0.005)
     assert top1 >= 93.5  # issue 14: a converged reference

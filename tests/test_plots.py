@@ -14,7 +14,7 @@ def test_without_matplotlib_a_chart_is_skipped_with_one_line(tmp_path, monkeypat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    rows = [{"layer": "fc", "accuracy_drop": 0.5, "sqnr_db": 30.0}]
+    rows = [{"layer": "fc", "drop": 0.5, "sqnr_db": 30.0}]
     assert plots.sensitivity_chart(rows, tmp_path / "s.png", "t") is None
     assert not (tmp_path / "s.png").exists()
     assert capsys.readouterr().err.strip() == (
@@ -23,7 +23,7 @@ def test_without_matplotlib_a_chart_is_skipped_with_one_line(tmp_path, monkeypat
 
 
 def test_with_matplotlib_the_chart_is_a_png(tmp_path):
-    rows = [{"layer": "fc", "accuracy_drop": 0.5, "sqnr_db": 30.0}]
+    rows = [{"layer": "fc", "drop": 0.5, "sqnr_db": 30.0}]
     path = plots.sensitivity_chart(rows, tmp_path / "s.png", "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -31,7 +31,7 @@ def recipe(tmp_path):
 def _figures(found) -> list[tuple]:
     """What must not change between two searches with one seed (timings may)."""
     return [
-        (c["keep"], c["format"], c["macs"], c["params"], c.get("calibration_top1"))
+        (c["keep"], c["format"], c["macs"], c["params"], c.get("calibration_score"))
         for c in found.candidates
     ]
 
@@ -45,7 +45,7 @@ def test_a_macs_target_is_met_the_same_way_twice_and_its_recipe_reproduces_it(re
     assert final.macs <= 0.4 * base.macs < 0.5 * base.macs
     # The test split, read once by the final run, is judged against the same target.
     assert found.on_test["figure"] == final.macs / base.macs and found.on_test["meets_target"]
-    assert found.on_test["drop"]["points"] == final.accuracy_drop["points"]
+    assert found.on_test["drop"]["points"] == final.drop["points"]
     assert "The final run on the test split: macs" in found.summary
     written = yaml.safe_load((found.report.run_dir / "recipe.yaml").read_text())
     assert [next(iter(s)) for s in written["stages"]] == ["prune", "distill"]
@@ -60,10 +60,10 @@ def test_a_macs_target_is_met_the_same_way_twice_and_its_recipe_reproduces_it(re
 
     again = compress.search(recipe, target_macs=0.4, max_drop=100, out=tmp_path / "b", **SMALL)
     assert _figures(again) == _figures(found)
-    assert again.report.final.accuracy_top1 == final.accuracy_top1
+    assert again.report.final.score == final.score
 
     reproduced = compress.run(found.report.run_dir / "recipe.yaml", out=tmp_path / "c")
-    assert reproduced.final.accuracy_top1 == final.accuracy_top1
+    assert reproduced.final.score == final.score
     assert reproduced.final.macs == final.macs
 
 
@@ -219,7 +219,7 @@ def test_a_relative_latency_target_is_judged_on_the_test_run_by_the_paired_ratio
     from compress.search import SearchConfig, _on_test
 
     drop = {"points": 0.2, "interval": [-0.1, 0.5]}
-    final = SimpleNamespace(latency_ratio={"p50": 0.28}, accuracy_drop=drop)
+    final = SimpleNamespace(latency_ratio={"p50": 0.28}, drop=drop)
     report = SimpleNamespace(final=final)
     # p50 0.19 ms against 0.3x a baseline measured at 0.6 ms (0.18 ms) would miss; the
     # paired rounds, baseline and model alternating in one process, say 0.28x: met.

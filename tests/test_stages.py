@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compress.artifact import load, save
-from compress.evaluate import accuracy, evaluate
+from compress.evaluate import evaluate, metrics
 from compress.profile import profile_model
 from compress.recipe import EvaluateConfig, parse_stage_options
 from compress.registry import STAGES, StageContext
@@ -60,7 +60,7 @@ def _run_stage(kind, method, trained_tiny, fmnist):
 def _evaluates_and_profiles_from_its_folder(model, folder, fmnist, name):
     again = load(folder, trust_code=True)
     measured = evaluate(again, fmnist, QUICK_EVAL, name=name, artifact=folder)
-    assert measured.accuracy_top1 == pytest.approx(accuracy(model, fmnist)[0], abs=0.051)
+    assert measured.score == pytest.approx(metrics(model, fmnist)["top-1"], abs=0.051)
     assert measured.size_bytes > 0 and measured.macs > 0
     profile = profile_model(again, fmnist.example_input(1), threads=1, iterations=2)
     assert profile["layers"] and profile["model"]["macs"] == measured.macs

@@ -50,15 +50,15 @@ def test_a_model_identical_to_the_baseline_has_drop_zero_and_interval_zero():
     oracle = _Oracle(shift=1)  # right on no image at top-1: correctness is all False
     base = evaluate(oracle, data, CONFIG, name="baseline")
     again = evaluate(oracle, data, CONFIG, baseline=base, name="same")
-    assert again.accuracy_drop["points"] == 0
-    assert again.accuracy_drop["interval"] == [0.0, 0.0]
-    assert (again.accuracy_drop["lost"], again.accuracy_drop["gained"]) == (0, 0)
+    assert again.drop["points"] == 0
+    assert again.drop["interval"] == [0.0, 0.0]
+    assert (again.drop["lost"], again.drop["gained"]) == (0, 0)
     # The kept correctness is the per-image truth, and the drop against a perfect model
     # counts every image as gained.
     perfect = evaluate(_Oracle(shift=0), data, CONFIG, name="perfect")
-    assert perfect.correct_images().all() and not base.correct_images().any()
+    assert perfect.example_rows()[:, 0].all() and not base.example_rows()[:, 0].any()
     compare(base, perfect)
-    assert base.accuracy_drop["lost"] == len(data.test) and base.accuracy_drop["gained"] == 0
+    assert base.drop["lost"] == len(data.test) and base.drop["gained"] == 0
 
 
 def test_correctness_packs_to_bits_and_back():

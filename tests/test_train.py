@@ -87,10 +87,10 @@ def test_best_checkpoint_is_kept_and_can_be_the_result(small, tmp_path):
     assert last["epoch"] == 2 and 0 <= last["best"]["epoch"] <= 2
     # use_best: the returned weights are the best epoch's, and they validate at its score.
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
-    from compress.evaluate import accuracy
+    from compress.evaluate import metrics
 
-    top1, _ = accuracy(model, small, split="calibration")
-    assert top1 == pytest.approx(last["best"]["top1"])
+    top1 = metrics(model, small, split="calibration")["top-1"]
+    assert top1 == pytest.approx(last["best"]["score"])
 
 
 def test_a_stage_context_gives_each_training_its_own_checkpoint_folder(small, tmp_path):

@@ -96,7 +96,7 @@ def _int8_pt2e(
             if mode == "qat":
                 raise  # QAT trains the whole graph: there is no partial form of it
             return quantize_parts(model, data, config, mode, str(error))
-    calibration = (images for images, _ in data.loader("calibration"))
+    calibration = (batch[0] for batch in data.loader("calibration"))  # inputs, any task
     return quantize_graph(model, exported, calibration, config, mode, data, context)
 
 
@@ -166,7 +166,7 @@ def sensitivity(
 
     Example:
         >>> rows = sensitivity(model, data, method="int8_static")
-        >>> rows[0]["layer"], rows[0]["accuracy_drop"]
+        >>> rows[0]["layer"], rows[0]["drop"]
     """
     if config is None:
         config = parse_stage_options("quantize", options)

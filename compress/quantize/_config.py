@@ -41,7 +41,7 @@ class QuantizeConfig(Config):
     symmetric: bool = option(False, methods=STATIC)
     # Layers kept in float: dotted module names, or "re:<regex>" patterns ("re:layer4\..*").
     skip: list[str] = option(default_factory=list, methods=(*FALLBACK_METHODS, "int8_qat"))
-    # Points of top-1 the stage may lose (measured on the calibration split); beyond it the
+    # Points of the task's metric the stage may lose (on the calibration split); beyond it the
     # most sensitive layers go back to float one by one. Default: evaluate.max_accuracy_drop.
     max_accuracy_drop: float | None = option(None, min=0.0, methods=FALLBACK_METHODS)
     # Input weights sharing one scale and zero point.

@@ -187,10 +187,10 @@ def _capture_inputs(
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            for i, (images, _) in enumerate(data.loader("calibration")):
+            for i, batch in enumerate(data.loader("calibration")):
                 if i >= batches:
                     break
-                model(images)
+                model(batch[0])  # a batch's inputs come first, whatever the task
     finally:
         for h in hooks:
             h.remove()

@@ -9,16 +9,19 @@ without compiling a kernel per candidate.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from compress.data import Data
-from compress.evaluate import measure_latency, sqnr_db
+from compress.evaluate import measure_latency
 from compress.modules import matching_modules
 from compress.quantize._config import QuantizeConfig
+from compress.tasks import get_task
 from compress.traits import traits
 
 QuantizeFn = Callable[[nn.Module, Data, QuantizeConfig], nn.Module]
@@ -35,13 +38,13 @@ def layer_sensitivity(
 ) -> list[dict]:
     """Quantize one layer at a time (the rest float); most sensitive first.
 
-    Each row: ``layer``, ``accuracy_drop`` (points, calibration split) and ``sqnr_db`` of
-    the logits against the float model's.
+    Each row: ``layer``, ``drop`` (points of the task's metric, calibration split) and
+    ``sqnr_db`` of the outputs against the float model's.
 
     Example:
         >>> rows = layer_sensitivity(model, data, QuantizeConfig(), QUANTIZE_METHODS["int8_static"])
     """
-    reference, labels = _logits(model, data)
+    float_score, _ = _score(model, data)
     skipped = matching_modules(model, config.skip, key="quantize.skip")
     layers = candidate_layers(model, skipped)
     rows = []
@@ -50,15 +53,9 @@ def layer_sensitivity(
         quantized = quantize_fn(
             model, data, dataclasses.replace(config, skip=others, max_accuracy_drop=None)
         )
-        logits, _ = _logits(quantized, data)
-        rows.append(
-            {
-                "layer": layer,
-                "accuracy_drop": _top1(reference, labels) - _top1(logits, labels),
-                "sqnr_db": sqnr_db(reference, logits),
-            }
-        )
-    rows.sort(key=lambda r: (-r["accuracy_drop"], r["sqnr_db"]))
+        score, sqnr = _score(quantized, data, model)
+        rows.append({"layer": layer, "drop": _drop(float_score, score, data), "sqnr_db": sqnr})
+    rows.sort(key=lambda r: (-r["drop"], r["sqnr_db"]))
     return rows
 
 
@@ -69,22 +66,21 @@ def quantize_with_fallback(
     sensitive layers to float one at a time. Keeps the best model found and says how."""
     target = config.max_accuracy_drop
     plain = dataclasses.replace(config, max_accuracy_drop=None)
-    reference, labels = _logits(model, data)
-    float_top1 = _top1(reference, labels)
+    float_score, _ = _score(model, data)
 
     def attempt(kept: list[str]) -> tuple[nn.Module, dict]:
         quantized = quantize_fn(model, data, dataclasses.replace(plain, skip=plain.skip + kept))
-        logits, _ = _logits(quantized, data)
+        score, _ = _score(quantized, data)
         p50 = measure_latency(quantized, data.example_input(1), warmup=3, iterations=20)["p50"]
         return quantized, {
             "kept_float": list(kept),
-            "accuracy_drop": float_top1 - _top1(logits, labels),
+            "drop": _drop(float_score, score, data),
             "p50_ms": p50,
         }
 
     best, chosen = attempt([])
     steps = [chosen]
-    if chosen["accuracy_drop"] > target:
+    if chosen["drop"] > target:
         kept: list[str] = []
         for row in layer_sensitivity(model, data, plain, quantize_fn):
             kept.append(row["layer"])
@@ -92,9 +88,9 @@ def quantize_with_fallback(
             steps.append(step)
             # The first step that meets the target has the fewest float layers: take it.
             # Until then, keep the lowest drop seen, never the last one tried.
-            if step["accuracy_drop"] <= target or step["accuracy_drop"] < chosen["accuracy_drop"]:
+            if step["drop"] <= target or step["drop"] < chosen["drop"]:
                 best, chosen = candidate, step
-            if step["accuracy_drop"] <= target:
+            if step["drop"] <= target:
                 break
     best.stage_details = {"fallback_steps": steps}
     best.notes.append(_describe(steps, chosen, target))
@@ -104,30 +100,43 @@ def quantize_with_fallback(
 def _describe(steps: list[dict], chosen: dict, target: float) -> str:
     trail = "; ".join(
         f"{'+' + s['kept_float'][-1] if s['kept_float'] else 'all quantized'}: drop"
-        f" {s['accuracy_drop']:.2f} pts, p50 {s['p50_ms']:.3f} ms"
+        f" {s['drop']:.2f} pts, p50 {s['p50_ms']:.3f} ms"
         for s in steps
     )
     where = "on the calibration split"
-    if chosen["accuracy_drop"] <= target:
+    if chosen["drop"] <= target:
         kept = ", ".join(chosen["kept_float"]) or "none"
         return f"accuracy-aware fallback met max_accuracy_drop={target} {where}; float layers: {kept} ({trail})"
     return (
         f"accuracy-aware fallback could NOT meet max_accuracy_drop={target} {where}, even with"
         f" {len(steps) - 1} layers in float; kept the best model found (drop"
-        f" {chosen['accuracy_drop']:.2f} pts, float layers: {', '.join(chosen['kept_float']) or 'none'})"
+        f" {chosen['drop']:.2f} pts, float layers: {', '.join(chosen['kept_float']) or 'none'})"
         f" ({trail})"
     )
 
 
-def _logits(model: nn.Module, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+def _score(model: nn.Module, data: Data, reference: nn.Module | None = None):
+    """The task's metric of ``model`` on the calibration split, and the SQNR (dB) of its
+    outputs against the float ``reference``'s (None without one), batch by batch: a
+    segmenter's outputs for the whole split need not fit in memory."""
+    task = get_task(data.task)
     model = traits(model).reference
-    outputs, labels = [], []
+    rows, signal, noise = [], 0.0, 0.0
     with torch.inference_mode():
-        for images, targets in data.loader("calibration"):
-            outputs.append(model(images).float())
-            labels.append(targets)
-    return torch.cat(outputs), torch.cat(labels)
+        for batch in data.loader("calibration"):
+            inputs, targets, _ = task.split(batch)
+            output = task.output(model(inputs)).float()
+            rows.append(task.scores(output, targets))
+            if reference is not None:
+                expected = task.output(reference(inputs)).float()
+                signal += expected.pow(2).sum().item()
+                noise += (expected - output).pow(2).sum().item()
+    score = task.summarize(np.concatenate(rows))[task.metric]
+    if reference is None:
+        return score, None
+    return score, math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+def _drop(float_score: float, score: float, data: Data) -> float:
+    """Points of the metric lost (positive: worse), whichever way the metric points."""
+    return (float_score - score) * (1.0 if get_task(data.task).higher_is_better else -1.0)

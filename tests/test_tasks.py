@@ -1,0 +1,276 @@
+"""Tasks (compress.tasks): each task's loss, metric and distillation loss against hand-computed
+cases, the paired bootstrap's coverage, errors in words, and segmentation end to end on
+real Fashion-MNIST scenes read through the VOC reader."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import compress
+from compress.data import Data, build_data
+from compress.errors import DataError, TaskError
+from compress.evaluate import evaluate, metrics
+from compress.recipe import DataConfig, EvaluateConfig
+from compress.stats import pack_rows, paired_bootstrap, unpack_rows
+from compress.tasks import IGNORE_INDEX, TASKS, Custom, get_task
+from compress.voc import read_voc, write_scenes
+from tests.tiny import tiny_segmenter
+
+CLASSIFICATION = get_task("classification")
+SEGMENTATION = get_task("segmentation")
+FAST = EvaluateConfig(warmup=1, iterations=5, runtimes=["torch"], profile=False)
+
+
+def test_classification_distillation_loss_matches_hand_computation():
+    student = torch.tensor([[1.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.0, 2.0, 0.0]])
+    labels = torch.tensor([1])
+    t, alpha = 2.0, 0.25
+
+    def softmax(v):
+        e = [math.exp(x / t) for x in v]
+        return [x / sum(e) for x in e]
+
+    p_s, p_t = softmax([1.0, 0.0, -1.0]), softmax([0.0, 2.0, 0.0])
+    kl = sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s, strict=True))
+    ce = -math.log(math.exp(0.0) / sum(math.exp(x) for x in [1.0, 0.0, -1.0]))
+    expected = alpha * t * t * kl + (1 - alpha) * ce
+    assert CLASSIFICATION.distill_loss(student, teacher, labels, t, alpha).item() == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def test_classification_distillation_loss_limits():
+    logits, labels = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert CLASSIFICATION.distill_loss(logits, logits, labels, 4.0, 1.0).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert CLASSIFICATION.distill_loss(
+        logits, torch.randn(8, 5), labels, 4.0, 0.0
+    ).item() == pytest.approx(ce.item())
+
+
+def test_segmentation_loss_ignores_the_pixels_marked_255():
+    logits = torch.randn(2, 3, 4, 4)
+    masks = torch.randint(0, 3, (2, 4, 4))
+    masks[0, 0] = IGNORE_INDEX
+    kept = masks != IGNORE_INDEX
+    picked = logits.permute(0, 2, 3, 1)[kept]  # (pixels, classes)
+    expected = F.cross_entropy(picked, masks[kept])
+    assert SEGMENTATION.loss(logits, masks).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_segmentation_distillation_is_the_per_pixel_kl_over_kept_pixels():
+    student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    masks = torch.randint(0, 3, (2, 4, 4))
+    masks[1] = IGNORE_INDEX  # the second image counts for nothing
+    t = 2.0
+    p_t = F.softmax(teacher[0] / t, 0)
+    kl = (p_t * (F.log_softmax(teacher[0] / t, 0) - F.log_softmax(student[0] / t, 0))).sum(0)
+    expected = t * t * kl.mean()
+    got = SEGMENTATION.distill_loss(student, teacher, masks, t, 1.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_miou_and_pixel_accuracy_match_a_hand_computed_case():
+    # Image 1: truth [[0, 1], [1, 1]], predicted [[0, 1], [0, 1]]; image 2: truth all 2,
+    # predicted all 2 but one pixel ignored.
+    truth = torch.tensor([[[0, 1], [1, 1]], [[2, 2], [2, IGNORE_INDEX]]])
+    predicted = torch.tensor([[[0, 1], [0, 1]], [[2, 2], [2, 0]]])
+    logits = F.one_hot(predicted, 3).permute(0, 3, 1, 2).float()
+    rows = SEGMENTATION.scores(logits, truth)
+    # class 0: I 1, U 2; class 1: I 2, U 3; class 2: I 3, U 3 (the ignored pixel counts for none)
+    expected_miou = 100 * (1 / 2 + 2 / 3 + 3 / 3) / 3
+    figures = SEGMENTATION.summarize(rows)
+    assert figures["mIoU"] == pytest.approx(expected_miou)
+    assert figures["pixel accuracy"] == pytest.approx(100 * 6 / 7)
+    # a class absent from both truth and prediction does not count
+    wider = torch.cat([logits, torch.full((2, 1, 2, 2), -9.0)], 1)
+    assert SEGMENTATION.summarize(SEGMENTATION.scores(wider, truth))["mIoU"] == pytest.approx(
+        expected_miou
+    )
+
+
+def test_bootstrap_interval_covers_a_known_drop_at_about_its_rate():
+    """Two models whose per-example hit rates differ by a known 5 points: over 200 seeded
+    draws of 400 examples, the 95 % interval holds the true drop about 95 % of the time."""
+    rng = np.random.default_rng(0)
+    mean = lambda totals: 100 * totals[:, 0] / totals[:, 1]  # noqa: E731
+    covered = 0
+    for draw in range(200):
+        base = rng.random(400) < 0.80
+        worse = base & (rng.random(400) >= 0.0625)  # loses 6.25 % of its hits: 5 points
+        rows = lambda hits: np.stack([hits, np.ones_like(hits)], 1).astype(np.float64)  # noqa: E731
+        drop = paired_bootstrap(rows(base), rows(worse), mean, seed=draw, resamples=400)
+        covered += drop["interval"][0] <= 5.0 <= drop["interval"][1]
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_bootstrap_of_identical_models_is_zero_and_rows_pack_exactly():
+    rows = np.random.default_rng(1).integers(0, 9, (50, 6)).astype(np.int32)
+    drop = SEGMENTATION.drop(rows, rows)
+    assert drop["points"] == 0 and drop["interval"] == [0.0, 0.0] and drop["within_noise"]
+    assert np.array_equal(unpack_rows(pack_rows(rows)), rows)
+    with pytest.raises(ValueError, match="not readable"):
+        unpack_rows({"shape": [1 << 20, 1 << 20], "dtype": "int32", "data": ""})
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_names_its_metric_and_reads_dict_and_tuple_outputs(name):
+    task = get_task(name) if name != "custom" else Custom(metric=lambda o, t: 1.0)
+    assert task.metric and task.name == name
+    tensor = torch.randn(2, 3)
+    assert task.output({"out": tensor}) is tensor and task.output((tensor, None)) is tensor
+    with pytest.raises(TaskError, match=f"task {name}: the model returned str"):
+        task.output("not a tensor")
+
+
+def test_targets_of_the_wrong_shape_or_type_are_named():
+    with pytest.raises(TaskError, match=r"task segmentation: expected logits \(N, classes, H, W\)"):
+        SEGMENTATION.scores(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TaskError, match="masks must be integer class indices"):
+        SEGMENTATION.scores(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4))
+    with pytest.raises(TaskError, match="labels must be integers"):
+        CLASSIFICATION.scores(torch.randn(2, 3), torch.zeros(2))
+    with pytest.raises(TaskError, match="unknown task 'detect'; known: classification, custom"):
+        get_task("detect")
+
+
+def test_a_custom_metric_that_raises_or_returns_nan_is_one_line():
+    def broken(output, targets):
+        raise KeyError("boxes")
+
+    with pytest.raises(TaskError, match="the metric 'Dice' raised KeyError"):
+        Custom(metric=broken, name="Dice").scores(torch.randn(2, 3), torch.zeros(2))
+    with pytest.raises(TaskError, match="returned NaN"):
+        Custom(metric=lambda o, t: float("nan")).scores(torch.randn(2, 3), torch.zeros(2))
+
+
+def test_a_users_model_dataset_and_metric_through_the_python_api():
+    """A user's own regression-like metric (lower is better) on their own datasets, paired by
+    batches: evaluate gives it, its drop has an interval and says how it was paired."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=generator)
+    y = x.mean((1, 2, 3))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1), torch.nn.Flatten(0))
+    mae = Custom(
+        loss=F.mse_loss,
+        metric=lambda out, target: (out - target).abs().mean().item(),
+        name="MAE",
+        higher_is_better=False,
+    )
+    data = Data.of(TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:]), task=mae)
+    data.config.eval_batch_size = 8
+    base = evaluate(model, data, FAST, name="base")
+    assert base.metric == "MAE" and base.score == pytest.approx(
+        (model(x[:48]) - y[:48]).abs().mean().item(), rel=1e-5
+    )
+    with torch.no_grad():
+        model[1].weight.mul_(3)  # a worse model: its MAE grows, so its drop is positive
+    worse = evaluate(model, data, FAST, baseline=base, name="worse")
+    assert worse.drop["points"] > 0 and worse.drop["examples"] == 6  # six batches of 8
+    assert "over test batches" in mae.interval_method
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """Real Fashion-MNIST garments placed on scenes, written in the VOC layout."""
+    from compress.data import _FASHION_FILES, _find_idx, _read_idx, fashion_mnist_folder
+
+    folder = fashion_mnist_folder(None)
+    splits = {}
+    for split, count in (("train", 600), ("test", 200)):
+        images, labels = (_read_idx(_find_idx(folder, stem)) for stem in _FASHION_FILES[split])
+        splits[split] = (images, labels, count)
+    return write_scenes(tmp_path_factory.mktemp("scenes"), splits)
+
+
+def test_scenes_are_deterministic_and_labelled_by_their_garments(scenes, tmp_path):
+    train, test, classes = read_voc(scenes)
+    assert (len(train), len(test), classes) == (600, 200, 11)
+    image, mask = test[0]
+    assert image.shape == (1, 64, 64) and mask.shape == (64, 64)
+    # a pixel is labelled a garment exactly where a garment is drawn
+    assert torch.equal(mask > 0, image[0] > 32 / 255 + 1e-6)
+    splits = {"train": (*_test_idx(), 3), "test": (*_test_idx(), 3)}
+    again = read_voc(write_scenes(tmp_path / "again", splits))[1]
+    first = read_voc(write_scenes(tmp_path / "first", splits))[1]
+    assert torch.equal(again[2][1], first[2][1])
+
+
+def _test_idx():
+    from compress.data import _FASHION_FILES, _find_idx, _read_idx, fashion_mnist_folder
+
+    folder = fashion_mnist_folder(None)
+    return tuple(_read_idx(_find_idx(folder, stem)) for stem in _FASHION_FILES["test"])
+
+
+def test_the_voc_reader_refuses_what_it_cannot_read(tmp_path):
+    with pytest.raises(DataError, match="not in the VOC layout"):
+        read_voc(tmp_path)
+    lists = tmp_path / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text("../../etc/passwd\n")
+    (lists / "test.txt").write_text("a\n")
+    with pytest.raises(DataError, match="is not an image id"):
+        read_voc(tmp_path)
+    (lists / "train.txt").write_text("a\n")
+    for sub in ("JPEGImages", "SegmentationClass"):
+        (tmp_path / sub).mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "JPEGImages" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "SegmentationClass" / "a.png")
+    train, _, _ = read_voc(tmp_path, classes=3)
+    with pytest.raises(DataError, match="one class index per pixel"):
+        train[0]
+    # a header announcing a huge image is refused before its pixels are decoded
+    Image.new("L", (5000, 1)).save(tmp_path / "JPEGImages" / "a.png")
+    with pytest.raises(DataError, match="announces 5000x1 pixels"):
+        train[0]
+
+
+@pytest.mark.slow
+def test_segmentation_trains_evaluates_quantizes_and_distills_on_real_scenes(scenes):
+    """mIoU from real scenes through every figure: the trained model beats predicting
+    background, INT8 keeps it within its bootstrap interval, distillation trains."""
+    data = build_data(
+        DataConfig(
+            name="voc",
+            root=str(scenes),
+            classes=11,
+            calibration_size=100,
+            mean=[0.1009],
+            std=[0.2516],
+            batch_size=32,
+        )
+    )
+    assert data.task == "segmentation" and data.num_classes == 11
+    torch.manual_seed(0)
+    model = tiny_segmenter()
+    compress.train(model, data, {"epochs": 10, "lr": 0.2, "validate": False})
+    base = evaluate(model, data, FAST, name="baseline")
+    background_only = metrics(_Constant(), data)["mIoU"]  # every pixel background
+    assert base.metric == "mIoU" and base.score > background_only + 10
+    assert base.metrics["pixel accuracy"] > 85
+    int8 = compress.quantize(model, data, method="int8_static", calibration_batches=2)
+    after = evaluate(int8, data, FAST, baseline=base, name="int8")
+    drop = after.drop
+    assert drop["method"] == "paired bootstrap" and drop["examples"] == 200
+    assert drop["interval"][0] <= drop["points"] <= drop["interval"][1]
+    assert abs(drop["points"]) < 3
+    student = compress.distill(
+        tiny_segmenter(), data, teacher=model, train={"epochs": 5, "lr": 0.2}
+    )
+    assert metrics(student, data)["mIoU"] > background_only
+
+
+class _Constant(torch.nn.Module):
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 11, *x.shape[-2:])
+        logits[:, 0] = 1.0
+        return logits

@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The real dataset: Debian's package, installed where apt is available and it is missing;
-# then the segmentation scenes built from it (~/.cache/compress/fashion_mnist_scenes, 6 s).
+# then the segmentation scenes built from it (in $COMPRESS_CACHE or ~/.cache/compress; 6 s).
 data: $(STAMP)
 	@if [ ! -f $(FASHION_MNIST) ]; then \
 	  if command -v apt-get >/dev/null; then \

@@ -56,15 +56,28 @@ def model_from_spec(spec: dict) -> nn.Module:
     return model
 
 
-def _from_import_path(path: str, spec: dict) -> nn.Module:
+def import_factory(path: str, key: str):
+    """The callable ``package.module:factory`` names (a recipe's own code, run by its
+    author's choice); a :class:`RecipeError` naming ``key`` otherwise.
+
+    Example:
+        >>> factory = import_factory("my_project.models:small_net", "model.name")
+    """
     module_name, _, factory_name = path.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as error:
+    except (ImportError, AttributeError, ValueError) as error:
         raise RecipeError(
-            f"model.name: cannot import {path!r} ({error}); expected"
+            f"{key}: cannot import {path!r} ({error}); expected"
             " 'package.module:factory' on the Python path"
         ) from None
+    if not callable(factory):
+        raise RecipeError(f"{key}: {path!r} is not callable")
+    return factory
+
+
+def _from_import_path(path: str, spec: dict) -> nn.Module:
+    factory = import_factory(path, "model.name")
     kwargs = dict(spec["kwargs"])
     # Hand the data's class and channel counts to factories that take them, unless given.
     accepted = inspect.signature(factory).parameters

@@ -41,6 +41,7 @@ from compress.report import (
 )
 from compress.search import search
 from compress.storage import write_atomic
+from compress.tasks import TASKS
 from compress.traits import traits
 
 TRUST_HELP = (
@@ -434,7 +435,8 @@ def _list(args) -> int:
     print("stages and methods:")
     for name, stage in STAGES.items():
         print(f"  {name}: {', '.join(stage.methods)}")
-    print(f"datasets: {', '.join(DATASETS)}")
+    print(f"datasets: {', '.join(DATASETS)}, or 'package.module:factory'")
+    print(f"tasks: {', '.join(sorted(TASKS))}, or 'package.module:factory' (data.task)")
     missing = missing_runtimes()
     print(
         f"runtimes: {', '.join(RUNTIMES)}"
@@ -444,7 +446,9 @@ def _list(args) -> int:
             else ""
         )
     )
-    print("models: any 'package.module:factory', or a torchvision classification model:")
+    print(
+        "models: any 'package.module:factory', or a torchvision classification or segmentation model:"
+    )
     print("  " + ", ".join(torchvision_models()))
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,9 @@ from torch.utils.data import (
 from torchvision import transforms
 
 from compress import distributed
+from compress.architectures import import_factory
 from compress.errors import DataError
+from compress.paths import cache_dir
 from compress.recipe import DataConfig, section
 from compress.tasks import Task
 from compress.voc import SCENES_CLASSES, read_voc, write_scenes
@@ -57,9 +58,8 @@ SCENES_COUNTS = {"train": 12_000, "test": 2_000}
 
 
 def scenes_root() -> Path:
-    """Where Fashion-MNIST scenes live unless data.root says otherwise."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "compress" / "fashion_mnist_scenes"
+    """Where Fashion-MNIST scenes live unless data.root says otherwise (the cache folder)."""
+    return cache_dir() / "fashion_mnist_scenes"
 
 
 def fashion_mnist_scenes(root: str | Path | None = None, download: bool = False) -> Path:
@@ -106,16 +106,20 @@ class Data:
         task: str | Task = "classification",
         num_classes: int | None = None,
         batch_size: int = 128,
+        eval_batch_size: int = 50,
     ) -> Data:
         """The user's own datasets, each item ``(input, target)``, as compress's data: the
         test split scores models, the calibration split (never the test split) calibrates
-        and validates, ``train`` is needed only by stages that train.
+        and validates, ``train`` is needed only by stages that train. A metric paired by
+        batches gets one example per ``eval_batch_size`` test items.
 
         Example:
             >>> data = Data.of(my_test, my_calibration, my_train, task="segmentation")
             >>> compress.evaluate(model, data)
         """
-        config = DataConfig(name="synthetic", batch_size=batch_size)
+        config = DataConfig(
+            name="synthetic", batch_size=batch_size, eval_batch_size=eval_batch_size
+        )
         shape = tuple(test[0][0].shape)
         train = train if train is not None else Subset(calibration, [])
         return cls(train, calibration, test, num_classes or 0, shape, config, task)
@@ -201,6 +205,8 @@ def build_data(config: DataConfig | dict | None = None, seed: int = 0) -> Data:
         10000
     """
     config = section("data", config or {})
+    if ":" in config.name:
+        return _from_factory(config, seed)
     mean, std = (
         config.mean or _NORMALISATION[config.name][0],
         config.std or _NORMALISATION[config.name][1],
@@ -217,8 +223,41 @@ def build_data(config: DataConfig | dict | None = None, seed: int = 0) -> Data:
     train = _first(train, config.train_subset)
     test = _first(test, config.test_subset)
     input_shape = tuple(test[0][0].shape)
-    task = DATASET_TASKS.get(config.name, "classification")
+    task = dataset_task(config)
     return Data(train, calibration, test, num_classes, input_shape, config, task)
+
+
+def dataset_task(config: DataConfig) -> str | Task:
+    """The recipe's data.task (a name, or a factory's Task), else the dataset's own."""
+    if config.task is None:
+        return DATASET_TASKS.get(config.name, "classification")
+    if ":" not in config.task:
+        return config.task
+    task = import_factory(config.task, "data.task")()
+    if not isinstance(task, Task):
+        raise DataError(f"data.task: {config.task!r} returned {type(task).__name__}, not a Task")
+    return task
+
+
+def _from_factory(config: DataConfig, seed: int) -> Data:
+    """The user's data: ``factory(**data.kwargs)`` returns a mapping with "train" and
+    "test" Datasets, and optionally "calibration" (else held out of train as for every
+    dataset), "num_classes" and "task"."""
+    made = import_factory(config.name, "data.name")(**config.kwargs)
+    if not isinstance(made, dict) or not {"train", "test"} <= set(made):
+        raise DataError(
+            f"data.name: {config.name!r} must return a mapping with 'train' and 'test' Datasets"
+            f" (and optionally 'calibration', 'num_classes', 'task'); got {type(made).__name__}"
+        )
+    train, test = made["train"], made["test"]
+    if made.get("calibration") is not None:
+        calibration = made["calibration"]
+    else:
+        train, calibration = _hold_out(train, config.calibration_size, seed)
+    train, test = _first(train, config.train_subset), _first(test, config.test_subset)
+    task = made.get("task") or dataset_task(config)
+    shape = tuple(test[0][0].shape)
+    return Data(train, calibration, test, int(made.get("num_classes") or 0), shape, config, task)
 
 
 def _segmentation_folder(config: DataConfig, mean, std):

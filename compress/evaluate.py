@@ -396,7 +396,9 @@ def describe_drop(drop: dict) -> str:
         paired = (
             f"{drop['lost']} images lost, {drop['gained']} gained"
             if "lost" in drop
-            else f"{drop.get('method', 'paired bootstrap')} over {drop['examples']} examples"
+            else drop.get("method", "paired bootstrap over test examples")
+            .replace("test examples", f"{drop['examples']} test examples")
+            .replace("test batches", f"{drop['examples']} test batches")
         )
         text += f" (95 % interval {low:+.2f} to {high:+.2f}; {paired})"
     return text

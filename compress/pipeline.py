@@ -540,8 +540,11 @@ def baseline_key(recipe: Recipe) -> str:
     data = {
         k: v for k, v in d["data"].items() if k not in ("eval_batch_size", "workers", "test_subset")
     }
-    if data.get("classes") is None:  # as before segmentation folders existed: caches hold
-        data.pop("classes", None)
+    # Keys at the defaults they had before they existed leave the key as it was: the
+    # shipped references and earlier caches hold.
+    for key, default in (("classes", None), ("kwargs", {}), ("task", None)):
+        if data.get(key, default) == default:
+            data.pop(key, None)
     # Validation reads the weights, never changes them. How ranks share BatchNorm
     # statistics under torchrun, like how many ranks there are, is not in the key: the
     # shipped reference serves a torchrun with sync_batchnorm as it serves one process.

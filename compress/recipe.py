@@ -26,7 +26,9 @@ from compress.schema import (
     parse_config,
     printable,
     read_yaml,
+    suggest,
 )
+from compress.tasks import TASKS
 
 # A recipe's name names its run folder: a plain name, never a path.
 RUN_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
@@ -43,6 +45,7 @@ DATASET_FACTS: dict[str, tuple[int | None, int | None, int | None]] = {
     "fashion_mnist_scenes": (1, 12_000, 64),
     "voc": (None, None, None),  # grey or colour: read from the images
 }
+DATASET_NAMES = (*DATASET_FACTS, "synthetic")
 
 
 @dataclass
@@ -79,9 +82,13 @@ class DataConfig(Config):
     # (root/train/<class>/..., root/test/ or root/val/), synthetic (random: latency only);
     # segmentation: fashion_mnist_scenes (garments on a 64x64 canvas, 11 classes, written
     # by `make setup`), voc (Pascal VOC layout under root).
-    name: Literal[
-        "fashion_mnist", "cifar10", "imagefolder", "synthetic", "fashion_mnist_scenes", "voc"
-    ] = "fashion_mnist"
+    # Or the user's own: "package.module:factory", called with `kwargs`, returning a mapping
+    # of Datasets {"train", "test", and optionally "calibration", "num_classes", "task"}.
+    name: str = "fashion_mnist"
+    kwargs: dict = option(default_factory=dict)  # arguments of a data factory
+    # What the targets are and how models are scored: classification, segmentation, or
+    # "package.module:factory" returning a compress.Task; default: the dataset's.
+    task: str | None = None
     # Folder holding the dataset; for Fashion-MNIST searched before /usr/share/datasets.
     root: str | None = None
     download: bool = False  # let torchvision fetch the dataset into `root` (needs a network)
@@ -108,11 +115,23 @@ class DataConfig(Config):
         """Channels, height and width of the images the model gets, where known unread."""
         if self.name == "synthetic":
             return (self.synthetic_channels, self.image_size or 28, self.image_size or 28)
-        channels, _, native = DATASET_FACTS[self.name]
+        channels, _, native = DATASET_FACTS.get(self.name, (None, None, None))
         size = self.image_size or native
-        return None if size is None else (channels, size, size)
+        return None if size is None or channels is None else (channels, size, size)
 
     def check(self) -> None:
+        if self.name not in DATASET_NAMES and ":" not in self.name:
+            raise FieldError(
+                "name",
+                f"unknown dataset {self.name!r}; {suggest(self.name, list(DATASET_NAMES))}"
+                " or 'package.module:factory'",
+            )
+        if self.task is not None and self.task not in TASKS and ":" not in self.task:
+            raise FieldError(
+                "task",
+                f"unknown task {self.task!r}; {suggest(self.task, sorted(TASKS))}"
+                " or 'package.module:factory'",
+            )
         channels, train_images, _ = DATASET_FACTS.get(self.name, (None, None, None))
         for key in ("mean", "std"):
             values = getattr(self, key)

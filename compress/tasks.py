@@ -144,7 +144,8 @@ class Task:
     def drop(self, baseline: np.ndarray, model: np.ndarray, seed: int = 0) -> dict:
         """How much worse ``model`` is than ``baseline`` in points of the metric, paired
         example by example, with its 95 % interval (compress.stats.paired_bootstrap)."""
-        return stats.paired_bootstrap(baseline, model, self._headline, self.higher_is_better, seed)
+        drop = stats.paired_bootstrap(baseline, model, self._headline, self.higher_is_better, seed)
+        return dict(drop, method=self.interval_method)
 
     def _headline(self, totals: np.ndarray) -> np.ndarray:
         """The metric of each row of ``totals`` (resamples x columns); a task overrides it

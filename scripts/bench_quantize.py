@@ -18,6 +18,13 @@ batch size, with the ratios the issues set targets on.
 
     python scripts/bench_quantize.py                     # resnet18, resnet50, mobilenet_v2; b1, b32
     python scripts/bench_quantize.py --models resnet18 --batch-sizes 1 --rounds 2
+
+With ``--run RUN_DIR`` the contenders are a finished run's: its baseline (the recipe's
+shipped reference, trained weights) in every runtime, the peers' INT8 of that baseline
+calibrated on the recipe's real calibration split, and the run's final model (``chain_*``:
+whatever its stages made, e.g. prune -> distill -> INT8) exported to each runtime:
+
+    python scripts/bench_quantize.py --run runs/experiments/<stamp>/seg_full --batch-sizes 1
 """
 
 from __future__ import annotations
@@ -63,11 +70,15 @@ def main() -> None:
     parser.add_argument(
         "--seconds", type=float, default=1.0, help="timed seconds per contender per round"
     )
+    parser.add_argument("--run", type=Path, help="a finished run folder: its chain vs the peers")
     args = parser.parse_args()
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("nncf").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     threads = set_threads(args.threads)
+    if args.run is not None:
+        _bench_run(args, threads)
+        return
     data = build_data(
         DataConfig(
             name="synthetic",
@@ -83,17 +94,83 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         contenders = _contenders(name, data, calibration, folder, threads)
         for batch_size in args.batch_sizes:
-            batch = data.example_input(batch_size)
-            p50 = {label: [] for label in contenders}
-            for _ in range(args.rounds):
-                for label, model in contenders.items():
-                    iterations = _iterations(model, batch, args.seconds)
-                    p50[label].append(
-                        measure_latency(
-                            model, batch, warmup=2, iterations=iterations, warmup_s=ROUND_WARMUP_S
-                        )["p50"]
-                    )
+            p50 = _rounds(contenders, data.example_input(batch_size), args)
             print(json.dumps(_row(name, batch_size, args, threads, p50)), flush=True)
+
+
+def _rounds(contenders: dict, batch: torch.Tensor, args) -> dict[str, list[float]]:
+    """Each contender's p50 per round; the order within a round is the same, the rounds
+    follow each other, so a drift of the machine weighs on every contender alike."""
+    p50 = {label: [] for label in contenders}
+    for _ in range(args.rounds):
+        for label, model in contenders.items():
+            iterations = _iterations(model, batch, args.seconds)
+            p50[label].append(
+                measure_latency(
+                    model, batch, warmup=2, iterations=iterations, warmup_s=ROUND_WARMUP_S
+                )["p50"]
+            )
+    return p50
+
+
+def _bench_run(args, threads: int) -> None:
+    """A finished run's final model against the peers' INT8 of its own baseline."""
+    from compress.artifact import load
+    from compress.pipeline import baseline_model
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.run / "recipe.yaml")
+    data = build_data(recipe.data, seed=recipe.seed)
+    baseline = baseline_model(recipe, data, "cpu").cpu().eval()
+    chain = load(args.run / "model")
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-{recipe.name}-"))
+    example = data.example_input(2)
+    calibration = [batch[0] for batch in data.loader("calibration")][:CALIBRATION_BATCHES]
+    fp32_onnx = export(baseline, folder / "fp32.onnx", "onnx", example)
+    export(baseline, folder / "fp32.xml", "openvino", example)
+    contenders = {
+        "fp32_inductor": InductorModel(baseline),
+        "fp32_ort": OnnxRuntimeModel(fp32_onnx, threads),
+        "fp32_ov": OpenVinoModel(folder / "fp32.xml", threads),
+        "ort_int8": OnnxRuntimeModel(_ort_quantize_static(fp32_onnx, calibration), threads),
+        "nncf_ov_int8": OpenVinoModel(_nncf_quantize(folder / "fp32.xml", calibration), threads),
+        "chain_torch": chain,
+    }
+    for runtime, suffix, kind in (("ort", "onnx", OnnxRuntimeModel), ("ov", "xml", OpenVinoModel)):
+        try:
+            contenders[f"chain_{runtime}"] = kind(
+                export(
+                    chain,
+                    folder / f"chain.{suffix}",
+                    "onnx" if suffix == "onnx" else "openvino",
+                    example,
+                ),
+                threads,
+            )
+        except Exception as error:  # noqa: BLE001 - a chain a runtime cannot take: said, not fatal
+            print(f"chain in {runtime}: not exported ({str(error)[:120]})", file=sys.stderr)
+    for batch_size in args.batch_sizes:
+        ms = {
+            k: statistics.median(v)
+            for k, v in _rounds(contenders, data.example_input(batch_size), args).items()
+        }
+        best = {p: min((k for k in ms if k.startswith(p)), key=ms.get) for p in ("fp32_", "chain_")}
+        peer = min(("ort_int8", "nncf_ov_int8"), key=ms.get)
+        row = {
+            "run": str(args.run),
+            "recipe": recipe.name,
+            "batch_size": batch_size,
+            "threads": threads,
+            "rounds": args.rounds,
+            **{f"{k}_p50_ms": round(v, 3) for k, v in ms.items()},
+            "best_fp32": best["fp32_"],
+            "best_chain": best["chain_"],
+            "best_peer": peer,
+            "chain_vs_best_fp32": round(ms[best["chain_"]] / ms[best["fp32_"]], 3),
+            "best_peer_vs_chain": round(ms[peer] / ms[best["chain_"]], 3),  # x faster than the peer
+            "best_peer_vs_best_fp32": round(ms[peer] / ms[best["fp32_"]], 3),
+        }
+        print(json.dumps(row), flush=True)
 
 
 def _contenders(name, data, calibration, folder: Path, threads: int) -> dict:

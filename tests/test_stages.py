@@ -81,3 +81,30 @@ def test_stage_makes_a_new_model_that_round_trips(kind, method, tiny, fmnist, tm
     assert torch.allclose(reloaded, ours, atol=1e-5)
     if not traits(model).compiled:
         _evaluates_and_profiles_from_its_folder(model, folder, fmnist, f"{kind}:{method}")
+
+
+SEGMENTATION_CASES = [
+    pytest.param(kind, method, marks=[pytest.mark.slow])
+    for kind in sorted(STAGES)
+    for method in STAGES[kind].methods
+]
+
+
+@pytest.mark.parametrize(("kind", "method"), SEGMENTATION_CASES)
+def test_every_stage_runs_on_a_segmenter(kind, method, tiny_segmenter, scenes, tmp_path):
+    """Issue 32: the same stages on per-pixel logits; the result keeps 11 classes at the
+    input's size, round-trips through its folder and scores mIoU near its input's. (The
+    methods that act on Linear layers alone say in their notes that the segmenter has none.)"""
+    config = parse_stage_options(kind, _options(kind, method))
+    context = StageContext(baseline=tiny_segmenter)
+    model = STAGES[kind].function(tiny_segmenter, scenes, config, context=context)
+    images = scenes.example_input(4)
+    with torch.no_grad():
+        ours = traits(model).reference(images)
+    assert ours.shape == (4, 11, 64, 64)
+    folder = save(model, tmp_path / kind, scenes.example_input(2))
+    with torch.no_grad():
+        reloaded = traits(load(folder, trust_code=True)).reference(images)
+    assert torch.allclose(reloaded, ours, atol=1e-4)
+    before = metrics(tiny_segmenter, scenes)["mIoU"]
+    assert metrics(traits(model).reference, scenes)["mIoU"] > before - 15

@@ -2,6 +2,7 @@
 cases, the paired bootstrap's coverage, errors in words, and segmentation end to end on
 real Fashion-MNIST scenes read through the VOC reader."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 import compress
-from compress.data import Data, build_data
+from compress.data import Data
 from compress.errors import DataError, TaskError
 from compress.evaluate import evaluate, metrics
-from compress.recipe import DataConfig, EvaluateConfig
+from compress.models import build_model
+from compress.recipe import EvaluateConfig
 from compress.stats import pack_rows, paired_bootstrap, unpack_rows
 from compress.tasks import IGNORE_INDEX, TASKS, Custom, get_task
 from compress.voc import read_voc, write_scenes
@@ -165,8 +167,9 @@ def test_a_users_model_dataset_and_metric_through_the_python_api():
         name="MAE",
         higher_is_better=False,
     )
-    data = Data.of(TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:]), task=mae)
-    data.config.eval_batch_size = 8
+    data = Data.of(
+        TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:]), task=mae, eval_batch_size=8
+    )
     base = evaluate(model, data, FAST, name="base")
     assert base.metric == "MAE" and base.score == pytest.approx(
         (model(x[:48]) - y[:48]).abs().mean().item(), rel=1e-5
@@ -175,24 +178,12 @@ def test_a_users_model_dataset_and_metric_through_the_python_api():
         model[1].weight.mul_(3)  # a worse model: its MAE grows, so its drop is positive
     worse = evaluate(model, data, FAST, baseline=base, name="worse")
     assert worse.drop["points"] > 0 and worse.drop["examples"] == 6  # six batches of 8
+    assert "over test batches" in worse.drop["method"]
     assert "over test batches" in mae.interval_method
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    """Real Fashion-MNIST garments placed on scenes, written in the VOC layout."""
-    from compress.data import _FASHION_FILES, _find_idx, _read_idx, fashion_mnist_folder
-
-    folder = fashion_mnist_folder(None)
-    splits = {}
-    for split, count in (("train", 600), ("test", 200)):
-        images, labels = (_read_idx(_find_idx(folder, stem)) for stem in _FASHION_FILES[split])
-        splits[split] = (images, labels, count)
-    return write_scenes(tmp_path_factory.mktemp("scenes"), splits)
-
-
-def test_scenes_are_deterministic_and_labelled_by_their_garments(scenes, tmp_path):
-    train, test, classes = read_voc(scenes)
+def test_scenes_are_deterministic_and_labelled_by_their_garments(scenes_folder, tmp_path):
+    train, test, classes = read_voc(scenes_folder)
     assert (len(train), len(test), classes) == (600, 200, 11)
     image, mask = test[0]
     assert image.shape == (1, 64, 64) and mask.shape == (64, 64)
@@ -235,38 +226,34 @@ def test_the_voc_reader_refuses_what_it_cannot_read(tmp_path):
 
 
 @pytest.mark.slow
-def test_segmentation_trains_evaluates_quantizes_and_distills_on_real_scenes(scenes):
+def test_segmentation_evaluates_quantizes_exports_and_distills_on_real_scenes(
+    tiny_segmenter, scenes
+):
     """mIoU from real scenes through every figure: the trained model beats predicting
-    background, INT8 keeps it within its bootstrap interval, distillation trains."""
-    data = build_data(
-        DataConfig(
-            name="voc",
-            root=str(scenes),
-            classes=11,
-            calibration_size=100,
-            mean=[0.1009],
-            std=[0.2516],
-            batch_size=32,
-        )
-    )
-    assert data.task == "segmentation" and data.num_classes == 11
-    torch.manual_seed(0)
-    model = tiny_segmenter()
-    compress.train(model, data, {"epochs": 10, "lr": 0.2, "validate": False})
-    base = evaluate(model, data, FAST, name="baseline")
-    background_only = metrics(_Constant(), data)["mIoU"]  # every pixel background
+    background; INT8 keeps it within its bootstrap interval, in ONNX Runtime and OpenVINO
+    too (each runtime's mIoU measured on the test scenes); distillation trains a student."""
+    assert scenes.task == "segmentation" and scenes.num_classes == 11
+    base = evaluate(tiny_segmenter, scenes, FAST, name="baseline")
+    background_only = metrics(_Constant(), scenes)["mIoU"]  # every pixel background
     assert base.metric == "mIoU" and base.score > background_only + 10
     assert base.metrics["pixel accuracy"] > 85
-    int8 = compress.quantize(model, data, method="int8_static", calibration_batches=2)
-    after = evaluate(int8, data, FAST, baseline=base, name="int8")
+    int8 = compress.quantize(tiny_segmenter, scenes, method="int8_static", calibration_batches=1)
+    runtimes = dataclasses.replace(FAST, runtimes=["torch", "onnxruntime", "openvino"])
+    after = evaluate(int8, scenes, runtimes, baseline=base, name="int8")
     drop = after.drop
-    assert drop["method"] == "paired bootstrap" and drop["examples"] == 200
+    assert drop["method"].startswith("paired bootstrap over test examples")
+    assert drop["examples"] == 200
     assert drop["interval"][0] <= drop["points"] <= drop["interval"][1]
     assert abs(drop["points"]) < 3
+    for runtime in ("onnxruntime", "openvino"):
+        assert abs(after.runtimes[runtime]["score"] - after.score) < 1.0, after.runtimes[runtime]
     student = compress.distill(
-        tiny_segmenter(), data, teacher=model, train={"epochs": 5, "lr": 0.2}
+        build_model("tests.tiny:tiny_segmenter", data=scenes),
+        scenes,
+        teacher=tiny_segmenter,
+        train={"epochs": 5, "lr": 0.2},
     )
-    assert metrics(student, data)["mIoU"] > background_only
+    assert metrics(student, scenes)["mIoU"] > background_only
 
 
 class _Constant(torch.nn.Module):
@@ -274,3 +261,88 @@ class _Constant(torch.nn.Module):
         logits = torch.zeros(x.shape[0], 11, *x.shape[-2:])
         logits[:, 0] = 1.0
         return logits
+
+
+def _readme_own_data_lines() -> str:
+    """The README's Python API lines for the user's own model, Datasets and metric."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("# Your own model, Datasets and metric")
+    lines = text[start:].splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("print("))
+    return "\n".join(lines[: end + 1])
+
+
+@pytest.mark.slow
+def test_the_readme_runs_a_users_model_datasets_and_metric_through_prune_and_quantize(
+    scenes_folder, capsys
+):
+    """The README's lines, run as written: a segmenter the user built, their VOC Datasets,
+    their Dice metric (no per-example values: paired by batches)."""
+    from compress.data import _PairTransform
+
+    train, test, _ = read_voc(scenes_folder)
+    for split in (train, test):
+        split.transform = _PairTransform([0.1009], [0.2516], None)
+
+    def dice(output, masks):  # foreground Dice over the batch
+        predicted, truth = output.argmax(1) > 0, masks > 0
+        return (2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()).clamp(min=1)).item()
+
+    torch.manual_seed(0)
+    model = tiny_segmenter()
+    data = Data.of(
+        Subset(test, range(100)),
+        Subset(train, range(100)),
+        Subset(train, range(100, 600)),
+        "segmentation",
+    )
+    compress.train(model, data, {"epochs": 6, "lr": 0.2, "validate": False})
+    namespace = {
+        "compress": compress,
+        "my_model": model,
+        "my_loss": F.cross_entropy,
+        "my_metric": dice,
+        "my_test": test,
+        "my_calibration": Subset(train, range(100)),
+        "my_train": Subset(train, range(100, 600)),
+    }
+    exec(_readme_own_data_lines(), namespace)  # noqa: S102 - the README's own lines
+    mine, printed = namespace["mine"], capsys.readouterr().out
+    assert mine.metric == "Dice" and 0.3 < mine.score <= 1.0
+    assert "over test batches" in printed and "'examples': 4" in printed  # 200 scenes by 50
+
+
+def test_a_recipe_names_the_users_data_factory_and_task(tmp_path):
+    """data.name and data.task as import paths: the run's figures are in the user's metric,
+    paired per example, oriented by lower-is-better."""
+    import json
+
+    import yaml
+
+    from tests.conftest import run_cli
+
+    recipe = {
+        "name": "own",
+        "model": {"name": "tests.tiny:tiny_regressor"},
+        "data": {"name": "tests.tiny:brightness_data", "task": "tests.tiny:mae_task"},
+        "train": {"epochs": 3},
+        "stages": [{"prune": {"method": "magnitude", "sparsity": 0.9}}],
+        "evaluate": {"runtimes": ["torch"], "warmup": 1, "iterations": 5, "profile": False},
+    }
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    base, pruned = report["evaluations"]
+    assert base["metric"] == pruned["metric"] == "MAE" and base["task"] == "custom"
+    drop = pruned["drop"]
+    assert (
+        drop["method"].startswith("paired bootstrap over test examples") and drop["examples"] == 40
+    )
+    # lower is better: the drop is the MAE's rise
+    assert drop["points"] == pytest.approx(pruned["score"] - base["score"])
+    bad = run_cli("validate", str(path), "--set", "data.task=detection")
+    assert bad.returncode == 2 and "data.task: unknown task 'detection'" in bad.stderr

@@ -171,11 +171,11 @@ def evaluate(
     total, nonzero = about.param_counts or count_params(model)
     task = get_task(data.task)
     score = examples = None
-    metrics = {}
+    figures = {}  # the task's metric and its other figures
     if config.accuracy:
         rows = example_scores(model, data, device)
-        metrics = task.summarize(rows)
-        score, examples = metrics[task.metric], pack_rows(rows)
+        figures = task.summarize(rows)
+        score, examples = figures[task.metric], pack_rows(rows)
     measured = deployment = None
     if distributed.is_main():
         torch.set_num_threads(threads)
@@ -211,7 +211,7 @@ def evaluate(
         examples=examples,
         task=task.name,
         metric=task.metric,
-        metrics=metrics,
+        metrics=figures,
         deployment=deployment,
     )
     if config.profile and distributed.is_main() and device == "cpu":

@@ -62,20 +62,27 @@ def scenes_root() -> Path:
     return cache_dir() / "fashion_mnist_scenes"
 
 
-def fashion_mnist_scenes(root: str | Path | None = None, download: bool = False) -> Path:
-    """The Fashion-MNIST scenes folder (VOC layout), written first where it is missing.
+def fashion_mnist_scenes(
+    root: str | Path | None = None, download: bool = False, counts: dict | None = None
+) -> Path:
+    """The Fashion-MNIST scenes folder (VOC layout), written first where it is missing;
+    ``counts`` scenes per split (default :data:`SCENES_COUNTS`).
 
     Example:
         >>> train, test, classes = read_voc(fashion_mnist_scenes())
     """
     folder = fashion_mnist_folder(None, download)
-    splits = {}
-    for split, count in SCENES_COUNTS.items():
-        image_stem, label_stem = _FASHION_FILES[split]
-        garments = _read_idx(_find_idx(folder, image_stem))
-        labels = _read_idx(_find_idx(folder, label_stem))
-        splits[split] = (garments, labels, count)
+    splits = {
+        split: (*fashion_mnist_split(folder, split), count)
+        for split, count in (counts or SCENES_COUNTS).items()
+    }
     return write_scenes(Path(root).expanduser() if root else scenes_root(), splits)
+
+
+def fashion_mnist_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, 28, 28) and labels (N,) of Fashion-MNIST's ``split`` as uint8 arrays."""
+    image_stem, label_stem = _FASHION_FILES[split]
+    return _read_idx(_find_idx(folder, image_stem)), _read_idx(_find_idx(folder, label_stem))
 
 
 @dataclass
@@ -405,9 +412,9 @@ def _fashion_mnist(config: DataConfig, mean, std):
     folder = fashion_mnist_folder(config.root, config.download)
     splits = []
     for split in ("train", "test"):
-        image_stem, label_stem = _FASHION_FILES[split]
-        images = torch.from_numpy(_read_idx(_find_idx(folder, image_stem)).copy()).unsqueeze(1)
-        labels = torch.from_numpy(_read_idx(_find_idx(folder, label_stem)).astype(np.int64))
+        images, labels = fashion_mnist_split(folder, split)
+        images = torch.from_numpy(images.copy()).unsqueeze(1)
+        labels = torch.from_numpy(labels.astype(np.int64))
         if config.image_size and config.image_size != images.shape[-1]:
             images = torch.nn.functional.interpolate(
                 images.float(), size=config.image_size, mode="bilinear", antialias=True

@@ -103,15 +103,10 @@ def synthetic():
 @pytest.fixture(scope="session")
 def scenes_folder(tmp_path_factory):
     """Real Fashion-MNIST garments on 64x64 scenes (600 train, 200 test), in the VOC layout."""
-    from compress.data import _FASHION_FILES, _find_idx, _read_idx, fashion_mnist_folder
-    from compress.voc import write_scenes
+    from compress.data import fashion_mnist_scenes
 
-    folder = fashion_mnist_folder(None)
-    splits = {}
-    for split, count in (("train", 600), ("test", 200)):
-        images, labels = (_read_idx(_find_idx(folder, stem)) for stem in _FASHION_FILES[split])
-        splits[split] = (images, labels, count)
-    return write_scenes(tmp_path_factory.mktemp("scenes"), splits)
+    folder = tmp_path_factory.mktemp("scenes")
+    return fashion_mnist_scenes(folder, counts={"train": 600, "test": 200})
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,14 @@ from torch.nn import functional as F
 from torch.utils.data import Subset, TensorDataset
 
 import compress
-from compress.data import Data
+from compress.data import Data, fashion_mnist_scenes
 from compress.errors import DataError, TaskError
 from compress.evaluate import evaluate, metrics
 from compress.models import build_model
 from compress.recipe import EvaluateConfig
 from compress.stats import pack_rows, paired_bootstrap, unpack_rows
 from compress.tasks import IGNORE_INDEX, TASKS, Custom, get_task
-from compress.voc import read_voc, write_scenes
+from compress.voc import read_voc
 from tests.tiny import tiny_segmenter
 
 CLASSIFICATION = get_task("classification")
@@ -189,17 +189,10 @@ def test_scenes_are_deterministic_and_labelled_by_their_garments(scenes_folder, 
     assert image.shape == (1, 64, 64) and mask.shape == (64, 64)
     # a pixel is labelled a garment exactly where a garment is drawn
     assert torch.equal(mask > 0, image[0] > 32 / 255 + 1e-6)
-    splits = {"train": (*_test_idx(), 3), "test": (*_test_idx(), 3)}
-    again = read_voc(write_scenes(tmp_path / "again", splits))[1]
-    first = read_voc(write_scenes(tmp_path / "first", splits))[1]
+    counts = {"train": 3, "test": 3}
+    again = read_voc(fashion_mnist_scenes(tmp_path / "again", counts=counts))[1]
+    first = read_voc(fashion_mnist_scenes(tmp_path / "first", counts=counts))[1]
     assert torch.equal(again[2][1], first[2][1])
-
-
-def _test_idx():
-    from compress.data import _FASHION_FILES, _find_idx, _read_idx, fashion_mnist_folder
-
-    folder = fashion_mnist_folder(None)
-    return tuple(_read_idx(_find_idx(folder, stem)) for stem in _FASHION_FILES["test"])
 
 
 def test_the_voc_reader_refuses_what_it_cannot_read(tmp_path):

@@ -18,24 +18,25 @@ import logging as _logging
 # Importing torchao logs a pytree deprecation notice that says nothing to users of compress.
 _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
-from compress.artifact import load, save  # noqa: E402
+from compress.core.errors import CompressError, ExportError, RecipeError, UsageError  # noqa: E402
+from compress.core.registry import STAGES, StageContext, register_stage  # noqa: E402
 from compress.data import Data, build_data  # noqa: E402
-from compress.deploy import export  # noqa: E402
-from compress.distill import distill  # noqa: E402
-from compress.errors import CompressError, ExportError, RecipeError, UsageError  # noqa: E402
-from compress.evaluate import Evaluation, evaluate  # noqa: E402
-from compress.factorize import factorize  # noqa: E402
-from compress.models import build_model  # noqa: E402
-from compress.pipeline import run  # noqa: E402
-from compress.prune import prune  # noqa: E402
-from compress.quantize import quantize, sensitivity  # noqa: E402
-from compress.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
-from compress.registry import STAGES, StageContext, register_stage  # noqa: E402
-from compress.report import Report  # noqa: E402
-from compress.search import SearchConfig, SearchResult, search  # noqa: E402
-from compress.share import share  # noqa: E402
-from compress.tasks import TASKS, Custom, Task, register_task  # noqa: E402
-from compress.train import train  # noqa: E402
+from compress.measure.deploy import export  # noqa: E402
+from compress.measure.evaluate import evaluate  # noqa: E402
+from compress.measure.evaluation import Evaluation  # noqa: E402
+from compress.models.artifact import load, save  # noqa: E402
+from compress.models.build import build_model  # noqa: E402
+from compress.run.pipeline import run  # noqa: E402
+from compress.run.report import Report  # noqa: E402
+from compress.run.search import SearchConfig, SearchResult, search  # noqa: E402
+from compress.spec.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from compress.spec.tasks import TASKS, Custom, Task, register_task  # noqa: E402
+from compress.stages.distill import distill  # noqa: E402
+from compress.stages.factorize import factorize  # noqa: E402
+from compress.stages.prune import prune  # noqa: E402
+from compress.stages.quantize import quantize, sensitivity  # noqa: E402
+from compress.stages.share import share  # noqa: E402
+from compress.training.train import train  # noqa: E402
 
 __all__ = [
     "STAGES",

@@ -15,9 +15,9 @@ import time
 import torch
 
 from compress.data import build_data
-from compress.models import build_model
-from compress.recipe import DataConfig, ModelConfig, TrainConfig
-from compress.train import train
+from compress.models.build import build_model
+from compress.spec.recipe import DataConfig, ModelConfig, TrainConfig
+from compress.training.train import train
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ one JSON line per configuration with images/s and the efficiency against one pro
     python scripts/bench_ddp.py [--steps 30] [--batch 128] [--variants] [--ceilings]
     python scripts/bench_ddp.py --recipe RECIPE [--set key=value ...] [--out DIR]
 
-``--variants`` adds DDP settings measured to choose the defaults in compress/train.py
+``--variants`` adds DDP settings measured to choose the defaults in compress/training/train.py
 (gradient buckets, bf16 gradient exchange, static graph, gradient accumulation).
 ``--ceilings`` adds what bounds 2 processes on one machine: two independent single-thread
 processes with no exchange at all, and the time of one all-reduce of the model's gradients;
@@ -42,12 +42,14 @@ def worker(args) -> None:
 
     import torch
 
-    from compress import distributed
+    from compress.core import distributed
     from compress.data import build_data
-    from compress.models import build_model
-    from compress.recipe import DataConfig, TrainConfig
+    from compress.models.build import build_model
+    from compress.spec.recipe import DataConfig, TrainConfig
 
-    loop = importlib.import_module("compress.train")  # the module; compress.train is the function
+    loop = importlib.import_module(
+        "compress.training.train"
+    )  # the module; compress.train is the function
     options = json.loads(args.ddp)
     loop.DDP_BF16_GRADIENTS = options.pop("bf16", False)
     loop.DDP_OPTIONS = options
@@ -97,8 +99,8 @@ def allreduce_worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from compress import distributed
-    from compress.models import build_model
+    from compress.core import distributed
+    from compress.models.build import build_model
 
     distributed.init_from_env("cpu")
     torch.set_num_threads(1)
@@ -162,8 +164,8 @@ def allreduce(args) -> dict:
 def recipe_runs(args) -> None:
     """The recipe in 1 process and in 2 (half the batch each), without and with synced
     BatchNorm; each run's last model paired with the single run's, image by image."""
-    from compress.recipe import TrainConfig, load_recipe
-    from compress.stats import paired_drop, unpack
+    from compress.core.stats import paired_drop, unpack
+    from compress.spec.recipe import TrainConfig, load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     half = f"data.batch_size={recipe.data.batch_size // 2}"

@@ -22,10 +22,11 @@ import json
 import torch
 
 import compress
-from compress.evaluate import correct_per_image, count_flops
-from compress.pipeline import baseline_model
-from compress.recipe import TrainConfig
-from compress.stats import paired_drop
+from compress.core.stats import paired_drop
+from compress.measure.counts import count_flops
+from compress.measure.scores import example_scores
+from compress.run.baseline import baseline_model
+from compress.spec.recipe import TrainConfig
 
 STUDENT_GAIN = 0.5  # points over the scratch student (issue 5)
 
@@ -50,7 +51,7 @@ def main() -> None:
         kd.alpha = args.alpha
     x = data.example_input(1)
     teacher_macs = count_flops(teacher, x) // 2
-    top1 = {"teacher": correct_per_image(teacher, data)[0]}
+    top1 = {"teacher": _correct(teacher, data)}
     _line("teacher", top1["teacher"], 1.0)
 
     if args.only != "pruned":
@@ -65,7 +66,7 @@ def _students(recipe, data, teacher, kd, x, teacher_macs, top1) -> None:
         student = compress.distill(
             teacher, data, dataclasses.replace(kd, alpha=alpha), teacher=teacher
         )
-        top1[name] = correct_per_image(student, data)[0]
+        top1[name] = _correct(student, data)
         _line(name, top1[name], count_flops(student, x) // 2 / teacher_macs)
     _compare(
         "student_kd - student_scratch", top1["student_scratch"], top1["student_kd"], STUDENT_GAIN
@@ -77,7 +78,7 @@ def _pruned(recipe, data, teacher, kd, epochs, x, teacher_macs, top1) -> None:
     budget = TrainConfig(epochs=epochs, lr=0.02, schedule="cosine")
     torch.manual_seed(recipe.seed)
     fine_tuned = compress.train(copy.deepcopy(pruned), data, budget, seed=recipe.seed)
-    top1["pruned_fine_tune"] = correct_per_image(fine_tuned, data)[0]
+    top1["pruned_fine_tune"] = _correct(fine_tuned, data)
     macs = count_flops(pruned, x) // 2 / teacher_macs
     _line("pruned_fine_tune", top1["pruned_fine_tune"], macs)
     torch.manual_seed(recipe.seed)
@@ -89,11 +90,16 @@ def _pruned(recipe, data, teacher, kd, epochs, x, teacher_macs, top1) -> None:
         alpha=kd.alpha,
         train=dataclasses.asdict(budget),
     )
-    top1["pruned_distill"] = correct_per_image(distilled, data)[0]
+    top1["pruned_distill"] = _correct(distilled, data)
     _line("pruned_distill", top1["pruned_distill"], macs)
     _compare(
         "pruned_distill - pruned_fine_tune", top1["pruned_fine_tune"], top1["pruned_distill"], 0.0
     )
+
+
+def _correct(model, data):
+    """Each test image's top-1 hit (classification's first score column)."""
+    return example_scores(model, data)[:, 0].astype(bool)
 
 
 def _line(model: str, correct, macs_ratio: float) -> None:

@@ -7,7 +7,7 @@ seconds it took and the process's peak resident memory.
     python scripts/bench_graph_load.py --zoo resnet18 swin_t maxvit_t [--image-size 224]
 
 ``--zoo`` instead counts what real networks hold, the ground of the ceiling
-(compress/artifact.py): each torchvision classifier exported as compress stores it, its
+(compress/models/artifact.py): each torchvision classifier exported as compress stores it, its
 graph's nodes and tensors.
 """
 
@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/hostile.py's chain
 
-from compress.artifact import save  # noqa: E402
+from compress.models.artifact import save  # noqa: E402
 from tests.hostile import chain, edit_graph  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from compress.artifact import ArtifactError, load
+from compress.models.artifact import ArtifactError, load
 started = time.perf_counter()
 try:
     nodes = len(load(Path(sys.argv[1])).graph.nodes)
@@ -44,7 +44,7 @@ print(json.dumps({"outcome": outcome, "seconds": round(seconds, 2), "peak_gib": 
 
 
 def zoo(names: list[str], image_size: int) -> None:
-    from compress.models import build_model
+    from compress.models.build import build_model
 
     for name in names:
         model = build_model(name, num_classes=10, in_channels=3).eval()

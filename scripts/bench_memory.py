@@ -2,7 +2,7 @@
 
 Runs the stage (structured pruning to 0.5x MACs by default) on a torchvision model with
 random weights and synthetic images in a child process whose memory guard
-(compress/memory.py) is given ``--cap-gib`` over what the process held before the stage;
+(compress/core/memory.py) is given ``--cap-gib`` over what the process held before the stage;
 the parent reads the child's peak resident memory (VmHWM) when it ends. Prints one JSON
 line per model: whether the stage finished or the guard stopped it, the peak, the time and
 the guard's one line. The cap keeps the figure safe to take on a shared machine.
@@ -21,10 +21,10 @@ import time
 CHILD = """
 import sys
 from compress.data import build_data
-from compress.memory import memory_guard, resident_bytes
-from compress.models import build_model
-from compress.prune import prune
-from compress.recipe import DataConfig
+from compress.core.memory import memory_guard, resident_bytes
+from compress.models.build import build_model
+from compress.stages.prune import prune
+from compress.spec.recipe import DataConfig
 
 name, size, cap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 data = build_data(

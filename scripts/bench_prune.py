@@ -17,12 +17,13 @@ import statistics
 
 import torch
 
+from compress.core.distributed import set_threads
 from compress.data import build_data
-from compress.distributed import set_threads
-from compress.evaluate import count_flops, measure_latency
-from compress.models import build_model
-from compress.prune import prune
-from compress.recipe import DataConfig, ModelConfig
+from compress.measure.counts import count_flops
+from compress.measure.latency import measure_latency
+from compress.models.build import build_model
+from compress.spec.recipe import DataConfig, ModelConfig
+from compress.stages.prune import prune
 
 TARGET = 0.8  # resnet18 at 50 %: measured speedup >= 0.8x the MACs reduction (issue 4)
 

@@ -42,13 +42,13 @@ from pathlib import Path
 
 import torch
 
+from compress.core.distributed import set_threads
 from compress.data import build_data
-from compress.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
-from compress.distributed import set_threads
-from compress.evaluate import ROUND_WARMUP_S, measure_latency
-from compress.models import build_model
-from compress.quantize import quantize
-from compress.recipe import DataConfig, ModelConfig
+from compress.measure.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
+from compress.measure.latency import ROUND_WARMUP_S, measure_latency
+from compress.models.build import build_model
+from compress.spec.recipe import DataConfig, ModelConfig
+from compress.stages.quantize import quantize
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 # Issue 11: compress INT8 in its best runtime <= 0.9x the faster peer at batch 1 (0.95x at
@@ -115,9 +115,9 @@ def _rounds(contenders: dict, batch: torch.Tensor, args) -> dict[str, list[float
 
 def _bench_run(args, threads: int) -> None:
     """A finished run's final model against the peers' INT8 of its own baseline."""
-    from compress.artifact import load
-    from compress.pipeline import baseline_model
-    from compress.recipe import load_recipe
+    from compress.models.artifact import load
+    from compress.run.baseline import baseline_model
+    from compress.spec.recipe import load_recipe
 
     recipe = load_recipe(args.run / "recipe.yaml")
     data = build_data(recipe.data, seed=recipe.seed)

@@ -15,12 +15,13 @@ import time
 
 import torch
 
+from compress.core.distributed import set_threads
 from compress.data import build_data
-from compress.distributed import set_threads
-from compress.evaluate import count_flops
-from compress.models import build_model, torchvision_models
-from compress.prune import prune
-from compress.recipe import DataConfig, ModelConfig
+from compress.measure.counts import count_flops
+from compress.models import build_model
+from compress.spec.architectures import torchvision_models
+from compress.spec.recipe import DataConfig, ModelConfig
+from compress.stages.prune import prune
 
 # One or two of each family the issue names; --models all sweeps every builder.
 FAMILIES = [

@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from compress.cli import main
 from compress.data import build_data
-from compress.models import build_model
-from compress.quantize._pt2e import CPP_WRAPPER_VARIABLE
-from compress.recipe import DataConfig, ModelConfig, TrainConfig
-from compress.train import train
+from compress.models.build import build_model
+from compress.run.cli import main
+from compress.spec.recipe import DataConfig, ModelConfig, TrainConfig
+from compress.stages.quantize._pt2e import CPP_WRAPPER_VARIABLE
+from compress.training.train import train
 
 
 def run_cli(*args: str, process: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from compress import distributed
+from compress.core import distributed
 from compress.data import build_data
-from compress.models import mlp
-from compress.recipe import DataConfig, TrainConfig
-from compress.train import train
+from compress.models.build import mlp
+from compress.spec.recipe import DataConfig, TrainConfig
+from compress.training.train import train
 
 
 def _cnn() -> torch.nn.Module:

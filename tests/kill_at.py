@@ -19,9 +19,12 @@ import os
 import sys
 import traceback
 
-from compress import artifact, cli, pipeline, report
+from compress.models import artifact
+from compress.run import cli, pipeline, report
 
-loop = importlib.import_module("compress.train")  # the module; compress.train is the function
+loop = importlib.import_module(
+    "compress.training.train"
+)  # the module; compress.train is the function
 
 
 def die(*_args, **_kwargs):

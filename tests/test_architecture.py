@@ -11,38 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from compress.registry import STAGES
-
 PACKAGE = Path(__file__).resolve().parent.parent / "compress"
 
-# Bottom first. A module may import modules of its own layer (without a cycle) or below.
+# The layers are compress's folders, bottom first: a module may import modules of its own
+# layer (without a cycle) or below. A new module in a folder needs no edit here.
 LAYERS = [
-    # Ground floor: knows nothing of models, stages or runs.
-    {
-        "errors",
-        "schema",
-        "modules",
-        "memory",
-        "distributed",
-        "registry",
-        "paths",
-        "storage",
-        "traits",
-        "stats",
-    },
-    {"architectures", "recipe", "data", "tasks", "voc"},  # configs, data, tasks, networks
-    {"artifact", "models", "deploy", "profile", "evaluate", "train"},  # shared machinery
-    # The stages: every module that registers one (a new stage is one new module).
-    {spec.function.__module__.split(".")[1] for spec in STAGES.values()},
-    # runs, searches, reports, CLI
-    {"plots", "report", "pipeline", "search", "docs", "cli", "__main__", "__init__"},
+    {"core"},  # errors, schema, registries, storage: knows nothing of models, stages or runs
+    {"spec"},  # what a recipe names: its sections, networks by name, tasks
+    {"data", "models"},  # datasets; models built, stored and read back as data
+    {"measure", "training"},  # the evaluator, profile and runtimes; the training loop
+    {"stages"},  # one module (or package) per stage
+    {"run"},  # pipeline, search, reports, docs, CLI
+    {"__init__", "__main__"},  # the public API and `python -m compress`
 ]
 # Packages compress runs without; imported where they are used, so that a missing one
 # fails only the feature that needs it.
 OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "matplotlib"}
 # Imported on first use because each costs seconds at start-up (torchao's PT2E flow pulls in
 # dynamo and inductor; scipy.stats ~1 s), paid only by the commands that need them.
-DEFERRED = {"torchao", "scipy", "compress.quantize._pt2e", "compress.quantize._parts"}
+DEFERRED = {"torchao", "scipy", "compress.stages.quantize._pt2e", "compress.stages.quantize._parts"}
 
 
 def _deferred(module: str) -> bool:
@@ -105,7 +92,7 @@ def _layer(module: str) -> int:
     for index, layer in enumerate(LAYERS):
         if _unit(module) in layer:
             return index
-    raise AssertionError(f"compress/{module} is in no layer of tests/test_architecture.py")
+    raise AssertionError(f"compress/{module} is outside the layer folders (LAYERS above)")
 
 
 def test_every_module_has_a_layer():
@@ -158,9 +145,45 @@ def test_starting_the_command_line_imports_no_deferred_module():
     """`python -m compress --help`, a prune run or `compare` never pay for torchao or scipy:
     a module-level import of either (or of the INT8 modules) anywhere under compress.cli
     would show here."""
-    code = "import sys, compress.cli; print(*sorted(sys.modules), sep='\\n')"
+    code = "import sys, compress.run.cli; print(*sorted(sys.modules), sep='\\n')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = set(done.stdout.split())
-    assert "compress.quantize" in loaded and "compress.pipeline" in loaded
+    assert "compress.stages.quantize" in loaded and "compress.run.pipeline" in loaded
     assert not {m for m in loaded if _deferred(m)}
+
+
+def test_every_stage_is_registered_from_the_stages_folder():
+    from compress import STAGES
+
+    outside = [
+        n for n, s in STAGES.items() if not s.function.__module__.startswith("compress.stages.")
+    ]
+    assert STAGES and not outside, outside
+
+
+def test_every_compress_name_the_scripts_and_tests_import_exists():
+    """A module moved or a name renamed fails here, not later in a script nobody ran."""
+    import importlib
+    import importlib.util
+
+    def is_module(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # its parent is a module, not a package
+            return False
+
+    missing = []
+    for file in sorted([*PACKAGE.parent.glob("scripts/*.py"), *PACKAGE.parent.glob("tests/*.py")]):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
+                "compress"
+            ):
+                continue
+            module = importlib.import_module(node.module)
+            missing += [
+                f"{file.name}:{node.lineno} {node.module}.{alias.name}"
+                for alias in node.names
+                if not hasattr(module, alias.name) and not is_module(f"{node.module}.{alias.name}")
+            ]
+    assert not missing, "\n".join(missing)

@@ -1,11 +1,14 @@
 """Data: the real Fashion-MNIST files, splits, user folders and clear errors."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from compress.data import DataError, build_data
-from compress.recipe import DataConfig
+from compress.core.errors import DataError, RecipeError
+from compress.data import build_data
+from compress.spec.recipe import DataConfig
 
 
 def test_fashion_mnist_is_real_and_split(fmnist):
@@ -28,7 +31,7 @@ def test_subsets_and_seeded_calibration():
 
 
 def test_missing_data_names_places_and_fix(tmp_path, monkeypatch):
-    import compress.data as data_module
+    import compress.data.fashion_mnist as data_module
 
     monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(DataError) as info:
@@ -75,7 +78,7 @@ def test_synthetic_shapes(synthetic):
 def test_an_idx_file_is_read_once_and_again_when_it_changes(tmp_path):
     import os
 
-    from compress.data import _read_idx
+    from compress.data.fashion_mnist import _read_idx
 
     path = tmp_path / "labels-idx1-ubyte"
     path.write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([1, 2, 3]))
@@ -85,3 +88,44 @@ def test_an_idx_file_is_read_once_and_again_when_it_changes(tmp_path):
     path.write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([7, 8, 9]))
     os.utime(path, ns=(1, 1))  # another modification time, as a rewrite gives
     assert _read_idx(path).tolist() == [7, 8, 9]
+
+
+def test_a_new_dataset_is_one_module(tmp_path, monkeypatch, capsys):
+    """A module that registers a dataset makes it a recipe's data.name: checked before any
+    file is read (channels, calibration size), split by build_data, named by `compress list`."""
+    from compress.core.registry import DATASETS
+    from compress.run.cli import main
+    from compress.spec.recipe import parse_recipe
+
+    (tmp_path / "stripes_data.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from compress.core.registry import register_dataset\n\n"
+        "@register_dataset('stripes', channels=1, train_images=300, size=8, mean=(0.5,), std=(0.5,))\n"
+        "def stripes(config, mean, std, seed):\n"
+        "    '''Striped squares, labelled by orientation.'''\n"
+        "    def split(n):\n"
+        "        labels = torch.arange(n) % 2\n"
+        "        rows = (torch.arange(8) % 2).float().view(8, 1).expand(8, 8)\n"
+        "        images = torch.stack([rows if k == 0 else rows.T for k in labels.tolist()])\n"
+        "        return TensorDataset(((images - mean[0]) / std[0]).unsqueeze(1), labels)\n"
+        "    return split(300), split(100), 2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    importlib.import_module("stripes_data")
+    try:
+        data = build_data({"name": "stripes", "calibration_size": 50})
+        assert (len(data.train), len(data.calibration), len(data.test)) == (250, 50, 100)
+        assert data.input_shape == (1, 8, 8) and data.num_classes == 2
+        assert data.test[0][0].min() == -1.0  # normalised with the registered mean and std
+        with pytest.raises(RecipeError, match=r"data\.mean.*1 channel"):
+            parse_recipe({"data": {"name": "stripes", "mean": [0.1, 0.2, 0.3]}})
+        with pytest.raises(RecipeError, match=r"data\.calibration_size.*stripes has 300"):
+            parse_recipe({"data": {"name": "stripes", "calibration_size": 300}})
+        assert main(["list"]) == 0
+        assert "stripes (classification): Striped squares" in capsys.readouterr().out
+    finally:
+        sys.modules.pop("stripes_data", None)
+        DATASETS.pop("stripes", None)

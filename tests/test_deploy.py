@@ -10,16 +10,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compress import deploy
-from compress.artifact import save
-from compress.deploy import ExportError, OnnxRuntimeModel, OpenVinoModel, deployed, export
-from compress.errors import RecipeError
-from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
-from compress.models import build_model
-from compress.pipeline import run as compress_run
-from compress.quantize import quantize
-from compress.recipe import ModelConfig, parse_recipe, parse_stage_options
-from compress.registry import STAGES, StageContext
+from compress.core.errors import RecipeError
+from compress.core.registry import STAGES, StageContext
+from compress.measure import deploy
+from compress.measure.counts import sqnr_db
+from compress.measure.deploy import ExportError, OnnxRuntimeModel, OpenVinoModel, deployed, export
+from compress.measure.evaluate import EvaluateConfig, evaluate
+from compress.models.artifact import save
+from compress.models.build import build_model
+from compress.run.pipeline import run as compress_run
+from compress.spec.recipe import ModelConfig, parse_recipe, parse_stage_options
+from compress.stages.quantize import quantize
 from tests.conftest import run_cli
 from tests.test_stages import QUICK
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from compress.core.errors import RecipeError
+from compress.core.modules import forward_with_hooks
 from compress.data import build_data
-from compress.distill import LayerPair, _StudentWithAdapters, attention_map, distill
-from compress.errors import RecipeError
-from compress.evaluate import EvaluateConfig, evaluate
-from compress.modules import forward_with_hooks
-from compress.recipe import DataConfig, parse_recipe
+from compress.measure.evaluate import EvaluateConfig, evaluate
+from compress.spec.recipe import DataConfig, parse_recipe
+from compress.stages.distill import LayerPair, _StudentWithAdapters, attention_map, distill
 from tests.tiny import tiny_cnn
 
 

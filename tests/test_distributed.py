@@ -106,7 +106,7 @@ def test_synced_batchnorm_is_batchnorm_over_the_summed_statistics(monkeypatch, m
     """One process standing for a world whose all-reduce returns this rank's sums: the
     synced layer must then be torch's BatchNorm (output, gradients, running statistics,
     the cumulative average of momentum None), and count in fp32 for half inputs."""
-    from compress import distributed
+    from compress.core import distributed
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "all_reduce_with_gradient", lambda t: t)

@@ -4,17 +4,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from compress.artifact import save
 from compress.data import Data
-from compress.evaluate import (
-    compare,
-    compare_with_input,
-    count_flops,
-    count_params,
-    evaluate,
-)
-from compress.profile import count_memory_access
-from compress.recipe import DataConfig, EvaluateConfig
+from compress.measure.counts import count_flops, count_params
+from compress.measure.evaluate import compare, compare_with_input, evaluate
+from compress.measure.profile import count_memory_access
+from compress.models.artifact import save
+from compress.spec.recipe import DataConfig, EvaluateConfig
 
 CONFIG = EvaluateConfig(warmup=2, iterations=30, runtimes=["torch"])
 
@@ -93,7 +88,7 @@ def test_memory_access_exact():
 
 
 def test_size_is_the_saved_artifacts_bytes(tmp_path):
-    from compress.models import model_from_spec
+    from compress.models.build import model_from_spec
 
     model = model_from_spec(
         {

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress.artifact import load, save
-from compress.evaluate import count_flops
-from compress.factorize import factorize, separable_fit, svd_fit
+from compress.measure.counts import count_flops
+from compress.models.artifact import load, save
+from compress.stages.factorize import factorize, separable_fit, svd_fit
 
 
 def _relative_error(a, b):
@@ -63,7 +63,7 @@ def test_factorized_model_saves_and_reloads_identically(tiny, fmnist, tmp_path):
 
 
 def test_named_layer_must_be_a_standard_convolution(tiny, fmnist):
-    from compress.errors import RecipeError
+    from compress.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="factorize.layers: 13 is not a standard k x k"):
         factorize(tiny, fmnist, layers=["13"])

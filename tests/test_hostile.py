@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 
-from compress import cli
-from compress.artifact import ArtifactError, load, save
-from compress.data import DataError, build_data
-from compress.models import ModelError, build_model
-from compress.recipe import DataConfig, ModelConfig, RecipeError, load_recipe
+from compress.core.errors import DataError
+from compress.data import build_data
+from compress.models.artifact import ArtifactError, load, save
+from compress.models.build import ModelError, build_model
+from compress.run import cli
+from compress.spec.recipe import DataConfig, ModelConfig, RecipeError, load_recipe
 from tests import hostile
 from tests.conftest import run_cli
 
@@ -95,8 +96,8 @@ def test_eval_and_distillation_refuse_a_folder_that_imports_code(spec_folder, ma
         f"stages: [{{distill: {{teacher: {{checkpoint: {str(spec_folder)!r}}}}}}}]\n"
     )
     cli_refused("eval", str(recipe), "--model", str(spec_folder), match="imports and runs code")
-    from compress.distill import distill
-    from compress.recipe import parse_stage_options
+    from compress.spec.recipe import parse_stage_options
+    from compress.stages.distill import distill
 
     data = build_data(
         DataConfig(name="synthetic", synthetic_channels=1, synthetic_size=8, calibration_size=8)
@@ -167,7 +168,7 @@ def test_a_graph_does_only_the_work_its_tensors_imply(graph_folder, tmp_path, mo
         raise AssertionError("a node was built or a tensor read before the count was checked")
 
     monkeypatch.setattr(torch.fx.Graph, "create_node", built)
-    monkeypatch.setattr("compress.artifact.read_tensors", built)
+    monkeypatch.setattr("compress.models.artifact.graph.read_tensors", built)
     cli_refused(
         "eval", str(recipe), "--model", str(graph_folder), match="300006 nodes, more than the"
     )
@@ -232,10 +233,11 @@ def test_manifest_values_are_checked_against_the_architecture(spec_folder):
 BOMBS = r"""
 import json, resource, sys, torch
 from pathlib import Path
-from compress.artifact import ArtifactError, load
-from compress.data import DataError, _read_idx
-from compress.errors import RecipeError
-from compress.recipe import load_recipe
+from compress.models.artifact import ArtifactError, load
+from compress.core.errors import DataError
+from compress.data.fashion_mnist import _read_idx
+from compress.core.errors import RecipeError
+from compress.spec.recipe import load_recipe
 from tests.conftest import run_cli
 
 def peak():
@@ -331,7 +333,7 @@ def test_small_files_cannot_make_compress_allocate_much(tmp_path, spec_folder, g
 def test_a_step_past_the_machine_memory_stops_with_one_line(tmp_path):
     script = (
         "import logging\n"
-        "from compress.memory import memory_guard, resident_bytes\n"
+        "from compress.core.memory import memory_guard, resident_bytes\n"
         f"logging.getLogger('compress').addHandler(logging.FileHandler({str(tmp_path / 'run.log')!r}))\n"
         "hoard = []\n"
         "with memory_guard('stage 0 (prune) of swin_t', resident_bytes() + 300 * 2**20):\n"
@@ -397,8 +399,8 @@ def test_generated_recipes_validate_or_name_a_key(examples):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from compress.recipe import Recipe, parse_recipe
-    from compress.registry import STAGES
+    from compress.core.registry import STAGES
+    from compress.spec.recipe import Recipe, parse_recipe
 
     scalars = st.one_of(
         st.none(),
@@ -451,7 +453,7 @@ def test_generated_recipes_validate_or_name_a_key(examples):
 def test_two_runs_never_share_a_folder(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from compress.pipeline import RunDirError, make_run_dir
+    from compress.run.rundir import RunDirError, make_run_dir
 
     def claim(out):
         try:
@@ -501,8 +503,8 @@ def test_checkpoint_file_bounds_its_size(tmp_path):
 
 
 def test_resume_loads_nothing_that_runs_code(tmp_path, marker, spec_folder):
-    from compress.pipeline import RunDirError, run
-    from compress.recipe import parse_recipe
+    from compress.run.pipeline import RunDirError, run
+    from compress.spec.recipe import parse_recipe
 
     recipe = parse_recipe(
         {

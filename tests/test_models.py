@@ -5,9 +5,9 @@ import pickle
 import pytest
 import torch
 
-from compress.artifact import ArtifactError, load, save
-from compress.models import ModelError, build_model
-from compress.recipe import ModelConfig, RecipeError
+from compress.models.artifact import ArtifactError, load, save
+from compress.models.build import ModelError, build_model
+from compress.spec.recipe import ModelConfig, RecipeError
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf"])

@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress import artifact, pipeline
-from compress.artifact import load
+from compress.core.errors import RunDirError
+from compress.core.paths import cache_dir, references_dir
 from compress.data import build_data
-from compress.errors import RunDirError
-from compress.evaluate import evaluate, metrics
-from compress.models import build_model
-from compress.paths import cache_dir, references_dir
-from compress.pipeline import _check_targets
-from compress.recipe import load_recipe, parse_recipe
-from compress.report import Report
+from compress.measure.evaluate import evaluate
+from compress.measure.scores import metrics
+from compress.models import artifact
+from compress.models.artifact import load
+from compress.models.build import build_model
+from compress.run import baseline as baselines
+from compress.run.pipeline import _check_targets
+from compress.run.report import Report
+from compress.spec.recipe import load_recipe, parse_recipe
 from tests.conftest import run_cli
 from tests.test_evaluate import CONFIG, _labelled_data, _Oracle
 
@@ -297,7 +299,7 @@ def test_resume_refuses_another_recipe_or_a_finished_run(tmp_path):
 
 def test_a_default_run_folder_is_never_reused(tmp_path, monkeypatch):
     """Two runs in the same second get two folders: the second takes a suffix."""
-    from compress.pipeline import make_run_dir
+    from compress.run.rundir import make_run_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("time.strftime", lambda *_: "20261130-120000")
@@ -311,7 +313,7 @@ def test_a_default_run_folder_is_never_reused(tmp_path, monkeypatch):
 
 
 def test_list_names_every_registered_stage_and_method():
-    from compress.registry import STAGES
+    from compress.core.registry import STAGES
 
     result = run_cli("list")
     assert result.returncode == 0
@@ -412,18 +414,18 @@ def test_a_shipped_reference_is_read_instead_of_trained(tmp_path, monkeypatch):
     shipped = tmp_path / "references"
     reference = build_model(recipe.model, num_classes=10, in_channels=1)
     torch.nn.init.normal_(reference[-1].weight)  # unlike a freshly built model
-    artifact.save(reference, shipped / pipeline.baseline_key(recipe))
-    monkeypatch.setattr(pipeline, "references_dir", lambda: shipped)
-    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("trained"))
+    artifact.save(reference, shipped / baselines.baseline_key(recipe))
+    monkeypatch.setattr(baselines, "references_dir", lambda: shipped)
+    monkeypatch.setattr(baselines, "train", lambda *a, **k: pytest.fail("trained"))
 
-    loaded = pipeline.baseline_model(recipe, data, "cpu")
+    loaded = baselines.baseline_model(recipe, data, "cpu")
     assert torch.equal(loaded[-1].weight, reference[-1].weight)
     assert not (cache_dir() / "baselines").exists()
 
     # Another training line is another key: it is not mistaken for the shipped one.
     other = parse_recipe({**recipe.to_dict(), "train": {"epochs": 59}})
     with pytest.raises(pytest.fail.Exception, match="trained"):
-        pipeline.baseline_model(other, data, "cpu")
+        baselines.baseline_model(other, data, "cpu")
 
 
 def test_a_cooldown_after_a_stored_schedule_trains_only_itself(tmp_path, monkeypatch):
@@ -437,25 +439,25 @@ def test_a_cooldown_after_a_stored_schedule_trains_only_itself(tmp_path, monkeyp
         }
     )
     schedule = parse_recipe({**recipe.to_dict(), "train": {"epochs": 60, "augment": "crop_flip"}})
-    assert pipeline.baseline_key(schedule) != pipeline.baseline_key(recipe)
+    assert baselines.baseline_key(schedule) != baselines.baseline_key(recipe)
     data = build_data(recipe.data)
     shipped = tmp_path / "references"
     stored = build_model(recipe.model, num_classes=10, in_channels=1)
     torch.nn.init.normal_(stored[-1].weight)
-    artifact.save(stored, shipped / pipeline.baseline_key(schedule))
-    monkeypatch.setattr(pipeline, "references_dir", lambda: shipped)
+    artifact.save(stored, shipped / baselines.baseline_key(schedule))
+    monkeypatch.setattr(baselines, "references_dir", lambda: shipped)
     trained = []
 
     def record(model, data, config, **kwargs):
         trained.append((config, model[-1].weight.clone()))
         return model
 
-    monkeypatch.setattr(pipeline, "train", record)
-    pipeline.baseline_model(recipe, data, "cpu")
+    monkeypatch.setattr(baselines, "train", record)
+    baselines.baseline_model(recipe, data, "cpu")
     ((config, start),) = trained
     assert (config.epochs, config.augment, config.cooldown_epochs) == (1, "none", 0)
     assert torch.equal(start, stored[-1].weight)  # from the stored schedule's weights
-    assert (cache_dir() / "baselines" / pipeline.baseline_key(recipe)).is_dir()
+    assert (cache_dir() / "baselines" / baselines.baseline_key(recipe)).is_dir()
 
 
 def test_a_quick_run_of_a_recipe_with_a_cooldown_keys_and_says_no_cooldown():
@@ -466,16 +468,16 @@ def test_a_quick_run_of_a_recipe_with_a_cooldown_keys_and_says_no_cooldown():
     without = parse_recipe(
         {"model": {"name": "resnet18"}, "train": {**train, "cooldown_epochs": 0}}
     )
-    assert pipeline.baseline_key(quick) == pipeline.baseline_key(without)
-    assert "cooldown" not in pipeline.baseline_description(quick)
+    assert baselines.baseline_key(quick) == baselines.baseline_key(without)
+    assert "cooldown" not in baselines.baseline_description(quick)
     bounded = parse_recipe({"model": {"name": "resnet18"}, "train": {**train, "epochs": 2}})
-    assert "then 4 cooldown epochs" in pipeline.baseline_description(bounded)
+    assert "then 4 cooldown epochs" in baselines.baseline_description(bounded)
 
 
 def _shipped_reference(recipes: list) -> tuple:
     """The one shipped reference ``recipes`` all rest on (a changed training line without a
     retrained reference fails here): the model, its record in references.json."""
-    keys = {pipeline.baseline_key(recipe) for recipe in recipes}
+    keys = {baselines.baseline_key(recipe) for recipe in recipes}
     assert len(keys) == 1, keys
     (key,) = keys
     folder = references_dir() / key

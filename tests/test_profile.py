@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from compress.evaluate import count_flops
-from compress.models import build_model
-from compress.profile import count_memory_access, layer_costs, machine_peaks, profile_model
-from compress.recipe import ModelConfig
+from compress.measure.counts import count_flops
+from compress.measure.profile import count_memory_access, layer_costs, machine_peaks, profile_model
+from compress.models.build import build_model
+from compress.spec.recipe import ModelConfig
 from tests.conftest import run_cli
 
 

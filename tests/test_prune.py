@@ -5,12 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from compress.artifact import load, save
-from compress.evaluate import EvaluateConfig, count_flops, evaluate
-from compress.models import build_model
-from compress.prune import PRUNABLE, prune
-from compress.recipe import ModelConfig, RecipeError, parse_recipe
-from compress.registry import StageContext
+from compress.core.registry import StageContext
+from compress.measure.counts import count_flops
+from compress.measure.evaluate import EvaluateConfig, evaluate
+from compress.models.artifact import load, save
+from compress.models.build import build_model
+from compress.spec.recipe import ModelConfig, RecipeError, parse_recipe
+from compress.stages.prune import PRUNABLE, prune
 
 FAST_EVAL = EvaluateConfig(warmup=2, iterations=10, runtimes=["torch"])
 
@@ -47,7 +48,7 @@ def test_structured_removes_channels_and_still_runs(name, synthetic):
 
 
 def test_unprunable_model_is_a_clear_error(synthetic):
-    from compress.prune import PruningError
+    from compress.stages.prune import PruningError
 
     # torch-pruning 1.6 cannot trace ShuffleNet's channel shuffle
     with pytest.raises(
@@ -236,7 +237,7 @@ def test_random_importance_draws_from_the_runs_seed_alone(synthetic):
 @pytest.mark.slow
 def test_a_latency_target_prunes_until_the_measured_p50_reaches_it(synthetic):
     """Against this machine's own clock, relative only: 0.6x the model's measured p50."""
-    from compress.evaluate import measure_latency
+    from compress.measure.latency import measure_latency
 
     model = _model()
     x = synthetic.example_input(1)

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress.artifact import load, save
-from compress.errors import RecipeError
-from compress.evaluate import EvaluateConfig, evaluate, sqnr_db
-from compress.profile import profile_model
-from compress.quantize import QUANTIZE_METHODS, QuantizationError, quantize
-from compress.quantize._pt2e import CPP_WRAPPER_VARIABLE, _has_vnni
+from compress.core.errors import RecipeError
+from compress.measure.counts import sqnr_db
+from compress.measure.evaluate import EvaluateConfig, evaluate
+from compress.measure.profile import profile_model
+from compress.models.artifact import load, save
+from compress.stages.quantize import QUANTIZE_METHODS, QuantizationError, quantize
+from compress.stages.quantize._pt2e import CPP_WRAPPER_VARIABLE, _has_vnni
 
 # Activations get 7 bits on CPUs without VNNI (reduce_range): 6 dB less SQNR there.
 INT8_MARGIN = 0.0 if _has_vnni() else 6.0
@@ -98,8 +99,8 @@ def test_a_graph_whose_module_names_hold_hyphens_saves_and_reloads(tmp_path):
     """regnet's blocks are named "block1-0": its INT8 graph stores and reloads as data (it
     was refused as "not a tensor")."""
     from compress.data import build_data
-    from compress.models import build_model
-    from compress.recipe import DataConfig
+    from compress.models.build import build_model
+    from compress.spec.recipe import DataConfig
 
     data = build_data(
         DataConfig(name="synthetic", image_size=32, synthetic_size=8, calibration_size=8)
@@ -125,8 +126,8 @@ def test_save_load_identical_outputs(int8_tiny, fmnist, tmp_path):
 
 @pytest.mark.slow
 def test_int8_artifact_of_resnet18_is_under_0_3x(synthetic, tmp_path):
-    from compress.models import build_model
-    from compress.recipe import ModelConfig
+    from compress.models.build import build_model
+    from compress.spec.recipe import ModelConfig
 
     model = build_model(ModelConfig(name="resnet18"), num_classes=10, in_channels=1).eval()
     qmodel = quantize(model, synthetic, method="int8_static", calibration_batches=1)
@@ -164,8 +165,8 @@ def _untraceable(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
 
 @pytest.mark.slow
 def test_untraceable_model_is_quantized_in_parts(fmnist, tmp_path):
-    from compress.models import model_from_spec
-    from compress.quantize import PartlyQuantizedModel
+    from compress.models.build import model_from_spec
+    from compress.stages.quantize import PartlyQuantizedModel
 
     model = model_from_spec(
         {
@@ -265,7 +266,7 @@ def fragile(trained_tiny):
 
 @pytest.mark.slow
 def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
-    from compress.quantize import sensitivity
+    from compress.stages.quantize import sensitivity
 
     rows = sensitivity(
         fragile, fmnist, method="int8_static", per_channel=False, calibration_batches=1
@@ -289,10 +290,10 @@ def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
 
 @pytest.mark.slow  # quantizes the tiny CNN five times
 def test_the_sensitivity_scan_exports_the_model_once(tiny, fmnist, monkeypatch):
-    from compress.quantize import sensitivity
-    from compress.quantize._sensitivity import _score
+    from compress.stages.quantize import sensitivity
+    from compress.stages.quantize._sensitivity import _score
 
-    pt2e = sys.modules["compress.quantize._pt2e"]
+    pt2e = sys.modules["compress.stages.quantize._pt2e"]
     exports = []
     export = pt2e.export_model
     monkeypatch.setattr(pt2e, "export_model", lambda *a: exports.append(1) or export(*a))
@@ -308,8 +309,8 @@ def test_the_sensitivity_scan_exports_the_model_once(tiny, fmnist, monkeypatch):
 
 
 def test_fallback_that_cannot_meet_keeps_the_best(tiny, fmnist):
-    from compress.quantize import QuantizeConfig
-    from compress.quantize._sensitivity import quantize_with_fallback
+    from compress.stages.quantize import QuantizeConfig
+    from compress.stages.quantize._sensitivity import quantize_with_fallback
 
     class Noisy(nn.Module):  # worse with 1 layer kept than with 2, never within the target
         def __init__(self, model, level):
@@ -340,7 +341,7 @@ def test_fallback_that_cannot_meet_keeps_the_best(tiny, fmnist):
     [((8, 256), 128, 0.0), ((5, 300), 128, 0.0), ((3, 7), 128, 0.0), ((4, 33), 8, 3.0)],
 )
 def test_int4_codes_round_trip_within_a_step(shape, group, offset):
-    from compress.quantize._int4 import dequantize, quantize_weight
+    from compress.stages.quantize._int4 import dequantize, quantize_weight
 
     # offset 3: every weight positive, the case where a zero point would clamp
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + offset
@@ -355,9 +356,9 @@ def test_int4_codes_round_trip_within_a_step(shape, group, offset):
 @pytest.fixture(scope="module")
 def mlp(fmnist):
     """A Linear-dominated model (what dynamic INT8 and INT4 weights are for), trained briefly."""
-    from compress.models import build_model
-    from compress.recipe import ModelConfig
-    from compress.train import train
+    from compress.models.build import build_model
+    from compress.spec.recipe import ModelConfig
+    from compress.training.train import train
 
     torch.manual_seed(0)
     model = build_model(
@@ -380,7 +381,7 @@ def mlp(fmnist):
 def test_linear_weights_are_really_stored_narrow(
     method, options, min_sqnr, max_size, mlp, fmnist, tmp_path
 ):
-    from compress.evaluate import metrics
+    from compress.measure.scores import metrics
 
     qmodel = quantize(mlp, fmnist, method=method, **options)
     reference = getattr(qmodel, "reference_module", qmodel)  # no compiling here
@@ -400,7 +401,7 @@ def test_qat_fuses_and_folds_only_the_conv_kinds_the_graph_has(helper, monkeypat
     from torch.nn import functional as F
     from torchao.quantization.pt2e import qat_utils
 
-    from compress.quantize._pt2e import _only_present_convs
+    from compress.stages.quantize._pt2e import _only_present_convs
 
     graph = torch.export.export(nn.Conv2d(1, 2, 3), (torch.zeros(1, 1, 5, 5),)).module()
     called = []

@@ -6,10 +6,8 @@ import textwrap
 import pytest
 import yaml
 
-from compress.errors import RecipeError, UsageError
-from compress.prune import PruneConfig
-from compress.quantize import QuantizeConfig
-from compress.recipe import (
+from compress.core.errors import RecipeError, UsageError
+from compress.spec.recipe import (
     Recipe,
     TrainConfig,
     apply_override,
@@ -17,6 +15,8 @@ from compress.recipe import (
     parse_recipe,
     parse_stage_options,
 )
+from compress.stages.prune import PruneConfig
+from compress.stages.quantize import QuantizeConfig
 from tests.conftest import run_cli
 
 GOOD = {
@@ -358,7 +358,7 @@ def test_sync_batchnorm_in_the_train_section_holds_for_every_training_of_the_run
 def test_a_run_from_before_a_new_option_still_resumes():
     """A run's recipe.yaml written before an option existed lacks its key: at its off
     default it is no difference (`train.sync_batchnorm` came after runs that resume)."""
-    from compress.pipeline import _differences
+    from compress.run.rundir import _differences
 
     now = {"train": {"epochs": 2, "sync_batchnorm": False}}
     assert _differences({"train": {"epochs": 2}}, now) == []

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from compress.artifact import load, save
-from compress.prune import prune
-from compress.share import kmeans_1d, share
+from compress.models.artifact import load, save
+from compress.stages.prune import prune
+from compress.stages.share import kmeans_1d, share
 
 BITS = {"conv": 3, "linear": 4}
 
@@ -89,8 +89,8 @@ def test_artifact_stores_codebooks_and_round_trips_exactly(tiny, fmnist, tmp_pat
 
 @pytest.mark.parametrize("bits", [{"conv": 9}, {"conv": 0}])
 def test_bits_are_validated(bits):
-    from compress.errors import RecipeError
-    from compress.recipe import parse_recipe
+    from compress.core.errors import RecipeError
+    from compress.spec.recipe import parse_recipe
 
     with pytest.raises(RecipeError, match=r"stages\[0\]\.share\.bits\.conv: .* out of range"):
         parse_recipe({"stages": [{"share": {"bits": bits}}]})

@@ -8,12 +8,13 @@ test_quantize.test_method_close_to_float_on_real_data, for every quantize method
 import pytest
 import torch
 
-from compress.artifact import load, save
-from compress.evaluate import evaluate, metrics
-from compress.profile import profile_model
-from compress.recipe import EvaluateConfig, parse_stage_options
-from compress.registry import STAGES, StageContext
-from compress.traits import traits
+from compress.core.registry import STAGES, StageContext
+from compress.core.traits import traits
+from compress.measure.evaluate import evaluate
+from compress.measure.profile import profile_model
+from compress.measure.scores import metrics
+from compress.models.artifact import load, save
+from compress.spec.recipe import EvaluateConfig, parse_stage_options
 
 QUICK = {
     "quantize": {"calibration_batches": 1},

@@ -7,9 +7,10 @@ import pytest
 import torch
 from scipy.stats import beta
 
-from compress.evaluate import compare, evaluate, paired_latency_ratio
-from compress.recipe import EvaluateConfig
-from compress.stats import median_interval, pack, paired_drop, unpack
+from compress.core.stats import median_interval, pack, paired_drop, unpack
+from compress.measure.evaluate import compare, evaluate
+from compress.measure.latency import paired_latency_ratio
+from compress.spec.recipe import EvaluateConfig
 from tests.test_evaluate import CONFIG, _labelled_data, _Oracle
 
 

@@ -13,14 +13,15 @@ from torch.nn import functional as F
 from torch.utils.data import Subset, TensorDataset
 
 import compress
+from compress.core.errors import DataError, TaskError
+from compress.core.stats import pack_rows, paired_bootstrap, unpack_rows
 from compress.data import Data, fashion_mnist_scenes
-from compress.errors import DataError, TaskError
-from compress.evaluate import evaluate, metrics
-from compress.models import build_model
-from compress.recipe import EvaluateConfig
-from compress.stats import pack_rows, paired_bootstrap, unpack_rows
-from compress.tasks import IGNORE_INDEX, TASKS, Custom, get_task
-from compress.voc import read_voc
+from compress.data.voc import read_voc
+from compress.measure.evaluate import evaluate
+from compress.measure.scores import metrics
+from compress.models.build import build_model
+from compress.spec.recipe import EvaluateConfig
+from compress.spec.tasks import IGNORE_INDEX, TASKS, Custom, get_task
 from tests.tiny import tiny_segmenter
 
 CLASSIFICATION = get_task("classification")
@@ -273,11 +274,11 @@ def test_the_readme_runs_a_users_model_datasets_and_metric_through_prune_and_qua
 ):
     """The README's lines, run as written: a segmenter the user built, their VOC Datasets,
     their Dice metric (no per-example values: paired by batches)."""
-    from compress.data import _PairTransform
+    from compress.data.voc import PairTransform
 
     train, test, _ = read_voc(scenes_folder)
     for split in (train, test):
-        split.transform = _PairTransform([0.1009], [0.2516], None)
+        split.transform = PairTransform([0.1009], [0.2516], None)
 
     def dice(output, masks):  # foreground Dice over the batch
         predicted, truth = output.argmax(1) > 0, masks > 0

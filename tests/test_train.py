@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from compress.core.registry import StageContext
 from compress.data import build_data
-from compress.models import build_model
-from compress.recipe import DataConfig, ModelConfig, TrainConfig
-from compress.registry import StageContext
-from compress.train import TrainingError, augment, cooldown_config, train
+from compress.models.build import build_model
+from compress.spec.recipe import DataConfig, ModelConfig, TrainConfig
+from compress.training.train import TrainingError, augment, cooldown_config, train
 
 CONFIG = TrainConfig(epochs=2, lr=0.05)  # onecycle: the scheduler's state must resume too
 
@@ -87,7 +87,7 @@ def test_best_checkpoint_is_kept_and_can_be_the_result(small, tmp_path):
     assert last["epoch"] == 2 and 0 <= last["best"]["epoch"] <= 2
     # use_best: the returned weights are the best epoch's, and they validate at its score.
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
-    from compress.evaluate import metrics
+    from compress.measure.scores import metrics
 
     top1 = metrics(model, small, split="calibration")["top-1"]
     assert top1 == pytest.approx(last["best"]["score"])
@@ -107,7 +107,7 @@ def test_a_stage_context_gives_each_training_its_own_checkpoint_folder(small, tm
 def test_accumulated_micro_batches_equal_one_larger_batch():
     """train.accumulate: 2 micro-batches of 32 step like one batch of 64 (an MLP: no batch
     statistics, so the two are the same arithmetic up to float rounding)."""
-    from compress.models import mlp
+    from compress.models.build import mlp
 
     weights = []
     for batch, accumulate in ((64, 1), (32, 2)):
@@ -143,7 +143,7 @@ def test_accumulated_micro_batches_equal_one_larger_batch():
     ],
 )
 def test_each_schedule_shapes_the_learning_rate_as_documented(schedule, expected):
-    from compress.train import _optimizer, _scheduler
+    from compress.training.train import _optimizer, _scheduler
 
     config = TrainConfig(lr=0.2, schedule=schedule)
     optimizer = _optimizer(nn.Linear(2, 2), config)

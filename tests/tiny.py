@@ -63,7 +63,7 @@ def mae_task():
     mean absolute error per example (so the drop pairs examples), lower is better."""
     from torch.nn import functional as F
 
-    from compress.tasks import Custom
+    from compress.spec.tasks import Custom
 
     def mae(output, target):
         return (output - target).abs().mean().item()

@@ -1,0 +1,282 @@
+"""The shared evaluator: one function measures the baseline and every compressed model.
+
+Figures: parameters (total, non-zero), artifact size on disk, FLOPs/MACs
+(``torch.utils.flop_counter``), memory-access bytes, latency percentiles, throughput,
+achieved GFLOP/s, the task's metric (compress.tasks: top-1 for classification, mIoU for
+segmentation, the user's own) and its paired drop against a baseline.
+
+A compressed model tells the evaluator about itself (its notes, the reference module to
+count FLOPs on when what runs is compiled, its stored parameter counts and element width)
+through the protocol in traits.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.core import distributed
+from compress.core.stats import pack_rows
+from compress.core.traits import traits
+from compress.data import Data
+from compress.measure.counts import artifact_size, count_flops, count_params
+from compress.measure.deploy import available_runtimes
+from compress.measure.evaluation import Evaluation
+from compress.measure.latency import measure_latency, measure_runtimes, paired_latency_ratio
+from compress.measure.profile import count_memory_access, summary
+from compress.measure.scores import example_scores
+from compress.spec.recipe import EvaluateConfig, section
+from compress.spec.tasks import Task, get_task
+
+# A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
+# below ~5 % the difference is within run-to-run noise on a shared machine.
+NOT_FASTER_RATIO = 0.95
+
+
+def evaluate(
+    model: nn.Module,
+    data: Data,
+    config: EvaluateConfig | dict | None = None,
+    baseline: Evaluation | None = None,
+    name: str = "model",
+    artifact: str | Path | None = None,
+    device: str = "cpu",
+    deploy_to: str | Path | None = None,
+) -> Evaluation:
+    """Measure ``model`` on ``data``; compare with ``baseline`` when given.
+
+    ``artifact`` is the saved model's folder or file; without it the model is saved to a
+    temporary folder to measure its size. ``deploy_to`` is a path stem for the exported
+    files (``<stem>.onnx``, ``<stem>.xml``/``.bin``); without it they go to a temporary
+    folder. The headline latency is the fastest runtime's (``result.runtime``).
+
+    Example:
+        >>> base = evaluate(model, data, name="baseline")
+        >>> after = evaluate(quantized, data, baseline=base, name="quantize")
+        >>> after.latency_ms["p50"] / base.latency_ms["p50"]
+    """
+    config = section("evaluate", config or {})
+    # Each rank scores its share of the test split with its share of the cores; rank 0
+    # alone then times the model with the threads a deployment has (all cores, or
+    # evaluate.threads) while the others wait, so that measuring never shares the cores.
+    own_threads = config.threads or distributed.rank_threads()
+    threads = config.threads or distributed.usable_cores()
+    torch.set_num_threads(own_threads)
+    model.eval()
+    about = traits(model)
+    notes = list(about.notes)
+    if about.cpu_only and device != "cpu":
+        device = "cpu"
+        notes.append("measured on the CPU: this model's kernels are CPU-only")
+    reference = about.reference
+    one_image = data.example_input(1).to(device)
+    flops = count_flops(reference, one_image)
+    element_bytes = about.element_bytes
+    memory = count_memory_access(reference, one_image, element_bytes)
+    total, nonzero = about.param_counts or count_params(model)
+    task = get_task(data.task)
+    score = examples = None
+    figures = {}  # the task's metric and its other figures
+    if config.accuracy:
+        rows = example_scores(model, data, device)
+        figures = task.summarize(rows)
+        score, examples = figures[task.metric], pack_rows(rows)
+    measured = deployment = None
+    if distributed.is_main():
+        torch.set_num_threads(threads)
+        try:
+            measured, deployment = _measure(
+                model, data, config, device, threads, deploy_to, notes, score
+            )
+            measured["size_bytes"] = artifact_size(model, artifact, one_image.cpu(), notes)
+        finally:
+            torch.set_num_threads(own_threads)
+    measured = distributed.broadcast_object(measured)  # the other ranks wait for rank 0
+    latency = measured["runtimes"][measured["best"]]["latency_ms"]
+    p50_s = latency["p50"] / 1e3
+    result = Evaluation(
+        name=name,
+        params=total,
+        nonzero_params=nonzero,
+        size_bytes=measured["size_bytes"],
+        flops=flops,
+        macs=flops // 2,
+        memory_access_bytes=memory,
+        compute_dtype=about.compute_dtype,
+        latency_ms=latency,
+        batch_size=config.latency_batch_size,
+        threads=threads,
+        throughput_per_s=config.latency_batch_size / p50_s,
+        gflops_per_s=flops * config.latency_batch_size / p50_s / 1e9,
+        score=score,
+        notes=measured["notes"],
+        details=about.details,
+        runtime=measured["best"],
+        runtimes=measured["runtimes"],
+        examples=examples,
+        task=task.name,
+        metric=task.metric,
+        metrics=figures,
+        deployment=deployment,
+    )
+    if config.profile and distributed.is_main() and device == "cpu":
+        torch.set_num_threads(threads)
+        try:
+            result.details["profile"] = summary(model, one_image, result.gflops_per_s, threads)
+        finally:
+            torch.set_num_threads(own_threads)
+    if baseline is not None:
+        if deployment is not None and baseline.deployment is not None:  # rank 0
+            torch.set_num_threads(threads)
+            try:
+                result.latency_ratio = paired_latency_ratio(baseline.deployment, deployment, config)
+            finally:
+                torch.set_num_threads(own_threads)
+        result.latency_ratio = distributed.broadcast_object(result.latency_ratio)
+        compare(result, baseline, about.not_faster_reason, task)
+    return result
+
+
+def _measure(model, data, config, device, threads, deploy_to, notes, score) -> tuple[dict, tuple]:
+    """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best;
+    and the best deployment as ``(callable, batch)``, for the paired latency rounds."""
+    latency = measure_latency(
+        model,
+        data.example_input(config.latency_batch_size).to(device),
+        config.warmup,
+        config.iterations,
+    )
+    runtimes = {"torch": {"latency_ms": latency, "score": score}}
+    wanted = config.runtimes if config.runtimes is not None else available_runtimes()
+    others = [r for r in wanted if r != "torch"]
+    modules = {}
+    if others and device == "cpu":
+        runtimes.update(
+            measure_runtimes(
+                model, data, config, others, threads, deploy_to, notes, score, modules=modules
+            )
+        )
+    elif others:
+        notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
+    candidates = [r for r in runtimes if r in wanted] or ["torch"]
+    best = min(candidates, key=lambda r: runtimes[r]["latency_ms"]["p50"])
+    batch = data.example_input(config.latency_batch_size)
+    deployment = (modules[best], batch) if best in modules else (model, batch.to(device))
+    return {"runtimes": runtimes, "best": best, "notes": notes}, deployment
+
+
+def compare(
+    result: Evaluation,
+    baseline: Evaluation,
+    not_faster_reason: str | None = None,
+    task: Task | None = None,
+) -> None:
+    """Fill in the accuracy drop and the plain-words notes against the baseline.
+
+    Latency compares best deployment with best deployment (each one's fastest runtime);
+    each runtime's metric is compared with the baseline's in the same runtime.
+    """
+    if result.score is not None and baseline.score is not None:
+        result.drop = drop = metric_drop(result, baseline, task)
+        changed = drop.get("lost", 0) + drop.get("gained", 0) if "lost" in drop else drop["points"]
+        if drop.get("within_noise") and changed:
+            result.notes.append(
+                f"its {result.metric} change against the baseline is within noise:"
+                f" {describe_drop(drop)}"
+            )
+    for name, row in result.runtimes.items():
+        base_score = baseline.runtimes.get(name, {}).get("score")
+        if row.get("score") is not None and base_score is not None:
+            sign = 1.0 if (task or get_task(result.task)).higher_is_better else -1.0
+            row["drop_points"] = sign * (base_score - row["score"])
+    ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
+    if result.latency_ratio:  # measured side by side: the better estimate
+        ratio = result.latency_ratio["p50"]
+    interval = (result.latency_ratio or {}).get("interval")
+    spread = (
+        f"; 95 % interval {interval[0]:.2f}x to {interval[1]:.2f}x over"
+        f" {result.latency_ratio['rounds']} alternating rounds"
+        if interval
+        else ""
+    )
+    if ratio >= NOT_FASTER_RATIO:
+        reason = f"; {not_faster_reason}" if not_faster_reason else ""
+        result.notes.append(
+            f"not faster than the baseline on this machine: p50 in {result.runtime} is"
+            f" {ratio:.2f}x the baseline's in {baseline.runtime} (each at its fastest) at"
+            f" batch {result.batch_size}, {result.threads} threads{spread}{reason}"
+        )
+    elif interval and interval[1] >= 1.0:
+        result.notes.append(f"faster by its median ratio ({ratio:.2f}x) but within noise{spread}")
+
+
+def compare_with_input(result: Evaluation, previous: Evaluation) -> None:
+    """In a chain, say when a step is not faster than the model it was given (each in its
+    fastest runtime): its ratio against the baseline alone would hide it.
+
+    Example:
+        >>> compare_with_input(report.evaluations[2], report.evaluations[1])
+    """
+    shape = ("params", "nonzero_params", "macs", "compute_dtype")
+    if all(getattr(result, k) == getattr(previous, k) for k in shape):
+        return  # the step only trained the weights (distillation into the same network)
+    ratio = result.latency_ms["p50"] / previous.latency_ms["p50"]
+    if ratio < NOT_FASTER_RATIO:
+        return
+    changed = [
+        f"the {what} {mine / theirs:.2f}x"
+        for what, mine, theirs in (
+            ("size", result.size_bytes, previous.size_bytes),
+            ("MACs", result.macs, previous.macs),
+        )
+        if theirs  # a model torch's counter finds no MACs in has no ratio to give
+    ]
+    result.notes.append(
+        f"not faster than its input ({previous.name}): p50 {result.latency_ms['p50']:.3f} ms"
+        f" in {result.runtime} against {previous.latency_ms['p50']:.3f} ms in"
+        f" {previous.runtime} ({ratio:.2f}x, p50s timed apart)"
+        + (f"; this step changed {' and '.join(changed)}" if changed else "")
+    )
+
+
+def metric_drop(result: Evaluation, reference: Evaluation, task: Task | None = None) -> dict:
+    """Points of the task's metric ``result`` loses against ``reference`` (negative: a
+    gain), paired example by example where both kept their rows, with its 95 % interval:
+    exact McNemar for classification (with the images lost and gained), a seeded paired
+    bootstrap otherwise (compress.tasks).
+
+    Example:
+        >>> metric_drop(quantized, baseline)["interval"]
+    """
+    task = task or get_task(reference.task)
+    mine, theirs = result.example_rows(), reference.example_rows()
+    if mine is not None and theirs is not None and mine.shape == theirs.shape:
+        drop = task.drop(theirs, mine)
+    else:  # unpaired (an evaluation kept before its rows were): the figure alone
+        sign = 1.0 if task.higher_is_better else -1.0
+        drop = {"points": sign * (reference.score - result.score)}
+    drop["percent"] = 100.0 * drop["points"] / max(abs(reference.score), 1e-9)
+    drop["metric"] = reference.metric
+    return drop
+
+
+def describe_drop(drop: dict) -> str:
+    """A drop in words: "loses 0.06 points (95 % interval -0.10 to +0.22; 31 images lost,
+    25 gained)"."""
+    verb = "loses" if drop["points"] >= 0 else "gains"
+    text = f"{verb} {abs(drop['points']):.2f} points"
+    if drop.get("metric", "top-1") != "top-1":
+        text += f" of {drop['metric']}"
+    if "interval" in drop:
+        low, high = drop["interval"]
+        paired = (
+            f"{drop['lost']} images lost, {drop['gained']} gained"
+            if "lost" in drop
+            else drop.get("method", "paired bootstrap over test examples")
+            .replace("test examples", f"{drop['examples']} test examples")
+            .replace("test batches", f"{drop['examples']} test batches")
+        )
+        text += f" (95 % interval {low:+.2f} to {high:+.2f}; {paired})"
+    return text

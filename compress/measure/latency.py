@@ -1,0 +1,158 @@
+"""Latency: percentiles of one model's timed calls, and paired rounds that time two models
+in turns, so that a shared machine's drifting speed cancels out of their ratio.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.core.stats import median_interval
+from compress.data import Data
+from compress.measure.deploy import ExportError, deployed, deployed_files
+from compress.measure.scores import metrics
+from compress.spec.recipe import EvaluateConfig, section
+from compress.spec.tasks import get_task
+
+# Seconds each turn of a paired latency round warms its model first: long enough for the
+# other runtime's threads to go idle (50 ms removed the bias measured with 10-call rounds).
+ROUND_WARMUP_S = 0.05
+
+
+def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None = None) -> dict:
+    """p50 of ``model`` against ``baseline`` from alternating rounds, with a 95 % interval.
+
+    Each is a ``(callable, batch)`` pair. Every round times both, in turn (the order
+    alternates from round to round, so a slow drift of the machine weighs on both alike),
+    and takes the ratio of their medians; the result is the median round ratio and a
+    distribution-free interval for it (compress.stats.median_interval). Each turn first
+    warms its model for ROUND_WARMUP_S: another runtime's threads keep the cores busy for
+    tens of milliseconds after its last call (ONNX Runtime's spin), which made whichever
+    model came second look slower (measured: ORT FP32 against OpenVINO FP32 read 0.74x in
+    10-call rounds, 1.13x alone and with the warm-up).
+
+    Example:
+        >>> paired_latency_ratio((model, x), (quantized, x))["interval"]
+    """
+    config = section("evaluate", config or {})
+    calls = max(10, config.iterations // config.latency_rounds)
+    ratios = []
+    for round_ in range(config.latency_rounds):
+        order = (baseline, model) if round_ % 2 == 0 else (model, baseline)
+        p50 = {
+            id(f): measure_latency(f[0], f[1], 2, calls, warmup_s=ROUND_WARMUP_S)["p50"]
+            for f in order
+        }
+        ratios.append(p50[id(model)] / p50[id(baseline)])
+    low, high = median_interval(ratios)
+    return {"p50": float(np.median(ratios)), "interval": [low, high], "rounds": len(ratios)}
+
+
+def measure_runtimes(
+    model: nn.Module,
+    data: Data,
+    config: EvaluateConfig,
+    runtimes: list[str],
+    threads: int,
+    deploy_to: str | Path | None,
+    notes: list[str],
+    torch_score: float | None = None,
+    modules: dict | None = None,
+) -> dict[str, dict]:
+    """Latency (and, given torch's ``torch_score``, the task's metric on the test split) of
+    ``model`` in each runtime of ``runtimes``.
+
+    Each deployment's outputs are checked against the torch model's on the latency batch
+    (``max_abs_diff``); a metric more than :data:`RUNTIME_TOP1_TOLERANCE` points from torch's
+    gets a note naming the precision the runtime ran in. A runtime the model cannot reach
+    gets one line in ``notes``. ``modules``, when given, keeps each runtime's deployment.
+    """
+    task = get_task(data.task)
+    batch = data.example_input(config.latency_batch_size)
+    with torch.inference_mode():
+        expected = task.output(model(batch)).float()
+    folder = Path(tempfile.mkdtemp(prefix="compress-deploy-")) if deploy_to is None else None
+    rows = {}
+    try:
+        for runtime in runtimes:
+            if runtime == "inductor" and getattr(model, "compiles_itself", False):
+                continue  # the torch row already is the compiled model
+            stem = Path(deploy_to) if deploy_to is not None else folder / "model"
+            try:
+                module = deployed(model, runtime, threads, batch, stem)
+                latency = measure_latency(module, batch, config.warmup, config.iterations)
+                with torch.inference_mode():
+                    difference = (task.output(module(batch)).float() - expected).abs().max().item()
+                score = None
+                if torch_score is not None and runtime != "inductor":  # inductor: torch's numbers
+                    score = metrics(module, data, "cpu", shard=False)[task.metric]
+            except ExportError as error:
+                notes.append(f"not measured in {runtime}: {error}")
+                continue
+            row = {
+                "latency_ms": latency,
+                "score": score,
+                "max_abs_diff": difference,
+                "precision": getattr(module, "precision", "as in torch"),
+            }
+            if hasattr(module, "file"):
+                files = deployed_files(module.file)
+                row["file"] = module.file.name if deploy_to is not None else None
+                row["size_bytes"] = sum(f.stat().st_size for f in files)
+            rows[runtime] = row
+            if modules is not None:
+                modules[runtime] = module
+            if score is not None and abs(score - torch_score) > RUNTIME_TOP1_TOLERANCE:
+                notes.append(
+                    f"{task.metric} in {runtime} is {score - torch_score:+.2f} points from torch's"
+                    f" ({score:.2f} vs {torch_score:.2f} %): it runs in {row['precision']},"
+                    " with its own rounding of activations"
+                )
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def measure_latency(
+    model: nn.Module,
+    batch: torch.Tensor,
+    warmup: int = 10,
+    iterations: int = 100,
+    warmup_s: float = 0.0,
+) -> dict[str, float]:
+    """Per-call wall time in ms (p50, p90, p99, mean) after ``warmup`` untimed calls, and
+    more of them until ``warmup_s`` seconds have passed.
+
+    Example:
+        >>> measure_latency(model, torch.randn(1, 1, 28, 28), iterations=50)["p50"]
+    """
+    cuda = batch.is_cuda
+    with torch.inference_mode():
+        warm_until = time.perf_counter() + warmup_s
+        calls = 0
+        while calls < warmup or time.perf_counter() < warm_until:
+            model(batch)
+            calls += 1
+        times = []
+        for _ in range(iterations):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(batch)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(times))}
+
+
+# A deployed model whose top-1 strays further than this (points) from the torch model's
+# gets a note: on 10,000 test images 0.1 points is 10 images.
+RUNTIME_TOP1_TOLERANCE = 0.1

@@ -1,0 +1,202 @@
+"""Rewrites of an exported ONNX graph that the exporter cannot express: dynamic INT8 as
+ONNX's DynamicQuantizeLinear feeding integer matmuls, and biases of quantized layers
+stored as int32 (as ONNX Runtime's and OpenVINO's own INT8 graphs have them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def dynamic_quantization_translations() -> dict:
+    """ONNX for the ops of a dynamic INT8 graph, which the exporter has no translation for:
+    torchao's ``choose_qparams`` (the scale and zero point of a tensor, at run time) is
+    ONNX's DynamicQuantizeLinear, whose quantized output :func:`dynamic_matmuls` then uses.
+    """
+    from onnxscript import opset18 as op
+
+    def choose_qparams(x, quant_min, quant_max, eps, dtype):
+        _, scale, zero_point = op.DynamicQuantizeLinear(x)
+        return scale, zero_point
+
+    def quantize(x, scale, zero_point, quant_min, quant_max, dtype):
+        return op.QuantizeLinear(x, scale, zero_point)
+
+    def dequantize(x, scale, zero_point, quant_min, quant_max, dtype, out_dtype=None):
+        return op.DequantizeLinear(x, scale, zero_point)
+
+    ops = torch.ops.quantized_decomposed
+    if not hasattr(ops, "choose_qparams"):
+        # Registered when torchao's PT2E flow is imported; a process that only loads and
+        # exports a float model has none of these ops in its graphs.
+        return {}
+    return {
+        ops.choose_qparams.tensor: choose_qparams,
+        ops.quantize_per_tensor.tensor: quantize,
+        ops.dequantize_per_tensor.tensor: dequantize,
+    }
+
+
+def dynamic_matmuls(model) -> int:
+    """Rewrite ``DynamicQuantizeLinear → DQ → Gemm(DQ(int8 weight))`` as ONNX's dynamic
+    INT8 form, ``MatMulInteger`` then a float rescale (and bias), which ONNX Runtime fuses
+    into one DynamicQuantizeMatMul kernel; returns how many Linear layers it rewrote.
+
+    The exporter types the run-time scale and zero point as torch has them (float64,
+    int64); ONNX's are float32 and uint8, so those declarations are dropped.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    dynamic = {n.output[1]: n for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    if not dynamic:
+        return 0
+    runtime_values = {o for n in dynamic.values() for o in n.output}
+    for info in [v for v in graph.value_info if v.name in runtime_values]:
+        graph.value_info.remove(info)
+    values = {i.name: i for i in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    rewritten, replacement = 0, {}
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = (
+            attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == attrs.get("beta", 1.0) == 1.0
+        )
+        if node.op_type != "Gemm" or not plain:
+            continue
+        x, w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (x and w and x.op_type == w.op_type == "DequantizeLinear"):
+            continue
+        source = dynamic.get(x.input[1])
+        if source is None or w.input[0] not in values or w.input[1] not in values:
+            continue
+        weight = numpy_helper.to_array(values[w.input[0]])
+        weight = weight.T if attrs.get("transB", 0) else weight  # K x N for MatMulInteger
+        name = node.name or node.output[0]
+        w_scale = numpy_helper.to_array(values[w.input[1]]).astype(np.float32).reshape(-1)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ascontiguousarray(weight), f"{name}_weight_kn"),
+                numpy_helper.from_array(
+                    np.zeros(weight.shape[1], dtype=weight.dtype), f"{name}_weight_zero_point"
+                ),
+                numpy_helper.from_array(w_scale, f"{name}_weight_scale"),
+            ]
+        )
+        out = node.output[0]
+        nodes = [
+            helper.make_node(
+                "MatMulInteger",
+                [
+                    source.output[0],
+                    f"{name}_weight_kn",
+                    source.output[2],
+                    f"{name}_weight_zero_point",
+                ],
+                [f"{name}_int32"],
+            ),
+            helper.make_node("Cast", [f"{name}_int32"], [f"{name}_float"], to=1),
+            helper.make_node("Mul", [source.output[1], f"{name}_weight_scale"], [f"{name}_scale"]),
+            helper.make_node(
+                "Mul",
+                [f"{name}_float", f"{name}_scale"],
+                [f"{name}_scaled" if len(node.input) > 2 and node.input[2] else out],
+            ),
+        ]
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node("Add", [f"{name}_scaled", node.input[2]], [out]))
+        replacement[id(node)] = nodes
+        rewritten += 1
+    if rewritten:
+        ordered = []
+        for node in graph.node:
+            ordered += replacement.get(id(node), [node])
+        del graph.node[:]
+        graph.node.extend(ordered)
+        _drop_dead_nodes(graph)
+    return rewritten
+
+
+def _drop_dead_nodes(graph) -> None:
+    """Remove nodes and initializers nothing reads (the float paths a rewrite replaced)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = outputs | {name for n in graph.node for name in n.input}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for n in graph.node for name in n.input}
+    for initializer in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(initializer)
+
+
+def quantize_biases(model) -> int:
+    """Give every Conv/Gemm whose input and weight are dequantized an int32 bias behind a
+    DequantizeLinear (scale = input scale x weight scale, zero point 0); returns how many.
+
+    ONNX Runtime's QDQ selector fuses DQ → Conv → Q into QLinearConv only when all inputs
+    are dequantized; a float bias leaves the Conv in float. int32 at that scale is exact to
+    within half a quantization step of the accumulator, as in ONNX Runtime's own quantizer.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    values = {i.name: i for i in graph.initializer}
+    constants = {
+        n.output[0]: n.attribute[0].t
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
+
+    def constant(name: str) -> np.ndarray | None:
+        tensor = values.get(name) or constants.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    producer = {out: n for n in graph.node for out in n.output}
+    added = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            continue
+        x, w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (x and w and x.op_type == w.op_type == "DequantizeLinear"):
+            continue
+        if node.op_type == "Gemm" and any(
+            a.name == "transB" and a.i == 0 for a in node.attribute
+        ):  # the weight's scales would run along the wrong axis
+            continue
+        bias, x_scale, w_scale = (
+            constant(node.input[2]),
+            constant(x.input[1]),
+            constant(w.input[1]),
+        )
+        if bias is None or x_scale is None or w_scale is None or x_scale.size != 1:
+            continue
+        scale = (float(x_scale.reshape(())) * w_scale.astype(np.float64)).reshape(-1)
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+        codes = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        name = f"{node.input[2]}_int32"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, name),
+                numpy_helper.from_array(scale, f"{name}_scale"),
+                numpy_helper.from_array(np.zeros_like(codes), f"{name}_zero_point"),
+            ]
+        )
+        added.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [name, f"{name}_scale", f"{name}_zero_point"],
+                [f"{name}_dequantized"],
+                axis=0,
+            )
+        )
+        node.input[2] = f"{name}_dequantized"
+    if added:  # nodes are topologically sorted: the new ones read initializers only
+        nodes = added + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_dead_nodes(graph)  # the float biases, now stored as int32
+    return len(added)

@@ -1,0 +1,93 @@
+"""Models: the one a recipe's ``model`` section names (a spec, a state_dict file or a saved
+model folder), and compress's own small factories.
+
+A model built here carries its *spec* (``model.compress_spec``, see architectures.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from compress.core.errors import ArtifactError, ModelError
+from compress.core.storage import memory_cap, model_bytes, read_tensors
+from compress.models.artifact import MANIFEST, load
+from compress.spec.architectures import model_from_spec
+from compress.spec.recipe import ModelConfig, section
+
+
+def build_model(
+    config: ModelConfig | dict | str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    *,
+    data=None,
+) -> nn.Module:
+    """Build the model a recipe's ``model`` section names, adapted to the data.
+
+    ``config`` is a ModelConfig, the same as a mapping, or just a name. torchvision models
+    get ``num_classes`` outputs and a first convolution that takes ``in_channels`` (both
+    read from ``data`` when given; else 1000 and 3). A ``checkpoint`` (a state_dict file or
+    a compress artifact folder) is loaded with ``weights_only=True``.
+
+    Example:
+        >>> model = build_model("resnet18", data=data)
+        >>> model = build_model(ModelConfig(name="resnet18"), num_classes=10, in_channels=1)
+    """
+    config = section("model", config)
+    if data is not None:
+        num_classes, in_channels = data.num_classes, data.input_shape[0]
+    num_classes = 1000 if num_classes is None else num_classes
+    in_channels = 3 if in_channels is None else in_channels
+    if config.checkpoint and Path(config.checkpoint, MANIFEST).is_file():
+        return load(config.checkpoint, trust_code=config.trust_code, trusted_imports={config.name})
+    spec = {
+        "name": config.name,
+        "kwargs": dict(config.kwargs),
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "weights": config.weights,
+    }
+    model = model_from_spec(spec)
+    if config.checkpoint:
+        load_state_dict_file(model, config.checkpoint)
+    return model
+
+
+def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
+    """Load a state_dict file into ``model`` strictly, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model.checkpoint: {str(path)!r} does not exist")
+    try:
+        # A training checkpoint holds the optimizer's state too: up to ~4x the weights.
+        state = read_tensors(path, min(4 * model_bytes(model), memory_cap()), nested=True)
+    except ArtifactError as error:
+        raise ModelError(f"model.checkpoint: {error}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint: take the model's weights
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelError(
+            f"model.checkpoint: {path} does not fit model {model.compress_spec['name']!r}:"
+            f" {str(error).splitlines()[1].strip() if chr(10) in str(error) else error}"
+        ) from None
+
+
+def mlp(
+    num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 1024
+) -> nn.Module:
+    """A Linear-heavy classifier (flatten, two hidden layers): what dynamic INT8 is for.
+
+    Use it from a recipe as ``model: {name: "compress.models:mlp", kwargs: {hidden: 1024}}``.
+    """
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )

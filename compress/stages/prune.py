@@ -1,0 +1,411 @@
+"""The prune stage: unstructured magnitude pruning and structured channel pruning.
+
+* ``magnitude``: the smallest |w| of every Conv/Linear weight set to zero, per layer or
+  globally, optionally in gradual steps with fine-tuning between them
+  (``torch.nn.utils.prune`` holds the masks while training; they are made permanent at
+  the end, so no hooks or mask buffers remain).
+* ``structured``: channels really removed, with torch-pruning's dependency graph keeping
+  every coupled layer (residual adds, depthwise convolutions, norms) consistent. The
+  target is a channel ``ratio``, a fraction of the baseline's MACs (``target_macs``) or a
+  measured p50 latency (``target_latency_ms``).
+
+A pruned model keeps its spec, and ``compress.save`` stores the new per-layer shapes as
+data next to the weights, so that ``compress.load`` rebuilds it without unpickling code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from compress.core import distributed
+from compress.core.errors import PruningError
+from compress.core.modules import forward_with_hooks, matching_modules
+from compress.core.registry import StageContext, register_stage
+from compress.core.schema import Config, FieldError, option
+from compress.data import Data
+from compress.measure.counts import count_flops
+from compress.measure.latency import measure_latency
+from compress.models.artifact import mark_changed, register_architecture_change
+from compress.spec.recipe import TrainConfig
+from compress.spec.tasks import get_task
+from compress.training.train import train
+
+log = logging.getLogger("compress")
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+# A fine-tune after pruning: off unless asked (epochs: N), then a cosine decay from 0.01.
+PRUNE_TRAINING = {"epochs": 0, "lr": 0.01, "schedule": "cosine"}
+MAGNITUDE, STRUCTURED = ("magnitude",), ("structured",)
+TARGETS = ("ratio", "target_macs", "target_latency_ms")
+DEFAULT_RATIO = 0.5  # structured, when no target is given
+
+
+@dataclass
+class PruneConfig(Config):
+    """`stages: - prune: {...}`. Each option says which methods read it."""
+
+    # magnitude: the smallest weights set to zero (unstructured); structured: channels removed.
+    method: Literal["magnitude", "structured"] = "structured"
+    sparsity: float = option(0.5, min=0.0, max=0.99, methods=MAGNITUDE)  # fraction of zeros
+    # Rank weights (magnitude) or channels (structured) per layer or all together.
+    scope: Literal["layer", "global"] = "layer"
+    steps: int = option(
+        1, min=1, methods=MAGNITUDE
+    )  # reach the sparsity in N steps, fine-tuning between
+    # Channel ranking; taylor reads gradients of 4 training batches.
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "random"] = option(
+        "l1", methods=STRUCTURED
+    )
+    # One target at most: the fraction of channels removed (ratio); the fraction of the
+    # baseline's MACs kept (target_macs, pruned in 50 small steps until the count reaches
+    # it); or a p50 ms at batch 1 (target_latency_ms, measured after each step). None: ratio 0.5.
+    ratio: float | None = option(None, min=0.0, max=0.99, methods=STRUCTURED)
+    target_macs: float | None = option(None, min=0.01, max=1.0, methods=STRUCTURED)  # see ratio
+    target_latency_ms: float | None = option(None, min=0.0, methods=STRUCTURED)  # see ratio
+    iterative_steps: int = option(1, min=1, methods=STRUCTURED)  # ratio reached in N steps
+    # Channel counts rounded to a multiple of N (8 suits SIMD kernels).
+    round_to: int | None = option(None, min=1, methods=STRUCTURED)
+    # No layer loses more than this fraction of its channels.
+    max_layer_ratio: float = option(0.9, min=0.0, max=1.0, methods=STRUCTURED)
+    # Modules never pruned (dotted names or "re:" patterns). Default: the last Conv/Linear to
+    # run, the classifier head (SqueezeNet's is a convolution).
+    ignore: list[str] = option(default_factory=list)
+    # When torch-pruning cannot handle the model: stop with an error, or go on with the
+    # model unpruned and a warning in the report.
+    on_unprunable: Literal["error", "skip"] = option("error", methods=STRUCTURED)
+    # Training after pruning, through the shared loop: off unless epochs or max_steps is set.
+    fine_tune: TrainConfig = option(
+        default_factory=lambda: TrainConfig(**PRUNE_TRAINING), defaults=PRUNE_TRAINING
+    )
+
+    def check(self) -> None:
+        if self.method != "structured":
+            return
+        targets = [key for key in TARGETS if getattr(self, key) is not None]
+        if len(targets) > 1:
+            raise FieldError(
+                targets[1],
+                f"give one target, not {' and '.join(targets)} (allowed: {', '.join(TARGETS)})",
+            )
+        if not targets:
+            self.ratio = DEFAULT_RATIO
+
+
+@register_stage("prune", PruneConfig)
+def prune(
+    model: nn.Module,
+    data: Data,
+    config: PruneConfig,
+    *,
+    context: StageContext,
+) -> nn.Module:
+    """Prune a copy of ``model`` as ``config`` (or keyword options) says; fine-tune if asked.
+
+    Example:
+        >>> pruned = prune(model, data, method="structured", target_macs=0.5)
+        >>> sparse = prune(model, data, method="magnitude", sparsity=0.8, fine_tune={"epochs": 1})
+    """
+    model = copy.deepcopy(model).cpu().eval()
+    if config.method == "magnitude":
+        return _magnitude(model, data, config, context)
+    return _structured(model, data, config, context)
+
+
+def ignored_modules(
+    model: nn.Module, patterns: list[str], example: torch.Tensor | None = None
+) -> list[str]:
+    """Names ``patterns`` select; with none given, the output layers (the classifier head).
+
+    The output layer is the last Conv/Linear to run on ``example``: a Linear head for most
+    models, a 1x1 convolution for SqueezeNet. Pruning it would drop classes. Every other
+    layer with as many outputs as the model's output has channels goes with it: a
+    segmenter's heads whose logits are summed (LR-ASPP's low and high classifiers).
+    """
+    if patterns:
+        return matching_modules(model, patterns, key="prune.ignore")
+    if example is None:
+        heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        return heads[-1:]
+    order: list[tuple[str, int]] = []
+
+    def record(name, module):
+        if not isinstance(module, PRUNABLE):
+            return None
+        axis = -1 if isinstance(module, nn.Linear) else 1  # features, or channels
+        return lambda _m, _i, output: order.append((name, output.shape[axis]))
+
+    output = forward_with_hooks(model, example, record)
+    output = output["out"] if isinstance(output, dict) else output
+    if not order:
+        return []
+    last, _ = order[-1]
+    width = output.shape[1] if isinstance(output, torch.Tensor) and output.ndim > 1 else None
+    heads = {n for n, channels in order if channels == width} if width else set()
+    return [last, *sorted(heads - {last})]
+
+
+def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:
+    """Per prunable layer: output channels and sparsity before and after."""
+    old = {n: m for n, m in before.named_modules() if isinstance(m, PRUNABLE)}
+    rows = []
+    for name, module in after.named_modules():
+        if name in old:
+            rows.append(
+                {
+                    "layer": name,
+                    "channels_before": old[name].weight.shape[0],
+                    "channels_after": module.weight.shape[0],
+                    "sparsity_before": _sparsity(old[name].weight),
+                    "sparsity_after": _sparsity(module.weight),
+                }
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- magnitude
+
+
+def _magnitude(
+    model: nn.Module, data: Data, config: PruneConfig, context: StageContext | None
+) -> nn.Module:
+    original = copy.deepcopy(model)
+    skipped = set(ignored_modules(model, config.ignore)) if config.ignore else set()
+    layers = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in skipped
+    ]
+    for step in range(1, config.steps + 1):
+        target = config.sparsity * step / config.steps  # gradual: an even share per step
+        _apply_magnitude_masks(layers, target, config.scope)
+        if config.fine_tune.epochs or config.fine_tune.max_steps:
+            fine_tune = copy.copy(config.fine_tune)
+            fine_tune.epochs = (
+                max(1, config.fine_tune.epochs // config.steps) if config.fine_tune.epochs else 0
+            )
+            train(model, data, fine_tune, desc=f"fine-tune {step}/{config.steps}", context=context)
+    for _, module in layers:
+        torch_prune.remove(module, "weight")  # masks made permanent: plain weights remain
+    model.eval()
+    model.stage_details = {"layers": layer_table(original, model)}
+    dense_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    model.notes = [
+        f"unstructured sparsity: dense kernels multiply the zeros too, so there is no latency"
+        f" gain; the weights are {dense_mb:.2f} MB dense, and the artifact (the size column)"
+        " stores only the non-zero ones"
+    ]
+    return model
+
+
+def _apply_magnitude_masks(
+    layers: list[tuple[str, nn.Module]], sparsity: float, scope: str
+) -> None:
+    weights = [m.weight.detach().abs() for _, m in layers]
+    if scope == "global":
+        everything = torch.cat([w.flatten() for w in weights])
+        thresholds = [_kth(everything, sparsity)] * len(weights)
+    else:
+        thresholds = [_kth(w.flatten(), sparsity) for w in weights]
+    for (_, module), weight, threshold in zip(layers, weights, thresholds, strict=True):
+        torch_prune.custom_from_mask(module, "weight", (weight > threshold).to(weight.dtype))
+
+
+def _kth(values: torch.Tensor, fraction: float) -> float:
+    k = int(round(fraction * values.numel()))
+    return -1.0 if k == 0 else values.kthvalue(k).values.item()
+
+
+def _sparsity(weight: torch.Tensor) -> float:
+    return 1.0 - torch.count_nonzero(weight).item() / weight.numel()
+
+
+# ---------------------------------------------------------------------------- structured
+
+
+def _structured(
+    model: nn.Module, data: Data, config: PruneConfig, context: StageContext | None
+) -> nn.Module:
+    original = copy.deepcopy(model)
+    example = data.example_input(1)
+    ignored = ignored_modules(model, config.ignore, example)
+    importance = {
+        "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+        "taylor": tp.importance.TaylorImportance,
+        "bn_scale": tp.importance.BNScaleImportance,
+        "random": tp.importance.RandomImportance,
+    }[config.importance]()
+    # For MACs and latency targets, prune in many small steps and stop when the target is met.
+    searching = config.target_macs is not None or config.target_latency_ms is not None
+    steps = 50 if searching else config.iterative_steps
+    # torch-pruning caps layers at max_pruning_ratio in global pruning only: cap here too.
+    ratio = config.max_layer_ratio if searching else min(config.ratio, config.max_layer_ratio)
+    try:
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=importance,
+            global_pruning=config.scope == "global",
+            pruning_ratio=ratio,
+            max_pruning_ratio=config.max_layer_ratio,
+            iterative_steps=steps,
+            ignored_layers=[model.get_submodule(n) for n in ignored],
+            round_to=config.round_to,
+        )
+    except Exception as error:  # noqa: BLE001 - torch-pruning's graph tracing failures
+        reason = (
+            str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        )
+        message = (
+            f"torch-pruning cannot build the dependency graph of {type(model).__name__}: {reason}"
+        )
+        if config.on_unprunable == "skip":
+            log.warning("prune: %s; left unpruned (on_unprunable: skip)", message)
+            original.notes = [f"left unpruned (on_unprunable: skip): {message}"]
+            return original
+        raise PruningError(
+            f"{message} (set on_unprunable: skip to go on without pruning)"
+        ) from None
+    base_flops = count_flops(model, example)
+    with torch.random.fork_rng():  # random importance draws from the run's seed alone
+        torch.manual_seed(context.seed)
+        reached = _prune_steps(model, data, config, pruner, steps, example, base_flops)
+    model.eval()
+    if config.fine_tune.epochs or config.fine_tune.max_steps:
+        train(model, data, config.fine_tune, desc="fine-tune", context=context)
+    mark_changed(model, "shapes")
+    model.stage_details = {
+        "layers": layer_table(original, model),
+        "macs_ratio": count_flops(model, example) / base_flops,
+    }
+    model.notes = []
+    if not searching and config.ratio > config.max_layer_ratio:
+        model.notes.append(
+            f"ratio={config.ratio} is more than max_layer_ratio={config.max_layer_ratio}:"
+            f" each layer lost {config.max_layer_ratio} of its channels"
+        )
+    if not reached:
+        target = (
+            f"target_macs={config.target_macs}"
+            if config.target_macs is not None
+            else f"target_latency_ms={config.target_latency_ms}"
+        )
+        model.notes.append(
+            f"{target} not reached with every layer pruned up to max_layer_ratio="
+            f"{config.max_layer_ratio}: MACs are {model.stage_details['macs_ratio']:.2f}x"
+            " the baseline's"
+        )
+    return model
+
+
+def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> bool:
+    """torch-pruning's steps: all of them for a ratio (iterative_steps reach it gradually),
+    until the target is met for MACs or measured latency; whether it was."""
+    searching = config.target_macs is not None or config.target_latency_ms is not None
+    reached = not searching
+    for step in range(steps):
+        if config.importance == "taylor":
+            _taylor_gradients(model, data)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        if config.target_macs is not None:
+            reached = count_flops(model, example) <= config.target_macs * base_flops
+        if config.target_latency_ms is not None:
+            p50 = measure_latency(model.eval(), example, warmup=3, iterations=30)["p50"]
+            log.info(
+                "prune step %d: p50 %.3f ms (target %.3f)", step, p50, config.target_latency_ms
+            )
+            # Under torchrun rank 0's clock decides, so that every rank prunes alike.
+            reached = distributed.broadcast_object(p50 <= config.target_latency_ms)
+        if searching and reached:
+            break
+    return reached
+
+
+def _taylor_gradients(model: nn.Module, data: Data, batches: int = 4) -> None:
+    """Accumulate gradients on a few training batches: Taylor importance reads them."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    task = get_task(data.task)
+    for i, batch in enumerate(data.loader("train", shuffle=True)):
+        if i >= batches:
+            break
+        inputs, targets, _ = task.split(batch)
+        task.loss(task.output(model(inputs)), targets).backward()
+    model.eval()
+
+
+# --------------------------------------------------------------------- shapes as data
+
+
+# Module type -> the constructor attributes that pruning changes (saved, then restored).
+_SHAPE_ATTRIBUTES = {
+    nn.Conv1d: ("in_channels", "out_channels", "groups"),
+    nn.Conv2d: ("in_channels", "out_channels", "groups"),
+    nn.Conv3d: ("in_channels", "out_channels", "groups"),
+    nn.Linear: ("in_features", "out_features"),
+    nn.BatchNorm1d: ("num_features",),
+    nn.BatchNorm2d: ("num_features",),
+    nn.BatchNorm3d: ("num_features",),
+    nn.GroupNorm: ("num_channels", "num_groups"),
+    nn.LayerNorm: ("normalized_shape",),
+}
+
+
+def module_shapes(model: nn.Module) -> dict:
+    """Every module's shape attributes and every tensor's shape: the pruned architecture as data."""
+    modules = {
+        name: {attr: _plain(getattr(m, attr)) for attr in _SHAPE_ATTRIBUTES.get(type(m), ())}
+        for name, m in model.named_modules()
+        if type(m) in _SHAPE_ATTRIBUTES
+    }
+    tensors = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"modules": modules, "tensors": tensors}
+
+
+@register_architecture_change("shapes", capture=module_shapes, order=1)
+def apply_shapes(model: nn.Module, shapes: dict) -> None:
+    """Resize a freshly built model to ``shapes`` (from :func:`module_shapes`), in place.
+
+    ``shapes`` may come from a file: only the shape attributes of known module types are
+    set, each to integers, and only tensors the model already has are resized.
+    """
+    state = model.state_dict()
+    for name, attrs in shapes["modules"].items():
+        module = model.get_submodule(name)
+        allowed = _SHAPE_ATTRIBUTES.get(type(module), ())
+        for attr, value in attrs.items():
+            if attr not in allowed or not _is_shape_value(value):
+                raise ValueError(
+                    f"{name}.{attr} = {value!r} is not a shape of {type(module).__name__}"
+                )
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for key, shape in shapes["tensors"].items():
+        if key not in state or not _is_shape_value(shape) or not isinstance(shape, list):
+            raise ValueError(f"tensor {key!r} with shape {shape!r} is not one of the model's")
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        current = getattr(owner, attr)
+        if current is None or list(current.shape) == shape:
+            continue
+        empty = torch.empty(shape, dtype=current.dtype)
+        if isinstance(current, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(empty, requires_grad=current.requires_grad))
+        else:
+            owner.register_buffer(attr, empty)
+
+
+def _is_shape_value(value) -> bool:
+    if isinstance(value, list):
+        return len(value) <= 8 and all(_is_shape_value(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value

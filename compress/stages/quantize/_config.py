@@ -1,0 +1,59 @@
+"""The quantize stage's options (``stages: - quantize: {...}``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from compress.core.schema import Config, option
+from compress.spec.recipe import TrainConfig
+
+# How a quantization-aware fine-tune trains by default: short, gentle, from the trained model.
+QAT_TRAINING = {"epochs": 1, "lr": 1e-3, "schedule": "cosine", "weight_decay": 0.0}
+STATIC = ("int8_static",)
+# Methods whose accuracy can be traded back layer by layer (they honour `skip`, cheaply).
+FALLBACK_METHODS = ("int8_static", "int8_dynamic", "int4_weight_only")
+
+
+@dataclass
+class QuantizeConfig(Config):
+    """`stages: - quantize: {...}`. Each option says which methods read it; setting one the
+    method does not read is an error rather than a silent no-op."""
+
+    # int8_static: calibrated INT8 (torchao PT2E, x86 kernels); int8_dynamic: INT8 Linear
+    # weights, activations quantized at run time; int8_qat: quantization-aware fine-tune;
+    # fp16 / bf16: cast; int4_weight_only: packed 4-bit Linear weights.
+    method: Literal[
+        "int8_static", "int8_dynamic", "int8_qat", "fp16", "bf16", "int4_weight_only"
+    ] = "int8_static"
+    calibration_batches: int = option(16, min=1, methods=STATIC)  # of data.eval_batch_size
+    # Activation range estimator: histogram (torchao's x86 default, minimises the L2 error),
+    # minmax, moving_average (of per-batch min/max), percentile (clips outliers).
+    observer: Literal["minmax", "moving_average", "histogram", "percentile"] = option(
+        "histogram", methods=STATIC
+    )
+    # With observer: percentile, the range runs from the (100-p)-th to the p-th percentile.
+    percentile: float = option(99.99, min=90.0, max=100.0, methods=STATIC)
+    # One weight scale per output channel; false gives all channels one scale (per-tensor
+    # numbers, still the fast per-channel kernels).
+    per_channel: bool = option(True, methods=STATIC)
+    # Activations' zero point fixed mid-range (else fitted to the range).
+    symmetric: bool = option(False, methods=STATIC)
+    # Layers kept in float: dotted module names, or "re:<regex>" patterns ("re:layer4\..*").
+    skip: list[str] = option(default_factory=list, methods=(*FALLBACK_METHODS, "int8_qat"))
+    # Points of the task's metric the stage may lose (on the calibration split); beyond it the
+    # most sensitive layers go back to float one by one. Default: evaluate.max_accuracy_drop.
+    max_accuracy_drop: float | None = option(None, min=0.0, methods=FALLBACK_METHODS)
+    # Input weights sharing one scale and zero point.
+    group_size: int = option(128, min=8, max=65536, methods=("int4_weight_only",))
+    # The shared training loop's settings for the quantization-aware fine-tune.
+    fine_tune: TrainConfig = option(
+        default_factory=lambda: TrainConfig(**QAT_TRAINING),
+        defaults=QAT_TRAINING,
+        methods=("int8_qat",),
+    )
+
+    def resolve(self, recipe) -> None:
+        """The run's accuracy target is this stage's unless it sets its own."""
+        if self.max_accuracy_drop is None and self.method in FALLBACK_METHODS:
+            self.max_accuracy_drop = recipe.evaluate.max_accuracy_drop

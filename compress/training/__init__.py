@@ -1,0 +1,1 @@
+"""The one training loop (train): fine-tunes, distillation, QAT, baselines and controls."""

@@ -43,7 +43,7 @@ def after(function, condition=lambda *a, **k: True):
 
 def kill_at(phase: str) -> None:
     if phase == "training":
-        loop._save_checkpoint = after(loop._save_checkpoint, lambda path, *a: "stage" in str(path))
+        loop.save_checkpoint = after(loop.save_checkpoint, lambda path, *a: "stage" in str(path))
     elif phase == "saving":
         artifact.save_state = after(
             artifact.save_state, lambda model, folder, *a: "stage" in folder.name

@@ -187,3 +187,27 @@ def test_every_compress_name_the_scripts_and_tests_import_exists():
                 if not hasattr(module, alias.name) and not is_module(f"{node.module}.{alias.name}")
             ]
     assert not missing, "\n".join(missing)
+
+
+MAX_MODULE_LINES = 400  # beyond, a module's docstring says why ("Over 400 lines because")
+MAX_FUNCTION_LINES = 80  # a function a reader can hold in their head
+
+
+def test_modules_and_functions_stay_small_enough_to_read():
+    too_long = []
+    for name, tree in _modules().items():
+        file = PACKAGE / (name.replace(".", "/") + ".py")
+        if not file.is_file():
+            file = PACKAGE / name.replace(".", "/") / "__init__.py"
+        lines = len(file.read_text().splitlines())
+        if lines > MAX_MODULE_LINES and "Over 400 lines because" not in (
+            ast.get_docstring(tree) or ""
+        ):
+            too_long.append(f"compress/{name}: {lines} lines, and its docstring does not say why")
+        too_long += [
+            f"compress/{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        ]
+    assert not too_long, "\n".join(too_long)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from compress.measure.counts import count_flops
-from compress.measure.profile import count_memory_access, layer_costs, machine_peaks, profile_model
+from compress.measure.machine import machine_peaks
+from compress.measure.profile import count_memory_access, layer_costs, profile_model
 from compress.models.build import build_model
 from compress.spec.recipe import ModelConfig
 from tests.conftest import run_cli

@@ -8,7 +8,9 @@ from compress.core.registry import StageContext
 from compress.data import build_data
 from compress.models.build import build_model
 from compress.spec.recipe import DataConfig, ModelConfig, TrainConfig
-from compress.training.train import TrainingError, augment, cooldown_config, train
+from compress.training.augment import augment
+from compress.training.schedule import cooldown_config
+from compress.training.train import TrainingError, train
 
 CONFIG = TrainConfig(epochs=2, lr=0.05)  # onecycle: the scheduler's state must resume too
 
@@ -143,11 +145,11 @@ def test_accumulated_micro_batches_equal_one_larger_batch():
     ],
 )
 def test_each_schedule_shapes_the_learning_rate_as_documented(schedule, expected):
-    from compress.training.train import _optimizer, _scheduler
+    from compress.training.schedule import optimizer_for, scheduler_for
 
     config = TrainConfig(lr=0.2, schedule=schedule)
-    optimizer = _optimizer(nn.Linear(2, 2), config)
-    scheduler = _scheduler(optimizer, config, total_steps=100)
+    optimizer = optimizer_for(nn.Linear(2, 2), config)
+    scheduler = scheduler_for(optimizer, config, total_steps=100)
     rates = []
     for step in range(101):
         if step in (0, 25, 60, 80, 100):

@@ -12,6 +12,7 @@ through the protocol in traits.py.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -70,30 +71,16 @@ def evaluate(
     if about.cpu_only and device != "cpu":
         device = "cpu"
         notes.append("measured on the CPU: this model's kernels are CPU-only")
-    reference = about.reference
     one_image = data.example_input(1).to(device)
-    flops = count_flops(reference, one_image)
-    element_bytes = about.element_bytes
-    memory = count_memory_access(reference, one_image, element_bytes)
+    # Counted on the reference module where what runs is compiled (traits.py).
+    flops = count_flops(about.reference, one_image)
+    memory = count_memory_access(about.reference, one_image, about.element_bytes)
     total, nonzero = about.param_counts or count_params(model)
     task = get_task(data.task)
-    score = examples = None
-    figures = {}  # the task's metric and its other figures
-    if config.accuracy:
-        rows = example_scores(model, data, device)
-        figures = task.summarize(rows)
-        score, examples = figures[task.metric], pack_rows(rows)
-    measured = deployment = None
-    if distributed.is_main():
-        torch.set_num_threads(threads)
-        try:
-            measured, deployment = _measure(
-                model, data, config, device, threads, deploy_to, notes, score
-            )
-            measured["size_bytes"] = artifact_size(model, artifact, one_image.cpu(), notes)
-        finally:
-            torch.set_num_threads(own_threads)
-    measured = distributed.broadcast_object(measured)  # the other ranks wait for rank 0
+    score, examples, figures = _scores(model, data, config, device, task)
+    measured, deployment = _measured(
+        model, data, config, device, (threads, own_threads), deploy_to, notes, score, artifact
+    )
     latency = measured["runtimes"][measured["best"]]["latency_ms"]
     p50_s = latency["p50"] / 1e3
     result = Evaluation(
@@ -122,21 +109,56 @@ def evaluate(
         deployment=deployment,
     )
     if config.profile and distributed.is_main() and device == "cpu":
-        torch.set_num_threads(threads)
-        try:
+        with _threads(threads, own_threads):
             result.details["profile"] = summary(model, one_image, result.gflops_per_s, threads)
-        finally:
-            torch.set_num_threads(own_threads)
     if baseline is not None:
-        if deployment is not None and baseline.deployment is not None:  # rank 0
-            torch.set_num_threads(threads)
-            try:
-                result.latency_ratio = paired_latency_ratio(baseline.deployment, deployment, config)
-            finally:
-                torch.set_num_threads(own_threads)
-        result.latency_ratio = distributed.broadcast_object(result.latency_ratio)
+        result.latency_ratio = _paired_ratio(baseline, deployment, config, (threads, own_threads))
         compare(result, baseline, about.not_faster_reason, task)
     return result
+
+
+def _paired_ratio(baseline: Evaluation, deployment, config, threads) -> dict | None:
+    """The two models' best deployments timed in turns by rank 0 (the headline p50 ratio
+    and its interval); every rank gets it."""
+    ratio = None
+    if deployment is not None and baseline.deployment is not None:  # rank 0
+        with _threads(*threads):
+            ratio = paired_latency_ratio(baseline.deployment, deployment, config)
+    return distributed.broadcast_object(ratio)
+
+
+def _scores(model, data, config, device, task) -> tuple[float | None, str | None, dict]:
+    """The task's metric, the packed per-example rows a paired drop needs, and the metric's
+    companions (top-5, pixel accuracy); Nones where evaluate.accuracy is off."""
+    if not config.accuracy:
+        return None, None, {}
+    rows = example_scores(model, data, device)
+    figures = task.summarize(rows)
+    return figures[task.metric], pack_rows(rows), figures
+
+
+@contextlib.contextmanager
+def _threads(count: int, restore: int):
+    """Timing with ``count`` threads (a deployment's), then back to this rank's share."""
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(restore)
+
+
+def _measured(model, data, config, device, threads, deploy_to, notes, score, saved):
+    """Rank 0 times the model (with a deployment's threads) and measures its size on disk;
+    every rank gets the figures, rank 0 alone its best deployment (else None)."""
+    measured = deployment = None
+    if distributed.is_main():
+        with _threads(*threads):
+            measured, deployment = _measure(
+                model, data, config, device, threads[0], deploy_to, notes, score
+            )
+            example = data.example_input(1)
+            measured["size_bytes"] = artifact_size(model, saved, example, notes)
+    return distributed.broadcast_object(measured), deployment  # the others wait for rank 0
 
 
 def _measure(model, data, config, device, threads, deploy_to, notes, score) -> tuple[dict, tuple]:

@@ -11,28 +11,18 @@ microbenchmarks, cached per machine), never assumed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata
-import json
 import os
-import platform
 import sys
-import time
-from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.profiler import ProfilerActivity, record_function
 from torch.profiler import profile as torch_profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from compress.core import distributed
-from compress.core.distributed import set_threads
-from compress.core.paths import cache_dir
-from compress.core.storage import write_atomic
 from compress.core.traits import traits
+from compress.measure.machine import machine_peaks
 
 
 @contextlib.contextmanager
@@ -51,32 +41,6 @@ def _quiet_native_stderr():
 
 
 LABEL = "compress::"
-
-
-def environment(device: str = "cpu") -> dict:
-    """Where the figures were measured: versions, device, threads, CPU."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env = {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torchao": importlib.metadata.version("torchao"),
-        "python": platform.python_version(),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cores_usable": distributed.usable_cores(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
 
 
 class _MemoryAccess(TorchDispatchMode):
@@ -167,63 +131,6 @@ def count_memory_access(
     return counter.total // example.shape[0]
 
 
-def machine_peaks(threads: int | None = None, refresh: bool = False) -> dict:
-    """Measured peaks of this machine at ``threads``: FP32 GEMM GFLOP/s, INT8 GEMM GOP/s
-    and copy bandwidth GB/s (read + write). Cached under the cache folder per CPU, thread
-    count and torch version; ``refresh`` measures again.
-
-    Example:
-        >>> peaks = machine_peaks()
-        >>> peaks["fp32_gflops"] / peaks["bandwidth_gbs"]   # the ridge point, FLOP per byte
-    """
-    threads = set_threads(threads)
-    cpu = environment("cpu")["cpu"]
-    key = hashlib.sha256(f"{cpu}|{threads}|{torch.__version__}|{platform.machine()}".encode())
-    path = cache_dir() / "peaks" / f"{key.hexdigest()[:16]}.json"
-    if path.is_file() and not refresh:
-        return json.loads(path.read_text())
-    peaks = {
-        "cpu": cpu,
-        "threads": threads,
-        "fp32_gflops": _best_rate(lambda a, b: a @ b, torch.float32, 1024) / 1e9,
-        # torch._int_mm: int8 x int8 -> int32, the oneDNN/MKL path INT8 layers use.
-        "int8_gops": _best_rate(torch._int_mm, torch.int8, 1024) / 1e9,
-        "bandwidth_gbs": _bandwidth() / 1e9,
-        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    write_atomic(path, json.dumps(peaks, indent=1))
-    return peaks
-
-
-def _best_rate(matmul, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
-    """Best of ``repeats`` multiply-adds per second of an n x n x n product."""
-    if dtype.is_floating_point:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-    else:
-        a = torch.randint(-128, 127, (n, n), dtype=dtype)
-        b = torch.randint(-128, 127, (n, n), dtype=dtype)
-    matmul(a, b)  # warm-up: thread pool, packing buffers
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def _bandwidth(megabytes: int = 128, repeats: int = 3) -> float:
-    """Bytes per second moved by a large copy (each byte read once and written once)."""
-    source = torch.ones(megabytes * (1 << 20) // 4)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() * 4 / best
-
-
 @contextlib.contextmanager
 def _around_modules(modules: dict[str, nn.Module], before, after):
     """Call ``before(name, inputs)`` and ``after(name, output)`` around every module's
@@ -253,95 +160,28 @@ def layer_costs(
         >>> sum(r["macs"] for r in rows) == count_flops(model, data.example_input(1)) // 2
         True
     """
-    modules = dict(model.named_modules())
-    children = {
-        name: [f"{name}.{c}" if name else c for c, _ in module.named_children()]
-        for name, module in modules.items()
-    }
-    order: list[str] = []
-    shapes: dict[str, tuple] = {}
-    positions: dict[str, int] = {}
-
-    def first_tensor(value):
-        leaves = torch.utils._pytree.tree_leaves(value)
-        return next((t for t in leaves if isinstance(t, torch.Tensor)), None)
-
-    def measure(read) -> dict[str, float]:
-        """Inclusive amount of ``read()`` (a running counter) per module, one forward."""
-        inclusive: dict[str, float] = {}
-        start: dict[str, list[float]] = {}
-
-        def before(name, inputs):
-            start.setdefault(name, []).append(read())
-            if name not in positions:
-                positions[name] = _positions(first_tensor(inputs))
-
-        def after(name, output):
-            inclusive[name] = inclusive.get(name, 0.0) + read() - start[name].pop()
-            if name not in shapes:
-                order.append(name)
-                out = first_tensor(output)
-                shapes[name] = tuple(out.shape) if out is not None else ()
-
-        with _around_modules(modules, before, after):
-            model(example)
-        return inclusive
-
-    def exclusive(inclusive: dict[str, float]) -> dict[str, float]:
-        return {
-            name: value - sum(inclusive.get(c, 0.0) for c in children[name])
-            for name, value in inclusive.items()
-        }
-
+    walk = _Walk(model)
     with torch.inference_mode():
         with flop_counter() as flops_mode:
-            flops = exclusive(measure(flops_mode.get_total_flops))
+            flops = walk.own(example, flops_mode.get_total_flops)
         with _MemoryAccess(element_bytes) as memory:
-            bytes_ = exclusive(measure(lambda: memory.total))
-        for _ in range(3):
-            model(example)
-        open_labels: dict[str, list] = {}
-
-        def enter(name, _inputs):
-            label = record_function(LABEL + (name or "(model)"))
-            label.__enter__()
-            open_labels.setdefault(name, []).append(label)
-
-        def leave(name, _output):
-            open_labels[name].pop().__exit__(None, None, None)
-
-        # Two profiled warm-up steps are discarded: the profiler's own first calls are slow.
-        schedule = torch.profiler.schedule(wait=0, warmup=2, active=iterations, repeat=1)
-        with (
-            _around_modules(modules, enter, leave),
-            _quiet_native_stderr(),
-            torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule) as prof,
-        ):
-            for _ in range(iterations + 2):
-                model(example)
-                prof.step()
-    inclusive_us = {
-        e.key.removeprefix(LABEL): e.cpu_time_total / iterations
-        for e in prof.key_averages()
-        if e.key.startswith(LABEL)
-    }
-    inclusive_us = {("" if k == "(model)" else k): v for k, v in inclusive_us.items()}
-    times = exclusive(inclusive_us)
-    total_time = inclusive_us.get("", sum(times.values())) or 1.0
+            bytes_ = walk.own(example, lambda: memory.total)
+        times, total_time = _own_times(walk, example, iterations)
     rows = []
-    for name in order:
+    for name in walk.order:
         own_flops, own_bytes = flops.get(name, 0.0), bytes_.get(name, 0.0)
-        module = modules[name]
+        module = walk.modules[name]
         own_params = sum(p.numel() for p in module.parameters(recurse=False))
         if not (own_flops or own_bytes or own_params):
             continue
         time_us = max(times.get(name, 0.0), 0.0)
-        out_positions = _positions_of_shape(shapes[name])
+        shape, positions = walk.shapes[name], walk.positions.get(name, 0)
+        out_positions = _positions_of_shape(shape)
         rows.append(
             {
                 "layer": name or "(model)",
-                "type": type(module).__name__ + ("" if not children[name] else " (own ops)"),
-                "output": "x".join(str(d) for d in shapes[name][1:]),
+                "type": type(module).__name__ + ("" if not walk.children[name] else " (own ops)"),
+                "output": "x".join(str(d) for d in shape[1:]),
                 "params": own_params,
                 "macs": int(own_flops) // 2,
                 "bytes": int(own_bytes),
@@ -351,12 +191,97 @@ def layer_costs(
                 "gflops": own_flops / (time_us * 1e3) if time_us else 0.0,
                 # Fewer output positions than input positions: every later layer works on
                 # this many times fewer (pooling, strides, patching).
-                "downsamples": (positions.get(name, 0) / out_positions)
-                if out_positions and positions.get(name, 0) > out_positions
+                "downsamples": positions / out_positions
+                if out_positions and positions > out_positions
                 else 1.0,
             }
         )
     return rows
+
+
+class _Walk:
+    """One model's modules in the order a forward pass finishes them, with each one's output
+    shape and input positions, and what a running counter adds inside each module alone
+    (its children's share taken out)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.children = {
+            name: [f"{name}.{c}" if name else c for c, _ in module.named_children()]
+            for name, module in self.modules.items()
+        }
+        self.order: list[str] = []
+        self.shapes: dict[str, tuple] = {}
+        self.positions: dict[str, int] = {}
+
+    def own(self, example: torch.Tensor, read) -> dict[str, float]:
+        """What ``read()`` (a running counter) grows by inside each module, one forward."""
+        inclusive: dict[str, float] = {}
+        start: dict[str, list[float]] = {}
+
+        def before(name, inputs):
+            start.setdefault(name, []).append(read())
+            if name not in self.positions:
+                self.positions[name] = _positions(_first_tensor(inputs))
+
+        def after(name, output):
+            inclusive[name] = inclusive.get(name, 0.0) + read() - start[name].pop()
+            if name not in self.shapes:
+                self.order.append(name)
+                out = _first_tensor(output)
+                self.shapes[name] = tuple(out.shape) if out is not None else ()
+
+        with _around_modules(self.modules, before, after):
+            self.model(example)
+        return self.exclusive(inclusive)
+
+    def exclusive(self, inclusive: dict[str, float]) -> dict[str, float]:
+        return {
+            name: value - sum(inclusive.get(c, 0.0) for c in self.children[name])
+            for name, value in inclusive.items()
+        }
+
+
+def _own_times(walk: _Walk, example: torch.Tensor, iterations: int) -> tuple[dict, float]:
+    """Each module's own CPU time per call (µs) under torch.profiler, each module's calls
+    labelled with record_function; and the whole model's."""
+    model = walk.model
+    for _ in range(3):
+        model(example)
+    open_labels: dict[str, list] = {}
+
+    def enter(name, _inputs):
+        label = record_function(LABEL + (name or "(model)"))
+        label.__enter__()
+        open_labels.setdefault(name, []).append(label)
+
+    def leave(name, _output):
+        open_labels[name].pop().__exit__(None, None, None)
+
+    # Two profiled warm-up steps are discarded: the profiler's own first calls are slow.
+    schedule = torch.profiler.schedule(wait=0, warmup=2, active=iterations, repeat=1)
+    with (
+        _around_modules(walk.modules, enter, leave),
+        _quiet_native_stderr(),
+        torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule) as prof,
+    ):
+        for _ in range(iterations + 2):
+            model(example)
+            prof.step()
+    inclusive_us = {
+        e.key.removeprefix(LABEL): e.cpu_time_total / iterations
+        for e in prof.key_averages()
+        if e.key.startswith(LABEL)
+    }
+    inclusive_us = {("" if k == "(model)" else k): v for k, v in inclusive_us.items()}
+    times = walk.exclusive(inclusive_us)
+    return times, inclusive_us.get("", sum(times.values())) or 1.0
+
+
+def _first_tensor(value):
+    leaves = torch.utils._pytree.tree_leaves(value)
+    return next((t for t in leaves if isinstance(t, torch.Tensor)), None)
 
 
 def _positions(x: torch.Tensor | None) -> int:

@@ -23,7 +23,8 @@ from compress.models import artifact
 from compress.models.build import build_model
 from compress.run.rundir import load_own
 from compress.spec.recipe import Recipe, TrainConfig
-from compress.training.train import cooldown_config, train
+from compress.training.schedule import cooldown_config
+from compress.training.train import train
 
 log = logging.getLogger("compress")
 

@@ -27,7 +27,7 @@ from compress.measure.evaluate import (
     compare_with_input,
     evaluate,
 )
-from compress.measure.profile import environment
+from compress.measure.machine import environment
 from compress.models import artifact
 from compress.run.baseline import baseline_description, baseline_model
 from compress.run.control import compute_matched_control

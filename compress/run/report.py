@@ -119,47 +119,61 @@ class Report:
         notes += [f"- {n}" for n in self.notes]
         if notes:
             out += ["", "## Notes", "", *notes]
+        out += self._profile_section()
+        out += self._layer_sections()
+        return "\n".join(out) + "\n"
+
+    def _profile_section(self) -> list[str]:
+        """Where the time goes: each profiled model against this machine's peaks, and its
+        costliest layers."""
+        out = []
         profiled = [e for e in self.evaluations if e.details.get("profile")]
-        if profiled:
-            peaks = profiled[0].details["profile"]["peaks"]
-            out += [
-                "",
-                "## Where the time goes",
-                "",
-                f"Peaks measured on this machine ({peaks['threads']} threads): FP32 GEMM"
-                f" {peaks['fp32_gflops']:.0f} GFLOP/s, INT8 GEMM {peaks['int8_gops']:.0f} GOP/s,"
-                f" copy {peaks['bandwidth_gbs']:.1f} GB/s. Achieved, from the p50:",
-                "",
-            ]
-            out += [
-                f"- **{e.name}**: {e.gflops_per_s:.2f} GFLOP/s,"
-                f" {100 * e.details['profile']['peak_share']:.1f} % of the"
-                f" {'INT8' if e.compute_dtype == 'int8' else 'FP32'} peak"
-                for e in profiled
-            ]
-            for e in profiled:
-                layers = e.details["profile"]["layers"]
-                if layers:
-                    out += [
-                        "",
-                        f"{e.name}, the costliest layers (`python -m compress profile` for all):",
-                        "",
-                        *markdown_table(
-                            ["layer", "type", "output", "MACs", "FLOP/byte", "time share", "bound"],
+        if not profiled:
+            return out
+        peaks = profiled[0].details["profile"]["peaks"]
+        out += [
+            "",
+            "## Where the time goes",
+            "",
+            f"Peaks measured on this machine ({peaks['threads']} threads): FP32 GEMM"
+            f" {peaks['fp32_gflops']:.0f} GFLOP/s, INT8 GEMM {peaks['int8_gops']:.0f} GOP/s,"
+            f" copy {peaks['bandwidth_gbs']:.1f} GB/s. Achieved, from the p50:",
+            "",
+        ]
+        out += [
+            f"- **{e.name}**: {e.gflops_per_s:.2f} GFLOP/s,"
+            f" {100 * e.details['profile']['peak_share']:.1f} % of the"
+            f" {'INT8' if e.compute_dtype == 'int8' else 'FP32'} peak"
+            for e in profiled
+        ]
+        for e in profiled:
+            layers = e.details["profile"]["layers"]
+            if layers:
+                out += [
+                    "",
+                    f"{e.name}, the costliest layers (`python -m compress profile` for all):",
+                    "",
+                    *markdown_table(
+                        ["layer", "type", "output", "MACs", "FLOP/byte", "time share", "bound"],
+                        [
                             [
-                                [
-                                    r["layer"],
-                                    r["type"],
-                                    r["output"],
-                                    count(r["macs"]),
-                                    f"{r['intensity']:.1f}",
-                                    f"{100 * r['time_share']:.1f} %",
-                                    r["bound"],
-                                ]
-                                for r in layers
-                            ],
-                        ),
-                    ]
+                                r["layer"],
+                                r["type"],
+                                r["output"],
+                                count(r["macs"]),
+                                f"{r['intensity']:.1f}",
+                                f"{100 * r['time_share']:.1f} %",
+                                r["bound"],
+                            ]
+                            for r in layers
+                        ],
+                    ),
+                ]
+        return out
+
+    def _layer_sections(self) -> list[str]:
+        """What a stage did per layer (pruned widths, factorized layers), one table each."""
+        out = []
         for e in self.evaluations:
             layers = e.details.get("layers")
             if layers:
@@ -173,7 +187,7 @@ class Report:
                         [[cell(c, r.get(c)) for c in columns] for r in layers],
                     ),
                 ]
-        return "\n".join(out) + "\n"
+        return out
 
     def _runtime_section(self) -> list[str]:
         """Each model in each runtime: latency, the task's metric and its drop against the

@@ -122,42 +122,10 @@ def factorize(
     for name, module in list(modules.items()):
         if name in skipped or (chosen is not None and name not in chosen):
             continue
-        if isinstance(module, nn.Conv2d):
-            eligible = module.groups == 1 and math.prod(module.kernel_size) > 1
-            if not eligible:
-                if chosen is not None:
-                    raise RecipeError(
-                        f"factorize.layers: {name} is not a standard k x k convolution"
-                        f" (kernel {tuple(module.kernel_size)}, groups {module.groups})"
-                    )
-                continue
-            before = _conv_macs(module, pixels[name])
-            after = (
-                pixels[name]
-                * module.in_channels
-                * (math.prod(module.kernel_size) + module.out_channels)
-            )
-            if chosen is None and (
-                module.in_channels < config.min_in_channels
-                or before - after < config.min_macs_saved * total_macs
-            ):
-                continue
-            replacement, error = separable_fit(module)
-        elif isinstance(module, nn.Linear) and config.linear_rank is not None:
-            rank = max(1, round(config.linear_rank * min(module.in_features, module.out_features)))
-            positions = pixels[name] // module.out_features
-            before = positions * module.in_features * module.out_features
-            after = positions * rank * (module.in_features + module.out_features)
-            if after >= before:
-                continue
-            replacement, error = svd_fit(module, rank)
-        else:
-            if chosen is not None and name in chosen and not list(module.children()):
-                raise RecipeError(
-                    f"factorize.layers: {name} is not a standard k x k convolution"
-                    f" ({type(module).__name__}; Linear layers need factorize.linear_rank)"
-                )
+        fitted = _fit(name, module, pixels.get(name, 0), config, total_macs, chosen is not None)
+        if fitted is None:
             continue
+        replacement, error, before, after = fitted
         _replace(model, name, replacement)
         records.append({"name": name, **_record(replacement)})
         rows.append(
@@ -183,6 +151,44 @@ def factorize(
         " The fit is approximate: a distill stage after this one recovers the accuracy"
     ]
     return model.eval()
+
+
+def _fit(name: str, module: nn.Module, pixels: int, config, total_macs: int, chosen: bool):
+    """``(replacement, fit error, MACs before, MACs after)`` for one layer, or None where it
+    does not qualify. A layer the recipe ``chosen`` by name must qualify (else an error)."""
+    if isinstance(module, nn.Conv2d):
+        eligible = module.groups == 1 and math.prod(module.kernel_size) > 1
+        if not eligible:
+            if chosen:
+                raise RecipeError(
+                    f"factorize.layers: {name} is not a standard k x k convolution"
+                    f" (kernel {tuple(module.kernel_size)}, groups {module.groups})"
+                )
+            return None
+        before = _conv_macs(module, pixels)
+        after = pixels * module.in_channels * (math.prod(module.kernel_size) + module.out_channels)
+        if not chosen and (
+            module.in_channels < config.min_in_channels
+            or before - after < config.min_macs_saved * total_macs
+        ):
+            return None
+        replacement, error = separable_fit(module)
+    elif isinstance(module, nn.Linear) and config.linear_rank is not None:
+        rank = max(1, round(config.linear_rank * min(module.in_features, module.out_features)))
+        positions = pixels // module.out_features
+        before = positions * module.in_features * module.out_features
+        after = positions * rank * (module.in_features + module.out_features)
+        if after >= before:
+            return None
+        replacement, error = svd_fit(module, rank)
+    else:
+        if chosen and not list(module.children()):
+            raise RecipeError(
+                f"factorize.layers: {name} is not a standard k x k convolution"
+                f" ({type(module).__name__}; Linear layers need factorize.linear_rank)"
+            )
+        return None
+    return replacement, error, before, after
 
 
 @register_architecture_change(

@@ -9,6 +9,10 @@
   target is a channel ``ratio``, a fraction of the baseline's MACs (``target_macs``) or a
   measured p50 latency (``target_latency_ms``).
 
+Over 400 lines because both methods share what a prune stage is: the layers it may touch,
+its fine-tunes, the latency target's search over amounts and the per-layer report; apart,
+each half would import the other's.
+
 A pruned model keeps its spec, and ``compress.save`` stores the new per-layer shapes as
 data next to the weights, so that ``compress.load`` rebuilds it without unpickling code.
 """

@@ -24,11 +24,14 @@ from tqdm import tqdm
 from compress.core import distributed
 from compress.core.errors import TrainingError
 from compress.core.registry import StageContext
-from compress.core.storage import memory_cap, model_bytes, read_tensors, write_atomic
+from compress.core.storage import write_atomic
 from compress.data import Data
 from compress.measure.scores import metrics
 from compress.spec.recipe import TrainConfig, section
 from compress.spec.tasks import Task, get_task
+from compress.training.augment import augment
+from compress.training.checkpoint import cpu_state, resume, save_checkpoint
+from compress.training.schedule import cooldown_config, optimizer_for, scheduler_for
 
 log = logging.getLogger("compress")
 
@@ -142,7 +145,7 @@ def _train_phase(model, data, config, seed, device, loss_fn, desc, checkpoint_di
     if config.amp != "off" and not cuda:
         log.info("%s: train.amp=%s applies on CUDA only; training in fp32", desc, config.amp)
     task = get_task(data.task)
-    optimizer = _optimizer(model, config)
+    optimizer = optimizer_for(model, config)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.amp) if cuda else None
     run = _Phase(
         model=model,
@@ -152,7 +155,7 @@ def _train_phase(model, data, config, seed, device, loss_fn, desc, checkpoint_di
         task=task,
         loss_fn=loss_fn or (lambda m, x, y, *_: _task_loss(m, x, y, task, config.label_smoothing)),
         optimizer=optimizer,
-        scheduler=_scheduler(optimizer, config, total_steps),
+        scheduler=scheduler_for(optimizer, config, total_steps),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16),
         amp_dtype=amp_dtype,
         device=device,
@@ -164,7 +167,7 @@ def _train_phase(model, data, config, seed, device, loss_fn, desc, checkpoint_di
     )
     first_epoch = 0
     if run.checkpoint is not None and run.checkpoint.is_file():
-        first_epoch, run.step, run.best = _resume(
+        first_epoch, run.step, run.best = resume(
             run.checkpoint, model, optimizer, run.scheduler, run.scaler
         )
         log.info(
@@ -311,7 +314,7 @@ def _end_epoch(run: _Phase, epoch: int, loss: torch.Tensor, seen: list) -> None:
         run.best = {
             "score": run.better * score,
             "epoch": epoch,
-            "state": _cpu_state(model) if keep else None,
+            "state": cpu_state(model) if keep else None,
         }
         if run.checkpoint is not None and distributed.is_main():
             write_atomic(
@@ -320,7 +323,7 @@ def _end_epoch(run: _Phase, epoch: int, loss: torch.Tensor, seen: list) -> None:
             )
     if run.checkpoint is not None:
         if distributed.is_main():
-            _save_checkpoint(
+            save_checkpoint(
                 run.checkpoint,
                 model,
                 run.optimizer,
@@ -333,180 +336,12 @@ def _end_epoch(run: _Phase, epoch: int, loss: torch.Tensor, seen: list) -> None:
         distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume
 
 
-def cooldown_config(config: TrainConfig, steps_done: int = 0) -> TrainConfig | None:
-    """The phase :func:`train` runs after ``config``'s schedule (``cooldown_epochs``), or None.
-
-    ``max_steps`` bounds the whole training: the cooldown gets the steps the schedule
-    (``steps_done`` of them) left, and none with ``epochs: 0``, whose schedule takes them all.
-
-    Example:
-        >>> cooldown_config(TrainConfig(epochs=60, cooldown_epochs=4)).augment
-        'none'
-    """
-    if not config.cooldown_epochs:
-        return None
-    steps_left = None
-    if config.max_steps is not None:
-        steps_left = 0 if config.epochs == 0 else config.max_steps - steps_done
-        if steps_left <= 0:
-            return None
-    return dataclasses.replace(
-        config,
-        epochs=config.cooldown_epochs,
-        max_steps=steps_left,
-        lr=config.cooldown_lr,
-        schedule="cosine",
-        augment="none",
-        label_smoothing=0.0,
-        cooldown_epochs=0,
-    )
-
-
-def augment(
-    images: torch.Tensor,
-    kind: str,
-    padding: int = 4,
-    generator: torch.Generator | None = None,
-    masks: torch.Tensor | None = None,
-):
-    """A batch (N, C, H, W) augmented per image: ``kind`` is none or a ``_``-joined subset of
-    crop, flip and erase, in that order (``crop_flip_erase``). Given per-pixel ``masks``
-    (N, H, W), they are cropped and flipped with their images (not erased: an erased
-    garment is still there) and ``(images, masks)`` is returned.
-
-    Example:
-        >>> augment(torch.rand(8, 1, 28, 28), "crop_flip_erase", padding=4).shape
-        torch.Size([8, 1, 28, 28])
-    """
-    if kind == "none":
-        return images if masks is None else (images, masks)
-    if masks is not None:  # one more channel: moved exactly as the image's (exact in float)
-        images = torch.cat([images, masks[:, None].to(images.dtype)], 1)
-    n, channels, height, width = images.shape
-    if "crop" in kind:
-        padded = nn.functional.pad(images, (padding,) * 4, mode="replicate")
-        shift_y, shift_x = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=generator)
-        rows = (shift_y + torch.arange(height))[:, None, :, None]
-        columns = (shift_x + torch.arange(width))[:, None, None, :]
-        images = padded[
-            torch.arange(n)[:, None, None, None],
-            torch.arange(channels)[:, None, None],
-            rows,
-            columns,
-        ]
-    if "flip" in kind:
-        flipped = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(flipped[:, None, None, None], images.flip(3), images)
-    if masks is not None:
-        images, masks = images[:, :-1], images[:, -1].round().to(masks.dtype)
-    if "erase" in kind:
-        images = images.masked_fill(_erased(n, height, width, generator)[:, None], 0.0)
-    return images if masks is None else (images, masks)
-
-
-# Random erasing (Zhong et al., 2020): half the images lose a rectangle of 2-33 % of their
-# area, aspect 0.3-3.3, filled with 0 (the normalized data's mean), torchvision's defaults.
-ERASE_PROBABILITY = 0.5
-ERASE_AREA = (0.02, 0.33)
-ERASE_ASPECT = (0.3, 3.3)
-
-
-def _erased(n: int, height: int, width: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A (N, H, W) mask, True inside each image's erased rectangle (none in about half)."""
-    chosen = torch.rand(n, generator=generator) < ERASE_PROBABILITY
-    low, high = ERASE_AREA
-    area = (low + (high - low) * torch.rand(n, generator=generator)) * height * width
-    log_low, log_high = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
-    aspect = torch.exp(log_low + (log_high - log_low) * torch.rand(n, generator=generator))
-    rows = (area * aspect).sqrt().round().clamp(1, height)
-    columns = (area / aspect).sqrt().round().clamp(1, width)
-    top = (torch.rand(n, generator=generator) * (height - rows + 1)).floor()
-    left = (torch.rand(n, generator=generator) * (width - columns + 1)).floor()
-    y = torch.arange(height)[None, :, None]
-    x = torch.arange(width)[None, None, :]
-    inside_rows = (y >= top[:, None, None]) & (y < (top + rows)[:, None, None])
-    inside_columns = (x >= left[:, None, None]) & (x < (left + columns)[:, None, None])
-    return inside_rows & inside_columns & chosen[:, None, None]
-
-
 def _validate(model: nn.Module, data: Data, device: str) -> float:
     """The task's metric on the calibration split: held out of training, not the test split."""
     model.eval()  # not chained: an exported QAT graph's eval() returns None
     return metrics(model, data, device, split="calibration")[get_task(data.task).metric]
 
 
-def _cpu_state(model: nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _save_checkpoint(
-    path: Path, model, optimizer, scheduler, scaler, epoch: int, step: int, best: dict
-) -> None:
-    """Written atomically: a crash never leaves a half-written checkpoint."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "rng": torch.get_rng_state(),
-        "best": {"score": best["score"], "epoch": best["epoch"]},  # its weights: best.pt
-    }
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-# A checkpoint holds the weights, up to two moments per weight (AdamW) and small state.
-CHECKPOINT_BOUND = 4
-
-
-def _resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, dict]:
-    """Load a checkpoint (weights only: no code is unpickled); returns (next epoch, step, best)."""
-    # Read as data, bounded: the weights, an optimizer's moments, the rest small.
-    bound = min(CHECKPOINT_BOUND * model_bytes(model), memory_cap())
-    state = read_tensors(path, bound, nested=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    best = dict(state["best"], state=None)
-    if "top1" in best:  # a checkpoint from before tasks: top-1, higher is better
-        best["score"] = best.pop("top1")
-    if path.with_name("best.pt").is_file():
-        best["state"] = read_tensors(path.with_name("best.pt"), model_bytes(model))
-    return state["epoch"] + 1, state["step"], best
-
-
 def _task_loss(model, inputs, targets, task, label_smoothing: float):
     output = task.output(model(inputs))
     return task.loss(output, targets, label_smoothing), output
-
-
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm scales: decaying them only hurts accuracy.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if config.optimizer == "sgd":
-        # Nesterov needs a momentum: momentum 0 is plain SGD (torch refuses Nesterov there).
-        nesterov = config.momentum > 0
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=nesterov)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _scheduler(optimizer, config: TrainConfig, total_steps: int):
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
-        )
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if config.schedule == "step":  # divide by 10 at 50 % and 75 % of training
-        milestones = [total_steps // 2, (3 * total_steps) // 4]
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

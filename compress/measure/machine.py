@@ -1,0 +1,103 @@
+"""This machine, as every report names it: CPU, ISA, threads, library versions; and what it
+can do, measured: FP32 and INT8 GEMM peaks and copy bandwidth (the profile's roofline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from compress.core import distributed
+from compress.core.distributed import set_threads
+from compress.core.paths import cache_dir
+from compress.core.storage import write_atomic
+
+
+def environment(device: str = "cpu") -> dict:
+    """Where the figures were measured: versions, device, threads, CPU."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torchao": importlib.metadata.version("torchao"),
+        "python": platform.python_version(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores_usable": distributed.usable_cores(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def machine_peaks(threads: int | None = None, refresh: bool = False) -> dict:
+    """Measured peaks of this machine at ``threads``: FP32 GEMM GFLOP/s, INT8 GEMM GOP/s
+    and copy bandwidth GB/s (read + write). Cached under the cache folder per CPU, thread
+    count and torch version; ``refresh`` measures again.
+
+    Example:
+        >>> peaks = machine_peaks()
+        >>> peaks["fp32_gflops"] / peaks["bandwidth_gbs"]   # the ridge point, FLOP per byte
+    """
+    threads = set_threads(threads)
+    cpu = environment("cpu")["cpu"]
+    key = hashlib.sha256(f"{cpu}|{threads}|{torch.__version__}|{platform.machine()}".encode())
+    path = cache_dir() / "peaks" / f"{key.hexdigest()[:16]}.json"
+    if path.is_file() and not refresh:
+        return json.loads(path.read_text())
+    peaks = {
+        "cpu": cpu,
+        "threads": threads,
+        "fp32_gflops": _best_rate(lambda a, b: a @ b, torch.float32, 1024) / 1e9,
+        # torch._int_mm: int8 x int8 -> int32, the oneDNN/MKL path INT8 layers use.
+        "int8_gops": _best_rate(torch._int_mm, torch.int8, 1024) / 1e9,
+        "bandwidth_gbs": _bandwidth() / 1e9,
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_atomic(path, json.dumps(peaks, indent=1))
+    return peaks
+
+
+def _best_rate(matmul, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` multiply-adds per second of an n x n x n product."""
+    if dtype.is_floating_point:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+    else:
+        a = torch.randint(-128, 127, (n, n), dtype=dtype)
+        b = torch.randint(-128, 127, (n, n), dtype=dtype)
+    matmul(a, b)  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _bandwidth(megabytes: int = 128, repeats: int = 3) -> float:
+    """Bytes per second moved by a large copy (each byte read once and written once)."""
+    source = torch.ones(megabytes * (1 << 20) // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best

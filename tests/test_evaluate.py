@@ -6,7 +6,7 @@ from torch.utils.data import TensorDataset
 
 from compress.data import Data
 from compress.measure.counts import count_flops, count_params
-from compress.measure.evaluate import compare, compare_with_input, evaluate
+from compress.measure.evaluate import against_baseline, compare_with_input, evaluate
 from compress.measure.profile import count_memory_access
 from compress.models.artifact import save
 from compress.spec.recipe import DataConfig, EvaluateConfig
@@ -133,7 +133,7 @@ def test_not_faster_is_said_in_words():
     slower = evaluate(_tiny(), data, CONFIG, name="same")
     slower.latency_ms = {k: v * 2 for k, v in base.latency_ms.items()}
     slower.notes.clear()
-    compare(slower, base)
+    against_baseline(slower, base)
     assert any("not faster than the baseline" in n for n in slower.notes)
     step = evaluate(_tiny(), data, CONFIG, name="step")
     step.latency_ms, step.notes = {k: v * 1.5 for k, v in base.latency_ms.items()}, []
@@ -147,5 +147,5 @@ def test_not_faster_is_said_in_words():
     faster = evaluate(_tiny(), data, CONFIG, name="fast")
     faster.latency_ms = {k: v / 2 for k, v in base.latency_ms.items()}
     faster.notes.clear()
-    compare(faster, base)
+    against_baseline(faster, base)
     assert not faster.notes

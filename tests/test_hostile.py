@@ -418,18 +418,18 @@ def test_generated_recipes_validate_or_name_a_key(examples):
         max_leaves=8,
     )
 
-    def section(cls):
+    def as_config(cls):
         keys = [f.name for f in dataclasses.fields(cls)]
         return st.dictionaries(st.sampled_from(keys), values, max_size=4)
 
     hints = typing.get_type_hints(Recipe)
     stage = st.sampled_from(sorted(STAGES)).flatmap(
-        lambda kind: section(STAGES[kind].config).map(lambda options: {kind: options})
+        lambda kind: as_config(STAGES[kind].config).map(lambda options: {kind: options})
     )
     recipe = st.fixed_dictionaries(
         {},
         optional={
-            **{k: section(hints[k]) for k in ("model", "data", "train", "evaluate")},
+            **{k: as_config(hints[k]) for k in ("model", "data", "train", "evaluate")},
             "stages": st.lists(stage, max_size=2),
             "seed": values,
             "name": values,

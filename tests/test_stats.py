@@ -8,7 +8,7 @@ import torch
 from scipy.stats import beta
 
 from compress.core.stats import median_interval, pack, paired_drop, unpack
-from compress.measure.evaluate import compare, evaluate
+from compress.measure.evaluate import against_baseline, evaluate
 from compress.measure.latency import paired_latency_ratio
 from compress.spec.recipe import EvaluateConfig
 from tests.test_evaluate import CONFIG, _labelled_data, _Oracle
@@ -58,7 +58,7 @@ def test_a_model_identical_to_the_baseline_has_drop_zero_and_interval_zero():
     # counts every image as gained.
     perfect = evaluate(_Oracle(shift=0), data, CONFIG, name="perfect")
     assert perfect.example_rows()[:, 0].all() and not base.example_rows()[:, 0].any()
-    compare(base, perfect)
+    against_baseline(base, perfect)
     assert base.drop["lost"] == len(data.test) and base.drop["gained"] == 0
 
 

@@ -24,7 +24,7 @@ from compress.core import distributed
 from compress.core.errors import DataError
 from compress.core.registry import DATASETS, dataset_spec
 from compress.spec.architectures import import_factory
-from compress.spec.recipe import DataConfig, section
+from compress.spec.recipe import DataConfig, as_config
 from compress.spec.tasks import Task
 
 
@@ -154,7 +154,7 @@ def build_data(config: DataConfig | dict | None = None, seed: int = 0) -> Data:
         >>> len(data.test)
         10000
     """
-    config = section("data", config or {})
+    config = as_config("data", config or {})
     if ":" in config.name:
         return _from_factory(config, seed)
     spec = dataset_spec(config.name)

@@ -26,9 +26,9 @@ from compress.measure.counts import artifact_size, count_flops, count_params
 from compress.measure.deploy import available_runtimes
 from compress.measure.evaluation import Evaluation
 from compress.measure.latency import measure_latency, measure_runtimes, paired_latency_ratio
-from compress.measure.profile import count_memory_access, summary
+from compress.measure.profile import count_memory_access, profile_summary
 from compress.measure.scores import example_scores
-from compress.spec.recipe import EvaluateConfig, section
+from compress.spec.recipe import EvaluateConfig, as_config
 from compress.spec.tasks import Task, get_task
 
 # A compressed model whose p50 is at least this fraction of the baseline's is "not faster":
@@ -58,10 +58,9 @@ def evaluate(
         >>> after = evaluate(quantized, data, baseline=base, name="quantize")
         >>> after.latency_ms["p50"] / base.latency_ms["p50"]
     """
-    config = section("evaluate", config or {})
-    # Each rank scores its share of the test split with its share of the cores; rank 0
-    # alone then times the model with the threads a deployment has (all cores, or
-    # evaluate.threads) while the others wait, so that measuring never shares the cores.
+    config = as_config("evaluate", config or {})
+    # Each rank scores its share of the test split on its share of the cores; rank 0 alone
+    # times with a deployment's threads (all cores) while the others wait.
     own_threads = config.threads or distributed.rank_threads()
     threads = config.threads or distributed.usable_cores()
     torch.set_num_threads(own_threads)
@@ -78,7 +77,7 @@ def evaluate(
     total, nonzero = about.param_counts or count_params(model)
     task = get_task(data.task)
     score, examples, figures = _scores(model, data, config, device, task)
-    measured, deployment = _measured(
+    measured, deployment = _rank0_figures(
         model, data, config, device, (threads, own_threads), deploy_to, notes, score, artifact
     )
     latency = measured["runtimes"][measured["best"]]["latency_ms"]
@@ -110,10 +109,12 @@ def evaluate(
     )
     if config.profile and distributed.is_main() and device == "cpu":
         with _threads(threads, own_threads):
-            result.details["profile"] = summary(model, one_image, result.gflops_per_s, threads)
+            result.details["profile"] = profile_summary(
+                model, one_image, result.gflops_per_s, threads
+            )
     if baseline is not None:
         result.latency_ratio = _paired_ratio(baseline, deployment, config, (threads, own_threads))
-        compare(result, baseline, about.not_faster_reason, task)
+        against_baseline(result, baseline, about.not_faster_reason, task)
     return result
 
 
@@ -147,13 +148,13 @@ def _threads(count: int, restore: int):
         torch.set_num_threads(restore)
 
 
-def _measured(model, data, config, device, threads, deploy_to, notes, score, saved):
+def _rank0_figures(model, data, config, device, threads, deploy_to, notes, score, saved):
     """Rank 0 times the model (with a deployment's threads) and measures its size on disk;
     every rank gets the figures, rank 0 alone its best deployment (else None)."""
     measured = deployment = None
     if distributed.is_main():
         with _threads(*threads):
-            measured, deployment = _measure(
+            measured, deployment = _time_runtimes(
                 model, data, config, device, threads[0], deploy_to, notes, score
             )
             example = data.example_input(1)
@@ -161,7 +162,9 @@ def _measured(model, data, config, device, threads, deploy_to, notes, score, sav
     return distributed.broadcast_object(measured), deployment  # the others wait for rank 0
 
 
-def _measure(model, data, config, device, threads, deploy_to, notes, score) -> tuple[dict, tuple]:
+def _time_runtimes(
+    model, data, config, device, threads, deploy_to, notes, score
+) -> tuple[dict, tuple]:
     """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best;
     and the best deployment as ``(callable, batch)``, for the paired latency rounds."""
     latency = measure_latency(
@@ -189,7 +192,7 @@ def _measure(model, data, config, device, threads, deploy_to, notes, score) -> t
     return {"runtimes": runtimes, "best": best, "notes": notes}, deployment
 
 
-def compare(
+def against_baseline(
     result: Evaluation,
     baseline: Evaluation,
     not_faster_reason: str | None = None,

@@ -17,7 +17,7 @@ from compress.core.stats import median_interval
 from compress.data import Data
 from compress.measure.deploy import ExportError, deployed, deployed_files
 from compress.measure.scores import metrics
-from compress.spec.recipe import EvaluateConfig, section
+from compress.spec.recipe import EvaluateConfig, as_config
 from compress.spec.tasks import get_task
 
 # Seconds each turn of a paired latency round warms its model first: long enough for the
@@ -40,7 +40,7 @@ def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None =
     Example:
         >>> paired_latency_ratio((model, x), (quantized, x))["interval"]
     """
-    config = section("evaluate", config or {})
+    config = as_config("evaluate", config or {})
     calls = max(10, config.iterations // config.latency_rounds)
     ratios = []
     for round_ in range(config.latency_rounds):

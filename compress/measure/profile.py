@@ -352,7 +352,9 @@ def _peak(peaks: dict, model: nn.Module) -> float:
     return peaks["int8_gops"] if int8 else peaks["fp32_gflops"]
 
 
-def summary(model: nn.Module, example: torch.Tensor, gflops_per_s: float, threads: int) -> dict:
+def profile_summary(
+    model: nn.Module, example: torch.Tensor, gflops_per_s: float, threads: int
+) -> dict:
     """What every report shows: the whole model's achieved GFLOP/s (from the evaluator's
     p50) as a share of the measured peak, and for eager models the costliest layers."""
     if traits(model).compiled:  # no per-layer timing of the kernels that run

@@ -14,7 +14,7 @@ from compress.core.errors import ArtifactError, ModelError
 from compress.core.storage import memory_cap, model_bytes, read_tensors
 from compress.models.artifact import MANIFEST, load
 from compress.spec.architectures import model_from_spec
-from compress.spec.recipe import ModelConfig, section
+from compress.spec.recipe import ModelConfig, as_config
 
 
 def build_model(
@@ -35,7 +35,7 @@ def build_model(
         >>> model = build_model("resnet18", data=data)
         >>> model = build_model(ModelConfig(name="resnet18"), num_classes=10, in_channels=1)
     """
-    config = section("model", config)
+    config = as_config("model", config)
     if data is not None:
         num_classes, in_channels = data.num_classes, data.input_shape[0]
     num_classes = 1000 if num_classes is None else num_classes

@@ -18,7 +18,7 @@ from compress.measure.evaluate import describe_drop, evaluate, metric_drop
 from compress.measure.evaluation import Evaluation
 from compress.measure.scores import example_scores
 from compress.run.report import Report
-from compress.spec.recipe import Recipe, section
+from compress.spec.recipe import Recipe, as_config
 from compress.spec.tasks import get_task
 from compress.training.train import train
 
@@ -46,7 +46,7 @@ def compute_matched_control(
     steps = 0
     for evaluation in report.evaluations[1:]:
         for training in evaluation.training:
-            config = section("train", training["config"])
+            config = as_config("train", training["config"])
             # The same settings and schedule, stopped at the same step count.
             config = dataclasses.replace(config, epochs=0, max_steps=training["steps"])
             log.info(

@@ -394,12 +394,12 @@ def _parse_stage(item: Any, path: str) -> Stage:
     return Stage(kind, parse_config(spec.config, options, f"{path}.{kind}"))
 
 
-def section(name: str, value: Any) -> Any:
+def as_config(name: str, value: Any) -> Any:
     """One top-level section (``model``, ``data``, ``train``, ``evaluate``) as its config:
     a config is returned as is, a mapping (or a model name) is validated like a recipe's.
 
     Example:
-        >>> section("train", {"epochs": 1}).epochs
+        >>> as_config("train", {"epochs": 1}).epochs
         1
     """
     config = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}.get(name)

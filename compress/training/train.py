@@ -27,7 +27,7 @@ from compress.core.registry import StageContext
 from compress.core.storage import write_atomic
 from compress.data import Data
 from compress.measure.scores import metrics
-from compress.spec.recipe import TrainConfig, section
+from compress.spec.recipe import TrainConfig, as_config
 from compress.spec.tasks import Task, get_task
 from compress.training.augment import augment
 from compress.training.checkpoint import cpu_state, resume, save_checkpoint
@@ -74,7 +74,7 @@ def train(
     Example:
         >>> model = train(model, data, TrainConfig(epochs=1), seed=0)
     """
-    phase: TrainConfig | None = section("train", config)
+    phase: TrainConfig | None = as_config("train", config)
     context = context or StageContext()
     seed = context.seed if seed is None else seed
     device = context.device if device is None else device

@@ -58,10 +58,10 @@ from compress.run.search._files import _best_so_far, _describe, _on_test, _write
 from compress.run.search._grid import (
     FORMATS,
     KEEP,
+    _cost,
     _fit_cost_model,
     _grid,
     _mark_predicted,
-    _measured,
     _next_smaller,
     _plain_recipe,
     _runtimes,
@@ -221,7 +221,7 @@ class _Search:
     def plan(self) -> None:
         data, recipe = self.data, self.recipe
         self.base_rows = example_scores(self.baseline, data, "cpu", "calibration", shard=False)
-        self.base_cost = _measured(self.baseline, data, recipe, self.runtimes)
+        self.base_cost = _cost(self.baseline, data, recipe, self.runtimes)
         self.target = target = _target(self.config, self.base_cost)
         log.info("search: target %s %.4g %s", target["metric"], target["value"], target["unit"])
         self.progress.update()
@@ -251,7 +251,7 @@ class _Search:
             model, data, {**self.templates, "distill": distill}, candidate["format"], self.context
         )
         rows = example_scores(model, data, "cpu", "calibration", shard=False)
-        cost = _measured(model, data, self.recipe, self.runtimes)
+        cost = _cost(model, data, self.recipe, self.runtimes)
         candidate.update(
             trained=True,
             distill_train=distill["train"],

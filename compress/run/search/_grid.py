@@ -98,7 +98,7 @@ def _trained(model, data, templates, fmt, context) -> nn.Module:
     return model
 
 
-def _measured(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str]) -> dict:
+def _cost(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str]) -> dict:
     """p50 in the fastest of ``runtimes`` (and which), and the size on disk: the shared
     evaluator's figures, without the accuracy (the search scores the calibration split)."""
     config = dataclasses.replace(recipe.evaluate, accuracy=False, profile=False, runtimes=runtimes)
@@ -151,7 +151,7 @@ def _fit_cost_model(
             model = models[c["keep"], fmt]
             if fmt == "int8_static":
                 model = _stage("quantize", model, data, templates["quantize"], context())
-            c["probe"] = _measured(model, data, recipe, runtimes)
+            c["probe"] = _cost(model, data, recipe, runtimes)
         measured = [c for c in mine if "probe" in c]
         latency = _segments(
             [c["macs"] for c in measured], [c["probe"]["latency_ms"] for c in measured]

@@ -90,7 +90,7 @@ format: setup
 	$(PY) -m ruff format compress tests scripts
 
 docs: setup  # docs/recipes.md from the configs (tests/test_docs.py fails when it is stale)
-	$(PY) -m compress.run.docs
+	$(PY) -m compress.workflow.docs
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

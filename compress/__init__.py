@@ -26,9 +26,6 @@ from compress.measure.evaluate import evaluate  # noqa: E402
 from compress.measure.evaluation import Evaluation  # noqa: E402
 from compress.models.artifact import load, save  # noqa: E402
 from compress.models.build import build_model  # noqa: E402
-from compress.run.pipeline import run  # noqa: E402
-from compress.run.report import Report  # noqa: E402
-from compress.run.search import SearchConfig, SearchResult, search  # noqa: E402
 from compress.spec.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from compress.spec.tasks import TASKS, Custom, Task, register_task  # noqa: E402
 from compress.stages.distill import distill  # noqa: E402
@@ -37,6 +34,9 @@ from compress.stages.prune import prune  # noqa: E402
 from compress.stages.quantize import quantize, sensitivity  # noqa: E402
 from compress.stages.share import share  # noqa: E402
 from compress.training.train import train  # noqa: E402
+from compress.workflow.pipeline import run  # noqa: E402
+from compress.workflow.report import Report  # noqa: E402
+from compress.workflow.search import SearchConfig, SearchResult, search  # noqa: E402
 
 __all__ = [
     "STAGES",

@@ -1,5 +1,5 @@
 import sys
 
-from compress.run.cli import main
+from compress.workflow.cli import main
 
 sys.exit(main())

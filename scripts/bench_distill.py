@@ -25,8 +25,8 @@ import compress
 from compress.core.stats import paired_drop
 from compress.measure.counts import count_flops
 from compress.measure.scores import example_scores
-from compress.run.baseline import baseline_model
 from compress.spec.recipe import TrainConfig
+from compress.workflow.baseline import baseline_model
 
 STUDENT_GAIN = 0.5  # points over the scratch student (issue 5)
 

@@ -7,7 +7,7 @@ seconds it took and the process's peak resident memory.
     python scripts/bench_graph_load.py --zoo resnet18 swin_t maxvit_t [--image-size 224]
 
 ``--zoo`` instead counts what real networks hold, the ground of the ceiling
-(compress/models/artifact.py): each torchvision classifier exported as compress stores it, its
+(compress/models/artifact/graph.py): each torchvision classifier exported as compress stores it, its
 graph's nodes and tensors.
 """
 

@@ -116,8 +116,8 @@ def _rounds(contenders: dict, batch: torch.Tensor, args) -> dict[str, list[float
 def _bench_run(args, threads: int) -> None:
     """A finished run's final model against the peers' INT8 of its own baseline."""
     from compress.models.artifact import load
-    from compress.run.baseline import baseline_model
     from compress.spec.recipe import load_recipe
+    from compress.workflow.baseline import baseline_model
 
     recipe = load_recipe(args.run / "recipe.yaml")
     data = build_data(recipe.data, seed=recipe.seed)

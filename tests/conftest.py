@@ -9,10 +9,10 @@ import torch
 
 from compress.data import build_data
 from compress.models.build import build_model
-from compress.run.cli import main
 from compress.spec.recipe import DataConfig, ModelConfig, TrainConfig
 from compress.stages.quantize._pt2e import CPP_WRAPPER_VARIABLE
 from compress.training.train import train
+from compress.workflow.cli import main
 
 
 def run_cli(*args: str, process: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:

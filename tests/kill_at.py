@@ -20,7 +20,7 @@ import sys
 import traceback
 
 from compress.models import artifact
-from compress.run import cli, pipeline, report
+from compress.workflow import cli, pipeline, report
 
 loop = importlib.import_module(
     "compress.training.train"

@@ -21,7 +21,7 @@ LAYERS = [
     {"data", "models"},  # datasets; models built, stored and read back as data
     {"measure", "training"},  # the evaluator, profile and runtimes; the training loop
     {"stages"},  # one module (or package) per stage
-    {"run"},  # pipeline, search, reports, docs, CLI
+    {"workflow"},  # pipeline, search, reports, docs, CLI
     {"__init__", "__main__"},  # the public API and `python -m compress`
 ]
 # Packages compress runs without; imported where they are used, so that a missing one
@@ -145,11 +145,11 @@ def test_starting_the_command_line_imports_no_deferred_module():
     """`python -m compress --help`, a prune run or `compare` never pay for torchao or scipy:
     a module-level import of either (or of the INT8 modules) anywhere under compress.cli
     would show here."""
-    code = "import sys, compress.run.cli; print(*sorted(sys.modules), sep='\\n')"
+    code = "import sys, compress.workflow.cli; print(*sorted(sys.modules), sep='\\n')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = set(done.stdout.split())
-    assert "compress.stages.quantize" in loaded and "compress.run.pipeline" in loaded
+    assert "compress.stages.quantize" in loaded and "compress.workflow.pipeline" in loaded
     assert not {m for m in loaded if _deferred(m)}
 
 
@@ -211,3 +211,12 @@ def test_modules_and_functions_stay_small_enough_to_read():
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
         ]
     assert not too_long, "\n".join(too_long)
+
+
+def test_no_public_name_hides_a_folder():
+    """``compress.run`` (the function) would hide a ``compress/run/`` package: importing
+    ``compress.run.x`` as a dotted path would then fail."""
+    import compress
+
+    hidden = [name for name in compress.__all__ if (PACKAGE / name).is_dir()]
+    assert not hidden, hidden

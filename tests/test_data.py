@@ -94,8 +94,8 @@ def test_a_new_dataset_is_one_module(tmp_path, monkeypatch, capsys):
     """A module that registers a dataset makes it a recipe's data.name: checked before any
     file is read (channels, calibration size), split by build_data, named by `compress list`."""
     from compress.core.registry import DATASETS
-    from compress.run.cli import main
     from compress.spec.recipe import parse_recipe
+    from compress.workflow.cli import main
 
     (tmp_path / "stripes_data.py").write_text(
         "import torch\n"

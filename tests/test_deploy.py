@@ -18,9 +18,9 @@ from compress.measure.deploy import ExportError, OnnxRuntimeModel, OpenVinoModel
 from compress.measure.evaluate import EvaluateConfig, evaluate
 from compress.models.artifact import save
 from compress.models.build import build_model
-from compress.run.pipeline import run as compress_run
 from compress.spec.recipe import ModelConfig, parse_recipe, parse_stage_options
 from compress.stages.quantize import quantize
+from compress.workflow.pipeline import run as compress_run
 from tests.conftest import run_cli
 from tests.test_stages import QUICK
 

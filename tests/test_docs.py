@@ -2,15 +2,15 @@
 
 from pathlib import Path
 
-from compress.run import docs
 from compress.stages.quantize import QuantizeConfig
+from compress.workflow import docs
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_recipe_reference_is_generated_from_the_code():
     assert docs.DOCS.read_text() == docs.recipes_markdown(), (
-        "docs/recipes.md is stale: run `python -m compress.run.docs` (make docs)"
+        "docs/recipes.md is stale: run `python -m compress.workflow.docs` (make docs)"
     )
 
 

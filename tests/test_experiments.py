@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import compress
-from compress.run.plots import pareto_front
-from compress.run.summary import SUMMARY_COLUMNS
+from compress.workflow.plots import pareto_front
+from compress.workflow.summary import SUMMARY_COLUMNS
 from tests.conftest import run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -18,8 +18,8 @@ from compress.core.errors import DataError
 from compress.data import build_data
 from compress.models.artifact import ArtifactError, load, save
 from compress.models.build import ModelError, build_model
-from compress.run import cli
 from compress.spec.recipe import DataConfig, ModelConfig, RecipeError, load_recipe
+from compress.workflow import cli
 from tests import hostile
 from tests.conftest import run_cli
 
@@ -169,6 +169,7 @@ def test_a_graph_does_only_the_work_its_tensors_imply(graph_folder, tmp_path, mo
 
     monkeypatch.setattr(torch.fx.Graph, "create_node", built)
     monkeypatch.setattr("compress.models.artifact.graph.read_tensors", built)
+    monkeypatch.setattr("compress.models.artifact.manifest.read_tensors", built)
     cli_refused(
         "eval", str(recipe), "--model", str(graph_folder), match="300006 nodes, more than the"
     )
@@ -453,7 +454,7 @@ def test_generated_recipes_validate_or_name_a_key(examples):
 def test_two_runs_never_share_a_folder(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from compress.run.rundir import RunDirError, make_run_dir
+    from compress.workflow.rundir import RunDirError, make_run_dir
 
     def claim(out):
         try:
@@ -503,8 +504,8 @@ def test_checkpoint_file_bounds_its_size(tmp_path):
 
 
 def test_resume_loads_nothing_that_runs_code(tmp_path, marker, spec_folder):
-    from compress.run.pipeline import RunDirError, run
     from compress.spec.recipe import parse_recipe
+    from compress.workflow.pipeline import RunDirError, run
 
     recipe = parse_recipe(
         {

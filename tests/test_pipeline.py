@@ -16,10 +16,10 @@ from compress.measure.scores import metrics
 from compress.models import artifact
 from compress.models.artifact import load
 from compress.models.build import build_model
-from compress.run import baseline as baselines
-from compress.run.pipeline import _check_targets
-from compress.run.report import Report
 from compress.spec.recipe import load_recipe, parse_recipe
+from compress.workflow import baseline as baselines
+from compress.workflow.pipeline import _check_targets
+from compress.workflow.report import Report
 from tests.conftest import run_cli
 from tests.test_evaluate import CONFIG, _labelled_data, _Oracle
 
@@ -299,7 +299,7 @@ def test_resume_refuses_another_recipe_or_a_finished_run(tmp_path):
 
 def test_a_default_run_folder_is_never_reused(tmp_path, monkeypatch):
     """Two runs in the same second get two folders: the second takes a suffix."""
-    from compress.run.rundir import make_run_dir
+    from compress.workflow.rundir import make_run_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("time.strftime", lambda *_: "20261130-120000")

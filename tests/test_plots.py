@@ -2,7 +2,7 @@
 
 import builtins
 
-from compress.run import plots
+from compress.workflow import plots
 
 
 def test_without_matplotlib_a_chart_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):

@@ -358,7 +358,7 @@ def test_sync_batchnorm_in_the_train_section_holds_for_every_training_of_the_run
 def test_a_run_from_before_a_new_option_still_resumes():
     """A run's recipe.yaml written before an option existed lacks its key: at its off
     default it is no difference (`train.sync_batchnorm` came after runs that resume)."""
-    from compress.run.rundir import _differences
+    from compress.workflow.rundir import _differences
 
     now = {"train": {"epochs": 2, "sync_batchnorm": False}}
     assert _differences({"train": {"epochs": 2}}, now) == []

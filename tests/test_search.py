@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import compress
-from compress.run.search._grid import _mark_predicted, _next_smaller, _segments, _to_train
+from compress.workflow.search._grid import _mark_predicted, _next_smaller, _segments, _to_train
 from tests.conftest import run_cli
 
 TINY = (
@@ -176,7 +176,7 @@ def test_search_refuses_a_used_out_folder_before_searching(recipe, tmp_path):
 
 
 def test_the_search_keeps_the_recipes_stage_options_and_makes_the_pruned_model_the_student():
-    from compress.run.search._grid import _templates
+    from compress.workflow.search._grid import _templates
 
     full = _templates(compress.load_recipe("recipes/resnet_full.yaml"))
     assert full["prune"]["importance"] == "l1" and full["prune"]["round_to"] == 8
@@ -216,8 +216,8 @@ def test_a_latency_prediction_just_over_the_target_is_trained_first_but_macs_are
 def test_a_relative_latency_target_is_judged_on_the_test_run_by_the_paired_ratio():
     from types import SimpleNamespace
 
-    from compress.run.search import SearchConfig
-    from compress.run.search._files import _on_test
+    from compress.workflow.search import SearchConfig
+    from compress.workflow.search._files import _on_test
 
     drop = {"points": 0.2, "interval": [-0.1, 0.5]}
     final = SimpleNamespace(latency_ratio={"p50": 0.28}, drop=drop)

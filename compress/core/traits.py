@@ -1,7 +1,7 @@
 """What a model tells the rest of compress about itself: the one protocol between the
 stages, which set these attributes on the model they return, and the evaluator, report,
 exporters and artifact, which read them through :func:`traits` (or, for saving,
-:mod:`compress.artifact`). A plain ``nn.Module`` has none of them and gets the defaults.
+:mod:`compress.models.artifact`). A plain ``nn.Module`` has none of them and gets the defaults.
 
 ==================  =========================================================  ==============
 attribute           meaning                                                    default

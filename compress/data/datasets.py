@@ -43,7 +43,7 @@ class Data:
     num_classes: int
     input_shape: tuple[int, int, int]  # channels, height, width of one image
     config: DataConfig = field(default_factory=DataConfig)
-    # What a batch's targets are and how models are scored (compress.tasks): a name or a
+    # What a batch's targets are and how models are scored (compress.spec.tasks): a name or a
     # Task, such as Custom(loss=..., metric=...).
     task: str | Task = "classification"
 

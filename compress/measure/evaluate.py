@@ -2,7 +2,7 @@
 
 Figures: parameters (total, non-zero), artifact size on disk, FLOPs/MACs
 (``torch.utils.flop_counter``), memory-access bytes, latency percentiles, throughput,
-achieved GFLOP/s, the task's metric (compress.tasks: top-1 for classification, mIoU for
+achieved GFLOP/s, the task's metric (compress.spec.tasks: top-1 for classification, mIoU for
 segmentation, the user's own) and its paired drop against a baseline.
 
 A compressed model tells the evaluator about itself (its notes, the reference module to
@@ -270,7 +270,7 @@ def metric_drop(result: Evaluation, reference: Evaluation, task: Task | None = N
     """Points of the task's metric ``result`` loses against ``reference`` (negative: a
     gain), paired example by example where both kept their rows, with its 95 % interval:
     exact McNemar for classification (with the images lost and gained), a seeded paired
-    bootstrap otherwise (compress.tasks).
+    bootstrap otherwise (compress.spec.tasks).
 
     Example:
         >>> metric_drop(quantized, baseline)["interval"]

@@ -32,7 +32,7 @@ class Evaluation:
     # The task's metric on the test split (`metric` names it: top-1 % for classification,
     # mIoU % for segmentation); `metrics` holds it and the task's other figures.
     score: float | None
-    # Against the baseline, paired example by example (compress.tasks, Task.drop): points
+    # Against the baseline, paired example by example (compress.spec.tasks, Task.drop): points
     # of the metric (positive: worse), percent, its 95 % interval, within_noise; exact
     # McNemar with images lost and gained and p_value for classification, a seeded paired
     # bootstrap (examples, resamples) for the other tasks.
@@ -46,7 +46,7 @@ class Evaluation:
     # runtime -> {latency_ms, score, drop_points, max_abs_diff (logits vs
     # torch), precision, file, size_bytes}; "torch" is the model as model(x) runs it.
     runtimes: dict[str, dict] = field(default_factory=dict)
-    # The task's per-example rows on the test split, in its order (compress.stats.pack_rows):
+    # The task's per-example rows on the test split, in its order (compress.core.stats.pack_rows):
     # what pairs this model's drop with another's.
     examples: dict | None = None
     # p50 against the baseline's, from alternating rounds in each one's fastest runtime:

@@ -31,7 +31,7 @@ def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None =
     Each is a ``(callable, batch)`` pair. Every round times both, in turn (the order
     alternates from round to round, so a slow drift of the machine weighs on both alike),
     and takes the ratio of their medians; the result is the median round ratio and a
-    distribution-free interval for it (compress.stats.median_interval). Each turn first
+    distribution-free interval for it (compress.core.stats.median_interval). Each turn first
     warms its model for ROUND_WARMUP_S: another runtime's threads keep the cores busy for
     tens of milliseconds after its last call (ONNX Runtime's spin), which made whichever
     model came second look slower (measured: ORT FP32 against OpenVINO FP32 read 0.74x in

@@ -35,7 +35,7 @@ def example_scores(
 ) -> np.ndarray:
     """The task's row for each example of ``split`` (in the split's order; for
     classification: top-1 hit, top-5 hit, 1): what a paired comparison of two models needs
-    (compress.tasks).
+    (compress.spec.tasks).
 
     Example:
         >>> rows = example_scores(model, data)

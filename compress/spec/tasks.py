@@ -143,7 +143,7 @@ class Task:
 
     def drop(self, baseline: np.ndarray, model: np.ndarray, seed: int = 0) -> dict:
         """How much worse ``model`` is than ``baseline`` in points of the metric, paired
-        example by example, with its 95 % interval (compress.stats.paired_bootstrap)."""
+        example by example, with its 95 % interval (compress.core.stats.paired_bootstrap)."""
         drop = stats.paired_bootstrap(baseline, model, self._headline, self.higher_is_better, seed)
         return dict(drop, method=self.interval_method)
 
@@ -194,7 +194,7 @@ class Classification(Task):
         return 100.0 * totals[:, 0] / np.maximum(totals[:, 2], 1)
 
     def drop(self, baseline, model, seed=0):
-        """Exact McNemar on the images whose top-1 verdict flipped (compress.stats)."""
+        """Exact McNemar on the images whose top-1 verdict flipped (compress.core.stats)."""
         return stats.paired_drop(
             np.asarray(baseline)[:, 0].astype(bool), np.asarray(model)[:, 0].astype(bool)
         )

@@ -5,7 +5,7 @@ through intermediate layers too: hint losses with 1x1 adapters (FitNets, Romero 
 The student is the model from the previous stage (a pruned model, say), or a fresh model
 the recipe names; the teacher is the run's baseline unless the recipe names one. Training
 goes through the shared loop with the losses below; the output distillation loss is the
-task's (compress.tasks: KL over classes, per image or per pixel).
+task's (compress.spec.tasks: KL over classes, per image or per pixel).
 """
 
 from __future__ import annotations

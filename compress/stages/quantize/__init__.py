@@ -46,7 +46,7 @@ __all__ = [
 # torchao's PT2E flow and x86 quantizer take ~3 s to import (they import dynamo and
 # inductor): the INT8 modules load when an INT8 model is made or loaded, so that a command
 # that never touches one (`--help`, a prune or distill run, `compare`) starts in half the
-# time (importing compress.cli: 5.0 s instead of 10.3 s on 2 cores).
+# time (importing compress.workflow.cli: 5.0 s instead of 10.3 s on 2 cores).
 def __getattr__(name: str):
     if name == "QuantizedModel":
         from compress.stages.quantize._pt2e import QuantizedModel

@@ -21,7 +21,29 @@ from compress.measure.evaluate import evaluate
 from compress.spec.recipe import Recipe, TrainConfig, parse_recipe
 
 if TYPE_CHECKING:  # the package's own config; annotations only
-    from compress.run.search import SearchConfig
+    from compress.workflow.search import SearchConfig
+
+FORMATS = ("int8_static", "float")
+
+
+# MACs fractions tried, from unpruned to a twentieth: about 20 % apart, 10 % between 0.3
+# and 0.1, where a 0.3x latency target lands on small inputs. Pruning with round_to makes
+# the reachable MACs a staircase (ResNet-18, round_to 8: 0.2, 0.16, 0.148, 0.105), and a
+# 20 % grid stepped over 0.148. A keep costs a prune (seconds), not a training.
+KEEP = (1.0, 0.8, 0.65, 0.5, 0.4, 0.32, 0.28, 0.25, 0.22, 0.2, 0.18, 0.16, 0.15, 0.14, 0.13)
+KEEP += (0.12, 0.11, 0.1, 0.08, 0.06, 0.05)
+
+
+# Candidates timed per format for the latency model: an export and a timing each.
+PROBES = 4
+
+
+# A latency prediction up to this fraction over the target is trained first (see _slack).
+LATENCY_SLACK = 0.15
+
+
+# The fine-tune when the recipe has no distill stage: KD, a short 4 epochs (step 4 stretches it).
+DISTILL_TRAINING = {"epochs": 4, "lr": 0.02, "schedule": "cosine"}
 
 
 def _templates(recipe: Recipe) -> dict[str, dict]:
@@ -285,25 +307,3 @@ def _plain_recipe(recipe: Recipe, chosen: dict, templates: dict) -> Recipe:
     plain = recipe.to_dict()
     plain.update(name=f"{recipe.name}-searched", stages=stages)
     return parse_recipe(json.loads(json.dumps(plain)), "<search>")
-
-
-FORMATS = ("int8_static", "float")
-
-
-# MACs fractions tried, from unpruned to a twentieth: about 20 % apart, 10 % between 0.3
-# and 0.1, where a 0.3x latency target lands on small inputs. Pruning with round_to makes
-# the reachable MACs a staircase (ResNet-18, round_to 8: 0.2, 0.16, 0.148, 0.105), and a
-# 20 % grid stepped over 0.148. A keep costs a prune (seconds), not a training.
-KEEP = (1.0, 0.8, 0.65, 0.5, 0.4, 0.32, 0.28, 0.25, 0.22, 0.2, 0.18, 0.16, 0.15, 0.14, 0.13)
-
-
-# Candidates timed per format for the latency model: an export and a timing each.
-PROBES = 4
-
-
-# A latency prediction up to this fraction over the target is trained first (see _slack).
-LATENCY_SLACK = 0.15
-
-
-# The fine-tune when the recipe has no distill stage: KD, a short 4 epochs (step 4 stretches it).
-DISTILL_TRAINING = {"epochs": 4, "lr": 0.02, "schedule": "cosine"}

@@ -32,18 +32,18 @@ from compress.measure.evaluate import evaluate
 from compress.measure.machine import environment
 from compress.measure.profile import profile_model
 from compress.models.artifact import MANIFEST, load, read_manifest
-from compress.run.baseline import baseline_model
-from compress.run.pipeline import resolve_device, run
-from compress.run.plots import sensitivity_chart
-from compress.run.report import Report, profile_markdown, write_profile
-from compress.run.rundir import make_run_dir, recipe_imports
-from compress.run.search import search
-from compress.run.summary import summarize, write_summary
-from compress.run.tables import markdown_table
 from compress.spec.architectures import torchvision_models
 from compress.spec.recipe import load_recipe
 from compress.spec.tasks import TASKS
 from compress.stages.quantize import QuantizeConfig, sensitivity
+from compress.workflow.baseline import baseline_model
+from compress.workflow.pipeline import resolve_device, run
+from compress.workflow.plots import sensitivity_chart
+from compress.workflow.report import Report, profile_markdown, write_profile
+from compress.workflow.rundir import make_run_dir, recipe_imports
+from compress.workflow.search import search
+from compress.workflow.summary import summarize, write_summary
+from compress.workflow.tables import markdown_table
 
 TRUST_HELP = (
     "load a model folder whose spec names Python code ('package.module:factory') and run"

@@ -29,11 +29,11 @@ from compress.measure.evaluate import (
 )
 from compress.measure.machine import environment
 from compress.models import artifact
-from compress.run.baseline import baseline_description, baseline_model
-from compress.run.control import compute_matched_control
-from compress.run.report import Report
-from compress.run.rundir import load_own, log_to, make_run_dir, read_record, resumable_run_dir
 from compress.spec.recipe import Recipe, load_recipe
+from compress.workflow.baseline import baseline_description, baseline_model
+from compress.workflow.control import compute_matched_control
+from compress.workflow.report import Report
+from compress.workflow.rundir import load_own, log_to, make_run_dir, read_record, resumable_run_dir
 
 log = logging.getLogger("compress")
 

@@ -21,10 +21,10 @@ from compress.core.paths import cache_dir, references_dir
 from compress.data import Data
 from compress.models import artifact
 from compress.models.build import build_model
-from compress.run.rundir import load_own
 from compress.spec.recipe import Recipe, TrainConfig
 from compress.training.schedule import cooldown_config
 from compress.training.train import train
+from compress.workflow.rundir import load_own
 
 log = logging.getLogger("compress")
 

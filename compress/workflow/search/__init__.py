@@ -50,12 +50,14 @@ from compress.core.registry import StageContext
 from compress.core.schema import Config, FieldError, coerce, option
 from compress.data import build_data
 from compress.measure.scores import example_scores
-from compress.run.baseline import baseline_model
-from compress.run.pipeline import resolve_device, run
-from compress.run.report import Report
-from compress.run.rundir import refuse_used_out
-from compress.run.search._files import _best_so_far, _describe, _on_test, _write
-from compress.run.search._grid import (
+from compress.spec.recipe import Recipe, load_recipe
+from compress.spec.tasks import get_task
+from compress.workflow.baseline import baseline_model
+from compress.workflow.pipeline import resolve_device, run
+from compress.workflow.report import Report
+from compress.workflow.rundir import refuse_used_out
+from compress.workflow.search._files import _best_so_far, _describe, _on_test, _write
+from compress.workflow.search._grid import (
     FORMATS,
     KEEP,
     _cost,
@@ -74,12 +76,9 @@ from compress.run.search._grid import (
     _trained,
     _value,
 )
-from compress.spec.recipe import Recipe, load_recipe
-from compress.spec.tasks import get_task
 
 log = logging.getLogger("compress")
 
-KEEP += (0.12, 0.11, 0.1, 0.08, 0.06, 0.05)
 TARGETS = (
     "target_latency_ms",
     "target_latency_x",
@@ -328,12 +327,6 @@ class _Search:
         _write(result, config, base_score, self.base_cost, time.monotonic() - self.started)
         (log.info if met else log.warning)("search: %s", result.summary)
         return result
-
-
-# ------------------------------------------------------------------------------ pieces
-
-
-__all__ = ["SearchConfig", "SearchResult", "search"]
 
 
 __all__ = ["SearchConfig", "SearchResult", "search"]

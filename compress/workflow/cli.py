@@ -15,7 +15,7 @@ from compress.core.errors import UsageError
 from compress.measure.deploy import (
     RUNTIMES,
 )
-from compress.run.commands import COMMANDS, TRUST_HELP
+from compress.workflow.commands import COMMANDS, TRUST_HELP
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,9 +9,9 @@ from pathlib import Path
 from compress.core.errors import ReportError
 from compress.core.storage import write_atomic
 from compress.measure.evaluation import Evaluation
-from compress.run.plots import chain_chart, roofline_chart
-from compress.run.tables import cell, count, flips, interval, markdown_table, num, ratio
 from compress.spec.tasks import TASKS, get_task
+from compress.workflow.plots import chain_chart, roofline_chart
+from compress.workflow.tables import cell, count, flips, interval, markdown_table, num, ratio
 
 
 @dataclass

@@ -10,11 +10,11 @@ import math
 from typing import TYPE_CHECKING
 
 from compress.core.storage import write_atomic
-from compress.run.report import Report
-from compress.run.search._grid import _value
+from compress.workflow.report import Report
+from compress.workflow.search._grid import _value
 
 if TYPE_CHECKING:  # the package's own types; annotations only
-    from compress.run.search import SearchConfig, SearchResult
+    from compress.workflow.search import SearchConfig, SearchResult
 
 
 def _best_so_far(candidates: list[dict]) -> str:

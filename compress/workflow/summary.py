@@ -9,9 +9,9 @@ import io
 from pathlib import Path
 
 from compress.core.storage import write_atomic
-from compress.run.plots import pareto_chart
-from compress.run.report import Report
-from compress.run.tables import flips, interval, markdown_table, num
+from compress.workflow.plots import pareto_chart
+from compress.workflow.report import Report
+from compress.workflow.tables import flips, interval, markdown_table, num
 
 # Columns of results/summary.{md,csv}: one row per run, ratios against that run's baseline.
 SUMMARY_COLUMNS = [

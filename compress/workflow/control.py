@@ -17,10 +17,10 @@ from compress.data import Data
 from compress.measure.evaluate import describe_drop, evaluate, metric_drop
 from compress.measure.evaluation import Evaluation
 from compress.measure.scores import example_scores
-from compress.run.report import Report
 from compress.spec.recipe import Recipe, as_config
 from compress.spec.tasks import get_task
 from compress.training.train import train
+from compress.workflow.report import Report
 
 log = logging.getLogger("compress")
 

@@ -36,14 +36,13 @@ from compress.measure.onnx_rewrite import (
     dynamic_quantization_translations,
     quantize_biases,
 )
+from compress.models.artifact import MAX_BATCH  # exported graphs take the batches saved ones do
 
 # Where the evaluator can measure a model. ``torch``: the model as ``model(x)`` runs it
 # (eager for float models; INT8 models compile themselves); ``inductor``: a float model
 # through torch.compile with freezing, PyTorch's own best deployment on a CPU.
 RUNTIMES = ("torch", "inductor", "onnxruntime", "openvino")
 FORMATS = {"onnx": ".onnx", "openvino": ".xml"}
-# Exported graphs take batches of 1..MAX_BATCH (the same bound as compress's INT8 graphs).
-MAX_BATCH = 4096
 _RUNTIME_PACKAGES = {
     "onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
     "openvino": ("onnx", "onnxscript", "openvino"),

@@ -84,6 +84,7 @@ experiments: setup
 lint: setup
 	$(PY) -m ruff check compress tests scripts
 	$(PY) -m ruff format --check compress tests scripts
+	$(PY) -m mypy  # the files pyproject.toml's [tool.mypy] names
 
 format: setup
 	$(PY) -m ruff check --fix compress tests scripts
@@ -93,5 +94,5 @@ docs: setup  # docs/recipes.md from the configs (tests/test_docs.py fails when i
 	$(PY) -m compress.workflow.docs
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -498,3 +498,14 @@ def test_the_shipped_reference_is_every_resnet_recipes_baseline_and_scores_its_r
     top1 = metrics(model, build_data(resnets[0].data))["top-1"]
     assert top1 == pytest.approx(record["test_top1"], abs=0.005)
     assert top1 >= 93.5  # issue 14: a converged reference
+
+
+# Scores LR-ASPP on the 2,000 test scenes (64x64): a few seconds, so not marked slow.
+def test_the_shipped_segmenter_is_every_seg_recipes_baseline_and_scores_its_record():
+    """Both segmentation recipes rest on one shipped reference, and its weights still score
+    the test mIoU that references.json (and so README and docs) quote."""
+    recipes = [load_recipe(path) for path in sorted(Path("recipes").glob("seg_*.yaml"))]
+    assert len(recipes) >= 2 and all(r.data.name == "fashion_mnist_scenes" for r in recipes)
+    model, record = _shipped_reference(recipes)
+    miou = metrics(model, build_data(recipes[0].data))["mIoU"]
+    assert miou == pytest.approx(record["test_miou"], abs=0.005)

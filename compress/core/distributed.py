@@ -56,7 +56,9 @@ def is_main() -> bool:
 
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def local_world_size() -> int:
@@ -131,7 +133,7 @@ def broadcast_buffers(module: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-class _SyncedBatchNorm:
+class _SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch: each rank's
     per-channel sums and counts added across ranks (one all-reduce a layer, its gradient
     too). torch's own SyncBatchNorm runs on GPUs only; this one on gloo as well."""
@@ -148,13 +150,19 @@ class _SyncedBatchNorm:
         mean = total / n
         variance = (square / n - mean * mean).clamp_min(0)  # biased, as BatchNorm divides by
         if self.track_running_stats:
+            tracked, running_mean, running_var = (
+                self.num_batches_tracked,
+                self.running_mean,
+                self.running_var,
+            )
+            assert tracked is not None and running_mean is not None and running_var is not None
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
+                tracked.add_(1)
                 momentum = self.momentum
                 if momentum is None:  # a cumulative average, as torch's
-                    momentum = 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(variance.detach() * n / (n - 1).clamp_min(1), momentum)
+                    momentum = 1.0 / float(tracked)
+                running_mean.lerp_(mean.detach(), momentum)
+                running_var.lerp_(variance.detach() * n / (n - 1).clamp_min(1), momentum)
         shape = (1, channels) + (1,) * (x.dim() - 2)
         y = (wide - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         if self.affine:
@@ -162,7 +170,7 @@ class _SyncedBatchNorm:
         return y.to(x.dtype)
 
 
-_SYNCED = {
+_SYNCED: dict[type[nn.Module], type[nn.Module]] = {
     base: type(f"Synced{base.__name__}", (_SyncedBatchNorm, base), {})
     for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 }

@@ -61,6 +61,7 @@ def option(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+@dataclasses.dataclass
 class Config:
     """Base of every typed config: checked when constructed.
 
@@ -76,8 +77,9 @@ class Config:
             for spec in dataclasses.fields(self):
                 value = coerce(hints[spec.name], getattr(self, spec.name), spec.name, spec.metadata)
                 object.__setattr__(self, spec.name, value)
-            if hasattr(self, "method"):
-                _check_method_options(self)
+            method = getattr(self, "method", None)
+            if method is not None:
+                _check_method_options(self, method)
             self.check()
         except FieldError as error:
             if error.owner is None:
@@ -102,10 +104,10 @@ def methods_of(config: type) -> tuple[str, ...]:
     return typing.get_args(typing.get_type_hints(config)["method"])
 
 
-def _check_method_options(config: Config) -> None:
+def _check_method_options(config: Config, method: str) -> None:
     """A Python-built config may not set an option its method does not read (a recipe gets
     the same rule for the keys it gives, in :func:`parse_config`)."""
-    used = method_options(type(config), config.method)
+    used = method_options(type(config), method)
     for spec in dataclasses.fields(config):
         if spec.name in used:
             continue
@@ -115,7 +117,7 @@ def _check_method_options(config: Config) -> None:
             else spec.default
         )
         if getattr(config, spec.name) != default:
-            raise FieldError(spec.name, _unused(spec.name, config.method, used))
+            raise FieldError(spec.name, _unused(spec.name, method, used))
 
 
 def _unused(key: str, method: str, used: set[str]) -> str:
@@ -182,7 +184,7 @@ def coerce(hint: Any, value: Any, path: str, limits: dict | Any = None) -> Any:
         if value not in args:
             raise FieldError(path, f"{value!r} is not a valid choice; {suggest(value, list(args))}")
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if isinstance(value, dict):
@@ -251,10 +253,10 @@ def _type_name(hint: Any) -> str:
 # libyaml's safe loader where PyYAML was built with it (its wheels are): it scans in linear
 # time, where the pure-Python scanner's time grows with the square of the nesting (5,000
 # nested brackets: 0.002 s against 1.3 s), and it caps nesting at 1,000 levels.
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _UniqueKeyLoader(_SAFE_LOADER):
+class _UniqueKeyLoader(_SAFE_LOADER):  # type: ignore[valid-type,misc]  # chosen at import
     """PyYAML's safe loader, refusing a mapping that gives a key twice (which PyYAML would
     silently resolve to the last value)."""
 

@@ -9,7 +9,9 @@ downloaded unless the recipe says ``download: true``.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch.utils.data import (
@@ -98,7 +100,7 @@ class Data:
         if shuffle:
             # With one process this is the order a seeded RandomSampler gives: randperm
             # seeded with seed + epoch.
-            sampler = DistributedSampler(
+            sampler: DistributedSampler[Any] = DistributedSampler(
                 dataset,
                 num_replicas=distributed.world_size(),
                 rank=distributed.rank(),
@@ -122,7 +124,7 @@ class Data:
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """A batch of real test images, for tracing, export and latency measurement."""
-        images = torch.stack([self.test[i][0] for i in range(min(batch_size, len(self.test)))])
+        images = torch.stack([self.test[i][0] for i in range(min(batch_size, _length(self.test)))])
         if images.shape[0] < batch_size:  # a tiny test split: repeat to the batch size asked
             images = images.repeat((batch_size + images.shape[0] - 1) // images.shape[0], 1, 1, 1)
         return images[:batch_size]
@@ -133,7 +135,7 @@ class _NoLoneBatch(BatchSampler):
     an epoch; a split of one image stays whole)."""
 
     def _lone(self) -> bool:
-        count = len(self.sampler)
+        count = len(cast(Sized, self.sampler))
         return count > 1 and count % self.batch_size == 1
 
     def __iter__(self):
@@ -154,18 +156,18 @@ def build_data(config: DataConfig | dict | None = None, seed: int = 0) -> Data:
         >>> len(data.test)
         10000
     """
-    config = as_config("data", config or {})
-    if ":" in config.name:
-        return _from_factory(config, seed)
-    spec = dataset_spec(config.name)
-    mean, std = config.mean or spec.mean or [0.0], config.std or spec.std or [1.0]
-    train, test, num_classes = spec.load(config, list(mean), list(std), seed)
-    train, calibration = _hold_out(train, config.calibration_size, seed)
-    train = _first(train, config.train_subset)
-    test = _first(test, config.test_subset)
+    settings: DataConfig = as_config("data", config or {})
+    if ":" in settings.name:
+        return _from_factory(settings, seed)
+    spec = dataset_spec(settings.name)
+    mean, std = settings.mean or spec.mean or [0.0], settings.std or spec.std or [1.0]
+    train, test, num_classes = spec.load(settings, list(mean), list(std), seed)
+    train, calibration = _hold_out(train, settings.calibration_size, seed)
+    train = _first(train, settings.train_subset)
+    test = _first(test, settings.test_subset)
     input_shape = tuple(test[0][0].shape)
-    task = dataset_task(config)
-    return Data(train, calibration, test, num_classes, input_shape, config, task)
+    task = dataset_task(settings)
+    return Data(train, calibration, test, num_classes, input_shape, settings, task)
 
 
 def dataset_task(config: DataConfig) -> str | Task:
@@ -203,19 +205,19 @@ def _from_factory(config: DataConfig, seed: int) -> Data:
 
 
 def _first(dataset: Dataset, count: int | None) -> Dataset:
-    if count is None or count >= len(dataset):
+    if count is None or count >= _length(dataset):
         return dataset
     return Subset(dataset, range(count))
 
 
 def _hold_out(train: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
     """Split a fixed, seeded calibration slice off the training set."""
-    if size >= len(train):
+    if size >= _length(train):
         raise DataError(
             f"data.calibration_size={size} leaves no training images "
-            f"(the training set has {len(train)}); lower it"
+            f"(the training set has {_length(train)}); lower it"
         )
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(_length(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(train, order[size:]), Subset(train, order[:size])
 
 
@@ -225,3 +227,8 @@ def normalised(images: torch.Tensor, mean: list[float], std: list[float]) -> tor
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, -1, 1, 1)
     return images.sub_(mean_t).div_(std_t)
+
+
+def _length(dataset: Dataset) -> int:
+    """A map-style dataset's size (torch's Dataset type does not declare ``__len__``)."""
+    return len(cast(Sized, dataset))

@@ -41,9 +41,9 @@ def fashion_mnist(config: DataConfig, mean: list[float], std: list[float], seed:
     folder = fashion_mnist_folder(config.root, config.download)
     splits = []
     for split in ("train", "test"):
-        images, labels = fashion_mnist_split(folder, split)
-        images = torch.from_numpy(images.copy()).unsqueeze(1)
-        labels = torch.from_numpy(labels.astype(np.int64))
+        pixels, classes = fashion_mnist_split(folder, split)
+        images = torch.from_numpy(pixels.copy()).unsqueeze(1)
+        labels = torch.from_numpy(classes.astype(np.int64))
         if config.image_size and config.image_size != images.shape[-1]:
             images = torch.nn.functional.interpolate(
                 images.float(), size=config.image_size, mode="bilinear", antialias=True
@@ -95,8 +95,10 @@ def fashion_mnist_scenes(
 
 def fashion_mnist_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The images (N, 28, 28) and labels (N,) of Fashion-MNIST's ``split`` as uint8 arrays."""
-    image_stem, label_stem = _FASHION_FILES[split]
-    return _read_idx(_find_idx(folder, image_stem)), _read_idx(_find_idx(folder, label_stem))
+    found = [_find_idx(folder, stem) for stem in _FASHION_FILES[split]]
+    if found[0] is None or found[1] is None:
+        raise DataError(f"{folder}: Fashion-MNIST's {split} files are not all there")
+    return _read_idx(found[0]), _read_idx(found[1])
 
 
 # Fashion-MNIST's training images are 47 MB; an idx file announcing more than this is not

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,8 @@ class VocSegmentation(Dataset):
 
     def __init__(self, root: str | Path, ids: list[str]):
         self.root, self.ids = Path(root), ids
-        self.transform = None  # set by the data module: (image, mask) -> (image, mask)
+        # Set by the data module: (image, mask) -> (image, mask).
+        self.transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -7,6 +7,7 @@ lets a model folder store weights without pickling code.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib
@@ -52,7 +53,7 @@ def model_from_spec(spec: dict) -> nn.Module:
         model = _from_import_path(name, spec)
     else:
         model = _from_torchvision(name, spec)
-    model.compress_spec = dict(spec)
+    model.compress_spec = dict(spec)  # type: ignore[assignment]  # torch types it Tensor | Module
     return model
 
 
@@ -165,21 +166,10 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                conv = nn.Conv2d(
-                    in_channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
-                    child.groups,
-                    child.bias is not None,
-                    child.padding_mode,
-                )
-                with torch.no_grad():
-                    conv.weight.copy_(child.weight.mean(dim=1, keepdim=True).expand_as(conv.weight))
-                    if child.bias is not None:
-                        conv.bias.copy_(child.bias)
+                conv = copy.deepcopy(child)  # the same layer, bias included
+                conv.in_channels = in_channels
+                mean = child.weight.detach().mean(dim=1, keepdim=True)
+                conv.weight = nn.Parameter(mean.repeat(1, in_channels, 1, 1))
                 setattr(parent, child_name, conv)
                 return
     raise ModelError(

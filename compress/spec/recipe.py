@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -307,7 +308,7 @@ class Recipe(Config):
         return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read and validate a recipe file, applying ``key.path=value`` overrides.
 
     Example:
@@ -435,15 +436,16 @@ def apply_override(raw: Any, override: str, source: str = "<recipe>") -> dict:
         raise RecipeError(f"--set {override!r}: empty key path")
     raw = {} if raw is None else raw
     node = raw
-    for depth, key in enumerate(keys):
+    for depth, name in enumerate(keys):
         last = depth == len(keys) - 1
+        key: str | int = name
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
+            if not name.isdigit() or int(name) >= len(node):
                 raise RecipeError(
-                    f"{source}: --set {key_path}: index {key!r} is out of range"
+                    f"{source}: --set {key_path}: index {name!r} is out of range"
                     f" (the list has {len(node)} items)"
                 )
-            key = int(key)
+            key = int(name)
         elif not isinstance(node, dict):
             raise RecipeError(
                 f"{source}: --set {key_path}: {'.'.join(keys[:depth])} is not a mapping"

@@ -500,7 +500,7 @@ def test_the_shipped_reference_is_every_resnet_recipes_baseline_and_scores_its_r
     assert top1 >= 93.5  # issue 14: a converged reference
 
 
-# Scores LR-ASPP on the 2,000 test scenes (64x64): a few seconds, so not marked slow.
+@pytest.mark.slow  # LR-ASPP on the 2,000 test scenes, read from PNGs: 12 s
 def test_the_shipped_segmenter_is_every_seg_recipes_baseline_and_scores_its_record():
     """Both segmentation recipes rest on one shipped reference, and its weights still score
     the test mIoU that references.json (and so README and docs) quote."""

@@ -7,11 +7,11 @@ lets a model folder store weights without pickling code.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import functools
 import importlib
 import inspect
+from typing import cast
 
 import torch
 import torchvision
@@ -166,10 +166,22 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                conv = copy.deepcopy(child)  # the same layer, bias included
-                conv.in_channels = in_channels
-                mean = child.weight.detach().mean(dim=1, keepdim=True)
-                conv.weight = nn.Parameter(mean.repeat(1, in_channels, 1, 1))
+                pair = tuple[int, int]  # Conv2d's attributes are typed as any-length tuples
+                conv = nn.Conv2d(
+                    in_channels,
+                    child.out_channels,
+                    cast(pair, child.kernel_size),
+                    cast(pair, child.stride),
+                    cast("str | tuple[int, int]", child.padding),
+                    cast(pair, child.dilation),
+                    child.groups,
+                    child.bias is not None,
+                    child.padding_mode,
+                )
+                with torch.no_grad():
+                    conv.weight.copy_(child.weight.mean(dim=1, keepdim=True).expand_as(conv.weight))
+                    if child.bias is not None and conv.bias is not None:
+                        conv.bias.copy_(child.bias)
                 setattr(parent, child_name, conv)
                 return
     raise ModelError(

@@ -23,6 +23,9 @@ from compress.spec.tasks import get_task
 # Seconds each turn of a paired latency round warms its model first: long enough for the
 # other runtime's threads to go idle (50 ms removed the bias measured with 10-call rounds).
 ROUND_WARMUP_S = 0.05
+# A deployed model whose top-1 strays further than this (points) from the torch model's
+# gets a note: on 10,000 test images 0.1 points is 10 images.
+RUNTIME_TOP1_TOLERANCE = 0.1
 
 
 def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None = None) -> dict:
@@ -151,8 +154,3 @@ def measure_latency(
             times.append((time.perf_counter() - start) * 1e3)
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(times))}
-
-
-# A deployed model whose top-1 strays further than this (points) from the torch model's
-# gets a note: on 10,000 test images 0.1 points is 10 images.
-RUNTIME_TOP1_TOLERANCE = 0.1

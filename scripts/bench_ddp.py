@@ -164,7 +164,8 @@ def allreduce(args) -> dict:
 def recipe_runs(args) -> None:
     """The recipe in 1 process and in 2 (half the batch each), without and with synced
     BatchNorm; each run's last model paired with the single run's, image by image."""
-    from compress.core.stats import paired_drop, unpack
+    from compress.core.stats import paired_drop
+    from compress.measure.evaluation import Evaluation
     from compress.spec.recipe import TrainConfig, load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
@@ -203,14 +204,16 @@ def recipe_runs(args) -> None:
         wall = time.perf_counter() - started
         report = json.loads((out / "report.json").read_text())
         last = report["evaluations"][-1]
-        correct = unpack(last["correct"]["top1"], last["correct"]["images"])
+        correct = Evaluation.from_dict(last).example_rows()[:, 0].astype(bool)  # top-1 hits
         row = {"config": name, "wall_s": round(wall) or None, "step": last["name"]}
         row |= {"top1": last["score"], "recipe": args.recipe, "sets": [*args.set, *extra]}
         if single is None:
             single = correct
         else:
             drop = paired_drop(single, correct)
-            row["vs_1_process"] = {k: drop[k] for k in ("points", "interval", "lost", "gained")}
+            row["vs_1_process"] = {
+                k: getattr(drop, k) for k in ("points", "interval", "lost", "gained")
+            }
         print(json.dumps(row), flush=True)
 
 

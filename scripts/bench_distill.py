@@ -113,18 +113,18 @@ def _line(model: str, correct, macs_ratio: float) -> None:
 def _compare(what: str, before, after, target: float) -> None:
     """``after``'s gain over ``before`` in points, paired image by image."""
     drop = paired_drop(before, after)
-    gain = -drop["points"]
+    gain = -drop.points
     print(
         json.dumps(
             {
                 "compare": what,
                 "points": round(gain, 2),
-                "interval": [round(-drop["interval"][1], 2), round(-drop["interval"][0], 2)],
-                "lost": drop["lost"],
-                "gained": drop["gained"],
+                "interval": [round(-drop.interval[1], 2), round(-drop.interval[0], 2)],
+                "lost": drop.lost,
+                "gained": drop.gained,
                 "target": f">= {target}",
                 "met": gain >= target,
-                "beyond_noise": not drop["within_noise"],
+                "beyond_noise": not drop.within_noise,
             }
         ),
         flush=True,

@@ -59,9 +59,7 @@ def main() -> None:
         times = {r: [] for r in models}
         for _ in range(args.rounds):
             for r, model in models.items():
-                times[r].append(
-                    measure_latency(model, x, warmup=3, iterations=args.iterations)["p50"]
-                )
+                times[r].append(measure_latency(model, x, warmup=3, iterations=args.iterations).p50)
         base_ms, base_flops = statistics.median(times[0.0]), count_flops(dense, x)
         for r in args.ratios:
             ms = statistics.median(times[r])

@@ -108,7 +108,7 @@ def _rounds(contenders: dict, batch: torch.Tensor, args) -> dict[str, list[float
             p50[label].append(
                 measure_latency(
                     model, batch, warmup=2, iterations=iterations, warmup_s=ROUND_WARMUP_S
-                )["p50"]
+                ).p50
             )
     return p50
 

@@ -136,7 +136,7 @@ def test_evaluator_headline_is_the_fastest_runtime_and_each_runtime_is_scored(
     config = EvaluateConfig(warmup=2, iterations=20, runtimes=["torch", "onnxruntime", "openvino"])
     result = evaluate(trained_tiny, fmnist, config, name="m", deploy_to=tmp_path / "m")
     assert set(result.runtimes) == {"torch", "onnxruntime", "openvino"}
-    fastest = min(result.runtimes, key=lambda r: result.runtimes[r]["latency_ms"]["p50"])
+    fastest = min(result.runtimes, key=lambda r: result.runtimes[r]["latency_ms"].p50)
     assert result.runtime == fastest and result.latency_ms == result.runtimes[fastest]["latency_ms"]
     for name in ("onnxruntime", "openvino"):
         row = result.runtimes[name]

@@ -7,6 +7,7 @@ from torch.utils.data import TensorDataset
 from compress.data import Data
 from compress.measure.counts import count_flops, count_params
 from compress.measure.evaluate import against_baseline, compare_with_input, evaluate
+from compress.measure.latency import Latency
 from compress.measure.profile import count_memory_access
 from compress.models.artifact import save
 from compress.spec.recipe import DataConfig, EvaluateConfig
@@ -110,8 +111,8 @@ def test_size_is_the_saved_artifacts_bytes(tmp_path):
 def test_latency_percentiles_ordered_and_throughput_consistent():
     result = evaluate(_tiny(), _labelled_data(), CONFIG, name="tiny")
     lat = result.latency_ms
-    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
-    assert result.throughput_per_s == 1e3 * result.batch_size / lat["p50"]
+    assert 0 < lat.p50 <= lat.p90 <= lat.p99
+    assert result.throughput_per_s == 1e3 * result.batch_size / lat.p50
     assert result.threads >= 1
 
 
@@ -123,20 +124,24 @@ def test_score_top5_and_drop():
     assert second.score == 0.0
     assert second.metrics["top-5"] == 100.0  # 4 classes: the label is always in the top 5
     drop = second.drop
-    assert (drop["points"], drop["percent"]) == (100.0, 100.0)
-    assert (drop["lost"], drop["gained"], drop["images"]) == (40, 0, 40)
+    assert (drop.points, drop.percent) == (100.0, 100.0)
+    assert (drop.lost, drop.gained, drop.images) == (40, 0, 40)
+
+
+def _scaled(latency: Latency, factor: float) -> Latency:
+    return Latency(**{k: v * factor for k, v in latency.to_dict().items()})
 
 
 def test_not_faster_is_said_in_words():
     data = _labelled_data()
     base = evaluate(_tiny(), data, CONFIG, name="baseline")
     slower = evaluate(_tiny(), data, CONFIG, name="same")
-    slower.latency_ms = {k: v * 2 for k, v in base.latency_ms.items()}
+    slower.latency_ms = _scaled(base.latency_ms, 2)
     slower.notes.clear()
     against_baseline(slower, base)
     assert any("not faster than the baseline" in n for n in slower.notes)
     step = evaluate(_tiny(), data, CONFIG, name="step")
-    step.latency_ms, step.notes = {k: v * 1.5 for k, v in base.latency_ms.items()}, []
+    step.latency_ms, step.notes = _scaled(base.latency_ms, 1.5), []
     compare_with_input(step, slower)  # a chained step faster than its input: nothing to say
     compare_with_input(step, base)  # one that only trained the same network: nothing either
     assert not step.notes
@@ -145,7 +150,7 @@ def test_not_faster_is_said_in_words():
     assert any("not faster than its input (baseline)" in n and "1.50x" in n for n in step.notes)
     assert "the MACs 1.00x" in step.notes[-1]
     faster = evaluate(_tiny(), data, CONFIG, name="fast")
-    faster.latency_ms = {k: v / 2 for k, v in base.latency_ms.items()}
+    faster.latency_ms = _scaled(base.latency_ms, 0.5)
     faster.notes.clear()
     against_baseline(faster, base)
     assert not faster.notes

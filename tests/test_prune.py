@@ -243,7 +243,7 @@ def test_a_latency_target_prunes_until_the_measured_p50_reaches_it(synthetic):
     x = synthetic.example_input(1)
     torch.set_num_threads(2)
     # Warmed by time, so that a cold first reading does not set a lenient target.
-    target = 0.6 * measure_latency(model, x, warmup=5, iterations=100, warmup_s=0.5)["p50"]
+    target = 0.6 * measure_latency(model, x, warmup=5, iterations=100, warmup_s=0.5).p50
     pruned = prune(model, synthetic, method="structured", target_latency_ms=target)
     macs = pruned.stage_details["macs_ratio"]
     assert not any("not reached" in note for note in pruned.notes), pruned.notes

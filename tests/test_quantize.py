@@ -64,7 +64,7 @@ def test_method_close_to_float_on_real_data(method, trained_tiny, fmnist, base, 
         assert torch.equal(qmodel(images), loaded(images))
     after = evaluate(loaded, fmnist, FAST_EVAL, baseline=base, name=method, artifact=folder)
     assert base.score > 75.0  # the float model really learned something
-    assert after.drop["points"] <= max_drop
+    assert after.drop.points <= max_drop
     assert after.macs == base.macs > 0  # MACs are counted whatever the precision, never 0
     assert after.memory_access_bytes <= max_memory * base.memory_access_bytes
     assert profile_model(loaded, fmnist.example_input(1), 1, 2)["model"]["macs"] == after.macs

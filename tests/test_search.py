@@ -7,7 +7,15 @@ import pytest
 import yaml
 
 import compress
-from compress.workflow.search._grid import _mark_predicted, _next_smaller, _segments, _to_train
+from compress.core.stats import Drop
+from compress.measure.latency import LatencyRatio
+from compress.workflow.search._grid import (
+    Candidate,
+    _mark_predicted,
+    _next_smaller,
+    _segments,
+    _to_train,
+)
 from tests.conftest import run_cli
 
 TINY = (
@@ -30,22 +38,19 @@ def recipe(tmp_path):
 
 def _figures(found) -> list[tuple]:
     """What must not change between two searches with one seed (timings may)."""
-    return [
-        (c["keep"], c["format"], c["macs"], c["params"], c.get("calibration_score"))
-        for c in found.candidates
-    ]
+    return [(c.keep, c.format, c.macs, c.params, c.calibration_score) for c in found.candidates]
 
 
 @pytest.mark.slow  # searches, trains and runs: about 10-25 s each
 def test_a_macs_target_is_met_the_same_way_twice_and_its_recipe_reproduces_it(recipe, tmp_path):
     found = compress.search(recipe, target_macs=0.4, max_drop=100, out=tmp_path / "a", **SMALL)
     # The least-pruned candidate under the target: 0.5 keeps about half the MACs (> 0.4).
-    assert found.met and found.chosen["keep"] == 0.3 and found.chosen["format"] == "float"
+    assert found.met and found.chosen.keep == 0.3 and found.chosen.format == "float"
     base, final = found.report.baseline, found.report.final
     assert final.macs <= 0.4 * base.macs < 0.5 * base.macs
     # The test split, read once by the final run, is judged against the same target.
     assert found.on_test["figure"] == final.macs / base.macs and found.on_test["meets_target"]
-    assert found.on_test["drop"]["points"] == final.drop["points"]
+    assert found.on_test["drop"].points == final.drop.points
     assert "The final run on the test split: macs" in found.summary
     written = yaml.safe_load((found.report.run_dir / "recipe.yaml").read_text())
     assert [next(iter(s)) for s in written["stages"]] == ["prune", "distill"]
@@ -55,8 +60,8 @@ def test_a_macs_target_is_met_the_same_way_twice_and_its_recipe_reproduces_it(re
     assert summary["met"] and len(summary["candidates"]) == 3
     assert "| 0.3 | float |" in (found.report.run_dir / "search.md").read_text()
     # Only the chosen candidate was trained; its calibration drop carries its interval.
-    trained = [c for c in found.candidates if c["trained"]]
-    assert trained == [found.chosen] and len(found.chosen["calibration_drop"]["interval"]) == 2
+    trained = [c for c in found.candidates if c.trained]
+    assert trained == [found.chosen] and len(found.chosen.calibration_drop.interval) == 2
 
     again = compress.search(recipe, target_macs=0.4, max_drop=100, out=tmp_path / "b", **SMALL)
     assert _figures(again) == _figures(found)
@@ -71,7 +76,7 @@ def test_a_macs_target_is_met_the_same_way_twice_and_its_recipe_reproduces_it(re
 def test_an_impossible_target_keeps_the_closest_candidate_and_says_so(recipe, tmp_path):
     found = compress.search(recipe, target_macs=0.01, max_drop=100, out=tmp_path / "run", **SMALL)
     assert not found.met
-    assert found.chosen["keep"] == 0.3  # the most pruned: the closest to 0.01 of the MACs
+    assert found.chosen.keep == 0.3  # the most pruned: the closest to 0.01 of the MACs
     assert "no candidate met" in found.summary
     assert "no candidate met" in (found.report.run_dir / "search.md").read_text()
     assert not json.loads((found.report.run_dir / "search.json").read_text())["met"]
@@ -84,10 +89,10 @@ def test_an_accuracy_floor_no_candidate_meets_is_said_too(recipe, tmp_path):
     found = compress.search(
         recipe, target_macs=0.4, max_drop=0.0, budget_minutes=0, out=tmp_path / "run", **SMALL
     )
-    assert found.chosen["calibration_drop"]["points"] > 0.0  # this seed's pruned model loses
-    assert not found.met and found.chosen["meets_target"] and not found.chosen["meets_floor"]
+    assert found.chosen.drop > 0.0  # this seed's pruned model loses
+    assert not found.met and found.chosen.meets_target and not found.chosen.meets_floor
     assert "no candidate met" in found.summary
-    assert [c["stretch"] for c in found.candidates if c["trained"]] == [1]
+    assert [c.stretch for c in found.candidates if c.trained] == [1]
 
 
 @pytest.mark.slow
@@ -95,14 +100,14 @@ def test_a_missed_floor_spends_the_time_left_on_a_longer_distillation(recipe, tm
     found = compress.search(
         recipe, target_macs=0.4, max_drop=0.0, max_distill_stretch=3, out=tmp_path / "run", **SMALL
     )
-    first, longer = [c for c in found.candidates if c["trained"]]
-    assert (first["keep"], first["stretch"], longer["keep"], longer["stretch"]) == (0.3, 1, 0.3, 3)
-    assert not first["meets_floor"]  # why the longer one was trained
-    assert longer["distill_train"]["max_steps"] == 3 * first["distill_train"]["max_steps"] == 15
+    first, longer = [c for c in found.candidates if c.trained]
+    assert (first.keep, first.stretch, longer.keep, longer.stretch) == (0.3, 1, 0.3, 3)
+    assert not first.meets_floor  # why the longer one was trained
+    assert longer.distill_train["max_steps"] == 3 * first.distill_train["max_steps"] == 15
     # The choice is made among both; the written recipe trains as long as the chosen one did.
     written = yaml.safe_load((found.report.run_dir / "recipe.yaml").read_text())
     steps = written["stages"][-1]["distill"]["train"]["max_steps"]
-    assert steps == found.chosen["distill_train"]["max_steps"]
+    assert steps == found.chosen.distill_train["max_steps"]
     if found.met:  # only the longer one can meet a floor the first one missed
         assert found.chosen is longer
     assert "| 0.3 | float | 3 |" in (found.report.run_dir / "search.md").read_text()
@@ -112,14 +117,14 @@ def test_a_candidate_that_misses_the_target_hands_its_turn_to_the_next_more_prun
     # keep 0.35 prunes to the same MACs as 0.5 (round_to's staircase): the same network.
     macs = {1.0: 100, 0.5: 50, 0.35: 50, 0.3: 30, 0.2: 20}
     grid = [
-        {"keep": k, "format": f, "macs": m, "trained": k == 0.5, "stretch": 1}
+        Candidate(k, f, m, m / 100, params=1, trained=k == 0.5)
         for k, m in macs.items()
         for f in ("float", "int8_static")
     ]
-    missed = next(c for c in grid if c["keep"] == 0.5 and c["format"] == "float")
+    missed = next(c for c in grid if c.keep == 0.5 and c.format == "float")
     after = _next_smaller(grid, missed)
-    assert (after["keep"], after["format"]) == (0.3, "float")
-    last = next(c for c in grid if c["keep"] == 0.2 and c["format"] == "float")
+    assert (after.keep, after.format) == (0.3, "float")
+    last = next(c for c in grid if c.keep == 0.2 and c.format == "float")
     assert _next_smaller(grid, last) is None
 
 
@@ -134,19 +139,17 @@ def test_int8_and_float_candidates_within_a_budget(recipe, tmp_path):
         budget_minutes=0,
         out=tmp_path / "run",
     )
-    trained = [c for c in found.candidates if c["trained"]]
-    skipped = [c for c in found.candidates if c.get("skipped") == "budget"]
+    trained = [c for c in found.candidates if c.trained]
+    skipped = [c for c in found.candidates if c.skipped == "budget"]
     assert len(trained) == 1 and len(skipped) == 1
-    assert {trained[0]["format"], skipped[0]["format"]} == {"int8_static", "float"}
+    assert {trained[0].format, skipped[0].format} == {"int8_static", "float"}
     # The cost model predicted every candidate and measured three per format.
-    assert all(
-        c["latency_ms_predicted"] > 0 and c["size_mb_predicted"] > 0 for c in found.candidates
-    )
-    assert sum("probe" in c for c in found.candidates) == 6
-    int8 = [c for c in found.candidates if c["format"] == "int8_static"]
-    floats = {c["keep"]: c for c in found.candidates if c["format"] == "float"}
-    assert all(c["size_mb_predicted"] < floats[c["keep"]]["size_mb_predicted"] for c in int8)
-    if found.chosen["format"] == "int8_static":
+    assert all(c.latency_ms_predicted > 0 and c.size_mb_predicted > 0 for c in found.candidates)
+    assert sum(c.probe is not None for c in found.candidates) == 6
+    int8 = [c for c in found.candidates if c.format == "int8_static"]
+    floats = {c.keep: c for c in found.candidates if c.format == "float"}
+    assert all(c.size_mb_predicted < floats[c.keep].size_mb_predicted for c in int8)
+    if found.chosen.format == "int8_static":
         assert found.report.final.compute_dtype == "int8"
     assert found.prediction_error is not None
 
@@ -202,15 +205,15 @@ def test_a_latency_prediction_just_over_the_target_is_trained_first_but_macs_are
     # Predicted p50 by keep; the target is 1.0 ms. The latency model errs by 10-20 % near
     # the target, so 1.1 ms is worth training (the walk moves on if it misses as measured).
     grid = [
-        {"keep": k, "format": "float", "macs_x": k, "latency_ms_predicted": ms}
+        Candidate(k, "float", int(100 * k), k, params=1, latency_ms_predicted=ms)
         for k, ms in ((1.0, 2.0), (0.5, 1.1), (0.3, 0.9))
     ]
     for target, first in (
         ({"metric": "latency", "value": 1.0, "unit": "ms"}, 0.5),
         ({"metric": "macs", "value": 0.4, "unit": "x"}, 0.3),  # 0.5 is known to miss
     ):
-        _mark_predicted(grid, target)
-        assert [c["keep"] for c in _to_train(grid, target)] == [first]
+        marked = _mark_predicted(grid, target)
+        assert [c.keep for c in _to_train(marked, target)] == [first]
 
 
 def test_a_relative_latency_target_is_judged_on_the_test_run_by_the_paired_ratio():
@@ -219,8 +222,8 @@ def test_a_relative_latency_target_is_judged_on_the_test_run_by_the_paired_ratio
     from compress.workflow.search import SearchConfig
     from compress.workflow.search._files import _on_test
 
-    drop = {"points": 0.2, "interval": [-0.1, 0.5]}
-    final = SimpleNamespace(latency_ratio={"p50": 0.28}, drop=drop)
+    drop = Drop(0.2, (-0.1, 0.5))
+    final = SimpleNamespace(latency_ratio=LatencyRatio(0.28, (0.25, 0.31), 9), drop=drop)
     report = SimpleNamespace(final=final)
     # p50 0.19 ms against 0.3x a baseline measured at 0.6 ms (0.18 ms) would miss; the
     # paired rounds, baseline and model alternating in one process, say 0.28x: met.

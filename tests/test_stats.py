@@ -27,23 +27,23 @@ def _flipped(images: int, both_right: int, lost: int, gained: int):
 def test_interval_on_constructed_flips_is_the_exact_conditional_one():
     baseline, model = _flipped(1000, 900, lost=30, gained=10)
     drop = paired_drop(baseline, model)
-    assert (drop["lost"], drop["gained"], drop["images"]) == (30, 10, 1000)
-    assert drop["points"] == pytest.approx(2.0)
+    assert (drop.lost, drop.gained, drop.images) == (30, 10, 1000)
+    assert drop.points == pytest.approx(2.0)
     # Clopper-Pearson for the share lost among the 40 flipped, mapped to points of top-1.
     low_share, high_share = beta.ppf(0.025, 30, 11), beta.ppf(0.975, 31, 10)
-    assert drop["interval"] == pytest.approx(
-        [100 * 40 * (2 * low_share - 1) / 1000, 100 * 40 * (2 * high_share - 1) / 1000]
+    assert drop.interval == pytest.approx(
+        (100 * 40 * (2 * low_share - 1) / 1000, 100 * 40 * (2 * high_share - 1) / 1000)
     )
-    assert drop["interval"][0] > 0 and not drop["within_noise"]  # 30 vs 10 is no accident
-    assert drop["p_value"] < 0.01
+    assert drop.interval[0] > 0 and not drop.within_noise  # 30 vs 10 is no accident
+    assert drop.p_value < 0.01
 
 
 def test_balanced_flips_are_within_noise_and_a_gain_is_negative():
     drop = paired_drop(*_flipped(500, 400, lost=6, gained=6))
-    assert drop["points"] == 0 and drop["within_noise"]
-    assert drop["interval"][0] < 0 < drop["interval"][1]
+    assert drop.points == 0 and drop.within_noise
+    assert drop.interval[0] < 0 < drop.interval[1]
     gain = paired_drop(*_flipped(500, 400, lost=0, gained=12))
-    assert gain["points"] == pytest.approx(-2.4) and gain["interval"][1] < 0
+    assert gain.points == pytest.approx(-2.4) and gain.interval[1] < 0
 
 
 def test_a_model_identical_to_the_baseline_has_drop_zero_and_interval_zero():
@@ -51,15 +51,15 @@ def test_a_model_identical_to_the_baseline_has_drop_zero_and_interval_zero():
     oracle = _Oracle(shift=1)  # right on no image at top-1: correctness is all False
     base = evaluate(oracle, data, CONFIG, name="baseline")
     again = evaluate(oracle, data, CONFIG, baseline=base, name="same")
-    assert again.drop["points"] == 0
-    assert again.drop["interval"] == [0.0, 0.0]
-    assert (again.drop["lost"], again.drop["gained"]) == (0, 0)
+    assert again.drop.points == 0
+    assert again.drop.interval == (0.0, 0.0)
+    assert (again.drop.lost, again.drop.gained) == (0, 0)
     # The kept correctness is the per-image truth, and the drop against a perfect model
     # counts every image as gained.
     perfect = evaluate(_Oracle(shift=0), data, CONFIG, name="perfect")
     assert perfect.example_rows()[:, 0].all() and not base.example_rows()[:, 0].any()
     against_baseline(base, perfect)
-    assert base.drop["lost"] == len(data.test) and base.drop["gained"] == 0
+    assert base.drop.lost == len(data.test) and base.drop.gained == 0
 
 
 def test_correctness_packs_to_bits_and_back():
@@ -86,9 +86,9 @@ def test_latency_ratio_rounds_see_a_slower_model():
 
     config = EvaluateConfig(iterations=10, latency_rounds=4)
     ratio = paired_latency_ratio((lambda batch: batch, x), (slow, x), config)
-    assert ratio["rounds"] == 4
-    assert ratio["interval"][0] <= ratio["p50"] <= ratio["interval"][1]
-    assert ratio["interval"][0] > 2  # 3 ms of sleep against a no-op
+    assert ratio.rounds == 4
+    assert ratio.interval[0] <= ratio.p50 <= ratio.interval[1]
+    assert ratio.interval[0] > 2  # 3 ms of sleep against a no-op
 
 
 class _Runtime:
@@ -118,4 +118,4 @@ def test_latency_ratio_rounds_are_not_skewed_by_the_other_runtimes_spin():
     baseline = _Runtime("openvino", ms=1.0, last_calls=last_calls)
     model = _Runtime("onnxruntime", ms=0.5, last_calls=last_calls, spin_s=0.02)
     ratio = paired_latency_ratio((baseline, x), (model, x), EvaluateConfig(iterations=100))
-    assert ratio["p50"] == pytest.approx(0.5, rel=0.15)
+    assert ratio.p50 == pytest.approx(0.5, rel=0.15)

@@ -111,14 +111,14 @@ def test_bootstrap_interval_covers_a_known_drop_at_about_its_rate():
         worse = base & (rng.random(400) >= 0.0625)  # loses 6.25 % of its hits: 5 points
         rows = lambda hits: np.stack([hits, np.ones_like(hits)], 1).astype(np.float64)  # noqa: E731
         drop = paired_bootstrap(rows(base), rows(worse), mean, seed=draw, resamples=400)
-        covered += drop["interval"][0] <= 5.0 <= drop["interval"][1]
+        covered += drop.interval[0] <= 5.0 <= drop.interval[1]
     assert 0.88 <= covered / 200 <= 0.99
 
 
 def test_bootstrap_of_identical_models_is_zero_and_rows_pack_exactly():
     rows = np.random.default_rng(1).integers(0, 9, (50, 6)).astype(np.int32)
     drop = SEGMENTATION.drop(rows, rows)
-    assert drop["points"] == 0 and drop["interval"] == [0.0, 0.0] and drop["within_noise"]
+    assert drop.points == 0 and drop.interval == (0.0, 0.0) and drop.within_noise
     assert np.array_equal(unpack_rows(pack_rows(rows)), rows)
     with pytest.raises(ValueError, match="not readable"):
         unpack_rows({"shape": [1 << 20, 1 << 20], "dtype": "int32", "data": ""})
@@ -178,8 +178,8 @@ def test_a_users_model_dataset_and_metric_through_the_python_api():
     with torch.no_grad():
         model[1].weight.mul_(3)  # a worse model: its MAE grows, so its drop is positive
     worse = evaluate(model, data, FAST, baseline=base, name="worse")
-    assert worse.drop["points"] > 0 and worse.drop["examples"] == 6  # six batches of 8
-    assert "over test batches" in worse.drop["method"]
+    assert worse.drop.points > 0 and worse.drop.examples == 6  # six batches of 8
+    assert "over test batches" in worse.drop.method
     assert "over test batches" in mae.interval_method
 
 
@@ -235,10 +235,10 @@ def test_segmentation_evaluates_quantizes_exports_and_distills_on_real_scenes(
     runtimes = dataclasses.replace(FAST, runtimes=["torch", "onnxruntime", "openvino"])
     after = evaluate(int8, scenes, runtimes, baseline=base, name="int8")
     drop = after.drop
-    assert drop["method"].startswith("paired bootstrap over test examples")
-    assert drop["examples"] == 200
-    assert drop["interval"][0] <= drop["points"] <= drop["interval"][1]
-    assert abs(drop["points"]) < 3
+    assert drop.method.startswith("paired bootstrap over test examples")
+    assert drop.examples == 200
+    assert drop.interval[0] <= drop.points <= drop.interval[1]
+    assert abs(drop.points) < 3
     for runtime in ("onnxruntime", "openvino"):
         assert abs(after.runtimes[runtime]["score"] - after.score) < 1.0, after.runtimes[runtime]
     student = compress.distill(

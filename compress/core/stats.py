@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import zlib
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -44,13 +45,65 @@ def unpack(text: str, count: int) -> np.ndarray:
     return np.unpackbits(bits)[:count].astype(bool)
 
 
-def paired_drop(baseline: np.ndarray, model: np.ndarray, confidence: float = CONFIDENCE) -> dict:
+@dataclass(frozen=True)
+class Drop:
+    """Points of a metric a model loses against a reference (positive: worse), with what
+    pairs it: an exact McNemar test (classification) or a seeded paired bootstrap. A field a
+    method does not give is None and is left out of report.json.
+
+    Example:
+        >>> drop = paired_drop(np.array([1, 1, 0, 1], bool), np.array([1, 0, 1, 1], bool))
+        >>> drop.points, drop.within_noise, drop.to_dict()["lost"]
+        (0.0, True, 1)
+    """
+
+    points: float
+    interval: tuple[float, float] | None = None  # 95 %, points; None: unpaired
+    # Exact McNemar: the top-1 verdicts that flipped each way, of `images`.
+    lost: int | None = None
+    gained: int | None = None
+    images: int | None = None
+    p_value: float | None = None  # two-sided
+    # Paired bootstrap: test examples resampled `resamples` times.
+    examples: int | None = None
+    resamples: int | None = None
+    method: str | None = None  # in words, for the report
+    within_noise: bool | None = None  # the interval holds 0
+    percent: float | None = None  # of the reference's metric
+    metric: str | None = None  # the metric's name ("top-1", "mIoU")
+
+    def about(self, metric: str, reference_score: float | None = None) -> Drop:
+        """This drop named for ``metric``, with its percent of ``reference_score``."""
+        percent = self.percent
+        if reference_score is not None:
+            percent = 100.0 * self.points / max(abs(reference_score), 1e-9)
+        return replace(self, metric=metric, percent=percent)
+
+    def to_dict(self) -> dict:
+        """As report.json holds it: the fields this drop has, the interval a list."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.interval is not None:
+            plain["interval"] = list(self.interval)
+        return {k: v for k, v in plain.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Drop:
+        """A drop as report.json holds it (keys it does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if values.get("interval") is not None:
+            low, high = values["interval"]
+            values["interval"] = (float(low), float(high))
+        return cls(**values)
+
+
+def paired_drop(baseline: np.ndarray, model: np.ndarray, confidence: float = CONFIDENCE) -> Drop:
     """The drop in top-1 (points; positive: the model is worse) with its exact McNemar
     interval and the counts of images that flipped each way.
 
     Example:
         >>> d = paired_drop(np.array([1, 1, 0, 1], bool), np.array([1, 0, 1, 1], bool))
-        >>> d["lost"], d["gained"], d["points"]
+        >>> d.lost, d.gained, d.points
         (1, 1, 0.0)
     """
     baseline, model = np.asarray(baseline, bool), np.asarray(model, bool)
@@ -72,15 +125,15 @@ def paired_drop(baseline: np.ndarray, model: np.ndarray, confidence: float = CON
         low = 100.0 * flipped * (2 * ci.low - 1) / images
         high = 100.0 * flipped * (2 * ci.high - 1) / images
         p_value = float(test.pvalue)
-    return {
-        "points": points,
-        "interval": [low, high],
-        "lost": lost,
-        "gained": gained,
-        "images": images,
-        "p_value": p_value,  # exact McNemar (two-sided)
-        "within_noise": low <= 0.0 <= high,
-    }
+    return Drop(
+        points,
+        (low, high),
+        lost=lost,
+        gained=gained,
+        images=images,
+        p_value=p_value,
+        within_noise=low <= 0.0 <= high,
+    )
 
 
 def paired_bootstrap(
@@ -91,7 +144,7 @@ def paired_bootstrap(
     seed: int = 0,
     resamples: int = BOOTSTRAP_RESAMPLES,
     confidence: float = CONFIDENCE,
-) -> dict:
+) -> Drop:
     """The drop in a metric (positive: ``model`` is worse) with a seeded paired bootstrap
     interval: the same resampled examples score both models, and ``metric`` maps summed
     per-example rows (resamples x columns) to the metric of each resample.
@@ -99,7 +152,7 @@ def paired_bootstrap(
     Example:
         >>> rows = lambda hits: np.stack([hits, np.ones_like(hits)], 1)
         >>> mean = lambda totals: 100 * totals[:, 0] / totals[:, 1]
-        >>> paired_bootstrap(rows(np.ones(50)), rows(np.r_[np.ones(40), np.zeros(10)]), mean)["points"]
+        >>> paired_bootstrap(rows(np.ones(50)), rows(np.r_[np.ones(40), np.zeros(10)]), mean).points
         20.0
     """
     baseline, model = np.asarray(baseline, np.float64), np.asarray(model, np.float64)
@@ -120,14 +173,14 @@ def paired_bootstrap(
         resampled.append(drops(weights.astype(np.float64)))
     tail = 100.0 * (1 - confidence) / 2
     low, high = (float(v) for v in np.percentile(np.concatenate(resampled), [tail, 100 - tail]))
-    return {
-        "points": points,
-        "interval": [low, high],
-        "examples": examples,
-        "resamples": resamples,
-        "method": "paired bootstrap",
-        "within_noise": low <= 0.0 <= high,
-    }
+    return Drop(
+        points,
+        (low, high),
+        examples=examples,
+        resamples=resamples,
+        method="paired bootstrap",
+        within_noise=low <= 0.0 <= high,
+    )
 
 
 def pack_rows(rows: np.ndarray) -> dict:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +34,25 @@ def write_atomic(path: Path, content: str | Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as JSON holds it: a typed result through its ``to_dict``, another dataclass
+    (a config) as a dict, containers walked, tuples as lists.
+
+    Example:
+        >>> as_json({"drop": Drop(1.0, (0.5, 1.5))})
+        {'drop': {'points': 1.0, 'interval': [0.5, 1.5]}}
+    """
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return as_json(asdict(value))
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_json(v) for v in value]
+    return value
 
 
 def read_tensors(file: Path, max_bytes: int, nested: bool = False) -> dict:

@@ -21,14 +21,39 @@ compress_changes    registered architecture changes it went through            [
                     (artifact.register_architecture_change)
 save_artifact       ``save_artifact(folder, example) -> manifest``: a kind      spec + weights,
                     that saves itself (quantized models)                       or a graph
+compress_replace-   layers a stage swapped for others, as data, to replay on   []
+ments               load (factorize)
 ==================  =========================================================  ==============
+
+A stage writes them with :func:`set_traits` and :func:`add_note`: one place that knows the
+names (a misspelt one is refused, not silently ignored by every reader), and one that torch's
+typing of a module's attributes (tensors or modules) does not stand in the way of.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
+
+# The attributes of the table above.
+TRAIT_NAMES = frozenset(
+    {
+        "notes",
+        "stage_details",
+        "reference_module",
+        "param_counts",
+        "element_bytes",
+        "compute_dtype",
+        "cpu_only",
+        "not_faster_reason",
+        "compress_spec",
+        "compress_changes",
+        "save_artifact",
+        "compress_replacements",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -66,3 +91,27 @@ def traits(model: nn.Module) -> Traits:
         not_faster_reason=getattr(model, "not_faster_reason", None),
         compiled=hasattr(model, "reference_module"),
     )
+
+
+def set_traits(model: nn.Module, **values: Any) -> nn.Module:
+    """Set what ``model`` tells the rest of compress about itself (the table above), and
+    return it.
+
+    Example:
+        >>> set_traits(pruned, stage_details={"layers": rows}, notes=[])
+    """
+    unknown = sorted(set(values) - TRAIT_NAMES)
+    if unknown:
+        raise AttributeError(f"not a model trait: {', '.join(unknown)} (see compress.core.traits)")
+    for name, value in values.items():
+        setattr(model, name, value)  # not a tensor or module: nn.Module keeps it as is
+    return model
+
+
+def add_note(model: nn.Module, text: str) -> None:
+    """One more remark for the report under this step.
+
+    Example:
+        >>> add_note(model, "left unpruned: its only layer is the classifier")
+    """
+    set_traits(model, notes=[*getattr(model, "notes", ()), text])

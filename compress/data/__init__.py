@@ -10,11 +10,18 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from compress.core.registry import DATASETS
-from compress.data.datasets import Data, build_data
+from compress.data.datasets import Data, build_data, dataset_length
 
 for _module in _pkgutil.iter_modules(__path__):  # importing a module registers its datasets
     _importlib.import_module(f"{__name__}.{_module.name}")
 
 from compress.data.fashion_mnist import fashion_mnist_scenes, scenes_root  # noqa: E402
 
-__all__ = ["DATASETS", "Data", "build_data", "fashion_mnist_scenes", "scenes_root"]
+__all__ = [
+    "DATASETS",
+    "Data",
+    "build_data",
+    "dataset_length",
+    "fashion_mnist_scenes",
+    "scenes_root",
+]

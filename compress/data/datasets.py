@@ -124,7 +124,9 @@ class Data:
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """A batch of real test images, for tracing, export and latency measurement."""
-        images = torch.stack([self.test[i][0] for i in range(min(batch_size, _length(self.test)))])
+        images = torch.stack(
+            [self.test[i][0] for i in range(min(batch_size, dataset_length(self.test)))]
+        )
         if images.shape[0] < batch_size:  # a tiny test split: repeat to the batch size asked
             images = images.repeat((batch_size + images.shape[0] - 1) // images.shape[0], 1, 1, 1)
         return images[:batch_size]
@@ -205,19 +207,21 @@ def _from_factory(config: DataConfig, seed: int) -> Data:
 
 
 def _first(dataset: Dataset, count: int | None) -> Dataset:
-    if count is None or count >= _length(dataset):
+    if count is None or count >= dataset_length(dataset):
         return dataset
     return Subset(dataset, range(count))
 
 
 def _hold_out(train: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
     """Split a fixed, seeded calibration slice off the training set."""
-    if size >= _length(train):
+    if size >= dataset_length(train):
         raise DataError(
             f"data.calibration_size={size} leaves no training images "
-            f"(the training set has {_length(train)}); lower it"
+            f"(the training set has {dataset_length(train)}); lower it"
         )
-    order = torch.randperm(_length(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(
+        dataset_length(train), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
     return Subset(train, order[size:]), Subset(train, order[:size])
 
 
@@ -229,6 +233,6 @@ def normalised(images: torch.Tensor, mean: list[float], std: list[float]) -> tor
     return images.sub_(mean_t).div_(std_t)
 
 
-def _length(dataset: Dataset) -> int:
+def dataset_length(dataset: Dataset) -> int:
     """A map-style dataset's size (torch's Dataset type does not declare ``__len__``)."""
     return len(cast(Sized, dataset))

@@ -24,6 +24,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -157,13 +158,13 @@ def deployed(
         stem = Path(scratch.name) / "model"
     stem = Path(stem)
     onnx_file = stem.parent / f"{stem.name}.onnx"
-    precision = _OPENVINO_PRECISION.get(getattr(model, "dtype", None))
+    precision = _OPENVINO_PRECISION.get(getattr(model, "dtype", torch.float32))
     if runtime == "onnxruntime":
         if getattr(model, "dtype", None) == torch.bfloat16:
             raise ExportError("onnxruntime's CPU kernels take no bfloat16 (OpenVINO's do)")
         if not onnx_file.exists():
             export(model, onnx_file, "onnx", example)
-        module = OnnxRuntimeModel(onnx_file, threads)
+        module: OnnxRuntimeModel | OpenVinoModel = OnnxRuntimeModel(onnx_file, threads)
     else:
         xml = stem.parent / f"{stem.name}.xml"
         if not xml.exists():
@@ -172,7 +173,7 @@ def deployed(
             else:
                 export(model, xml, "openvino", example)
         module = OpenVinoModel(xml, threads, precision)
-    module.scratch = scratch
+    module.scratch = scratch  # type: ignore[assignment]  # a directory, kept while it runs
     return module
 
 
@@ -291,7 +292,7 @@ def _deployable_module(model: nn.Module, format: str) -> nn.Module:
     than its compiled wrapper; for OpenVINO, a half-precision model's float32 original;
     any other model as it is."""
     if format == "openvino" and getattr(model, "dtype", None) in _OPENVINO_PRECISION:
-        return copy.deepcopy(model.inner).float()
+        return copy.deepcopy(cast(nn.Module, model.inner)).float()
     about = traits(model)
     if about.compiled:
         return about.reference
@@ -352,6 +353,8 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
+    if program is None:
+        raise ExportError(f"{type(model).__name__} does not export to ONNX: no program")
     proto = program.model_proto  # a new copy at each access: edit this one
     dynamic_matmuls(proto)
     quantize_biases(proto)

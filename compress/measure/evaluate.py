@@ -19,13 +19,18 @@ import torch
 from torch import nn
 
 from compress.core import distributed
-from compress.core.stats import pack_rows
+from compress.core.stats import Drop, pack_rows
 from compress.core.traits import traits
 from compress.data import Data
 from compress.measure.counts import artifact_size, count_flops, count_params
 from compress.measure.deploy import available_runtimes
 from compress.measure.evaluation import Evaluation
-from compress.measure.latency import measure_latency, measure_runtimes, paired_latency_ratio
+from compress.measure.latency import (
+    LatencyRatio,
+    measure_latency,
+    measure_runtimes,
+    paired_latency_ratio,
+)
 from compress.measure.profile import count_memory_access, profile_summary
 from compress.measure.scores import example_scores
 from compress.spec.recipe import EvaluateConfig, as_config
@@ -56,7 +61,7 @@ def evaluate(
     Example:
         >>> base = evaluate(model, data, name="baseline")
         >>> after = evaluate(quantized, data, baseline=base, name="quantize")
-        >>> after.latency_ms["p50"] / base.latency_ms["p50"]
+        >>> after.latency_ms.p50 / base.latency_ms.p50
     """
     config = as_config("evaluate", config or {})
     # Each rank scores its share of the test split on its share of the cores; rank 0 alone
@@ -81,7 +86,7 @@ def evaluate(
         model, data, config, device, (threads, own_threads), deploy_to, notes, score, artifact
     )
     latency = measured["runtimes"][measured["best"]]["latency_ms"]
-    p50_s = latency["p50"] / 1e3
+    p50_s = latency.p50 / 1e3
     result = Evaluation(
         name=name,
         params=total,
@@ -118,7 +123,7 @@ def evaluate(
     return result
 
 
-def _paired_ratio(baseline: Evaluation, deployment, config, threads) -> dict | None:
+def _paired_ratio(baseline: Evaluation, deployment, config, threads) -> LatencyRatio | None:
     """The two models' best deployments timed in turns by rank 0 (the headline p50 ratio
     and its interval); every rank gets it."""
     ratio = None
@@ -128,7 +133,7 @@ def _paired_ratio(baseline: Evaluation, deployment, config, threads) -> dict | N
     return distributed.broadcast_object(ratio)
 
 
-def _scores(model, data, config, device, task) -> tuple[float | None, str | None, dict]:
+def _scores(model, data, config, device, task) -> tuple[float | None, dict | None, dict]:
     """The task's metric, the packed per-example rows a paired drop needs, and the metric's
     companions (top-5, pixel accuracy); Nones where evaluate.accuracy is off."""
     if not config.accuracy:
@@ -176,7 +181,7 @@ def _time_runtimes(
     runtimes = {"torch": {"latency_ms": latency, "score": score}}
     wanted = config.runtimes if config.runtimes is not None else available_runtimes()
     others = [r for r in wanted if r != "torch"]
-    modules = {}
+    modules: dict = {}
     if others and device == "cpu":
         runtimes.update(
             measure_runtimes(
@@ -186,7 +191,7 @@ def _time_runtimes(
     elif others:
         notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
     candidates = [r for r in runtimes if r in wanted] or ["torch"]
-    best = min(candidates, key=lambda r: runtimes[r]["latency_ms"]["p50"])
+    best = min(candidates, key=lambda r: runtimes[r]["latency_ms"].p50)
     batch = data.example_input(config.latency_batch_size)
     deployment = (modules[best], batch) if best in modules else (model, batch.to(device))
     return {"runtimes": runtimes, "best": best, "notes": notes}, deployment
@@ -205,8 +210,8 @@ def against_baseline(
     """
     if result.score is not None and baseline.score is not None:
         result.drop = drop = metric_drop(result, baseline, task)
-        changed = drop.get("lost", 0) + drop.get("gained", 0) if "lost" in drop else drop["points"]
-        if drop.get("within_noise") and changed:
+        changed = (drop.lost or 0) + (drop.gained or 0) if drop.lost is not None else drop.points
+        if drop.within_noise and changed:
             result.notes.append(
                 f"its {result.metric} change against the baseline is within noise:"
                 f" {describe_drop(drop)}"
@@ -216,16 +221,15 @@ def against_baseline(
         if row.get("score") is not None and base_score is not None:
             sign = 1.0 if (task or get_task(result.task)).higher_is_better else -1.0
             row["drop_points"] = sign * (base_score - row["score"])
-    ratio = result.latency_ms["p50"] / baseline.latency_ms["p50"]
-    if result.latency_ratio:  # measured side by side: the better estimate
-        ratio = result.latency_ratio["p50"]
-    interval = (result.latency_ratio or {}).get("interval")
-    spread = (
-        f"; 95 % interval {interval[0]:.2f}x to {interval[1]:.2f}x over"
-        f" {result.latency_ratio['rounds']} alternating rounds"
-        if interval
-        else ""
-    )
+    ratio = result.latency_ms.p50 / baseline.latency_ms.p50
+    paired = result.latency_ratio  # measured side by side: the better estimate
+    spread = ""
+    if paired is not None:
+        ratio = paired.p50
+        spread = (
+            f"; 95 % interval {paired.interval[0]:.2f}x to {paired.interval[1]:.2f}x over"
+            f" {paired.rounds} alternating rounds"
+        )
     if ratio >= NOT_FASTER_RATIO:
         reason = f"; {not_faster_reason}" if not_faster_reason else ""
         result.notes.append(
@@ -233,7 +237,7 @@ def against_baseline(
             f" {ratio:.2f}x the baseline's in {baseline.runtime} (each at its fastest) at"
             f" batch {result.batch_size}, {result.threads} threads{spread}{reason}"
         )
-    elif interval and interval[1] >= 1.0:
+    elif paired is not None and paired.interval[1] >= 1.0:
         result.notes.append(f"faster by its median ratio ({ratio:.2f}x) but within noise{spread}")
 
 
@@ -247,7 +251,7 @@ def compare_with_input(result: Evaluation, previous: Evaluation) -> None:
     shape = ("params", "nonzero_params", "macs", "compute_dtype")
     if all(getattr(result, k) == getattr(previous, k) for k in shape):
         return  # the step only trained the weights (distillation into the same network)
-    ratio = result.latency_ms["p50"] / previous.latency_ms["p50"]
+    ratio = result.latency_ms.p50 / previous.latency_ms.p50
     if ratio < NOT_FASTER_RATIO:
         return
     changed = [
@@ -259,49 +263,48 @@ def compare_with_input(result: Evaluation, previous: Evaluation) -> None:
         if theirs  # a model torch's counter finds no MACs in has no ratio to give
     ]
     result.notes.append(
-        f"not faster than its input ({previous.name}): p50 {result.latency_ms['p50']:.3f} ms"
-        f" in {result.runtime} against {previous.latency_ms['p50']:.3f} ms in"
+        f"not faster than its input ({previous.name}): p50 {result.latency_ms.p50:.3f} ms"
+        f" in {result.runtime} against {previous.latency_ms.p50:.3f} ms in"
         f" {previous.runtime} ({ratio:.2f}x, p50s timed apart)"
         + (f"; this step changed {' and '.join(changed)}" if changed else "")
     )
 
 
-def metric_drop(result: Evaluation, reference: Evaluation, task: Task | None = None) -> dict:
+def metric_drop(result: Evaluation, reference: Evaluation, task: Task | None = None) -> Drop:
     """Points of the task's metric ``result`` loses against ``reference`` (negative: a
     gain), paired example by example where both kept their rows, with its 95 % interval:
     exact McNemar for classification (with the images lost and gained), a seeded paired
     bootstrap otherwise (compress.spec.tasks).
 
     Example:
-        >>> metric_drop(quantized, baseline)["interval"]
+        >>> metric_drop(quantized, baseline).interval
     """
     task = task or get_task(reference.task)
     mine, theirs = result.example_rows(), reference.example_rows()
     if mine is not None and theirs is not None and mine.shape == theirs.shape:
         drop = task.drop(theirs, mine)
     else:  # unpaired (an evaluation kept before its rows were): the figure alone
+        assert reference.score is not None and result.score is not None, "no scores to compare"
         sign = 1.0 if task.higher_is_better else -1.0
-        drop = {"points": sign * (reference.score - result.score)}
-    drop["percent"] = 100.0 * drop["points"] / max(abs(reference.score), 1e-9)
-    drop["metric"] = reference.metric
-    return drop
+        drop = Drop(sign * (reference.score - result.score))
+    return drop.about(reference.metric, reference.score)
 
 
-def describe_drop(drop: dict) -> str:
+def describe_drop(drop: Drop) -> str:
     """A drop in words: "loses 0.06 points (95 % interval -0.10 to +0.22; 31 images lost,
     25 gained)"."""
-    verb = "loses" if drop["points"] >= 0 else "gains"
-    text = f"{verb} {abs(drop['points']):.2f} points"
-    if drop.get("metric", "top-1") != "top-1":
-        text += f" of {drop['metric']}"
-    if "interval" in drop:
-        low, high = drop["interval"]
+    verb = "loses" if drop.points >= 0 else "gains"
+    text = f"{verb} {abs(drop.points):.2f} points"
+    if (drop.metric or "top-1") != "top-1":
+        text += f" of {drop.metric}"
+    if drop.interval is not None:
+        low, high = drop.interval
         paired = (
-            f"{drop['lost']} images lost, {drop['gained']} gained"
-            if "lost" in drop
-            else drop.get("method", "paired bootstrap over test examples")
-            .replace("test examples", f"{drop['examples']} test examples")
-            .replace("test batches", f"{drop['examples']} test batches")
+            f"{drop.lost} images lost, {drop.gained} gained"
+            if drop.lost is not None
+            else (drop.method or "paired bootstrap over test examples")
+            .replace("test examples", f"{drop.examples} test examples")
+            .replace("test batches", f"{drop.examples} test batches")
         )
         text += f" (95 % interval {low:+.2f} to {high:+.2f}; {paired})"
     return text

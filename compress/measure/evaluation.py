@@ -4,12 +4,14 @@ report, written to and read back from report.json (old reports included).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
-from compress.core.stats import pack_rows, unpack, unpack_rows
+from compress.core.stats import Drop, pack_rows, unpack, unpack_rows
+from compress.core.storage import as_json
+from compress.measure.latency import Latency, LatencyRatio
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Evaluation:
     macs: int  # multiply-accumulates per image (flops / 2 for conv and matmul)
     memory_access_bytes: int  # weights + activations read and written per image
     compute_dtype: str  # what the MACs run in: float32, int8, ...
-    latency_ms: dict[str, float]  # p50, p90, p99, mean of one call at `batch_size`
+    latency_ms: Latency  # of one call at `batch_size`, in the fastest runtime
     batch_size: int
     threads: int
     throughput_per_s: float  # images per second at `batch_size` (from the p50)
@@ -36,24 +38,23 @@ class Evaluation:
     # of the metric (positive: worse), percent, its 95 % interval, within_noise; exact
     # McNemar with images lost and gained and p_value for classification, a seeded paired
     # bootstrap (examples, resamples) for the other tasks.
-    drop: dict | None = None
+    drop: Drop | None = None
     notes: list[str] = field(default_factory=list)
     details: dict = field(
         default_factory=dict
     )  # what the stage reports itself (per-layer tables, ...)
     # Where `latency_ms` was measured: the fastest of the runtimes below.
     runtime: str = "torch"
-    # runtime -> {latency_ms, score, drop_points, max_abs_diff (logits vs
+    # runtime -> {latency_ms (a Latency), score, drop_points, max_abs_diff (logits vs
     # torch), precision, file, size_bytes}; "torch" is the model as model(x) runs it.
     runtimes: dict[str, dict] = field(default_factory=dict)
     # The task's per-example rows on the test split, in its order (compress.core.stats.pack_rows):
     # what pairs this model's drop with another's.
     examples: dict | None = None
-    # p50 against the baseline's, from alternating rounds in each one's fastest runtime:
-    # {"p50": median round ratio, "interval": [low, high] (95 %), "rounds": n}.
-    latency_ratio: dict | None = None
+    # p50 against the baseline's, from alternating rounds in each one's fastest runtime.
+    latency_ratio: LatencyRatio | None = None
     # The compute-matched control (evaluate.control): the baseline trained for the same
-    # steps as the stages so far; {"steps", "score", "drop": paired, as above}.
+    # steps as the stages so far; {"steps", "score", "drop": a Drop, paired as above}.
     control: dict | None = None
     # The trainings of the step that made this model: {"steps", "config"} each, in order.
     training: list[dict] = field(default_factory=list)
@@ -64,8 +65,9 @@ class Evaluation:
     deployment: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
+        """As report.json holds it: the typed figures as plain JSON values."""
         return {
-            k: v for k, v in asdict(replace(self, deployment=None)).items() if k != "deployment"
+            f.name: as_json(getattr(self, f.name)) for f in fields(self) if f.name != "deployment"
         }
 
     def example_rows(self) -> np.ndarray | None:
@@ -93,4 +95,20 @@ class Evaluation:
             if raw.get("control"):
                 raw["control"] = dict(raw["control"])
                 raw["control"]["score"] = raw["control"].pop("accuracy_top1", None)
-        return cls(**raw)
+        return cls(**_typed(raw))
+
+
+def _typed(raw: dict) -> dict:
+    """report.json's plain values for the typed fields made typed again."""
+    raw["latency_ms"] = Latency.from_dict(raw["latency_ms"])
+    if raw.get("drop") is not None:
+        raw["drop"] = Drop.from_dict(raw["drop"])
+    if raw.get("latency_ratio") is not None:
+        raw["latency_ratio"] = LatencyRatio.from_dict(raw["latency_ratio"])
+    raw["runtimes"] = {
+        name: {**row, "latency_ms": Latency.from_dict(row["latency_ms"])}
+        for name, row in raw.get("runtimes", {}).items()
+    }
+    if raw.get("control") and raw["control"].get("drop") is not None:
+        raw["control"] = {**raw["control"], "drop": Drop.from_dict(raw["control"]["drop"])}
+    return raw

@@ -7,7 +7,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,7 +30,54 @@ ROUND_WARMUP_S = 0.05
 RUNTIME_TOP1_TOLERANCE = 0.1
 
 
-def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None = None) -> dict:
+@dataclass(frozen=True)
+class Latency:
+    """Per-call wall time of one model, in ms, over the timed calls.
+
+    Example:
+        >>> Latency.from_dict({"p50": 0.5, "p90": 0.6, "p99": 0.9, "mean": 0.55}).p50
+        0.5
+    """
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Latency:
+        return cls(*(float(raw[k]) for k in ("p50", "p90", "p99", "mean")))
+
+
+@dataclass(frozen=True)
+class LatencyRatio:
+    """One model's p50 against another's from alternating rounds: the median round ratio,
+    its 95 % interval (distribution-free) and the number of rounds.
+
+    Example:
+        >>> LatencyRatio(0.8, (0.75, 0.86), 9).interval[1] < 1.0   # faster beyond noise
+        True
+    """
+
+    p50: float
+    interval: tuple[float, float]
+    rounds: int
+
+    def to_dict(self) -> dict:
+        return {"p50": self.p50, "interval": list(self.interval), "rounds": self.rounds}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> LatencyRatio:
+        low, high = raw["interval"]
+        return cls(float(raw["p50"]), (float(low), float(high)), int(raw["rounds"]))
+
+
+def paired_latency_ratio(
+    baseline, model, config: EvaluateConfig | dict | None = None
+) -> LatencyRatio:
     """p50 of ``model`` against ``baseline`` from alternating rounds, with a 95 % interval.
 
     Each is a ``(callable, batch)`` pair. Every round times both, in turn (the order
@@ -41,7 +90,7 @@ def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None =
     10-call rounds, 1.13x alone and with the warm-up).
 
     Example:
-        >>> paired_latency_ratio((model, x), (quantized, x))["interval"]
+        >>> paired_latency_ratio((model, x), (quantized, x)).interval
     """
     config = as_config("evaluate", config or {})
     calls = max(10, config.iterations // config.latency_rounds)
@@ -49,12 +98,11 @@ def paired_latency_ratio(baseline, model, config: EvaluateConfig | dict | None =
     for round_ in range(config.latency_rounds):
         order = (baseline, model) if round_ % 2 == 0 else (model, baseline)
         p50 = {
-            id(f): measure_latency(f[0], f[1], 2, calls, warmup_s=ROUND_WARMUP_S)["p50"]
-            for f in order
+            id(f): measure_latency(f[0], f[1], 2, calls, warmup_s=ROUND_WARMUP_S).p50 for f in order
         }
         ratios.append(p50[id(model)] / p50[id(baseline)])
     low, high = median_interval(ratios)
-    return {"p50": float(np.median(ratios)), "interval": [low, high], "rounds": len(ratios)}
+    return LatencyRatio(float(np.median(ratios)), (low, high), len(ratios))
 
 
 def measure_runtimes(
@@ -80,13 +128,13 @@ def measure_runtimes(
     batch = data.example_input(config.latency_batch_size)
     with torch.inference_mode():
         expected = task.output(model(batch)).float()
-    folder = Path(tempfile.mkdtemp(prefix="compress-deploy-")) if deploy_to is None else None
-    rows = {}
+    scratch = Path(tempfile.mkdtemp(prefix="compress-deploy-")) if deploy_to is None else None
+    rows: dict[str, dict] = {}
     try:
         for runtime in runtimes:
             if runtime == "inductor" and getattr(model, "compiles_itself", False):
                 continue  # the torch row already is the compiled model
-            stem = Path(deploy_to) if deploy_to is not None else folder / "model"
+            stem = Path(deploy_to) if deploy_to is not None else cast(Path, scratch) / "model"
             try:
                 module = deployed(model, runtime, threads, batch, stem)
                 latency = measure_latency(module, batch, config.warmup, config.iterations)
@@ -104,22 +152,26 @@ def measure_runtimes(
                 "max_abs_diff": difference,
                 "precision": getattr(module, "precision", "as in torch"),
             }
-            if hasattr(module, "file"):
-                files = deployed_files(module.file)
-                row["file"] = module.file.name if deploy_to is not None else None
-                row["size_bytes"] = sum(f.stat().st_size for f in files)
+            file: Path | None = getattr(module, "file", None)  # a runtime's own model file
+            if file is not None:
+                row["file"] = file.name if deploy_to is not None else None
+                row["size_bytes"] = sum(f.stat().st_size for f in deployed_files(file))
             rows[runtime] = row
             if modules is not None:
                 modules[runtime] = module
-            if score is not None and abs(score - torch_score) > RUNTIME_TOP1_TOLERANCE:
+            if (
+                score is not None
+                and torch_score is not None
+                and abs(score - torch_score) > RUNTIME_TOP1_TOLERANCE
+            ):
                 notes.append(
                     f"{task.metric} in {runtime} is {score - torch_score:+.2f} points from torch's"
                     f" ({score:.2f} vs {torch_score:.2f} %): it runs in {row['precision']},"
                     " with its own rounding of activations"
                 )
     finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
 
@@ -129,12 +181,12 @@ def measure_latency(
     warmup: int = 10,
     iterations: int = 100,
     warmup_s: float = 0.0,
-) -> dict[str, float]:
+) -> Latency:
     """Per-call wall time in ms (p50, p90, p99, mean) after ``warmup`` untimed calls, and
     more of them until ``warmup_s`` seconds have passed.
 
     Example:
-        >>> measure_latency(model, torch.randn(1, 1, 28, 28), iterations=50)["p50"]
+        >>> measure_latency(model, torch.randn(1, 1, 28, 28), iterations=50).p50
     """
     cuda = batch.is_cuda
     with torch.inference_mode():
@@ -153,4 +205,4 @@ def measure_latency(
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1e3)
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(times))}
+    return Latency(float(p50), float(p90), float(p99), float(np.mean(times)))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compress.core import distributed
-from compress.data import Data
+from compress.data import Data, dataset_length
 from compress.spec.tasks import get_task
 
 
@@ -42,15 +42,15 @@ def example_scores(
         >>> get_task(data.task).summarize(rows)
     """
     task = get_task(data.task)
-    rows = []
+    batches = []
     with torch.inference_mode():
         for batch in data.loader(split, shard=shard):
             inputs, targets, _ = task.split(batch)
             output = task.output(model(_to(inputs, device))).float()
-            rows.append(task.scores(output, _to(targets, device)))
-    rows = np.concatenate(rows)
+            batches.append(task.scores(output, _to(targets, device)))
+    rows = np.concatenate(batches)
     if shard:
-        rows = distributed.gather_shards(rows, len(getattr(data, split)))
+        rows = distributed.gather_shards(rows, dataset_length(getattr(data, split)))
     return rows
 
 

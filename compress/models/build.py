@@ -71,7 +71,7 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ModelError(
-            f"model.checkpoint: {path} does not fit model {model.compress_spec['name']!r}:"
+            f"model.checkpoint: {path} does not fit model {getattr(model, 'compress_spec', {}).get('name')!r}:"
             f" {str(error).splitlines()[1].strip() if chr(10) in str(error) else error}"
         ) from None
 

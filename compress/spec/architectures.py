@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from compress.core.errors import ModelError, RecipeError
+from compress.core.traits import set_traits
 
 
 @functools.cache  # read on every ModelConfig built: the list never changes in a process
@@ -53,8 +54,7 @@ def model_from_spec(spec: dict) -> nn.Module:
         model = _from_import_path(name, spec)
     else:
         model = _from_torchvision(name, spec)
-    model.compress_spec = dict(spec)  # type: ignore[assignment]  # torch types it Tensor | Module
-    return model
+    return set_traits(model, compress_spec=dict(spec))
 
 
 def import_factory(path: str, key: str):

@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from compress.core.errors import RecipeError
 from compress.core.registry import DATASETS, STAGES, stage_spec
@@ -395,6 +395,14 @@ def _parse_stage(item: Any, path: str) -> Stage:
     return Stage(kind, parse_config(spec.config, options, f"{path}.{kind}"))
 
 
+@overload
+def as_config(name: Literal["model"], value: Any) -> ModelConfig: ...
+@overload
+def as_config(name: Literal["data"], value: Any) -> DataConfig: ...
+@overload
+def as_config(name: Literal["train"], value: Any) -> TrainConfig: ...
+@overload
+def as_config(name: Literal["evaluate"], value: Any) -> EvaluateConfig: ...
 def as_config(name: str, value: Any) -> Any:
     """One top-level section (``model``, ``data``, ``train``, ``evaluate``) as its config:
     a config is returned as is, a mapping (or a model name) is validated like a recipe's.

@@ -12,12 +12,13 @@ Example:
     >>> task = get_task("segmentation")
     >>> rows = task.scores(model(images), masks)       # one row per image
     >>> task.summarize(rows)["mIoU"]
-    >>> task.drop(baseline_rows, rows)["interval"]      # 95 %, points of mIoU
+    >>> task.drop(baseline_rows, rows).interval        # 95 %, points of mIoU
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -141,11 +142,11 @@ class Task:
     def from_totals(self, totals: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
 
-    def drop(self, baseline: np.ndarray, model: np.ndarray, seed: int = 0) -> dict:
+    def drop(self, baseline: np.ndarray, model: np.ndarray, seed: int = 0) -> stats.Drop:
         """How much worse ``model`` is than ``baseline`` in points of the metric, paired
         example by example, with its 95 % interval (compress.core.stats.paired_bootstrap)."""
         drop = stats.paired_bootstrap(baseline, model, self._headline, self.higher_is_better, seed)
-        return dict(drop, method=self.interval_method)
+        return replace(drop, method=self.interval_method, metric=self.metric)
 
     def _headline(self, totals: np.ndarray) -> np.ndarray:
         """The metric of each row of ``totals`` (resamples x columns); a task overrides it
@@ -195,9 +196,10 @@ class Classification(Task):
 
     def drop(self, baseline, model, seed=0):
         """Exact McNemar on the images whose top-1 verdict flipped (compress.core.stats)."""
-        return stats.paired_drop(
+        drop = stats.paired_drop(
             np.asarray(baseline)[:, 0].astype(bool), np.asarray(model)[:, 0].astype(bool)
         )
+        return replace(drop, metric=self.metric)
 
 
 @register_task("segmentation")

@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ from torch.utils.data import Dataset
 from compress.core.errors import RecipeError
 from compress.core.registry import StageContext, register_stage
 from compress.core.schema import Config, option
-from compress.data import Data
+from compress.core.traits import set_traits
+from compress.data import Data, dataset_length
 from compress.models.build import build_model
 from compress.spec.recipe import ModelConfig, TrainConfig
 from compress.spec.tasks import get_task
@@ -114,7 +116,7 @@ def distill(
     else:
         student = copy.deepcopy(model)
         # The previous stage's remarks describe that stage, not this one's result.
-        student.notes, student.stage_details = [], {}
+        set_traits(student, notes=[], stage_details={})
     device = context.device
     teacher = teacher.to(device).eval()  # runs under no_grad below; its weights untouched
     pairs = [("features", p) for p in config.features] + [
@@ -125,28 +127,28 @@ def distill(
     task = get_task(data.task)
     with torch.inference_mode():
         output_bytes = task.output(teacher(example.to(device)))[0].numel() * 4
-    cached = output_bytes * len(data.train) <= MAX_CACHED_TEACHER_BYTES
+    cached = output_bytes * dataset_length(data.train) <= MAX_CACHED_TEACHER_BYTES
 
     def kd(output, teacher_output, targets):
         return task.distill_loss(output, teacher_output, targets, config.temperature, config.alpha)
 
+    def from_cache(net, inputs, targets, teacher_output):
+        output = task.output(net(inputs))
+        return kd(output, teacher_output, targets), output
+
+    def from_teacher(net, inputs, targets):
+        with torch.no_grad():  # the teacher only gives targets
+            teacher_output = task.output(teacher(inputs))
+        output = task.output(net(inputs))
+        return kd(output, teacher_output, targets) + wrapped.layer_loss(), output
+
+    loss_fn: Callable[..., Any] = from_teacher
     if not pairs and config.cache_teacher and config.train.augment == "none" and cached:
         # The teacher's outputs, once: every later epoch costs the student alone.
         data = dataclasses.replace(
             data, train=_WithTargets(data.train, _teacher_outputs(teacher, data, device))
         )
-
-        def loss_fn(net, inputs, targets, teacher_output):
-            output = task.output(net(inputs))
-            return kd(output, teacher_output, targets), output
-
-    else:
-
-        def loss_fn(net, inputs, targets, *_):
-            with torch.no_grad():  # the teacher only gives targets
-                teacher_output = task.output(teacher(inputs))
-            output = task.output(net(inputs))
-            return kd(output, teacher_output, targets) + wrapped.layer_loss(), output
+        loss_fn = from_cache
 
     try:
         train(wrapped, data, config.train, loss_fn=loss_fn, desc="distill", context=context)
@@ -171,7 +173,7 @@ class _StudentWithAdapters(nn.Module):
         self.student = student
         self.pairs = pairs
         self.adapters = nn.ModuleDict()
-        self._captured: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self._captured: dict[str, dict[int, torch.Tensor]] = {"student": {}, "teacher": {}}
         self._hooks = []
         for side, net in (("student", student), ("teacher", teacher)):
             modules = dict(net.named_modules())
@@ -216,13 +218,13 @@ class _StudentWithAdapters(nn.Module):
 
     def layer_loss(self) -> torch.Tensor | float:
         """The weighted hint and attention losses of the last forward pass."""
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for i, (kind, pair) in enumerate(self.pairs):
             s, t = self._captured["student"][i], self._captured["teacher"][i].float()
             if str(i) in self.adapters:
                 s = self.adapters[str(i)](s)
             if s.ndim == 4 and s.shape[-2:] != t.shape[-2:]:  # compare at the smaller size
-                size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:], strict=True))
+                size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
                 s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
             if kind == "features":
                 total = total + pair.weight * F.mse_loss(s.float(), t)
@@ -242,7 +244,7 @@ class _WithTargets(Dataset):
         self.base, self.targets = base, targets
 
     def __len__(self) -> int:
-        return len(self.base)
+        return dataset_length(self.base)
 
     def __getitem__(self, index: int):
         return (*self.base[index], self.targets[index])

@@ -17,7 +17,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from compress.core.errors import RecipeError
 from compress.core.modules import forward_with_hooks, matching_modules
 from compress.core.registry import StageContext, register_stage
 from compress.core.schema import Config, option
+from compress.core.traits import set_traits
 from compress.data import Data
 from compress.measure.counts import count_flops
 from compress.models.artifact import mark_changed, register_architecture_change
@@ -66,13 +67,14 @@ def separable_fit(conv: nn.Conv2d) -> tuple[nn.Sequential, float]:
     u, s, vh = torch.linalg.svd(slices, full_matrices=False)
     scale = s[:, 0].sqrt()
     pair = _separable(conv)
+    depthwise, pointwise = cast(nn.Conv2d, pair[0]), cast(nn.Conv2d, pair[1])
     with torch.no_grad():
-        pair[0].weight.copy_((vh[:, 0, :] * scale[:, None]).view(in_channels, 1, kh, kw))
-        pair[1].weight.copy_(
+        depthwise.weight.copy_((vh[:, 0, :] * scale[:, None]).view(in_channels, 1, kh, kw))
+        pointwise.weight.copy_(
             (u[:, :, 0] * scale[:, None]).t().reshape(out_channels, in_channels, 1, 1)
         )
-        if conv.bias is not None:
-            pair[1].bias.copy_(conv.bias.detach())
+        if conv.bias is not None and pointwise.bias is not None:
+            pointwise.bias.copy_(conv.bias.detach())
     error = (s[:, 1:].pow(2).sum().sqrt() / w.norm()).item()
     return pair.to(conv.weight.dtype), error
 
@@ -82,11 +84,12 @@ def svd_fit(linear: nn.Linear, rank: int) -> tuple[nn.Sequential, float]:
     u, s, vh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
     pair = _thin(linear.in_features, linear.out_features, rank, linear.bias is not None)
     root = s[:rank].sqrt()
+    first, second = cast(nn.Linear, pair[0]), cast(nn.Linear, pair[1])
     with torch.no_grad():
-        pair[0].weight.copy_(vh[:rank] * root[:, None])
-        pair[1].weight.copy_(u[:, :rank] * root[None, :])
-        if linear.bias is not None:
-            pair[1].bias.copy_(linear.bias.detach())
+        first.weight.copy_(vh[:rank] * root[:, None])
+        second.weight.copy_(u[:, :rank] * root[None, :])
+        if linear.bias is not None and second.bias is not None:
+            second.bias.copy_(linear.bias.detach())
     error = (s[rank:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()).item()
     return pair, error
 
@@ -141,15 +144,19 @@ def factorize(
         )
     if not rows:
         log.warning("factorize: no layer qualified; the model is unchanged")
-    model.compress_replacements = records
+    set_traits(model, compress_replacements=records)
     if records:
         mark_changed(model, "replacements")
     macs_after = count_flops(model, example) // 2
-    model.stage_details = {"layers": rows, "macs_ratio": macs_after / total_macs}
-    model.notes = [
-        f"{len(rows)} layers factorized; MACs {macs_after / total_macs:.2f}x the input model's."
-        " The fit is approximate: a distill stage after this one recovers the accuracy"
-    ]
+    set_traits(
+        model,
+        stage_details={"layers": rows, "macs_ratio": macs_after / total_macs},
+        notes=[
+            f"{len(rows)} layers factorized; MACs {macs_after / total_macs:.2f}x the input"
+            " model's. The fit is approximate: a distill stage after this one recovers the"
+            " accuracy"
+        ],
+    )
     return model.eval()
 
 
@@ -215,7 +222,7 @@ def apply_replacements(model: nn.Module, records: list[dict]) -> None:
                 record["in_features"], record["out_features"], record["rank"], record["bias"]
             )
         _replace(model, record["name"], replacement)
-    model.compress_replacements = list(records)
+    set_traits(model, compress_replacements=list(records))
 
 
 def _separable(conv: nn.Conv2d) -> nn.Sequential:
@@ -223,10 +230,10 @@ def _separable(conv: nn.Conv2d) -> nn.Sequential:
         nn.Conv2d(
             conv.in_channels,
             conv.in_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
+            cast(tuple[int, int], conv.kernel_size),
+            cast(tuple[int, int], conv.stride),
+            cast(tuple[int, int], conv.padding),
+            cast(tuple[int, int], conv.dilation),
             groups=conv.in_channels,
             bias=False,
         ),

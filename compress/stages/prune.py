@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
@@ -34,6 +35,7 @@ from compress.core.errors import PruningError
 from compress.core.modules import forward_with_hooks, matching_modules
 from compress.core.registry import StageContext, register_stage
 from compress.core.schema import Config, FieldError, option
+from compress.core.traits import add_note, set_traits
 from compress.data import Data
 from compress.measure.counts import count_flops
 from compress.measure.latency import measure_latency
@@ -46,7 +48,7 @@ log = logging.getLogger("compress")
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 # A fine-tune after pruning: off unless asked (epochs: N), then a cosine decay from 0.01.
-PRUNE_TRAINING = {"epochs": 0, "lr": 0.01, "schedule": "cosine"}
+PRUNE_TRAINING: dict[str, Any] = {"epochs": 0, "lr": 0.01, "schedule": "cosine"}
 MAGNITUDE, STRUCTURED = ("magnitude",), ("structured",)
 TARGETS = ("ratio", "target_macs", "target_latency_ms")
 DEFAULT_RATIO = 0.5  # structured, when no target is given
@@ -136,8 +138,8 @@ def ignored_modules(
     if patterns:
         return matching_modules(model, patterns, key="prune.ignore")
     if example is None:
-        heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        return heads[-1:]
+        linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        return linear[-1:]
     order: list[tuple[str, int]] = []
 
     def record(name, module):
@@ -152,7 +154,7 @@ def ignored_modules(
         return []
     last, _ = order[-1]
     width = output.shape[1] if isinstance(output, torch.Tensor) and output.ndim > 1 else None
-    heads = {n for n, channels in order if channels == width} if width else set()
+    heads = {n for n, channels in order if channels == width and width}
     return [last, *sorted(heads - {last})]
 
 
@@ -178,7 +180,7 @@ def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:
 
 
 def _magnitude(
-    model: nn.Module, data: Data, config: PruneConfig, context: StageContext | None
+    model: nn.Module, data: Data, config: PruneConfig, context: StageContext
 ) -> nn.Module:
     original = copy.deepcopy(model)
     skipped = set(ignored_modules(model, config.ignore)) if config.ignore else set()
@@ -197,18 +199,23 @@ def _magnitude(
     for _, module in layers:
         torch_prune.remove(module, "weight")  # masks made permanent: plain weights remain
     model.eval()
-    model.stage_details = {"layers": layer_table(original, model)}
     dense_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
-    model.notes = [
-        f"unstructured sparsity: dense kernels multiply the zeros too, so there is no latency"
-        f" gain; the weights are {dense_mb:.2f} MB dense, and the artifact (the size column)"
-        " stores only the non-zero ones"
-    ]
+    set_traits(
+        model,
+        stage_details={"layers": layer_table(original, model)},
+        notes=[
+            f"unstructured sparsity: dense kernels multiply the zeros too, so there is no"
+            f" latency gain; the weights are {dense_mb:.2f} MB dense, and the artifact (the"
+            " size column) stores only the non-zero ones"
+        ],
+    )
     return model
 
 
 def _apply_magnitude_masks(
-    layers: list[tuple[str, nn.Module]], sparsity: float, scope: str
+    layers: Sequence[tuple[str, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear]],
+    sparsity: float,
+    scope: str,
 ) -> None:
     weights = [m.weight.detach().abs() for _, m in layers]
     if scope == "global":
@@ -233,7 +240,7 @@ def _sparsity(weight: torch.Tensor) -> float:
 
 
 def _structured(
-    model: nn.Module, data: Data, config: PruneConfig, context: StageContext | None
+    model: nn.Module, data: Data, config: PruneConfig, context: StageContext
 ) -> nn.Module:
     original = copy.deepcopy(model)
     example = data.example_input(1)
@@ -249,7 +256,8 @@ def _structured(
     searching = config.target_macs is not None or config.target_latency_ms is not None
     steps = 50 if searching else config.iterative_steps
     # torch-pruning caps layers at max_pruning_ratio in global pruning only: cap here too.
-    ratio = config.max_layer_ratio if searching else min(config.ratio, config.max_layer_ratio)
+    asked = config.ratio if config.ratio is not None else DEFAULT_RATIO  # set by the config
+    ratio = config.max_layer_ratio if searching else min(asked, config.max_layer_ratio)
     try:
         pruner = tp.pruner.BasePruner(
             model,
@@ -271,8 +279,7 @@ def _structured(
         )
         if config.on_unprunable == "skip":
             log.warning("prune: %s; left unpruned (on_unprunable: skip)", message)
-            original.notes = [f"left unpruned (on_unprunable: skip): {message}"]
-            return original
+            return set_traits(original, notes=[f"left unpruned (on_unprunable: skip): {message}"])
         raise PruningError(
             f"{message} (set on_unprunable: skip to go on without pruning)"
         ) from None
@@ -284,15 +291,14 @@ def _structured(
     if config.fine_tune.epochs or config.fine_tune.max_steps:
         train(model, data, config.fine_tune, desc="fine-tune", context=context)
     mark_changed(model, "shapes")
-    model.stage_details = {
-        "layers": layer_table(original, model),
-        "macs_ratio": count_flops(model, example) / base_flops,
-    }
-    model.notes = []
-    if not searching and config.ratio > config.max_layer_ratio:
-        model.notes.append(
+    macs_ratio = count_flops(model, example) / base_flops
+    details = {"layers": layer_table(original, model), "macs_ratio": macs_ratio}
+    set_traits(model, stage_details=details, notes=[])
+    if not searching and asked > config.max_layer_ratio:
+        add_note(
+            model,
             f"ratio={config.ratio} is more than max_layer_ratio={config.max_layer_ratio}:"
-            f" each layer lost {config.max_layer_ratio} of its channels"
+            f" each layer lost {config.max_layer_ratio} of its channels",
         )
     if not reached:
         target = (
@@ -300,10 +306,11 @@ def _structured(
             if config.target_macs is not None
             else f"target_latency_ms={config.target_latency_ms}"
         )
-        model.notes.append(
+        add_note(
+            model,
             f"{target} not reached with every layer pruned up to max_layer_ratio="
-            f"{config.max_layer_ratio}: MACs are {model.stage_details['macs_ratio']:.2f}x"
-            " the baseline's"
+            f"{config.max_layer_ratio}: MACs are {macs_ratio:.2f}x"
+            " the baseline's",
         )
     return model
 
@@ -321,7 +328,7 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
         if config.target_macs is not None:
             reached = count_flops(model, example) <= config.target_macs * base_flops
         if config.target_latency_ms is not None:
-            p50 = measure_latency(model.eval(), example, warmup=3, iterations=30)["p50"]
+            p50 = measure_latency(model.eval(), example, warmup=3, iterations=30).p50
             log.info(
                 "prune step %d: p50 %.3f ms (target %.3f)", step, p50, config.target_latency_ms
             )

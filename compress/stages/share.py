@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from compress.core.modules import matching_modules
 from compress.core.registry import StageContext, register_stage
 from compress.core.schema import Config, option
+from compress.core.traits import set_traits
 from compress.data import Data
 from compress.spec.recipe import TrainConfig
 from compress.training.train import train
@@ -31,7 +32,7 @@ log = logging.getLogger("compress")
 
 # How weight sharing fine-tunes its codebooks by default: Adam, because each centroid's
 # gradient is the sum over every weight in its cluster (thousands), which SGD would overshoot.
-SHARE_TRAINING = {
+SHARE_TRAINING: dict[str, Any] = {
     "epochs": 1,
     "optimizer": "adamw",
     "lr": 1e-4,
@@ -113,6 +114,9 @@ class SharedWeight(nn.Module):
     With ``keep_zero`` the codebook's entry 0 is pinned to 0 (pruned weights stay pruned).
     """
 
+    indices: torch.Tensor  # buffers: each weight's codebook entry, and the pinned entries
+    pin: torch.Tensor
+
     def __init__(self, indices: torch.Tensor, size: int, keep_zero: bool):
         super().__init__()
         self.register_buffer("indices", indices.to(torch.uint8 if size <= 256 else torch.int64))
@@ -149,7 +153,8 @@ def share(
     """
     model = copy.deepcopy(model).cpu().eval()
     skipped = set(matching_modules(model, config.skip, key="share.skip")) if config.skip else set()
-    rows, shared = [], []
+    rows: list[dict] = []
+    shared = []
     for name, module in model.named_modules():
         bits = _bits(module, config)
         if bits is None or name in skipped:
@@ -192,12 +197,16 @@ def share(
     for row in rows:
         row["unique_values"] = int(torch.unique(modules[row["layer"]].weight.detach()).numel())
     model.eval()
-    model.stage_details = {"layers": rows}
     widths = ", ".join(f"{b}-bit" for b in sorted({r["bits"] for r in rows}))
-    model.notes = [
-        f"{len(rows)} layers share {widths} codebooks; the artifact stores codebooks plus LZMA-coded indices, and the kernels"
-        " still compute in float32, so there is no latency gain"
-    ]
+    set_traits(
+        model,
+        stage_details={"layers": rows},
+        notes=[
+            f"{len(rows)} layers share {widths} codebooks; the artifact stores codebooks plus"
+            " LZMA-coded indices, and the kernels still compute in float32, so there is no"
+            " latency gain"
+        ],
+    )
     log.info("share: %d layers clustered", len(rows))
     return model
 

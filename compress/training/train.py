@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ class _Phase:
     checkpoint: Path | None
     total_steps: int
     micro_batches: int  # per epoch
-    progress: tqdm | None = None
+    progress: Any = None  # the phase's tqdm bar, made when the phase starts
     step: int = 0
     # the best validation score so far (times +1 or -1: higher is better), its epoch, weights
     best: dict = dataclasses.field(
@@ -247,7 +248,7 @@ def _epoch(run: _Phase, epoch: int) -> tuple[torch.Tensor, list]:
         else:
             images = augment(images, config.augment, config.crop_padding, draws)
         images, labels = images.to(run.device), labels.to(run.device)
-        extra = [e.to(run.device) for e in extra]
+        extra = tuple(e.to(run.device) for e in extra)
         # The last micro-batch of a step (or of the epoch) steps the optimizer; the ones
         # before it only add their gradients, without a DDP exchange (no_sync).
         stepping = (index + 1) % config.accumulate == 0 or index + 1 == run.micro_batches
@@ -256,7 +257,7 @@ def _epoch(run: _Phase, epoch: int) -> tuple[torch.Tensor, list]:
         group_start = index - index % config.accumulate
         in_step = min(config.accumulate, run.micro_batches - group_start)
         exchange = stepping or net is model  # no_sync defers DDP's gradient exchange
-        with contextlib.nullcontext() if exchange else net.no_sync():
+        with contextlib.nullcontext() if exchange else cast(DistributedDataParallel, net).no_sync():
             with torch.autocast("cuda", dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                 loss, logits = run.loss_fn(net, images, labels, *extra)
             if not torch.isfinite(loss):
@@ -317,9 +318,9 @@ def _end_epoch(run: _Phase, epoch: int, loss: torch.Tensor, seen: list) -> None:
             "state": cpu_state(model) if keep else None,
         }
         if run.checkpoint is not None and distributed.is_main():
+            best_state = run.best["state"]
             write_atomic(
-                run.checkpoint.with_name("best.pt"),
-                lambda tmp, state=run.best["state"]: torch.save(state, tmp),
+                run.checkpoint.with_name("best.pt"), lambda tmp: torch.save(best_state, tmp)
             )
     if run.checkpoint is not None:
         if distributed.is_main():

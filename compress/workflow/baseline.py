@@ -69,11 +69,11 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
     checkpoints = cached.with_name(cached.name + ".training")
     config = recipe.train
     # A cooldown after a schedule already trained (cached or shipped) trains only itself.
-    scheduled = _scheduled_baseline(recipe)
-    if scheduled is not None:
+    scheduled, cooldown = _scheduled_baseline(recipe), cooldown_config(recipe.train)
+    if scheduled is not None and cooldown is not None:
         log.info("the schedule's baseline is %s: training only its cooldown", scheduled)
         model = load_own(scheduled, recipe)
-        config = cooldown_config(recipe.train)
+        config = cooldown
     with memory_guard(f"training the baseline {recipe.model.name}"):
         model = train(
             model,

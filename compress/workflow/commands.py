@@ -233,7 +233,7 @@ def _export(args) -> int:
                 " integers, e.g. 1,28,28"
             )
     else:
-        shape = read_manifest(folder).get("input_shape")
+        shape = list(read_manifest(folder).get("input_shape") or [])
         if not shape:
             raise RecipeError(
                 f"export: {folder} does not record its input shape; pass --input-shape C,H,W"

@@ -42,6 +42,8 @@ def compute_matched_control(
         device=device, seed=recipe.seed, checkpoints=run_dir / "checkpoints" / "control"
     )
     control_rows = report.baseline.example_rows()
+    if control_rows is None:  # evaluate.accuracy off: the baseline kept none
+        control_rows = example_scores(model, data, device)
     task = get_task(data.task)
     steps = 0
     for evaluation in report.evaluations[1:]:
@@ -58,10 +60,10 @@ def compute_matched_control(
         steps = sum(t["steps"] for t in context.budget)
         if evaluation.training:
             control_rows = example_scores(model, data, device)
-        matched = {"steps": steps, "score": task.summarize(control_rows)[task.metric]}
+        matched: dict = {"steps": steps, "score": task.summarize(control_rows)[task.metric]}
         mine = evaluation.example_rows()
         if mine is not None and mine.shape == control_rows.shape:
-            matched["drop"] = dict(task.drop(control_rows, mine), metric=task.metric)
+            matched["drop"] = task.drop(control_rows, mine)
             _say_against_control(evaluation, matched)
         evaluation.control = matched
     with memory_guard(f"evaluating the control of {recipe.model.name}"):
@@ -80,13 +82,13 @@ def _say_against_control(evaluation: Evaluation, matched: dict) -> None:
     """A step's gain over the baseline is credited to compression only where it beats the
     compute-matched control."""
     drop = matched["drop"]
-    over_baseline = (evaluation.drop or {}).get("points")
+    over_baseline = evaluation.drop.points if evaluation.drop else None
     text = (
         f"against the compute-matched control (the baseline trained {matched['steps']} more"
         f" steps: {evaluation.metric} {matched['score']:.2f}) it {describe_drop(drop)}"
     )
-    if over_baseline is not None and over_baseline < 0 and not drop["points"] < 0:
+    if over_baseline is not None and over_baseline < 0 and not drop.points < 0:
         text += ": its gain over the baseline comes from the extra training, not from compression"
-    elif over_baseline is not None and over_baseline < 0 and drop["within_noise"]:
+    elif over_baseline is not None and over_baseline < 0 and drop.within_noise:
         text += ": its gain over the control is within noise"
     evaluation.notes.append(text)

@@ -27,17 +27,23 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 SECTIONS = [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)]
 
 
+def _doc(cls: type) -> str:
+    """A class's docstring on one line (every config has one)."""
+    return " ".join((cls.__doc__ or "").split())
+
+
 def field_comments(cls: type) -> dict[str, str]:
     """Each field's comment: the ``#`` lines right above it plus its trailing comment."""
     lines, start = inspect.getsourcelines(cls)
     source = textwrap.dedent("".join(lines))
     tree = ast.parse(source).body[0]
+    assert isinstance(tree, ast.ClassDef), f"{cls.__name__}'s source is not a class"
     text = source.splitlines()
     comments = {}
     for node in tree.body:
-        if not isinstance(node, ast.AnnAssign):
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
-        above = []
+        above: list[str] = []
         row = node.lineno - 2
         while row >= 0 and text[row].strip().startswith("#"):
             above.insert(0, text[row].strip().lstrip("#").strip())
@@ -119,11 +125,15 @@ def _table(cls: type, prefix: str, with_methods: bool) -> list[str]:
         rows.append(f"| {' | '.join(cells)} |")
         inner = typing.get_args(hint) or (hint,)
         for candidate in inner:
-            if dataclasses.is_dataclass(candidate) and candidate not in {*SECTION_TYPES, Stage}:
+            if (
+                isinstance(candidate, type)
+                and dataclasses.is_dataclass(candidate)
+                and candidate not in {*SECTION_TYPES, Stage}
+            ):
                 nested.append((candidate, f"{prefix}{spec.name}"))
     out = [*rows, ""]
     for candidate, where in nested:
-        out += [f"`{where}` ({candidate.__name__}): {' '.join(candidate.__doc__.split())}", ""]
+        out += [f"`{where}` ({candidate.__name__}): {_doc(candidate)}", ""]
         out += _table(candidate, f"{where}.", False)
     return out
 
@@ -151,7 +161,7 @@ def recipes_markdown() -> str:
         lines += [
             f"## `{name}`",
             "",
-            cls.__doc__.splitlines()[0],
+            (cls.__doc__ or "").splitlines()[0],
             "",
             *_table(cls, f"{name}.", False),
         ]
@@ -168,7 +178,7 @@ def recipes_markdown() -> str:
     for name, stage in STAGES.items():
         methods = ", ".join(f"`{m}`" for m in stage.methods)
         final = " It ends a chain: no stage may follow it." if stage.final else ""
-        doc = " ".join(stage.config.__doc__.split())
+        doc = _doc(stage.config)
         lines += [f"### `{name}`", "", f"{doc} Methods: {methods}.{final}", ""]
         lines += _table(stage.config, "", len(stage.methods) > 1)
     return "\n".join(lines).rstrip() + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def resolve_device(device: str) -> str:
 def run(
     recipe: Recipe | str | Path,
     out: str | Path | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     resume: str | Path | None = None,
 ) -> Report:
     """Run a recipe end to end and return its report; writes the run directory.
@@ -62,7 +63,7 @@ def run(
 
     Example:
         >>> report = run("recipes/resnet_int8.yaml")
-        >>> report.final.latency_ms["p50"] / report.baseline.latency_ms["p50"]
+        >>> report.final.latency_ms.p50 / report.baseline.latency_ms.p50
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -228,8 +229,8 @@ def _check_targets(recipe: Recipe, report: Report) -> None:
     final = report.final
     if limit is None or final is report.baseline or not final.drop:
         return
-    if final.drop["points"] > limit:
+    if final.drop.points > limit:
         report.notes.append(
             f"{final.name} misses evaluate.max_accuracy_drop={limit}:"
-            f" it loses {final.drop['points']:.2f} points"
+            f" it loses {final.drop.points:.2f} points"
         )

@@ -52,7 +52,7 @@ def chain_chart(evaluations: list, path: str | Path, title: str) -> Path | None:
     accuracy_axis.set_ylabel(f"{metric} (test split)", color="tab:blue")
     latency_axis = accuracy_axis.twinx()
     latency_axis.plot(
-        steps, [e.latency_ms["p50"] for e in evaluations], "s--", color="tab:red", label="p50 ms"
+        steps, [e.latency_ms.p50 for e in evaluations], "s--", color="tab:red", label="p50 ms"
     )
     latency_axis.set_ylabel(f"p50 latency (ms, batch {evaluations[0].batch_size})", color="tab:red")
     latency_axis.set_ylim(bottom=0)

@@ -53,16 +53,15 @@ class Report:
         base = self.baseline
         rows = []
         for e in self.rows_evaluated:
-            drop = e.drop or {}
-            control = (e.control or {}).get("drop") or {}
+            drop, control = e.drop, (e.control or {}).get("drop")
             rows.append(
                 {
                     "step": e.name,
                     _metric_column(base): num(e.score, ".2f"),
-                    "drop pts": num(drop.get("points"), "+.2f") if e is not base else "",
-                    "95 % CI": interval(drop.get("interval"), "+.2f"),
+                    "drop pts": num(drop.points, "+.2f") if drop and e is not base else "",
+                    "95 % CI": interval(drop.interval if drop else None, "+.2f"),
                     "lost/gained": flips(drop),
-                    "drop vs control": num(control.get("points"), "+.2f") if control else "",
+                    "drop vs control": num(control.points, "+.2f") if control else "",
                     "size MB": f"{e.size_bytes / 1e6:.2f}",
                     "size x": ratio(e.size_bytes, base.size_bytes),
                     "params": count(e.params),
@@ -71,9 +70,9 @@ class Report:
                     "MACs x": ratio(e.macs, base.macs),
                     "mem access MB": f"{e.memory_access_bytes / 1e6:.2f}",
                     "runtime": e.runtime,
-                    "p50 ms": f"{e.latency_ms['p50']:.3f}",
-                    "p90 ms": f"{e.latency_ms['p90']:.3f}",
-                    "p99 ms": f"{e.latency_ms['p99']:.3f}",
+                    "p50 ms": f"{e.latency_ms.p50:.3f}",
+                    "p90 ms": f"{e.latency_ms.p90:.3f}",
+                    "p99 ms": f"{e.latency_ms.p99:.3f}",
                     "p50 x": _latency_ratio(e, base),
                     "img/s": f"{e.throughput_per_s:.0f}",
                     "torch p50 ms": num(_runtime_p50(e, "torch"), ".3f"),
@@ -126,7 +125,7 @@ class Report:
     def _profile_section(self) -> list[str]:
         """Where the time goes: each profiled model against this machine's peaks, and its
         costliest layers."""
-        out = []
+        out: list[str] = []
         profiled = [e for e in self.evaluations if e.details.get("profile")]
         if not profiled:
             return out
@@ -196,8 +195,8 @@ class Report:
             [
                 e.name,
                 name,
-                f"{r['latency_ms']['p50']:.3f}",
-                ratio(r["latency_ms"]["p50"], self.baseline.latency_ms["p50"]),
+                f"{r['latency_ms'].p50:.3f}",
+                ratio(r["latency_ms"].p50, self.baseline.latency_ms.p50),
                 num(r.get("score"), ".2f"),
                 num(r.get("drop_points"), "+.2f"),
                 num(r.get("max_abs_diff"), ".2g"),
@@ -281,14 +280,14 @@ def _metric_column(evaluation: Evaluation) -> str:
 
 def _runtime_p50(e: Evaluation, runtime: str) -> float | None:
     row = e.runtimes.get(runtime)
-    return row["latency_ms"]["p50"] if row else None
+    return row["latency_ms"].p50 if row else None
 
 
 def _latency_ratio(e: Evaluation, base: Evaluation) -> str:
     """The paired ratio with its interval where the run timed both side by side."""
     if e.latency_ratio:
-        return f"{e.latency_ratio['p50']:.2f} {interval(e.latency_ratio['interval'], '.2f')}"
-    return ratio(e.latency_ms["p50"], base.latency_ms["p50"])
+        return f"{e.latency_ratio.p50:.2f} {interval(e.latency_ratio.interval, '.2f')}"
+    return ratio(e.latency_ms.p50, base.latency_ms.p50)
 
 
 def profile_markdown(result: dict) -> str:

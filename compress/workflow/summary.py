@@ -58,31 +58,31 @@ def summarize(reports: list[Report]) -> list[dict]:
     Example:
         >>> rows = summarize([Report.read(d) for d in ["runs/a", "runs/b"]])
     """
-    rows, baselines = [], {}
+    rows: list[dict] = []
+    baselines: dict[tuple, dict] = {}
     for report in reports:
         base, final = report.baseline, report.final
-        drop = final.drop or {}
-        control = final.control or {}
+        drop, control = final.drop, final.control or {}
+        paired = final.latency_ratio
         rows.append(
             {
                 "run": report.run_dir.name if report.run_dir else report.recipe,
                 "chain": " → ".join(e.name for e in report.evaluations[1:]) or "baseline",
                 "metric": final.metric,
                 "score": final.score,
-                "drop_pts": drop.get("points"),
-                "drop_ci": interval(drop.get("interval"), "+.2f"),
+                "drop_pts": drop.points if drop else None,
+                "drop_ci": interval(drop.interval if drop else None, "+.2f"),
                 "lost_gained": flips(drop),
                 "control_score": control.get("score") if control.get("steps") else None,
-                "drop_vs_control": (control.get("drop") or {}).get("points")
-                if control.get("steps")
+                "drop_vs_control": control["drop"].points
+                if control.get("steps") and control.get("drop")
                 else None,
-                "p50_ms": final.latency_ms["p50"],
+                "p50_ms": final.latency_ms.p50,
                 "runtime": final.runtime,
                 "size_mb": final.size_bytes / 1e6,
                 "macs_m": final.macs / 1e6,
-                "p50_x": (final.latency_ratio or {}).get("p50")
-                or final.latency_ms["p50"] / base.latency_ms["p50"],
-                "p50_x_ci": interval((final.latency_ratio or {}).get("interval"), ".2f"),
+                "p50_x": paired.p50 if paired else final.latency_ms.p50 / base.latency_ms.p50,
+                "p50_x_ci": interval(paired.interval if paired else None, ".2f"),
                 "size_x": final.size_bytes / base.size_bytes if base.size_bytes else None,
                 "macs_x": final.macs / base.macs if base.macs else None,
                 "baseline_score": base.score,
@@ -96,7 +96,7 @@ def summarize(reports: list[Report]) -> list[dict]:
                 "run": f"baseline ({base.params / 1e6:.1f}M params)",
                 "metric": base.metric,
                 "score": base.score,
-                "p50_ms": base.latency_ms["p50"],
+                "p50_ms": base.latency_ms.p50,
                 "size_mb": base.size_bytes / 1e6,
                 "baseline": True,
                 "description": report.environment.get("baseline", "not recorded"),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from compress.core.stats import Drop
+
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     """The lines of a markdown table (cells already formatted as text).
@@ -23,14 +27,14 @@ def cell(column: str, value) -> str:
     return str(value)
 
 
-def interval(bounds: list[float] | None, fmt: str) -> str:
+def interval(bounds: Sequence[float] | None, fmt: str) -> str:
     if not bounds:
         return ""
     return f"[{format(bounds[0], fmt)}, {format(bounds[1], fmt)}]"
 
 
-def flips(drop: dict) -> str:
-    return f"{drop['lost']}/{drop['gained']}" if "lost" in drop else ""
+def flips(drop: Drop | None) -> str:
+    return f"{drop.lost}/{drop.gained}" if drop and drop.lost is not None else ""
 
 
 def num(value: float | None, fmt: str) -> str:

@@ -67,8 +67,9 @@ def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        if hasattr(model, "save_artifact"):
-            manifest = model.save_artifact(staging, example)
+        saves_itself = getattr(model, "save_artifact", None)  # a kind that saves itself
+        if saves_itself is not None:
+            manifest = saves_itself(staging, example)
         elif hasattr(model, "compress_spec"):
             manifest = save_state(model, staging)
         else:

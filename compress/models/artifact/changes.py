@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from compress.core.traits import set_traits
+
 
 @dataclass(frozen=True)
 class ArchitectureChange:
@@ -44,7 +46,7 @@ def register_architecture_change(key: str, capture, order: int):
 
 def mark_changed(model: nn.Module, key: str) -> None:
     """Record on ``model`` that its layers went through the registered change ``key``."""
-    model.compress_changes = [*getattr(model, "compress_changes", []), key]
+    set_traits(model, compress_changes=[*getattr(model, "compress_changes", []), key])
 
 
 def architecture_changes(model: nn.Module) -> dict:

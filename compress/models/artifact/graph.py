@@ -66,7 +66,8 @@ def save_graph(
         ).module()
     parameters = {n for n, _ in module.named_parameters()}
     index: dict[torch.fx.Node, int] = {}
-    nodes, tensors = [], {}
+    nodes: list[dict] = []
+    tensors: dict = {}
     for node in module.graph.nodes:
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             continue  # export's input-shape guard, generated code: the graph needs none
@@ -118,7 +119,9 @@ def load_graph(file: Path) -> torch.fx.GraphModule:
     ceiling = min(GRAPH_NODES_PER_TENSOR * len(tensors) + GRAPH_BASE_NODES, MAX_GRAPH_NODES)
     _check_node_count(len(nodes), ceiling, f" for its {len(tensors)} tensors", file)
     parameters = set(stored.get("parameters") or [])
-    graph, made, root = torch.fx.Graph(), [], {}
+    graph = torch.fx.Graph()
+    made: list[torch.fx.Node] = []
+    root: dict[str, torch.Tensor] = {}
     values = [GRAPH_VALUES_PER_NODE * len(nodes)]  # argument values left to decode
     try:
         for entry in nodes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import lzma
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ def save_state(model: nn.Module, folder: Path, name: str = "weights.pt") -> dict
         else:
             state[key] = tensor
     torch.save(state, folder / name)
-    manifest = {"kind": "state_dict", "file": name, "spec": model.compress_spec}
+    manifest: dict[str, Any] = {"kind": "state_dict", "file": name, "spec": model.compress_spec}
     if sparse:
         manifest["sparse"] = sparse
     if shared:
@@ -228,7 +229,7 @@ def fill_state(model: nn.Module, folder: Path, manifest: dict) -> None:
 
 def _coded_entry(entry, expected: dict, folder: Path) -> tuple[str, torch.dtype]:
     key = entry.get("key") if isinstance(entry, dict) else None
-    if key not in expected:
+    if not isinstance(key, str) or key not in expected:
         raise ArtifactError(f"{folder}: the manifest codes {key!r}, which the model lacks")
     if list(entry.get("shape", [])) != list(expected[key].shape):
         raise ArtifactError(

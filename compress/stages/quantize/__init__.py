@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from compress.core.errors import QuantizationError
@@ -81,7 +83,7 @@ def _int8_pt2e(
     context: StageContext | None = None,
     *,
     mode: str,
-    exported: nn.Module | None = None,
+    exported: torch.fx.GraphModule | None = None,
 ) -> nn.Module:
     """INT8 through torchao's PT2E flow: the whole graph, or its parts that export.
 
@@ -130,7 +132,7 @@ def _exporting_once(method: QuantizeFn) -> QuantizeFn:
 
 
 # method -> function(model, data, config, context=None) -> quantized copy.
-QUANTIZE_METHODS = {
+QUANTIZE_METHODS: dict[str, Callable[..., nn.Module]] = {
     # Post-training static INT8: observers on the calibration split, then conversion.
     "int8_static": functools.partial(_int8_pt2e, mode="static"),
     # INT8 weights for Linear layers; activations quantized at run time (no calibration).

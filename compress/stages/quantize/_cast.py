@@ -68,7 +68,9 @@ class LowPrecisionModel(nn.Module):
 
 @register_loader("low_precision")
 def _load(folder: Path, manifest: dict, trust) -> LowPrecisionModel:
-    dtype = {str(d).removeprefix("torch."): d for d in DTYPES.values()}.get(manifest.get("dtype"))
+    dtype = {str(d).removeprefix("torch."): d for d in DTYPES.values()}.get(
+        str(manifest.get("dtype"))
+    )
     if dtype is None:
         raise ArtifactError(f"{folder}: dtype {manifest.get('dtype')!r} is not float16/bfloat16")
     inner = spec_architecture(folder, manifest, trust)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from compress.core.schema import Config, option
 from compress.spec.recipe import TrainConfig
 
 # How a quantization-aware fine-tune trains by default: short, gentle, from the trained model.
-QAT_TRAINING = {"epochs": 1, "lr": 1e-3, "schedule": "cosine", "weight_decay": 0.0}
+QAT_TRAINING: dict[str, Any] = {"epochs": 1, "lr": 1e-3, "schedule": "cosine", "weight_decay": 0.0}
 STATIC = ("int8_static",)
 # Methods whose accuracy can be traded back layer by layer (they honour `skip`, cheaply).
 FALLBACK_METHODS = ("int8_static", "int8_dynamic", "int4_weight_only")

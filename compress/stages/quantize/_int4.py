@@ -54,7 +54,7 @@ class Int4WeightOnlyModel(nn.Module):
         self.not_faster_reason = "int4 weights run dequantized (no int4 kernel here)"
         for name, codes in packed.items():  # the float weights are exactly what was stored
             with torch.no_grad():
-                self.inner.get_submodule(name).weight.copy_(dequantize(codes))
+                self.inner.get_parameter(f"{name}.weight").copy_(dequantize(codes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)

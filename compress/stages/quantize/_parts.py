@@ -151,7 +151,7 @@ def quantize_parts(
                 next_frontier += children
             else:
                 left.append(name)
-                notes.append(f"left in float: {name} ({failure.splitlines()[0][:160]})")
+                notes.append(f"left in float: {name} ({str(failure).splitlines()[0][:160]})")
         frontier = next_frontier
     if not quantized:
         raise QuantizationError(f"nothing in {type(model).__name__} could be quantized: {reason}")

@@ -17,7 +17,9 @@ import contextlib
 import dataclasses
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -78,7 +80,7 @@ class QuantizedModel(nn.Module):
     """
 
     compute_dtype = "int8"
-    element_bytes = 1  # int8 weights and activations
+    element_bytes: int | None = 1  # int8 weights and activations; None: dynamic (float ones)
     cpu_only = True  # oneDNN INT8 kernels: the evaluator feeds it CPU tensors
     compiles_itself = True  # forward runs inductor already: no separate "inductor" runtime
 
@@ -99,12 +101,12 @@ class QuantizedModel(nn.Module):
         self.param_counts = tuple(param_counts)
         self.notes = list(notes or [])
         self._compile = compile
-        self._compiled = None
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._shapes_compiled: set[torch.Size] = set()
         self.int8_kernels: int | None = None  # INT8 ops inductor lowered at the last new shape
 
     def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
-        graph = self.reference_module
+        graph = cast(torch.fx.GraphModule, self.reference_module)
         if example is None:  # the graph remembers its input's shape
             example = torch.zeros(2, *_input_shape(graph))
         return {
@@ -141,10 +143,11 @@ class QuantizedModel(nn.Module):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if not self._compile:
             return self.reference_module(x)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.reference_module, dynamic=False)
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._compiled = torch.compile(self.reference_module, dynamic=False)
         if x.shape in self._shapes_compiled:
-            return self._compiled(x)  # compiled already: no config patch on the hot path
+            return compiled(x)  # compiled already: no config patch on the hot path
         before = _int8_lowerings()
         try:
             # Freezing turns the int8 weights into constants so that inductor can pre-pack
@@ -154,7 +157,7 @@ class QuantizedModel(nn.Module):
                 warnings.catch_warnings(),
             ):
                 warnings.simplefilter("ignore")
-                out = self._compiled(x)
+                out = compiled(x)
         except Exception as error:  # noqa: BLE001 - any compiler failure: run the reference
             self._compile = False
             reason = (
@@ -179,7 +182,7 @@ class QuantizedModel(nn.Module):
 
 def quantize_graph(
     model: nn.Module,
-    exported: nn.Module,
+    exported: torch.fx.GraphModule,
     calibration,
     config: QuantizeConfig,
     mode: str,
@@ -206,6 +209,7 @@ def quantize_graph(
         with _only_present_convs(exported):
             prepared = (prepare_qat_pt2e if mode == "qat" else prepare_pt2e)(exported, quantizer)
     if mode == "qat":
+        assert data is not None, "QAT trains on the data"
         allow_exported_model_train_eval(prepared)  # the shared loop calls .train()/.eval()
         train(prepared, data, config.fine_tune, desc="qat", context=context)
     else:
@@ -375,7 +379,7 @@ def _input_shape(graph: torch.fx.GraphModule) -> list[int]:
     return [int(d) for d in value.shape[1:]]
 
 
-def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+def export_model(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     """``torch.export`` with a dynamic batch dimension; a clear error when it cannot trace.
 
     The example batch has 2 images: an exported batch of 1 would be specialised to 1.
@@ -384,9 +388,8 @@ def export_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
     try:
         # strict=True: the X86 quantizer matches conv/linear patterns by the source
         # partitions that strict (dynamo) tracing records.
-        return torch.export.export(
-            model, (example,), dynamic_shapes=({0: batch},), strict=True
-        ).module()
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True)
+        return cast(torch.fx.GraphModule, exported.module())
     except Exception as error:  # noqa: BLE001 - report the first line, not a stack trace
         first = next(
             (line for line in str(error).splitlines() if line.strip()), type(error).__name__

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compress.core.modules import matching_modules
-from compress.core.traits import traits
+from compress.core.traits import add_note, set_traits, traits
 from compress.data import Data
 from compress.measure.latency import measure_latency
 from compress.spec.tasks import get_task
@@ -27,7 +27,7 @@ from compress.stages.quantize._config import QuantizeConfig
 QuantizeFn = Callable[[nn.Module, Data, QuantizeConfig], nn.Module]
 
 
-def candidate_layers(model: nn.Module, skip: list[str] = ()) -> list[str]:
+def candidate_layers(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
     """Names of the layers that quantization acts on (convolutions and Linear)."""
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     return [n for n, m in model.named_modules() if isinstance(m, kinds) and n and n not in skip]
@@ -65,13 +65,14 @@ def quantize_with_fallback(
     """Quantize; while the drop exceeds ``config.max_accuracy_drop``, return the most
     sensitive layers to float one at a time. Keeps the best model found and says how."""
     target = config.max_accuracy_drop
+    assert target is not None, "the fallback runs for a max_accuracy_drop"
     plain = dataclasses.replace(config, max_accuracy_drop=None)
     float_score, _ = _score(model, data)
 
     def attempt(kept: list[str]) -> tuple[nn.Module, dict]:
         quantized = quantize_fn(model, data, dataclasses.replace(plain, skip=plain.skip + kept))
         score, _ = _score(quantized, data)
-        p50 = measure_latency(quantized, data.example_input(1), warmup=3, iterations=20)["p50"]
+        p50 = measure_latency(quantized, data.example_input(1), warmup=3, iterations=20).p50
         return quantized, {
             "kept_float": list(kept),
             "drop": _drop(float_score, score, data),
@@ -92,8 +93,8 @@ def quantize_with_fallback(
                 best, chosen = candidate, step
             if step["drop"] <= target:
                 break
-    best.stage_details = {"fallback_steps": steps}
-    best.notes.append(_describe(steps, chosen, target))
+    set_traits(best, stage_details={"fallback_steps": steps})
+    add_note(best, _describe(steps, chosen, target))
     return best
 
 

@@ -39,9 +39,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from tqdm import tqdm
@@ -60,6 +61,7 @@ from compress.workflow.search._files import _best_so_far, _describe, _on_test, _
 from compress.workflow.search._grid import (
     FORMATS,
     KEEP,
+    Candidate,
     _cost,
     _fit_cost_model,
     _grid,
@@ -134,8 +136,8 @@ class SearchResult:
     """What :func:`search` found: the final run's report, every candidate, the chosen one."""
 
     report: Report
-    candidates: list[dict]
-    chosen: dict
+    candidates: list[Candidate]
+    chosen: Candidate
     met: bool  # the chosen chain meets the target and the floor, as the search measured
     target: dict  # the target in absolute units: {"metric", "value", "unit"}
     prediction_error: float | None  # the final run's p50 / the cost model's - 1
@@ -161,10 +163,10 @@ class SearchResult:
             (False, True): "meets the floor, not the target",
             (False, False): "meets neither",
         }[t["meets_target"], t["meets_floor"]]
-        low, high = drop["interval"]
+        low, high = drop.interval or (drop.points, drop.points)
         return (
             f"{text}. The final run on the test split: {self.target['metric']} {figure},"
-            f" drop {drop['points']:+.2f} points"
+            f" drop {drop.points:+.2f} points"
             f" [{low:+.2f}, {high:+.2f}]: {verdict}"
         )
 
@@ -174,7 +176,7 @@ def search(
     config: SearchConfig | dict | None = None,
     *,
     out: str | Path | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     **options,
 ) -> SearchResult:
     """Find the chain (prune → distill → quantize, each optional) that meets a target, and
@@ -183,11 +185,11 @@ def search(
 
     Example:
         >>> found = search("recipes/resnet_full.yaml", target_latency_x=0.3, max_drop=0.5)
-        >>> found.chosen["format"], found.chosen["keep"], found.report.run_dir
+        >>> found.chosen.format, found.chosen.keep, found.report.run_dir
     """
     started = time.monotonic()
     if not isinstance(config, SearchConfig):
-        config = coerce(SearchConfig, {**(config or {}), **options}, "search")
+        config = cast(SearchConfig, coerce(SearchConfig, {**(config or {}), **options}, "search"))
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
     if out is not None:
@@ -201,7 +203,7 @@ def search(
 
 class _Search:
     """One search's shared state: the baseline and its calibration rows, the target, the
-    grid's candidates (dicts, updated as they are trained) and their models."""
+    grid's candidates (each phase replaces them with what it learnt) and their models."""
 
     def __init__(self, recipe: Recipe, config: SearchConfig, started: float):
         self.recipe, self.config, self.started = recipe, config, started
@@ -210,7 +212,7 @@ class _Search:
         self.data = build_data(recipe.data, seed=recipe.seed)
         self.baseline = baseline_model(recipe, self.data, self.device).cpu().eval()
         self.templates = _templates(recipe)
-        self.runtimes = [config.runtime] if config.runtime else _runtimes(recipe)
+        self.runtimes: list[str] = [config.runtime] if config.runtime else _runtimes(recipe)
         self.task = get_task(self.data.task)
         self.progress = tqdm(desc="search", total=5, unit="phase", dynamic_ncols=True, leave=False)
 
@@ -224,12 +226,12 @@ class _Search:
         self.target = target = _target(self.config, self.base_cost)
         log.info("search: target %s %.4g %s", target["metric"], target["value"], target["unit"])
         self.progress.update()
-        self.candidates, self.models = _grid(
+        candidates, self.models = _grid(
             self.baseline, data, self.config, self.templates, self.context
         )
         self.progress.update()
-        _fit_cost_model(
-            self.candidates,
+        candidates = _fit_cost_model(
+            candidates,
             self.models,
             data,
             recipe,
@@ -238,34 +240,45 @@ class _Search:
             self.context,
             self.base_cost,
         )
-        _mark_predicted(self.candidates, target)
+        self.candidates = _mark_predicted(candidates, target)
         self.progress.update()
 
-    def score(self, candidate: dict) -> None:
+    def update(self, old: Candidate, new: Candidate) -> Candidate:
+        """``new`` in ``old``'s place in the grid (the same object, not an equal one)."""
+        index = next(i for i, c in enumerate(self.candidates) if c is old)
+        self.candidates[index] = new
+        return new
+
+    def score(self, candidate: Candidate) -> Candidate:
         """Train the candidate as its recipe would, then score and measure it."""
         begun, task, data = time.monotonic(), self.task, self.data
-        distill = _stretched(self.templates["distill"], candidate["stretch"])
-        model = self.models[candidate["keep"], candidate["format"]]
+        distill = _stretched(self.templates["distill"], candidate.stretch)
+        model = self.models[candidate.keep, candidate.format]
         model = _trained(
-            model, data, {**self.templates, "distill": distill}, candidate["format"], self.context
+            model, data, {**self.templates, "distill": distill}, candidate.format, self.context
         )
         rows = example_scores(model, data, "cpu", "calibration", shard=False)
         cost = _cost(model, data, self.recipe, self.runtimes)
-        candidate.update(
+        drop = task.drop(self.base_rows, rows)
+        measured = replace(
+            candidate,
             trained=True,
             distill_train=distill["train"],
             calibration_score=task.summarize(rows)[task.metric],
-            calibration_drop=dict(task.drop(self.base_rows, rows), metric=task.metric),
-            latency_ms=cost["latency_ms"],
-            runtime=cost["runtime"],
-            size_mb=cost["size_mb"],
+            calibration_drop=drop,
+            latency_ms=cost.latency_ms,
+            runtime=cost.runtime,
+            size_mb=cost.size_mb,
+            meets_floor=drop.points <= self.config.max_drop,
+            minutes=(time.monotonic() - begun) / 60,
         )
-        candidate["meets_target"] = (
-            _value(candidate, self.target, "measured") <= self.target["value"]
+        measured = replace(
+            measured,
+            meets_target=_value(measured, self.target, "measured") <= self.target["value"],
         )
-        candidate["meets_floor"] = candidate["calibration_drop"]["points"] <= self.config.max_drop
-        candidate["minutes"] = (time.monotonic() - begun) / 60
+        self.update(candidate, measured)
         self.progress.set_postfix_str(_best_so_far(self.candidates))
+        return measured
 
     def train_queue(self) -> None:
         queue, last_minutes = _to_train(self.candidates, self.target), 0.0
@@ -273,13 +286,12 @@ class _Search:
             candidate = queue.pop(0)
             elapsed = (time.monotonic() - self.started) / 60
             if last_minutes and elapsed + 2 * last_minutes > self.config.budget_minutes:
-                candidate["skipped"] = "budget"  # it and the final run would not fit
+                # It and the final run would not fit.
+                self.update(candidate, replace(candidate, skipped="budget"))
                 continue
-            self.score(candidate)
-            last_minutes = candidate["minutes"]
-            smaller = (
-                None if candidate["meets_target"] else _next_smaller(self.candidates, candidate)
-            )
+            candidate = self.score(candidate)
+            last_minutes = candidate.minutes or 0.0
+            smaller = None if candidate.meets_target else _next_smaller(self.candidates, candidate)
             if smaller is not None:  # one queued per format at a time: never a duplicate
                 queue.append(smaller)
         self.progress.update()
@@ -295,13 +307,13 @@ class _Search:
     def finish(self, out) -> SearchResult:
         """The chosen candidate run as a plain recipe, its test figures and the search's files."""
         config, target = self.config, self.target
-        trained = [c for c in self.candidates if c["trained"]]
-        met = [c for c in trained if c["meets_target"] and c["meets_floor"]]
+        trained = [c for c in self.candidates if c.trained]
+        met = [c for c in trained if c.meets_target and c.meets_floor]
         if met:
-            chosen = min(met, key=lambda c: (c["calibration_drop"]["points"], c["latency_ms"]))
+            best = min(met, key=lambda c: (c.drop, c.latency_ms or 0.0))
         else:
-            chosen = min(trained, key=lambda c: _shortfall(c, target, config.max_drop))
-        chosen["chosen"] = True
+            best = min(trained, key=lambda c: _shortfall(c, target, config.max_drop))
+        chosen = self.update(best, replace(best, chosen=True))
         plain = _plain_recipe(self.recipe, chosen, self.templates)
         self.progress.close()
         log.info(
@@ -309,14 +321,13 @@ class _Search:
         )
         report = run(plain, out=out)
         final = report.final
-        measured_p50 = (
-            final.runtimes.get(config.runtime, {}).get("latency_ms", {}).get("p50")
-            if config.runtime
-            else final.latency_ms["p50"]
-        )
+        measured_p50: float | None = final.latency_ms.p50
+        if config.runtime:
+            row = final.runtimes.get(config.runtime)
+            measured_p50 = row["latency_ms"].p50 if row else None
         error = (
-            measured_p50 / chosen["latency_ms_predicted"] - 1.0
-            if measured_p50 and chosen.get("latency_ms_predicted")
+            measured_p50 / chosen.latency_ms_predicted - 1.0
+            if measured_p50 and chosen.latency_ms_predicted
             else None
         )
         on_test = _on_test(report, target, config, measured_p50)

@@ -9,30 +9,30 @@ import json
 import math
 from typing import TYPE_CHECKING
 
-from compress.core.storage import write_atomic
+from compress.core.stats import Drop
+from compress.core.storage import as_json, write_atomic
 from compress.workflow.report import Report
-from compress.workflow.search._grid import _value
+from compress.workflow.search._grid import Candidate, Cost, _value
 
 if TYPE_CHECKING:  # the package's own types; annotations only
     from compress.workflow.search import SearchConfig, SearchResult
 
 
-def _best_so_far(candidates: list[dict]) -> str:
-    done = [c for c in candidates if c["trained"]]
-    best = min(done, key=lambda c: c["calibration_drop"]["points"])
-    return f"best: {best['format']} keep {best['keep']:g} x{best['stretch']}, drop {best['calibration_drop']['points']:+.2f}"
+def _best_so_far(candidates: list[Candidate]) -> str:
+    best = min((c for c in candidates if c.trained), key=lambda c: c.drop)
+    return f"best: {best.format} keep {best.keep:g} x{best.stretch}, drop {best.drop:+.2f}"
 
 
-def _describe(chosen: dict, target: dict, met: bool, max_drop: float) -> str:
+def _describe(chosen: Candidate, target: dict, met: bool, max_drop: float) -> str:
     chain = "distill"
-    if chosen["keep"] < 1:  # the MACs reached, not the keep asked for: round_to's staircase
-        chain = f"prune to {chosen['macs_x']:.3g}x MACs (keep {chosen['keep']:g}) → " + chain
-    if chosen["stretch"] > 1:
-        chain += f" ({chosen['stretch']}x the recipe's epochs)"
-    if chosen["format"] == "int8_static":
+    if chosen.keep < 1:  # the MACs reached, not the keep asked for: round_to's staircase
+        chain = f"prune to {chosen.macs_x:.3g}x MACs (keep {chosen.keep:g}) → " + chain
+    if chosen.stretch > 1:
+        chain += f" ({chosen.stretch}x the recipe's epochs)"
+    if chosen.format == "int8_static":
         chain += " → int8_static"
     figure = _value(chosen, target, "measured")
-    drop = chosen["calibration_drop"]["points"]
+    drop = chosen.drop
     unit = _unit(target)
     text = (
         f"{chain}: {target['metric']} {figure:.4g} {unit} (target {target['value']:.4g}"
@@ -52,8 +52,9 @@ def _on_test(report: Report, target: dict, config: SearchConfig, p50: float | No
     ratio (alternating rounds in one process, each model in its fastest runtime), not by two
     p50s taken minutes apart: the baseline's p50 alone read 0.539-0.612 ms in three searches."""
     final = report.final
-    drop = final.drop or {}
-    ratio = (final.latency_ratio or {}).get("p50")
+    drop = final.drop
+    ratio = final.latency_ratio.p50 if final.latency_ratio else None
+    figure: float | None
     if target["metric"] == "latency" and "of_baseline" in target and ratio and not config.runtime:
         figure, limit, unit = ratio, target["of_baseline"], "x the baseline's in paired rounds"
     else:
@@ -70,7 +71,7 @@ def _on_test(report: Report, target: dict, config: SearchConfig, p50: float | No
         "unit": unit,
         "drop": drop,
         "meets_target": figure is not None and figure <= limit,
-        "meets_floor": bool(drop) and drop["points"] <= config.max_drop,
+        "meets_floor": drop is not None and drop.points <= config.max_drop,
     }
 
 
@@ -78,41 +79,44 @@ def _unit(target: dict) -> str:
     return "x" if target["metric"] == "macs" else target["unit"]
 
 
-def _write(result: SearchResult, config: SearchConfig, base_score, base_cost, seconds) -> None:
+def _write(
+    result: SearchResult, config: SearchConfig, base_score, base_cost: Cost, seconds
+) -> None:
     folder = result.report.run_dir
+    assert folder is not None, "a search's final run has a run directory"
     metric = result.report.baseline.metric
     summary = {
         "config": dataclasses.asdict(config),
         "target": result.target,
         "met": result.met,
-        "baseline": {"calibration_score": base_score, "metric": metric, **base_cost},
+        "baseline": {"calibration_score": base_score, "metric": metric, **base_cost.to_dict()},
         "chosen": result.chosen,
         "latency_prediction_error": result.prediction_error,
         "on_test": result.on_test,
         "final": {
-            "p50_ms": result.report.final.latency_ms["p50"],
+            "p50_ms": result.report.final.latency_ms.p50,
             "runtime": result.report.final.runtime,
             "score": result.report.final.score,
         },
         "minutes": seconds / 60,
         "candidates": result.candidates,
     }
-    write_atomic(folder / "search.json", json.dumps(summary, indent=1, default=float))
+    write_atomic(folder / "search.json", json.dumps(as_json(summary), indent=1, default=float))
     lines = [
         f"# Search: {result.report.recipe}",
         "",
         result.summary + ".",
         "",
-        f"Baseline: {metric} {base_score:.2f} on the calibration split, p50 {base_cost['latency_ms']:.3f}"
-        f" ms in {base_cost['runtime']}, {base_cost['size_mb']:.2f} MB. Searched in"
+        f"Baseline: {metric} {base_score:.2f} on the calibration split, p50 {base_cost.latency_ms:.3f}"
+        f" ms in {base_cost.runtime}, {base_cost.size_mb:.2f} MB. Searched in"
         f" {seconds / 60:.1f} minutes. The chosen chain is `recipe.yaml`; `compress run`"
         " reproduces it; its test-split figures are in `report.md`.",
         "",
     ]
     if result.prediction_error is not None:
         lines += [
-            f"Latency model: predicted {result.chosen['latency_ms_predicted']:.3f} ms for the"
-            f" chosen chain, measured {result.report.final.latency_ms['p50']:.3f} ms by the final"
+            f"Latency model: predicted {result.chosen.latency_ms_predicted:.3f} ms for the"
+            f" chosen chain, measured {result.report.final.latency_ms.p50:.3f} ms by the final"
             f" run ({result.prediction_error:+.0%}).",
             "",
         ]
@@ -122,17 +126,17 @@ def _write(result: SearchResult, config: SearchConfig, base_score, base_cost, se
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result.candidates:
-        probe = c.get("probe", {})
-        latency = c.get("latency_ms", probe.get("latency_ms"))
-        size = c.get("size_mb", probe.get("size_mb"))
-        drop = c.get("calibration_drop")
+        latency, size = c.latency_ms, c.size_mb
+        if c.probe is not None:
+            latency = c.probe.latency_ms if latency is None else latency
+            size = c.probe.size_mb if size is None else size
         lines.append(
-            f"| {c['keep']:g} | {c['format']} | {c['stretch']} | {c['macs_x']:.3f}"
-            f" | {c['latency_ms_predicted']:.3f} | {_cell(latency, '.3f')}"
-            f" | {c['size_mb_predicted']:.2f} | {_cell(size, '.2f')}"
-            f" | {_cell(c.get('calibration_score'), '.2f')}"
-            f" | {_drop_cell(drop) if drop else c.get('skipped', '')}"
-            f" | {'yes' if c.get('chosen') else ''} |"
+            f"| {c.keep:g} | {c.format} | {c.stretch} | {c.macs_x:.3f}"
+            f" | {_cell(c.latency_ms_predicted, '.3f')} | {_cell(latency, '.3f')}"
+            f" | {_cell(c.size_mb_predicted, '.2f')} | {_cell(size, '.2f')}"
+            f" | {_cell(c.calibration_score, '.2f')}"
+            f" | {_drop_cell(c.calibration_drop) if c.calibration_drop else c.skipped or ''}"
+            f" | {'yes' if c.chosen else ''} |"
         )
     write_atomic(folder / "search.md", "\n".join(lines) + "\n")
 
@@ -145,6 +149,6 @@ def _cell(value, fmt: str) -> str:
     )
 
 
-def _drop_cell(drop: dict) -> str:
-    low, high = drop["interval"]
-    return f"{drop['points']:+.2f} [{low:+.2f}, {high:+.2f}]"
+def _drop_cell(drop: Drop) -> str:
+    low, high = drop.interval or (drop.points, drop.points)
+    return f"{drop.points:+.2f} [{low:+.2f}, {high:+.2f}]"

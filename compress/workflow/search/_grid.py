@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from torch import nn
 
 from compress.core.errors import ExportError
 from compress.core.registry import STAGES
+from compress.core.stats import Drop
+from compress.core.storage import as_json
 from compress.data import Data
 from compress.measure.counts import count_flops
 from compress.measure.deploy import available_runtimes
@@ -30,7 +33,23 @@ FORMATS = ("int8_static", "float")
 # and 0.1, where a 0.3x latency target lands on small inputs. Pruning with round_to makes
 # the reachable MACs a staircase (ResNet-18, round_to 8: 0.2, 0.16, 0.148, 0.105), and a
 # 20 % grid stepped over 0.148. A keep costs a prune (seconds), not a training.
-KEEP = (1.0, 0.8, 0.65, 0.5, 0.4, 0.32, 0.28, 0.25, 0.22, 0.2, 0.18, 0.16, 0.15, 0.14, 0.13)
+KEEP: tuple[float, ...] = (
+    1.0,
+    0.8,
+    0.65,
+    0.5,
+    0.4,
+    0.32,
+    0.28,
+    0.25,
+    0.22,
+    0.2,
+    0.18,
+    0.16,
+    0.15,
+    0.14,
+    0.13,
+)
 KEEP += (0.12, 0.11, 0.1, 0.08, 0.06, 0.05)
 
 
@@ -44,6 +63,67 @@ LATENCY_SLACK = 0.15
 
 # The fine-tune when the recipe has no distill stage: KD, a short 4 epochs (step 4 stretches it).
 DISTILL_TRAINING = {"epochs": 4, "lr": 0.02, "schedule": "cosine"}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A model's p50 in the fastest of the runtimes tried, which one, and its size on disk."""
+
+    runtime: str
+    latency_ms: float
+    size_mb: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (keep, format) point of the grid and what the search learnt of it, phase by
+    phase: each phase gives a new candidate (``dataclasses.replace``). A figure a phase has
+    not reached is None and is left out of search.json.
+
+    Example:
+        >>> c = Candidate(keep=0.5, format="float", macs=900_000, macs_x=0.49, params=40_000)
+        >>> replace(c, latency_ms_predicted=0.31).to_dict()["latency_ms_predicted"]
+        0.31
+    """
+
+    keep: float  # the MACs fraction asked of the pruner
+    format: str  # one of FORMATS
+    macs: int  # reached (round_to makes a staircase of them)
+    macs_x: float  # macs / the baseline's
+    params: int
+    stretch: int = 1  # the distillation's length, in the recipe's epochs
+    trained: bool = False
+    # The cost model (phase 2): measured on PROBES per format, predicted for all.
+    probe: Cost | None = None
+    latency_ms_predicted: float | None = None
+    size_mb_predicted: float | None = None
+    meets_predicted: bool | None = None
+    within_reach: bool | None = None  # within the latency slack: trained first
+    # Trained and measured (phases 3 and 4), on the calibration split.
+    distill_train: dict | None = None
+    calibration_score: float | None = None
+    calibration_drop: Drop | None = None
+    latency_ms: float | None = None  # p50 in `runtime`
+    runtime: str | None = None
+    size_mb: float | None = None
+    meets_target: bool | None = None
+    meets_floor: bool | None = None
+    minutes: float | None = None  # its training and measuring
+    skipped: str | None = None  # "budget": it and the final run would not have fitted
+    chosen: bool | None = None
+
+    @property
+    def drop(self) -> float:
+        """Its calibration drop in points (trained candidates only)."""
+        assert self.calibration_drop is not None, "an untrained candidate has no drop"
+        return self.calibration_drop.points
+
+    def to_dict(self) -> dict:
+        plain = {f.name: as_json(getattr(self, f.name)) for f in fields(self)}
+        return {k: v for k, v in plain.items() if v is not None}
 
 
 def _templates(recipe: Recipe) -> dict[str, dict]:
@@ -66,11 +146,11 @@ def _templates(recipe: Recipe) -> dict[str, dict]:
     }
 
 
-def _runtimes(recipe: Recipe) -> list[str]:
+def _runtimes(recipe: Recipe) -> list[str]:  # any the recipe names, or all installed
     return list(recipe.evaluate.runtimes or available_runtimes())
 
 
-def _grid(baseline, data, config, templates, context) -> tuple[list[dict], dict]:
+def _grid(baseline, data, config, templates, context) -> tuple[list[Candidate], dict]:
     """Every (keep, format) candidate with its exact MACs and parameters, and the pruned
     models by (keep, format): pruned once per keep, shared by the formats."""
     example = data.example_input(1)
@@ -83,17 +163,7 @@ def _grid(baseline, data, config, templates, context) -> tuple[list[dict], dict]
         params = sum(p.numel() for p in model.parameters())
         for fmt in config.formats:
             models[keep, fmt] = model
-            candidates.append(
-                {
-                    "keep": keep,
-                    "format": fmt,
-                    "macs": macs,
-                    "macs_x": macs / base_macs,
-                    "params": params,
-                    "stretch": 1,  # the distillation's length, in the recipe's epochs
-                    "trained": False,
-                }
-            )
+            candidates.append(Candidate(keep, fmt, macs, macs / base_macs, params))
     return candidates, models
 
 
@@ -120,26 +190,24 @@ def _trained(model, data, templates, fmt, context) -> nn.Module:
     return model
 
 
-def _cost(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str]) -> dict:
+def _cost(model: nn.Module, data: Data, recipe: Recipe, runtimes: list[str]) -> Cost:
     """p50 in the fastest of ``runtimes`` (and which), and the size on disk: the shared
     evaluator's figures, without the accuracy (the search scores the calibration split)."""
-    config = dataclasses.replace(recipe.evaluate, accuracy=False, profile=False, runtimes=runtimes)
+    config = dataclasses.replace(
+        recipe.evaluate, accuracy=False, profile=False, runtimes=cast(list, runtimes)
+    )
     result = evaluate(model, data, config, name="candidate")
     if result.runtime not in runtimes:
         raise ExportError(f"search: the model runs in none of {', '.join(runtimes)}")
-    return {
-        "runtime": result.runtime,
-        "latency_ms": result.latency_ms["p50"],
-        "size_mb": result.size_bytes / 1e6,
-    }
+    return Cost(result.runtime, result.latency_ms.p50, result.size_bytes / 1e6)
 
 
-def _target(config: SearchConfig, base: dict) -> dict:
+def _target(config: SearchConfig, base: Cost) -> dict:
     """The target in absolute units (ms, MB, or a fraction of the baseline's MACs)."""
     if config.target_latency_ms is not None:
         return {"metric": "latency", "value": config.target_latency_ms, "unit": "ms"}
     if config.target_latency_x is not None:
-        value = config.target_latency_x * base["latency_ms"]
+        value = config.target_latency_x * base.latency_ms
         return {
             "metric": "latency",
             "value": value,
@@ -149,39 +217,42 @@ def _target(config: SearchConfig, base: dict) -> dict:
     if config.target_size_mb is not None:
         return {"metric": "size", "value": config.target_size_mb, "unit": "MB"}
     if config.target_size_x is not None:
-        value = config.target_size_x * base["size_mb"]
+        value = config.target_size_x * base.size_mb
         return {"metric": "size", "value": value, "unit": "MB", "of_baseline": config.target_size_x}
     return {"metric": "macs", "value": config.target_macs, "unit": "x the baseline's MACs"}
 
 
 def _fit_cost_model(
-    candidates, models, data, recipe, templates, runtimes, context, base_cost
-) -> None:
+    candidates: list[Candidate], models, data, recipe, templates, runtimes, context, base_cost
+) -> list[Candidate]:
     """Measure PROBES candidates per format, spread over the grid; predict p50 by straight
     lines between the measured MACs (extended along the end segments) and size = c +
     d*params by least squares, for every candidate (``*_predicted``; the measured ones
     keep their measurement too). The unpruned float candidate is the baseline, measured
-    already (``base_cost``)."""
-    for fmt in {c["format"] for c in candidates}:
-        mine = sorted((c for c in candidates if c["format"] == fmt), key=lambda c: -c["keep"])
-        spread = np.linspace(0, len(mine) - 1, PROBES).round().astype(int)
-        probes = {id(mine[i]): mine[i] for i in spread}.values()
-        for c in probes:
-            if fmt == "float" and c["keep"] >= 1.0:
-                c["probe"] = base_cost
+    already (``base_cost``). The candidates come back in their order."""
+    fitted = {}
+    for fmt in dict.fromkeys(c.format for c in candidates):
+        mine = sorted((c for c in candidates if c.format == fmt), key=lambda c: -c.keep)
+        spread = set(np.linspace(0, len(mine) - 1, PROBES).round().astype(int).tolist())
+        for i in sorted(spread):
+            c = mine[i]
+            if fmt == "float" and c.keep >= 1.0:
+                mine[i] = replace(c, probe=base_cost)
                 continue
-            model = models[c["keep"], fmt]
+            model = models[c.keep, fmt]
             if fmt == "int8_static":
                 model = _stage("quantize", model, data, templates["quantize"], context())
-            c["probe"] = _cost(model, data, recipe, runtimes)
-        measured = [c for c in mine if "probe" in c]
-        latency = _segments(
-            [c["macs"] for c in measured], [c["probe"]["latency_ms"] for c in measured]
-        )
-        size = _line([c["params"] for c in measured], [c["probe"]["size_mb"] for c in measured])
+            mine[i] = replace(c, probe=_cost(model, data, recipe, runtimes))
+        measured = [(c.macs, c.params, c.probe) for c in mine if c.probe is not None]
+        latency = _segments([m for m, _, _ in measured], [p.latency_ms for _, _, p in measured])
+        size = _line([n for _, n, _ in measured], [p.size_mb for _, _, p in measured])
         for c in mine:
-            c["latency_ms_predicted"] = max(latency(c["macs"]), 1e-6)
-            c["size_mb_predicted"] = max(size(c["params"]), 1e-6)
+            fitted[c.keep, fmt] = replace(
+                c,
+                latency_ms_predicted=max(latency(c.macs), 1e-6),
+                size_mb_predicted=max(size(c.params), 1e-6),
+            )
+    return [fitted[c.keep, c.format] for c in candidates]
 
 
 def _line(x: list[float], y: list[float]):
@@ -215,34 +286,44 @@ def _segments(x: list[float], y: list[float]):
     return predict
 
 
-def _value(candidate: dict, target: dict, which: str) -> float:
+def _value(candidate: Candidate, target: dict, which: str) -> float:
     """The candidate's figure for the target's metric, ``predicted`` or ``measured``."""
     if target["metric"] == "macs":
-        return candidate["macs_x"]
+        return candidate.macs_x
     key = "latency_ms" if target["metric"] == "latency" else "size_mb"
-    return candidate[f"{key}_predicted"] if which == "predicted" else candidate[key]
+    value = getattr(candidate, f"{key}_predicted" if which == "predicted" else key)
+    assert value is not None, f"candidate {candidate.keep:g} {candidate.format}: no {which} {key}"
+    return value
 
 
-def _mark_predicted(candidates: list[dict], target: dict) -> None:
-    """Whether each candidate is predicted to meet the target, and to come within reach."""
+def _mark_predicted(candidates: list[Candidate], target: dict) -> list[Candidate]:
+    """Each candidate with whether it is predicted to meet the target, and to come within
+    reach."""
+    marked = []
     for c in candidates:
         predicted = _value(c, target, "predicted")
-        c["meets_predicted"] = predicted <= target["value"]
-        c["within_reach"] = predicted <= target["value"] * _slack(target)
+        marked.append(
+            replace(
+                c,
+                meets_predicted=predicted <= target["value"],
+                within_reach=predicted <= target["value"] * _slack(target),
+            )
+        )
+    return marked
 
 
-def _to_train(candidates: list[dict], target: dict) -> list[dict]:
+def _to_train(candidates: list[Candidate], target: dict) -> list[Candidate]:
     """Per format, the least-pruned candidate predicted within reach of the target (see
     :func:`_slack`); where no candidate of any format is, the one predicted closest."""
     chosen = []
-    for fmt in dict.fromkeys(c["format"] for c in candidates):
-        meeting = [c for c in candidates if c["format"] == fmt and c["within_reach"]]
+    for fmt in dict.fromkeys(c.format for c in candidates):
+        meeting = [c for c in candidates if c.format == fmt and c.within_reach]
         if meeting:
-            chosen.append(max(meeting, key=lambda c: c["keep"]))
+            chosen.append(max(meeting, key=lambda c: c.keep))
     if not chosen:
         chosen = [min(candidates, key=lambda c: _value(c, target, "predicted"))]
     # The one predicted most accurate first (the least pruned), so a tight budget trains it.
-    return sorted(chosen, key=lambda c: -c["keep"])
+    return sorted(chosen, key=lambda c: -c.keep)
 
 
 def _slack(target: dict) -> float:
@@ -254,55 +335,65 @@ def _slack(target: dict) -> float:
     return 1.0 + LATENCY_SLACK if target["metric"] == "latency" else 1.0
 
 
-def _next_smaller(candidates: list[dict], candidate: dict) -> dict | None:
+def _next_smaller(candidates: list[Candidate], candidate: Candidate) -> Candidate | None:
     """The untrained candidate of the same format with the next fewer MACs, if any (keeps
     that pruned to the same MACs are the same network)."""
     smaller = [
         c
         for c in candidates
-        if c["format"] == candidate["format"]
-        and c["macs"] < candidate["macs"]
-        and not c["trained"]
-        and c["stretch"] == 1
+        if c.format == candidate.format
+        and c.macs < candidate.macs
+        and not c.trained
+        and c.stretch == 1
     ]
-    return max(smaller, key=lambda c: (c["macs"], c["keep"])) if smaller else None
+    return max(smaller, key=lambda c: (c.macs, c.keep)) if smaller else None
 
 
-def _to_stretch(candidates: list[dict], config: SearchConfig, elapsed: float) -> dict | None:
+def _to_stretch(
+    candidates: list[Candidate], config: SearchConfig, elapsed: float
+) -> Candidate | None:
     """When no trained candidate meets both, a copy of the one that meets the target with
     the least drop, to be distilled ``stretch`` times longer: the largest multiple up to
     ``max_distill_stretch`` whose training and final run fit in the budget (its first
     training's minutes times the multiple, twice). None when no multiple of 2 or more fits."""
-    trained = [c for c in candidates if c["trained"]]
-    if any(c["meets_target"] and c["meets_floor"] for c in trained):
+    trained = [c for c in candidates if c.trained]
+    if any(c.meets_target and c.meets_floor for c in trained):
         return None
-    near = [c for c in trained if c["meets_target"]]
+    near = [c for c in trained if c.meets_target]
     if not near:
         return None
-    best = min(near, key=lambda c: c["calibration_drop"]["points"])
-    fits = int((config.budget_minutes - elapsed) / (2 * max(best["minutes"], 1e-3)))
+    best = min(near, key=lambda c: c.drop)
+    fits = int((config.budget_minutes - elapsed) / (2 * max(best.minutes or 0.0, 1e-3)))
     stretch = min(config.max_distill_stretch, fits)
     if stretch < 2:
         return None
-    grid = ("keep", "format", "macs", "macs_x", "params", "latency_ms_predicted")
-    grid += ("size_mb_predicted", "meets_predicted", "within_reach")
-    return {**{k: best[k] for k in grid}, "stretch": stretch, "trained": False}
+    return Candidate(
+        best.keep,
+        best.format,
+        best.macs,
+        best.macs_x,
+        best.params,
+        stretch=stretch,
+        latency_ms_predicted=best.latency_ms_predicted,
+        size_mb_predicted=best.size_mb_predicted,
+        meets_predicted=best.meets_predicted,
+        within_reach=best.within_reach,
+    )
 
 
-def _shortfall(candidate: dict, target: dict, max_drop: float) -> float:
+def _shortfall(candidate: Candidate, target: dict, max_drop: float) -> float:
     """How far a candidate misses: relative excess over the target plus over the floor."""
     over = max(0.0, _value(candidate, target, "measured") / max(target["value"], 1e-12) - 1.0)
-    drop = candidate["calibration_drop"]["points"]
-    return over + max(0.0, drop - max_drop) / max(max_drop, 0.1)
+    return over + max(0.0, candidate.drop - max_drop) / max(max_drop, 0.1)
 
 
-def _plain_recipe(recipe: Recipe, chosen: dict, templates: dict) -> Recipe:
+def _plain_recipe(recipe: Recipe, chosen: Candidate, templates: dict) -> Recipe:
     """The chosen chain as an ordinary recipe: ``compress run`` reproduces it unsearched."""
     stages = []
-    if chosen["keep"] < 1.0:
-        stages.append({"prune": {**templates["prune"], "target_macs": chosen["keep"]}})
-    stages.append({"distill": _stretched(templates["distill"], chosen["stretch"])})
-    if chosen["format"] == "int8_static":
+    if chosen.keep < 1.0:
+        stages.append({"prune": {**templates["prune"], "target_macs": chosen.keep}})
+    stages.append({"distill": _stretched(templates["distill"], chosen.stretch)})
+    if chosen.format == "int8_static":
         stages.append({"quantize": templates["quantize"]})
     plain = recipe.to_dict()
     plain.update(name=f"{recipe.name}-searched", stages=stages)

@@ -8,6 +8,7 @@ from compress.data import Data
 from compress.measure.counts import count_flops, count_params
 from compress.measure.evaluate import against_baseline, compare_with_input, evaluate
 from compress.measure.latency import Latency
+from compress.measure.machine import describe_isa, isa
 from compress.measure.profile import count_memory_access
 from compress.models.artifact import save
 from compress.spec.recipe import DataConfig, EvaluateConfig
@@ -154,3 +155,12 @@ def test_not_faster_is_said_in_words():
     faster.notes.clear()
     against_baseline(faster, base)
     assert not faster.notes
+
+
+def test_the_isa_is_read_from_cpuinfo_and_said_with_amx_or_its_absence():
+    xeon = "processor : 0\nflags : fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8\n"
+    assert isa(xeon) == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16", "AMX INT8", "AMX BF16"]
+    assert describe_isa(isa(xeon)).endswith("AMX BF16")
+    epyc = "flags : fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+    assert describe_isa(isa(epyc)) == "AVX2, AVX-512, AVX-512 VNNI, AVX-512 BF16; no AMX"
+    assert isa("no flags here") == [] and describe_isa([]) == ""

@@ -12,6 +12,7 @@ from compress.core.errors import RunDirError
 from compress.core.paths import cache_dir, references_dir
 from compress.data import build_data
 from compress.measure.evaluate import evaluate
+from compress.measure.machine import describe_isa, isa
 from compress.measure.scores import metrics
 from compress.models import artifact
 from compress.models.artifact import load
@@ -75,7 +76,11 @@ def test_headline_command_end_to_end(tmp_path):
     assert "quantize:int8_static" in result.stdout and "p50 ms" in result.stdout  # the table
 
     report = json.loads((out / "report.json").read_text())
-    assert {"torch", "device", "threads", "cpu"} <= set(report["environment"])
+    assert {"torch", "device", "threads", "cpu", "isa"} <= set(report["environment"])
+    # The ISA decides the INT8 result: the report names it (this machine's, from cpuinfo).
+    assert report["environment"]["isa"] == isa()
+    if isa():
+        assert f"; {describe_isa(isa())})" in (out / "report.md").read_text()
     base, int8 = report["evaluations"]
     assert [base["name"], int8["name"]] == ["baseline", "quantize:int8_static"]
     for evaluation in (base, int8):

@@ -19,6 +19,56 @@ from compress.core.distributed import set_threads
 from compress.core.paths import cache_dir
 from compress.core.storage import write_atomic
 
+# The CPU features that decide which runtime wins and what INT8 and bf16 gain: /proc/cpuinfo's
+# flag -> the name a report prints. VNNI is the INT8 dot product (AVX-512 or AVX2 form);
+# AMX the tile units that run INT8 and bf16 matmuls (Sapphire Rapids and later).
+ISA_FLAGS = {
+    "avx2": "AVX2",
+    "avx512f": "AVX-512",
+    "avx_vnni": "AVX-VNNI",
+    "avx512_vnni": "AVX-512 VNNI",
+    "avx512_bf16": "AVX-512 BF16",
+    "amx_int8": "AMX INT8",
+    "amx_bf16": "AMX BF16",
+}
+
+
+def isa(cpuinfo: str | None = None) -> list[str]:
+    """The CPU features of :data:`ISA_FLAGS` this machine has (none where /proc/cpuinfo
+    cannot be read).
+
+    Example:
+        >>> isa("flags : fpu avx2 avx512f avx512_vnni")
+        ['AVX2', 'AVX-512', 'AVX-512 VNNI']
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in cpuinfo.splitlines()
+            if line.startswith("flags") and ":" in line
+        ),
+        [],
+    )
+    return [name for flag, name in ISA_FLAGS.items() if flag in flags]
+
+
+def describe_isa(features: list[str] | None) -> str:
+    """The ISA as a report says it: "AVX2, AVX-512, AVX-512 VNNI; no AMX" ("" if unknown).
+
+    Example:
+        >>> describe_isa(["AVX2", "AVX-512", "AVX-512 VNNI"])
+        'AVX2, AVX-512, AVX-512 VNNI; no AMX'
+    """
+    if not features:
+        return ""
+    amx = any(f.startswith("AMX") for f in features)
+    return ", ".join(features) + ("" if amx else "; no AMX")
+
 
 def environment(device: str = "cpu") -> dict:
     """Where the figures were measured: versions, device, threads, CPU."""
@@ -39,6 +89,7 @@ def environment(device: str = "cpu") -> dict:
         "threads": torch.get_num_threads(),
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa": isa(),  # decides the INT8 and bf16 results: named in every report
         "cores_usable": distributed.usable_cores(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():

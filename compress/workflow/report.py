@@ -9,6 +9,7 @@ from pathlib import Path
 from compress.core.errors import ReportError
 from compress.core.storage import write_atomic
 from compress.measure.evaluation import Evaluation
+from compress.measure.machine import describe_isa
 from compress.spec.tasks import TASKS, get_task
 from compress.workflow.plots import chain_chart, roofline_chart
 from compress.workflow.tables import cell, count, flips, interval, markdown_table, num, ratio
@@ -99,7 +100,7 @@ class Report:
         out = [
             f"# {self.recipe}",
             "",
-            f"Measured on {env.get('cpu')} ({env.get('device')}), {base.threads} threads,"
+            f"Measured on {env.get('cpu')} ({_where(env)}), {base.threads} threads,"
             f" latency at batch {base.batch_size}; torch {env.get('torch')}, torchao {env.get('torchao')}.",
             "Ratios (x) are against the baseline: below 1 is smaller or faster. Latency is"
             " each model's fastest runtime (named), so p50 x compares best deployment with"
@@ -276,6 +277,12 @@ def _metric_column(evaluation: Evaluation) -> str:
     """The table column of the task's metric: "top-1 %", "mIoU %"."""
     unit = get_task(evaluation.task).unit if evaluation.task in TASKS else ""
     return f"{evaluation.metric} {unit}".strip()
+
+
+def _where(env: dict) -> str:
+    """The device, and on a CPU the ISA that decides INT8 and bf16 speed."""
+    features = describe_isa(env.get("isa"))
+    return f"{env.get('device')}; {features}" if features else str(env.get("device"))
 
 
 def _runtime_p50(e: Evaluation, runtime: str) -> float | None:

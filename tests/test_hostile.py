@@ -531,3 +531,36 @@ def test_resume_loads_nothing_that_runs_code(tmp_path, marker, spec_folder):
     shutil.rmtree(folder / "model")
     shutil.copytree(spec_folder, folder / "model")
     refused(lambda: run(recipe, resume=folder), RunDirError, "stage0.json is not an evaluation")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("drop", [1, 2]), ("control", "x"), ("runtimes", [1]), ("latency_ms", 3)]
+)
+def test_a_report_with_figures_of_the_wrong_shape_is_one_named_error(tmp_path, field, value):
+    from compress.core.errors import ReportError
+    from compress.workflow.report import Report
+
+    good = {
+        "name": "baseline",
+        "params": 1,
+        "nonzero_params": 1,
+        "size_bytes": 1,
+        "flops": 2,
+        "macs": 1,
+        "memory_access_bytes": 1,
+        "compute_dtype": "float32",
+        "latency_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0, "mean": 1.0},
+        "batch_size": 1,
+        "threads": 1,
+        "throughput_per_s": 1.0,
+        "gflops_per_s": 1.0,
+        "score": 90.0,
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = {**good, field: value}
+    (run / "report.json").write_text(
+        json.dumps({"recipe": "r", "environment": {}, "evaluations": [good, bad]})
+    )
+    with pytest.raises(ReportError, match="is not a report compress wrote"):
+        Report.read(run)

@@ -234,3 +234,11 @@ def test_a_relative_latency_target_is_judged_on_the_test_run_by_the_paired_ratio
     absolute = {"metric": "latency", "value": 0.18, "unit": "ms"}
     judged = _on_test(report, absolute, SearchConfig(target_latency_ms=0.18), p50=0.19)
     assert (judged["figure"], judged["meets_target"]) == (0.19, False)
+
+
+def test_a_format_named_twice_is_refused():
+    from compress.core.schema import FieldError
+    from compress.workflow.search import SearchConfig
+
+    with pytest.raises(FieldError, match="at most once"):
+        SearchConfig(target_macs=0.5, formats=["float", "float"])

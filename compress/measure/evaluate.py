@@ -283,6 +283,8 @@ def metric_drop(result: Evaluation, reference: Evaluation, task: Task | None = N
     mine, theirs = result.example_rows(), reference.example_rows()
     if mine is not None and theirs is not None and mine.shape == theirs.shape:
         drop = task.drop(theirs, mine)
+        if isinstance(drop, dict):  # a user's Task written before drops were typed
+            drop = Drop.from_dict(drop)
     else:  # unpaired (an evaluation kept before its rows were): the figure alone
         assert reference.score is not None and result.score is not None, "no scores to compare"
         sign = 1.0 if task.higher_is_better else -1.0

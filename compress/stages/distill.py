@@ -136,7 +136,7 @@ def distill(
         output = task.output(net(inputs))
         return kd(output, teacher_output, targets), output
 
-    def from_teacher(net, inputs, targets):
+    def from_teacher(net, inputs, targets, *_):  # extra tensors a split yields: unused
         with torch.no_grad():  # the teacher only gives targets
             teacher_output = task.output(teacher(inputs))
         output = task.output(net(inputs))

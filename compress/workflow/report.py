@@ -266,7 +266,7 @@ class Report:
             report.control = Evaluation.from_dict(raw["control"]) if raw.get("control") else None
             if not report.evaluations:
                 raise ValueError("no evaluations")
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
             reason = f"{type(error).__name__}: {str(error).strip()[:200]}"
             raise ReportError(f"{file} is not a report compress wrote ({reason})") from None
         report.run_dir = Path(folder)

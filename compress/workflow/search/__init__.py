@@ -127,8 +127,10 @@ class SearchConfig(Config):
             )
         if not self.keep or not all(0.0 < k <= 1.0 for k in self.keep):
             raise FieldError("keep", f"{self.keep!r}: each a MACs fraction in (0, 1]")
-        if not self.formats:
-            raise FieldError("formats", f"give at least one of {', '.join(FORMATS)}")
+        if not self.formats or len(set(self.formats)) != len(self.formats):
+            raise FieldError(
+                "formats", f"{self.formats!r}: give each of {', '.join(FORMATS)} at most once"
+            )
 
 
 @dataclass

@@ -69,7 +69,7 @@ def _on_test(report: Report, target: dict, config: SearchConfig, p50: float | No
         "figure": figure,
         "limit": limit,
         "unit": unit,
-        "drop": drop,
+        "drop": drop or {},  # search.json's form: {} where the final run kept no accuracy
         "meets_target": figure is not None and figure <= limit,
         "meets_floor": drop is not None and drop.points <= config.max_drop,
     }

@@ -177,7 +177,9 @@ def _contenders(name, data, calibration, folder: Path, threads: int) -> dict:
     torch.manual_seed(0)
     fp32 = build_model(ModelConfig(name=name), num_classes=1000, in_channels=3).eval()
     example = data.example_input(2)
-    int8 = quantize(fp32, data, method="int8_static", calibration_batches=CALIBRATION_BATCHES)
+    int8 = quantize(
+        fp32, data, method="int8_static", calibration_batches=CALIBRATION_BATCHES, goal="size"
+    )
     fp32_onnx = export(fp32, folder / "fp32.onnx", "onnx", example)
     export(int8, folder / "compress.onnx", "onnx", example)
     export(int8, folder / "compress.xml", "openvino", example)

@@ -29,8 +29,11 @@ from tests.test_stages import QUICK
 # their own way at a few places, OpenVINO runs float models in bf16 on AMX CPUs.
 KINDS = {
     **{kind: (QUICK[kind], 25.0) for kind in STAGES if kind != "quantize"},
-    "quantize:int8_static": ({"method": "int8_static", "calibration_batches": 2}, 20.0),
-    "quantize:int8_dynamic": ({"method": "int8_dynamic"}, 25.0),
+    "quantize:int8_static": (
+        {"method": "int8_static", "goal": "size", "calibration_batches": 2},
+        20.0,
+    ),
+    "quantize:int8_dynamic": ({"method": "int8_dynamic", "goal": "size"}, 25.0),
     "quantize:fp16": ({"method": "fp16"}, 25.0),
     "quantize:int4_weight_only": ({"method": "int4_weight_only", "group_size": 32}, 25.0),
 }
@@ -63,7 +66,7 @@ def test_every_stage_kind_runs_in_each_runtime_as_in_torch(kind, trained_tiny, f
 
 @pytest.mark.slow
 def test_int8_exports_as_qdq_that_onnxruntime_fuses(trained_tiny, fmnist, tmp_path):
-    int8 = quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=2)
+    int8 = quantize(trained_tiny, fmnist, method="int8_static", goal="size", calibration_batches=2)
     path = export(int8, tmp_path / "model.onnx", "onnx", fmnist.example_input(2))
     graph = onnx.load(str(path)).graph
     producers = {out: n.op_type for n in graph.node for out in n.output}
@@ -89,7 +92,7 @@ def test_dynamic_int8_exports_in_onnxruntimes_dynamic_form(fmnist, tmp_path):
     torch.manual_seed(0)
     mlp = build_model(ModelConfig(name="compress.models:mlp", kwargs={"hidden": 64}), 10, 1)
     linears = sum(isinstance(m, torch.nn.Linear) for m in mlp.modules())
-    int8 = quantize(mlp.eval(), fmnist, method="int8_dynamic")
+    int8 = quantize(mlp.eval(), fmnist, method="int8_dynamic", goal="size")
     path = export(int8, tmp_path / "m.onnx", "onnx", fmnist.example_input(2))
     exported = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert exported["MatMulInteger"] == exported["DynamicQuantizeLinear"] == linears
@@ -187,7 +190,7 @@ def test_unknown_runtime_is_a_recipe_error():
 @pytest.mark.slow
 def test_export_command_writes_once_and_checks_the_file(trained_tiny, fmnist, tmp_path):
     folder = save(
-        quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=1),
+        quantize(trained_tiny, fmnist, method="int8_static", goal="size", calibration_batches=1),
         tmp_path / "model",
         fmnist.example_input(2),
     )

@@ -78,7 +78,7 @@ def test_recipe_runs_under_torchrun_with_one_writer(tmp_path):
         "evaluate: {warmup: 1, iterations: 5, runtimes: [torch]}\n"
         "stages:\n"
         "  - prune: {method: magnitude, sparsity: 0.5, fine_tune: {epochs: 1, lr: 0.01}}\n"
-        "  - quantize: {method: int8_static, calibration_batches: 1}\n"
+        "  - quantize: {method: int8_static, goal: size, calibration_batches: 1}\n"
     )
     out = tmp_path / "run"
     result = _torchrun("-m", "compress", "run", str(recipe), "--out", str(out))

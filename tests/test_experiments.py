@@ -112,7 +112,7 @@ def test_python_api_chains_like_the_recipe(tmp_path):
     )
     model = compress.prune(teacher, data, method="structured", target_macs=0.5)
     model = compress.distill(model, data, teacher=teacher, train={"epochs": 0, "max_steps": 20})
-    model = compress.quantize(model, data, method="int8_static", calibration_batches=1)
+    model = compress.quantize(model, data, method="int8_static", goal="size", calibration_batches=1)
     report = compress.evaluate(
         model, data, {"warmup": 1, "iterations": 5, "runtimes": ["torch"]}, baseline=base
     )

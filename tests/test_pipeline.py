@@ -65,6 +65,9 @@ REDUCED = [
     "evaluate.warmup=3",
     "--set",
     "stages[0].quantize.calibration_batches=1",
+    # INT8 whether or not it is faster here (its speed check has its own tests).
+    "--set",
+    "stages[0].quantize.goal=size",
 ]
 
 
@@ -178,6 +181,30 @@ def test_sensitivity_command_writes_table_and_chart(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_runs_int8_is_timed_against_its_input_in_the_runs_runtimes(tmp_path):
+    """quantize.goal: speed, the default: the stage times INT8 against its input as the run's
+    evaluate section says (here torch alone, 3 rounds), keeps whichever is faster, and the
+    report holds the figures (either outcome: which one is this machine's to say)."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "name: tiny\nmodel: {name: 'tests.tiny:tiny_cnn'}\n"
+        "data: {train_subset: 2000, test_subset: 500, calibration_size: 500}\n"
+        "train: {max_steps: 30}\n"
+        "evaluate: {warmup: 1, iterations: 10, latency_rounds: 3, runtimes: [torch]}\n"
+        "stages: [{quantize: {calibration_batches: 1}}]\n"
+    )
+    result = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, quantized = json.loads((tmp_path / "run" / "report.json").read_text())["evaluations"]
+    check = quantized["details"]["speed_check"]
+    assert check["runtime"] == check["input_runtime"] == "torch" and check["rounds"] == 3
+    assert (check["kept"] == "int8") == (check["p50_x"] < 1.0)
+    assert (check["kept"] == "int8") == (quantized["compute_dtype"] == "int8")
+    kept_float = [n for n in quantized["notes"] if n.startswith("kept float: int8_static ran")]
+    assert bool(kept_float) == (check["kept"] == "float")
+
+
+@pytest.mark.slow
 def test_prune_distill_quantize_chain_end_to_end(tmp_path):
     recipe = tmp_path / "chain.yaml"
     recipe.write_text(
@@ -188,7 +215,7 @@ def test_prune_distill_quantize_chain_end_to_end(tmp_path):
         "stages:\n"
         "  - prune: {method: structured, ratio: 0.3}\n"
         "  - distill: {train: {epochs: 0, max_steps: 20, lr: 0.05}}\n"
-        "  - quantize: {method: int8_static, calibration_batches: 1}\n"
+        "  - quantize: {method: int8_static, goal: size, calibration_batches: 1}\n"
     )
     out = tmp_path / "run"
     result = run_cli("run", str(recipe), "--out", str(out))

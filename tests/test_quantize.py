@@ -21,7 +21,7 @@ FAST_EVAL = EvaluateConfig(warmup=3, iterations=20, runtimes=["torch"])
 
 @pytest.fixture(scope="module")
 def int8_tiny(trained_tiny, fmnist):
-    return quantize(trained_tiny, fmnist, method="int8_static", calibration_batches=4)
+    return quantize(trained_tiny, fmnist, method="int8_static", goal="size", calibration_batches=4)
 
 
 # Per method: options for a quick run, the logits' SQNR floor (dB), the accuracy-drop
@@ -34,9 +34,10 @@ def int8_tiny(trained_tiny, fmnist):
 # 2,000 images, where one image is 0.05). The tiny CNN's only Linear is its 64x10 head:
 # dynamic INT8 and INT4 are held to tighter figures on an MLP below.
 METHODS = {
-    "int8_static": ({"calibration_batches": 4}, 33.0 - INT8_MARGIN, 0.3, 0.35),
-    "int8_dynamic": ({}, 46.0, 0.3, 1.0),
-    "int8_qat": ({"fine_tune": {"max_steps": 20}}, 28.0 - INT8_MARGIN, 0.6, 0.35),
+    # goal: size: these tests hold INT8's accuracy and storage, whether or not it is faster.
+    "int8_static": ({"calibration_batches": 4, "goal": "size"}, 33.0 - INT8_MARGIN, 0.3, 0.35),
+    "int8_dynamic": ({"goal": "size"}, 46.0, 0.3, 1.0),
+    "int8_qat": ({"fine_tune": {"max_steps": 20}, "goal": "size"}, 28.0 - INT8_MARGIN, 0.6, 0.35),
     "fp16": ({}, 55.0, 0.2, 0.55),
     "bf16": ({}, 40.0, 0.8, 0.55),
     "int4_weight_only": ({"group_size": 32}, 26.0, 1.0, 1.0),
@@ -106,7 +107,7 @@ def test_a_graph_whose_module_names_hold_hyphens_saves_and_reloads(tmp_path):
         DataConfig(name="synthetic", image_size=32, synthetic_size=8, calibration_size=8)
     )
     model = build_model("regnet_x_400mf", data=data).eval()
-    int8 = quantize(model, data, method="int8_static", calibration_batches=1)
+    int8 = quantize(model, data, method="int8_static", goal="size", calibration_batches=1)
     loaded = load(save(int8, tmp_path / "regnet"))
     images = data.example_input(2)
     with torch.inference_mode():
@@ -130,20 +131,22 @@ def test_int8_artifact_of_resnet18_is_under_0_3x(synthetic, tmp_path):
     from compress.spec.recipe import ModelConfig
 
     model = build_model(ModelConfig(name="resnet18"), num_classes=10, in_channels=1).eval()
-    qmodel = quantize(model, synthetic, method="int8_static", calibration_batches=1)
+    qmodel = quantize(model, synthetic, method="int8_static", goal="size", calibration_batches=1)
     float_bytes = sum(f.stat().st_size for f in save(model, tmp_path / "f").iterdir())
     int8_bytes = sum(f.stat().st_size for f in save(qmodel, tmp_path / "q").iterdir())
     assert int8_bytes <= 0.3 * float_bytes  # no float copy of the weights left in the archive
 
 
 def test_skip_keeps_layers_in_float(tiny, fmnist):
-    qmodel = quantize(tiny, fmnist, method="int8_static", calibration_batches=1, skip=["re:0|4"])
+    qmodel = quantize(
+        tiny, fmnist, method="int8_static", goal="size", calibration_batches=1, skip=["re:0|4"]
+    )
     graph = qmodel.reference_module.graph
     per_channel = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert len(per_channel) == 2  # 4 weighted layers, 2 kept in float
     assert any("kept in float: 0, 4" in note for note in qmodel.notes)
     with pytest.raises(RecipeError, match="quantize.skip: '44'.*did you mean '4'"):
-        quantize(tiny, fmnist, method="int8_static", skip=["44"])
+        quantize(tiny, fmnist, method="int8_static", goal="size", skip=["44"])
 
 
 class _Untraceable(nn.Module):
@@ -177,7 +180,7 @@ def test_untraceable_model_is_quantized_in_parts(fmnist, tmp_path):
             "weights": None,
         }
     ).eval()
-    qmodel = quantize(model, fmnist, method="int8_static", calibration_batches=2)
+    qmodel = quantize(model, fmnist, method="int8_static", goal="size", calibration_batches=2)
     assert isinstance(qmodel, PartlyQuantizedModel)
     assert qmodel.quantized == ["conv"]
     notes = " ".join(qmodel.notes)
@@ -205,7 +208,7 @@ class _Opaque(nn.Module):
 
 def test_nothing_quantizable_is_a_clear_error(fmnist):
     with pytest.raises(QuantizationError) as info:
-        quantize(_Opaque().eval(), fmnist, method="int8_static", calibration_batches=1)
+        quantize(_Opaque().eval(), fmnist, method="int8_static", goal="size", calibration_batches=1)
     message = str(info.value)
     assert message.startswith(
         "nothing in _Opaque could be quantized: torch.export could not trace _Opaque"
@@ -225,6 +228,7 @@ def test_observers_and_per_tensor_weights(observer, trained_tiny, fmnist):
         trained_tiny,
         fmnist,
         method="int8_static",
+        goal="size",
         calibration_batches=2,
         observer=observer,
         per_channel=observer != "histogram",
@@ -237,7 +241,9 @@ def test_observers_and_per_tensor_weights(observer, trained_tiny, fmnist):
 
 
 def test_per_tensor_weights_share_one_scale(tiny, fmnist):
-    qmodel = quantize(tiny, fmnist, method="int8_static", calibration_batches=1, per_channel=False)
+    qmodel = quantize(
+        tiny, fmnist, method="int8_static", goal="size", calibration_batches=1, per_channel=False
+    )
     scales = [
         getattr(qmodel.reference_module, n.args[1].target)
         for n in qmodel.reference_module.graph.nodes
@@ -269,7 +275,7 @@ def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
     from compress.stages.quantize import sensitivity
 
     rows = sensitivity(
-        fragile, fmnist, method="int8_static", per_channel=False, calibration_batches=1
+        fragile, fmnist, method="int8_static", goal="size", per_channel=False, calibration_batches=1
     )
     assert [r["layer"] for r in rows][0] == "13"  # the outlier layer ranks most sensitive
     assert {r["layer"] for r in rows} == {"0", "4", "8", "13"}
@@ -277,6 +283,7 @@ def test_fallback_returns_the_sensitive_layer_to_float(fragile, fmnist):
         fragile,
         fmnist,
         method="int8_static",
+        goal="size",
         per_channel=False,
         calibration_batches=1,
         max_accuracy_drop=1.0,
@@ -301,7 +308,7 @@ def test_the_sensitivity_scan_exports_the_model_once(tiny, fmnist, monkeypatch):
     assert len(rows) == 4 and len(exports) == 1  # once, not once per layer
     # A layer quantized from the shared graph scores as one exported for it alone.
     alone = quantize(
-        tiny, fmnist, method="int8_static", calibration_batches=1, skip=["0", "4", "8"]
+        tiny, fmnist, method="int8_static", goal="size", calibration_batches=1, skip=["0", "4", "8"]
     )
     assert len(exports) == 2
     row = next(r for r in rows if r["layer"] == "13")
@@ -374,7 +381,7 @@ def mlp(fmnist):
 @pytest.mark.parametrize(
     ("method", "options", "min_sqnr", "max_size"),
     [
-        ("int8_dynamic", {}, 46.0, 0.3),  # 1 byte a weight, plus scales and the graph
+        ("int8_dynamic", {"goal": "size"}, 46.0, 0.3),  # 1 byte a weight, scales, the graph
         ("int4_weight_only", {"group_size": 32}, 28.0, 0.2),  # half a byte, plus fp16 scales
     ],
 )
@@ -416,3 +423,50 @@ def test_qat_fuses_and_folds_only_the_conv_kinds_the_graph_has(helper, monkeypat
             assert getattr(qat_utils, helper)(graph, conv_fn, (), False) is graph
     assert called == [F.conv2d]  # the absent kinds skipped, the present one matched
     assert getattr(qat_utils, helper) is per_kind  # torchao's helper is back after
+
+
+class _Costly(nn.Module):
+    """``inner``'s outputs, after 12 large matmuls that depend on the input and add nothing:
+    a model many times slower than ``inner`` that exports and compiles like any other (it
+    stands in for an INT8 model slower than its float input)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("square", torch.randn(256, 256) / 16)
+
+    def forward(self, x):
+        h = x.mean() * self.square
+        for _ in range(12):
+            h = h @ self.square
+        return self.inner(x) + 0.0 * h.mean()
+
+
+def test_int8_slower_than_its_input_gives_way_to_it_and_a_faster_one_stays(trained_tiny, fmnist):
+    """quantize.goal: speed. Timed side by side as the report times (paired rounds, each in
+    its fastest runtime): the slower result is replaced by a copy of its input, with a note
+    and the ratio; the faster one is kept, with its ratio."""
+    import copy
+
+    from compress.core.registry import StageContext
+    from compress.core.traits import traits
+    from compress.stages.quantize._speed import only_if_faster
+
+    quick = EvaluateConfig(warmup=1, iterations=10, latency_rounds=3, runtimes=["torch"])
+    context = StageContext(evaluate=quick)
+    context.budget.append({"steps": 5, "config": {}})  # a QAT fine-tune the INT8 model had
+    slower = _Costly(trained_tiny)
+    kept = only_if_faster(trained_tiny, slower, fmnist, "int8_qat", context, trainings_before=0)
+    assert context.budget == []  # the float model kept never had that training
+    check = traits(kept).details["speed_check"]
+    assert check["kept"] == "float" and check["p50_x"] > 2.0 and check["rounds"] == 3
+    assert type(kept) is type(trained_tiny) and kept is not trained_tiny
+    assert traits(kept).notes[0].startswith("kept float: int8_qat ran")
+    x = fmnist.example_input(8)
+    with torch.no_grad():
+        assert torch.equal(kept(x), trained_tiny(x))
+
+    faster = copy.deepcopy(trained_tiny)
+    stays = only_if_faster(_Costly(trained_tiny), faster, fmnist, "int8_static", context)
+    check = traits(stays).details["speed_check"]
+    assert stays is faster and check["kept"] == "int8" and check["p50_x"] < 0.5

@@ -9,8 +9,8 @@ import yaml
 import compress
 from compress.core.stats import Drop
 from compress.measure.latency import LatencyRatio
+from compress.workflow.search._candidate import Candidate
 from compress.workflow.search._grid import (
-    Candidate,
     _mark_predicted,
     _next_smaller,
     _segments,

@@ -15,6 +15,7 @@ from compress.measure.profile import profile_model
 from compress.measure.scores import metrics
 from compress.models.artifact import load, save
 from compress.spec.recipe import EvaluateConfig, parse_stage_options
+from compress.stages.quantize import INT8_METHODS
 
 QUICK = {
     "quantize": {"calibration_batches": 1},
@@ -51,10 +52,15 @@ def _options(kind: str, method: str) -> dict:
     return {"method": method, **{k: v for k, v in QUICK[kind].items() if k in allowed}}
 
 
+# How a stage that times its result (quantize's goal: speed) measures here: briefly, in torch.
+STAGE_EVAL = EvaluateConfig(warmup=1, iterations=10, latency_rounds=3, runtimes=["torch"])
+
+
 def _run_stage(kind, method, trained_tiny, fmnist):
     assert kind in QUICK, f"add a quick configuration for the new stage {kind!r}"
     config = parse_stage_options(kind, _options(kind, method))
-    context = StageContext(baseline=trained_tiny)  # distillation's teacher
+    # The run's baseline is distillation's teacher.
+    context = StageContext(baseline=trained_tiny, evaluate=STAGE_EVAL)
     return STAGES[kind].function(trained_tiny, fmnist, config, context=context)
 
 
@@ -74,6 +80,10 @@ def test_stage_makes_a_new_model_that_round_trips(kind, method, tiny, fmnist, tm
     assert model is not tiny and not model.training
     after = tiny.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the input is left as it was
+    if kind == "quantize" and method in INT8_METHODS:  # goal: speed, the default: timed
+        check = traits(model).details["speed_check"]
+        assert (check["kept"] == "int8") == (check["p50_x"] < 1.0)
+        assert (traits(model).compute_dtype == "float32") == (check["kept"] == "float")
     folder = save(model, tmp_path / kind, fmnist.example_input(2))
     again = load(folder, trust_code=True)  # the tiny CNN's spec is an import path
     images = fmnist.example_input(250)
@@ -97,7 +107,7 @@ def test_every_stage_runs_on_a_segmenter(kind, method, tiny_segmenter, scenes, t
     input's size, round-trips through its folder and scores mIoU near its input's. (The
     methods that act on Linear layers alone say in their notes that the segmenter has none.)"""
     config = parse_stage_options(kind, _options(kind, method))
-    context = StageContext(baseline=tiny_segmenter)
+    context = StageContext(baseline=tiny_segmenter, evaluate=STAGE_EVAL)
     model = STAGES[kind].function(tiny_segmenter, scenes, config, context=context)
     images = scenes.example_input(4)
     with torch.no_grad():

@@ -231,7 +231,9 @@ def test_segmentation_evaluates_quantizes_exports_and_distills_on_real_scenes(
     background_only = metrics(_Constant(), scenes)["mIoU"]  # every pixel background
     assert base.metric == "mIoU" and base.score > background_only + 10
     assert base.metrics["pixel accuracy"] > 85
-    int8 = compress.quantize(tiny_segmenter, scenes, method="int8_static", calibration_batches=1)
+    int8 = compress.quantize(
+        tiny_segmenter, scenes, method="int8_static", goal="size", calibration_batches=1
+    )
     runtimes = dataclasses.replace(FAST, runtimes=["torch", "onnxruntime", "openvino"])
     after = evaluate(int8, scenes, runtimes, baseline=base, name="int8")
     drop = after.drop

@@ -71,6 +71,9 @@ class StageContext:
     seed: int = 0
     checkpoints: Path | None = None  # one numbered folder per training inside the stage
     baseline: Any = None  # nn.Module
+    # The run's EvaluateConfig: how a stage that times its own result (quantize's goal:
+    # speed) measures, in which runtimes; None: the evaluator's defaults.
+    evaluate: Any = None
     trainings: int = field(default=0, repr=False)
     # What the stage's trainings ran, in order: {"steps", "config"} each (train() adds
     # them). A compute-matched control replays them on the baseline.

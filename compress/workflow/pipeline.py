@@ -139,6 +139,7 @@ def _run_stages(recipe, data, device, baseline, report: Report, run_dir: Path) -
                 seed=recipe.seed,
                 checkpoints=run_dir / "checkpoints" / f"stage{index}_{stage.kind}",
                 baseline=baseline,
+                evaluate=recipe.evaluate,
             )
             with memory_guard(f"stage {index} ({stage.name}) of {recipe.model.name}"):
                 model = STAGES[stage.kind].function(model, data, stage.config, context=context)

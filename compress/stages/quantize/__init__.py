@@ -20,16 +20,23 @@ from compress.data import Data
 from compress.models.artifact import MAX_BATCH, register_loader
 from compress.spec.recipe import parse_stage_options
 from compress.stages.quantize._cast import LowPrecisionModel, cast
-from compress.stages.quantize._config import FALLBACK_METHODS, QAT_TRAINING, QuantizeConfig
+from compress.stages.quantize._config import (
+    FALLBACK_METHODS,
+    INT8_METHODS,
+    QAT_TRAINING,
+    QuantizeConfig,
+)
 from compress.stages.quantize._int4 import Int4WeightOnlyModel, int4_weight_only
 from compress.stages.quantize._sensitivity import (
     QuantizeFn,
     layer_sensitivity,
     quantize_with_fallback,
 )
+from compress.stages.quantize._speed import only_if_faster
 
 __all__ = [
     "FALLBACK_METHODS",
+    "INT8_METHODS",
     "MAX_BATCH",
     "QAT_TRAINING",
     "QUANTIZE_METHODS",
@@ -160,9 +167,14 @@ def quantize(
         >>> qmodel = quantize(model, data, method="int8_static", max_accuracy_drop=0.3)
     """
     method = QUANTIZE_METHODS[config.method]
+    trainings_before = len(context.budget)
     if config.max_accuracy_drop is not None and config.method in FALLBACK_METHODS:
-        return quantize_with_fallback(model, data, config, _exporting_once(method))
-    return method(model, data, config, context)
+        quantized = quantize_with_fallback(model, data, config, _exporting_once(method))
+    else:
+        quantized = method(model, data, config, context)
+    if config.method in INT8_METHODS and config.goal == "speed":
+        return only_if_faster(model, quantized, data, config.method, context, trainings_before)
+    return quantized
 
 
 def sensitivity(

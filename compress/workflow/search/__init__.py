@@ -57,11 +57,11 @@ from compress.workflow.baseline import baseline_model
 from compress.workflow.pipeline import resolve_device, run
 from compress.workflow.report import Report
 from compress.workflow.rundir import refuse_used_out
+from compress.workflow.search._candidate import Candidate
 from compress.workflow.search._files import _best_so_far, _describe, _on_test, _write
 from compress.workflow.search._grid import (
     FORMATS,
     KEEP,
-    Candidate,
     _cost,
     _fit_cost_model,
     _grid,

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from compress.core.stats import Drop
 from compress.core.storage import as_json, write_atomic
 from compress.workflow.report import Report
-from compress.workflow.search._grid import Candidate, Cost, _value
+from compress.workflow.search._candidate import Candidate, Cost
+from compress.workflow.search._grid import _value
 
 if TYPE_CHECKING:  # the package's own types; annotations only
     from compress.workflow.search import SearchConfig, SearchResult

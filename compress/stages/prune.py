@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -212,6 +213,20 @@ def _magnitude(
     return model
 
 
+def _graph_failure(error: Exception) -> str:
+    """Why torch-pruning could not build its graph, in words a user can act on where the
+    failure is a known one, else its first line."""
+    frames = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+    if "update_reshape_index_mapping" in frames:  # ZeroDivisionError inside torch-pruning
+        return (
+            "a view or reshape that splits the channels into groups (a channel shuffle, as"
+            " in ShuffleNet) is not a dependency torch-pruning can follow (method: magnitude"
+            " prunes such a model, unstructured)"
+        )
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def _apply_magnitude_masks(
     layers: Sequence[tuple[str, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear]],
     sparsity: float,
@@ -271,11 +286,9 @@ def _structured(
             round_to=config.round_to,
         )
     except Exception as error:  # noqa: BLE001 - torch-pruning's graph tracing failures
-        reason = (
-            str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        )
         message = (
-            f"torch-pruning cannot build the dependency graph of {type(model).__name__}: {reason}"
+            f"torch-pruning cannot build the dependency graph of {type(model).__name__}:"
+            f" {_graph_failure(error)}"
         )
         if config.on_unprunable == "skip":
             log.warning("prune: %s; left unpruned (on_unprunable: skip)", message)

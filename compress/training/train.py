@@ -51,6 +51,16 @@ DDP_OPTIONS: dict = {"gradient_as_bucket_view": True, "broadcast_buffers": False
 DDP_BF16_GRADIENTS = False  # bf16 gradient exchange (halves the bytes sent)
 
 
+def _augmentable(task, config: TrainConfig):
+    """``task``, where ``config.augment`` can apply to its inputs; else one clear line."""
+    if config.augment != "none" and not task.images:
+        raise TaskError(
+            f"train.augment: {config.augment!r} crops, flips or erases images; task {task.name}"
+            " takes token ids (allowed: none)"
+        )
+    return task
+
+
 def train(
     model: nn.Module,
     data: Data,
@@ -145,12 +155,7 @@ def _train_phase(model, data, config, seed, device, loss_fn, desc, checkpoint_di
     cuda = torch.device(device).type == "cuda"
     if config.amp != "off" and not cuda:
         log.info("%s: train.amp=%s applies on CUDA only; training in fp32", desc, config.amp)
-    task = get_task(data.task)
-    if config.augment != "none" and not task.images:
-        raise TaskError(
-            f"train.augment: {config.augment!r} crops, flips or erases images; task {task.name}"
-            " takes token ids (allowed: none)"
-        )
+    task = _augmentable(get_task(data.task), config)
     optimizer = optimizer_for(model, config)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.amp) if cuda else None
     run = _Phase(

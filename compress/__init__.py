@@ -4,7 +4,7 @@ Example:
     >>> import compress
     >>> recipe = compress.load_recipe("recipes/resnet_int8.yaml")
     >>> data = compress.build_data(recipe.data)
-    >>> model = compress.build_model(recipe.model, data.num_classes, data.input_shape[0])
+    >>> model = compress.build_model(recipe.model, data=data)
     >>> base = compress.evaluate(model, data, name="baseline")
     >>> qmodel = compress.quantize(model, data, method="int8_static")
     >>> pruned = compress.prune(model, data, method="structured", target_macs=0.5)

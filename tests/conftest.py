@@ -140,3 +140,12 @@ def tiny_segmenter(scenes):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="tests.tiny:tiny_segmenter"), data=scenes)
     return train(model, scenes, TrainConfig(epochs=10, lr=0.2, validate=False), seed=0)
+
+
+# A few blocks of Shakespeare by character, 32 long: the language-model tests' data.
+TINY_TEXT = {"name": "shakespeare_char", "context": 32, "calibration_size": 20, "test_subset": 20}
+
+
+@pytest.fixture(scope="session")
+def tiny_text():
+    return build_data(TINY_TEXT)

@@ -36,6 +36,7 @@ KINDS = {
     "quantize:int8_dynamic": ({"method": "int8_dynamic", "goal": "size"}, 25.0),
     "quantize:fp16": ({"method": "fp16"}, 25.0),
     "quantize:int4_weight_only": ({"method": "int4_weight_only", "group_size": 32}, 25.0),
+    "quantize:int8_weight_only": ({"method": "int8_weight_only"}, 35.0),
 }
 
 

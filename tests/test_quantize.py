@@ -41,6 +41,7 @@ METHODS = {
     "fp16": ({}, 55.0, 0.2, 0.55),
     "bf16": ({}, 40.0, 0.8, 0.55),
     "int4_weight_only": ({"group_size": 32}, 26.0, 1.0, 1.0),
+    "int8_weight_only": ({}, 40.0, 0.3, 1.0),
 }
 
 
@@ -348,7 +349,7 @@ def test_fallback_that_cannot_meet_keeps_the_best(tiny, fmnist):
     [((8, 256), 128, 0.0), ((5, 300), 128, 0.0), ((3, 7), 128, 0.0), ((4, 33), 8, 3.0)],
 )
 def test_int4_codes_round_trip_within_a_step(shape, group, offset):
-    from compress.stages.quantize._int4 import dequantize, quantize_weight
+    from compress.stages.quantize._weight_only import dequantize, quantize_weight
 
     # offset 3: every weight positive, the case where a zero point would clamp
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) + offset
@@ -383,6 +384,7 @@ def mlp(fmnist):
     [
         ("int8_dynamic", {"goal": "size"}, 46.0, 0.3),  # 1 byte a weight, scales, the graph
         ("int4_weight_only", {"group_size": 32}, 28.0, 0.2),  # half a byte, plus fp16 scales
+        ("int8_weight_only", {}, 40.0, 0.3),  # a byte, one fp32 scale per output
     ],
 )
 def test_linear_weights_are_really_stored_narrow(

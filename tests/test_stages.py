@@ -29,6 +29,7 @@ QUICK_METHOD = {
     ("quantize", "int8_static"): {"calibration_batches": 1},
     ("quantize", "int8_qat"): {"fine_tune": {"epochs": 0, "max_steps": 2, "validate": False}},
     ("quantize", "int4_weight_only"): {"group_size": 32},
+    ("quantize", "int8_weight_only"): {},
     ("prune", "magnitude"): {"sparsity": 0.5},
 }
 # QAT's conversion matches torchao's conv-BN patterns by exporting each (~120 exports,

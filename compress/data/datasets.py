@@ -43,7 +43,8 @@ class Data:
     calibration: Dataset
     test: Dataset
     num_classes: int
-    input_shape: tuple[int, int, int]  # channels, height, width of one image
+    # One input's shape: (channels, height, width) of an image, (T,) of a block of token ids.
+    input_shape: tuple[int, ...]
     config: DataConfig = field(default_factory=DataConfig)
     # What a batch's targets are and how models are scored (compress.spec.tasks): a name or a
     # Task, such as Custom(loss=..., metric=...).
@@ -123,13 +124,20 @@ class Data:
         )
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
-        """A batch of real test images, for tracing, export and latency measurement."""
-        images = torch.stack(
+        """A batch of real test inputs (images (N, C, H, W), or a language model's integer
+        token ids (N, T)), for tracing, export and latency measurement.
+
+        Example:
+            >>> data.example_input(4).shape  # shakespeare_char, data.context 32
+            torch.Size([4, 32])
+        """
+        inputs = torch.stack(
             [self.test[i][0] for i in range(min(batch_size, dataset_length(self.test)))]
         )
-        if images.shape[0] < batch_size:  # a tiny test split: repeat to the batch size asked
-            images = images.repeat((batch_size + images.shape[0] - 1) // images.shape[0], 1, 1, 1)
-        return images[:batch_size]
+        if inputs.shape[0] < batch_size:  # a tiny test split: repeat to the batch size asked
+            copies = (batch_size + inputs.shape[0] - 1) // inputs.shape[0]
+            inputs = inputs.repeat(copies, *[1] * (inputs.ndim - 1))  # along the batch only
+        return inputs[:batch_size]
 
 
 class _NoLoneBatch(BatchSampler):

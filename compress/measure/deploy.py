@@ -37,7 +37,10 @@ from compress.measure.onnx_rewrite import (
     dynamic_quantization_translations,
     quantize_biases,
 )
-from compress.models.artifact import MAX_BATCH  # exported graphs take the batches saved ones do
+from compress.models.artifact import (  # exported graphs take the batches saved ones do
+    MAX_BATCH,
+    recorded_input,
+)
 
 # Where the evaluator can measure a model. ``torch``: the model as ``model(x)`` runs it
 # (eager for float models; INT8 models compile themselves); ``inductor``: a float model
@@ -116,9 +119,7 @@ def _convert_to_openvino(onnx_file: Path, xml: Path) -> None:
         try:
             converted = ov.convert_model(str(onnx_file))
         except Exception as error:  # noqa: BLE001 - the converter's errors are long
-            raise ExportError(
-                f"openvino cannot convert {onnx_file}: {_first_line(error)}"
-            ) from None
+            raise ExportError(f"openvino cannot convert {onnx_file}: {first_line(error)}") from None
         ov.save_model(converted, str(staged), compress_to_fp16=False)
         # The .xml names its .bin; the .bin lands first so that a visible .xml is complete.
         os.replace(staged.with_suffix(".bin"), xml.with_suffix(".bin"))
@@ -221,7 +222,7 @@ class OnnxRuntimeModel(nn.Module):
                 str(path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as error:  # noqa: BLE001 - ORT raises its own types, one line is enough
-            raise ExportError(f"onnxruntime cannot load {path}: {_first_line(error)}") from None
+            raise ExportError(f"onnxruntime cannot load {path}: {first_line(error)}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.file = Path(path)
         self.precision = _onnx_precision(path)
@@ -254,7 +255,7 @@ class OpenVinoModel(nn.Module):
             graph = core.read_model(str(path))
             compiled = core.compile_model(graph, "CPU", config)
         except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError with long text
-            raise ExportError(f"openvino cannot compile {path}: {_first_line(error)}") from None
+            raise ExportError(f"openvino cannot compile {path}: {first_line(error)}") from None
         self.request = compiled.create_infer_request()
         self.file = Path(path)
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -297,6 +298,12 @@ def _deployable_module(model: nn.Module, format: str) -> nn.Module:
     """What to export: a quantized model's converted graph (QDQ ops, int8 weights) rather
     than its compiled wrapper; for OpenVINO, a half-precision model's float32 original;
     any other model as it is."""
+    reason = getattr(model, "not_exportable", None)  # a model that says why it cannot
+    if isinstance(reason, str):
+        raise ExportError(f"{type(model).__name__} does not export: {reason}")
+    export_module = getattr(model, "export_module", None)  # a model's own exportable form
+    if callable(export_module):
+        return cast(nn.Module, export_module())
     if format == "openvino" and getattr(model, "dtype", None) in _OPENVINO_PRECISION:
         return copy.deepcopy(cast(nn.Module, model.inner)).float()
     about = traits(model)
@@ -315,12 +322,15 @@ def _deployable_module(model: nn.Module, format: str) -> nn.Module:
 
 
 def _example_from_model(model: nn.Module) -> torch.Tensor:
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
+    """Zeros of the input ``model`` says it takes, or its graph recorded: float images, or
+    token id 0 for a language model (integer ids)."""
+    found = recorded_input(model)
+    if found is None:
         raise ExportError(
             f"{type(model).__name__}: the input shape is unknown; pass an example input"
         )
-    return torch.zeros(1, *shape)
+    shape, dtype = found
+    return torch.zeros(1, *shape, dtype=dtype)
 
 
 def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: str) -> None:
@@ -331,15 +341,8 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
     if example.shape[0] == 1:  # a batch of 1 would be specialised to 1
         example = example.expand(2, *example.shape[1:]).contiguous()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    # The exporter and its optimiser log every pass at INFO; a run's log keeps its own lines.
-    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
     try:
-        # The exporter prints its progress on stdout; a failure is one line from here on.
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             program = torch.onnx.export(
                 module,
                 (example,),
@@ -354,11 +357,8 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
             )
     except Exception as error:  # noqa: BLE001 - the exporter's errors are many and long
         raise ExportError(
-            f"{type(model).__name__} does not export to ONNX: {_first_line(error)}"
+            f"{type(model).__name__} does not export to ONNX: {first_line(error)}"
         ) from None
-    finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
     if program is None:
         raise ExportError(f"{type(model).__name__} does not export to ONNX: no program")
     proto = program.model_proto  # a new copy at each access: edit this one
@@ -367,7 +367,29 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
     onnx.save_model(proto, str(path))
 
 
-def _first_line(error: BaseException) -> str:
+@contextlib.contextmanager
+def quiet_exporter():
+    """The ONNX exporter without its chatter: it logs every pass at INFO and prints its
+    progress on stdout; a run's log keeps its own lines, and a failure is one line.
+
+    Example:
+        >>> with quiet_exporter():
+        ...     program = torch.onnx.export(model, (x,), dynamo=True)
+    """
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+
+
+def first_line(error: BaseException) -> str:
     """The most telling line of a long error: its root cause's first, without colours."""
     while error.__cause__ is not None:
         error = error.__cause__

@@ -23,6 +23,7 @@ from compress.core.stats import Drop, pack_rows
 from compress.core.traits import traits
 from compress.data import Data
 from compress.measure.counts import artifact_size, count_flops, count_params
+from compress.measure.decode import has_decoder, measure_decode, paired_decode_ratio
 from compress.measure.deploy import available_runtimes
 from compress.measure.evaluation import Evaluation
 from compress.measure.latency import (
@@ -33,6 +34,7 @@ from compress.measure.latency import (
 )
 from compress.measure.profile import count_memory_access, profile_summary
 from compress.measure.scores import example_scores
+from compress.models.build import check_fits_data
 from compress.spec.recipe import EvaluateConfig, as_config
 from compress.spec.tasks import Task, get_task
 
@@ -53,10 +55,9 @@ def evaluate(
 ) -> Evaluation:
     """Measure ``model`` on ``data``; compare with ``baseline`` when given.
 
-    ``artifact`` is the saved model's folder or file; without it the model is saved to a
-    temporary folder to measure its size. ``deploy_to`` is a path stem for the exported
-    files (``<stem>.onnx``, ``<stem>.xml``/``.bin``); without it they go to a temporary
-    folder. The headline latency is the fastest runtime's (``result.runtime``).
+    ``artifact``: the saved model's folder or file (else it is saved to a temporary folder
+    for its size); ``deploy_to``: a path stem for the exported files (else a temporary
+    folder). The headline latency is the fastest runtime's (``result.runtime``).
 
     Example:
         >>> base = evaluate(model, data, name="baseline")
@@ -64,29 +65,27 @@ def evaluate(
         >>> after.latency_ms.p50 / base.latency_ms.p50
     """
     config = as_config("evaluate", config or {})
-    # Each rank scores its share of the test split on its share of the cores; rank 0 alone
-    # times with a deployment's threads (all cores) while the others wait.
+    # Each rank scores its share of the test split on its cores; rank 0 alone times.
     own_threads = config.threads or distributed.rank_threads()
     threads = config.threads or distributed.usable_cores()
     torch.set_num_threads(own_threads)
-    model.eval()
+    check_fits_data(model.eval(), data)  # data.context beyond a GPT's: one line
     about = traits(model)
     notes = list(about.notes)
     if about.cpu_only and device != "cpu":
         device = "cpu"
         notes.append("measured on the CPU: this model's kernels are CPU-only")
     one_image = data.example_input(1).to(device)
-    # Counted on the reference module where what runs is compiled (traits.py).
-    flops = count_flops(about.reference, one_image)
+    flops = count_flops(about.reference, one_image)  # the reference: what runs may be compiled
     memory = count_memory_access(about.reference, one_image, about.element_bytes)
     total, nonzero = about.param_counts or count_params(model)
     task = get_task(data.task)
     score, examples, figures = _scores(model, data, config, device, task)
-    measured, deployment = _rank0_figures(
+    measured, (deployment, decoding) = _rank0_figures(
         model, data, config, device, (threads, own_threads), deploy_to, notes, score, artifact
     )
     latency = measured["runtimes"][measured["best"]]["latency_ms"]
-    p50_s = latency.p50 / 1e3
+    p50_s, pair = latency.p50 / 1e3, (threads, own_threads)
     result = Evaluation(
         name=name,
         params=total,
@@ -109,8 +108,10 @@ def evaluate(
         examples=examples,
         task=task.name,
         metric=task.metric,
+        higher_is_better=task.higher_is_better,
         metrics=figures,
         deployment=deployment,
+        decoding=decoding,
     )
     if config.profile and distributed.is_main() and device == "cpu":
         with _threads(threads, own_threads):
@@ -118,7 +119,8 @@ def evaluate(
                 model, one_image, result.gflops_per_s, threads
             )
     if baseline is not None:
-        result.latency_ratio = _paired_ratio(baseline, deployment, config, (threads, own_threads))
+        result.latency_ratio = _paired_ratio(baseline, deployment, config, pair)
+        result.decode_ratio = _paired_decoding(baseline, decoding, config, pair)
         against_baseline(result, baseline, about.not_faster_reason, task)
     return result
 
@@ -130,6 +132,15 @@ def _paired_ratio(baseline: Evaluation, deployment, config, threads) -> LatencyR
     if deployment is not None and baseline.deployment is not None:  # rank 0
         with _threads(*threads):
             ratio = paired_latency_ratio(baseline.deployment, deployment, config)
+    return distributed.broadcast_object(ratio)
+
+
+def _paired_decoding(baseline: Evaluation, decoding, config, threads) -> dict | None:
+    """Both models' fastest decoding in turns by rank 0 (the decode ratio); every rank gets it."""
+    ratio = None
+    if decoding is not None and baseline.decoding is not None:  # rank 0, language models
+        with _threads(*threads):
+            ratio = paired_decode_ratio(baseline.decoding, decoding, config.latency_rounds)
     return distributed.broadcast_object(ratio)
 
 
@@ -156,7 +167,7 @@ def _threads(count: int, restore: int):
 def _rank0_figures(model, data, config, device, threads, deploy_to, notes, score, saved):
     """Rank 0 times the model (with a deployment's threads) and measures its size on disk;
     every rank gets the figures, rank 0 alone its best deployment (else None)."""
-    measured = deployment = None
+    measured, deployment = None, (None, None)
     if distributed.is_main():
         with _threads(*threads):
             measured, deployment = _time_runtimes(
@@ -192,9 +203,14 @@ def _time_runtimes(
         notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
     candidates = [r for r in runtimes if r in wanted] or ["torch"]
     best = min(candidates, key=lambda r: runtimes[r]["latency_ms"].p50)
+    decoding = None
+    if config.decode_tokens and device == "cpu" and has_decoder(model):
+        rates, decoding = measure_decode(model, candidates, threads, config.decode_tokens, notes)
+        for runtime, rate in rates.items():
+            runtimes[runtime]["decode_tokens_per_s"] = rate
     batch = data.example_input(config.latency_batch_size)
     deployment = (modules[best], batch) if best in modules else (model, batch.to(device))
-    return {"runtimes": runtimes, "best": best, "notes": notes}, deployment
+    return {"runtimes": runtimes, "best": best, "notes": notes}, (deployment, decoding)
 
 
 def against_baseline(
@@ -239,6 +255,25 @@ def against_baseline(
         )
     elif paired is not None and paired.interval[1] >= 1.0:
         result.notes.append(f"faster by its median ratio ({ratio:.2f}x) but within noise{spread}")
+    _decode_note(result, baseline)
+
+
+def _decode_note(result: Evaluation, baseline: Evaluation) -> None:
+    """A language model's decoding speed against the baseline's, each at its fastest."""
+    mine, theirs = result.best_decode(), baseline.best_decode()
+    if mine is None or theirs is None:
+        return
+    paired = result.decode_ratio
+    speedup = paired["x"] if paired else mine[1] / theirs[1]
+    how = "median of 3 each"
+    if paired:
+        low, high = paired["interval"]
+        how = f"median of {paired['rounds']} alternating rounds, 95 % interval {low:.2f}x to {high:.2f}x"
+    verdict = "" if speedup > 1 / NOT_FASTER_RATIO else "not faster at decoding: "
+    result.notes.append(
+        f"{verdict}decodes {mine[1]:.0f} tokens/s in {mine[0]}, {speedup:.2f}x the baseline's"
+        f" {theirs[1]:.0f} in {theirs[0]} (each at its fastest, batch 1; {how})"
+    )
 
 
 def compare_with_input(result: Evaluation, previous: Evaluation) -> None:

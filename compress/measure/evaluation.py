@@ -12,6 +12,7 @@ import numpy as np
 from compress.core.stats import Drop, pack_rows, unpack, unpack_rows
 from compress.core.storage import as_json
 from compress.measure.latency import Latency, LatencyRatio
+from compress.spec.tasks import TASKS
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Evaluation:
     # Where `latency_ms` was measured: the fastest of the runtimes below.
     runtime: str = "torch"
     # runtime -> {latency_ms (a Latency), score, drop_points, max_abs_diff (logits vs
-    # torch), precision, file, size_bytes}; "torch" is the model as model(x) runs it.
+    # torch), precision, file, size_bytes, decode_tokens_per_s (a language model's)};
+    # "torch" is the model as model(x) runs it.
     runtimes: dict[str, dict] = field(default_factory=dict)
     # The task's per-example rows on the test split, in its order (compress.core.stats.pack_rows):
     # what pairs this model's drop with another's.
@@ -60,15 +62,35 @@ class Evaluation:
     training: list[dict] = field(default_factory=list)
     task: str = "classification"
     metric: str = "top-1"  # the name of `score`
+    # Whether a higher `score` is better (top-1, mIoU) or a lower one (a language model's
+    # loss): what a chart or front across runs ranks by. Drops are oriented already.
+    higher_is_better: bool = True
     metrics: dict[str, float] = field(default_factory=dict)
+    # A language model's decoding speed against the baseline's, from alternating rounds of
+    # each one's fastest decoding runtime: {"x": tokens/s over the baseline's (the median
+    # round), "interval": its 95 % interval, "rounds"}.
+    decode_ratio: dict | None = None
     # The fastest deployment, kept in memory for the paired latency rounds; never saved.
     deployment: Any = field(default=None, repr=False, compare=False)
+    # The fastest decoding step (compress.measure.decode.Decoding), likewise.
+    decoding: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """As report.json holds it: the typed figures as plain JSON values."""
         return {
-            f.name: as_json(getattr(self, f.name)) for f in fields(self) if f.name != "deployment"
+            f.name: as_json(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in ("deployment", "decoding")
         }
+
+    def best_decode(self) -> tuple[str, float] | None:
+        """(runtime, tokens a second) of the runtime that decodes fastest, where timed."""
+        rates = {
+            name: row["decode_tokens_per_s"]
+            for name, row in self.runtimes.items()
+            if row.get("decode_tokens_per_s")
+        }
+        return max(rates.items(), key=lambda item: item[1]) if rates else None
 
     def example_rows(self) -> np.ndarray | None:
         """The task's per-example rows on the test split, or None where they were not kept."""
@@ -77,8 +99,12 @@ class Evaluation:
     @classmethod
     def from_dict(cls, raw: dict) -> Evaluation:
         """An evaluation as report.json holds it; one written before tasks (top-1 and its
-        per-image correctness bits) reads as classification."""
+        per-image correctness bits) reads as classification, one written before
+        ``higher_is_better`` takes its task's."""
         raw = dict(raw)
+        if "higher_is_better" not in raw:
+            task = TASKS.get(raw.get("task") or "classification")
+            raw["higher_is_better"] = task.higher_is_better if task is not None else True
         if "accuracy_top1" in raw:
             raw["score"] = raw.pop("accuracy_top1")
             top5 = raw.pop("accuracy_top5", None)

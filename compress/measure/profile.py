@@ -101,12 +101,23 @@ def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)  # shapes, as torch's own formula gets them
 
 
-_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+# Weight-only and INT8 kernels are matmuls of (M, K) activations into (M, N) outputs,
+# however the weight is packed.
+def _mm_flops(x, weight, *args, out_shape, **kwargs) -> int:
+    return 2 * x[0] * x[1] * out_shape[1]  # shapes, as torch passes them
+
+
+_CPU_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    torch.ops.aten._weight_int8pack_mm: _mm_flops,
+    torch.ops.aten._weight_int4pack_mm_for_cpu: _mm_flops,
+    torch.ops.aten._int_mm: _mm_flops,  # torchao's per-token INT8
+}
 
 
 @contextlib.contextmanager
 def flop_counter():
-    """A ``FlopCounterMode`` that also counts attention on the CPU.
+    """A ``FlopCounterMode`` that also counts attention and weight-only matmuls on the CPU.
 
     Example:
         >>> with torch.inference_mode(), flop_counter() as counter:
@@ -116,7 +127,7 @@ def flop_counter():
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the same matmuls, as countable ops
     try:
-        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_CPU_FORMULAS) as counter:
             yield counter
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from torch import nn
 
-from compress.core.errors import ArtifactError, ModelError
+from compress.core.errors import ArtifactError, DataError, ModelError
 from compress.core.storage import memory_cap, model_bytes, read_tensors
-from compress.models.artifact import MANIFEST, load
+from compress.models.artifact import MANIFEST, POSITION_TABLES, load
 from compress.spec.architectures import model_from_spec
 from compress.spec.recipe import ModelConfig, as_config
 
@@ -29,7 +29,8 @@ def build_model(
     ``config`` is a ModelConfig, the same as a mapping, or just a name. torchvision models
     get ``num_classes`` outputs and a first convolution that takes ``in_channels`` (both
     read from ``data`` when given; else 1000 and 3). A ``checkpoint`` (a state_dict file or
-    a compress artifact folder) is loaded with ``weights_only=True``.
+    a compress artifact folder) is loaded with ``weights_only=True``. With ``data``, a model
+    that cannot take its inputs is refused (:func:`check_fits_data`).
 
     Example:
         >>> model = build_model("resnet18", data=data)
@@ -41,7 +42,10 @@ def build_model(
     num_classes = 1000 if num_classes is None else num_classes
     in_channels = 3 if in_channels is None else in_channels
     if config.checkpoint and Path(config.checkpoint, MANIFEST).is_file():
-        return load(config.checkpoint, trust_code=config.trust_code, trusted_imports={config.name})
+        model = load(config.checkpoint, trust_code=config.trust_code, trusted_imports={config.name})
+        if data is not None:
+            check_fits_data(model, data)
+        return model
     spec = {
         "name": config.name,
         "kwargs": dict(config.kwargs),
@@ -52,7 +56,36 @@ def build_model(
     model = model_from_spec(spec)
     if config.checkpoint:
         load_state_dict_file(model, config.checkpoint)
+    if data is not None:
+        check_fits_data(model, data)
     return model
+
+
+def check_fits_data(model: nn.Module, data) -> None:
+    """One clear line when ``data``'s blocks of token ids are longer than ``model`` has
+    positions for (``data.context`` against a GPT's ``context``), rather than an IndexError
+    deep in its forward pass; images pass.
+
+    Example:
+        >>> data = build_data({"name": "shakespeare_char", "context": 64})
+        >>> check_fits_data(gpt(num_classes=data.num_classes, context=32), data)
+        DataError: data.context: 64 tokens is more than the model's 32 positions; ...
+    """
+    shape = tuple(getattr(data, "input_shape", ()))
+    if len(shape) != 1:
+        return  # not a sequence of token ids
+    positions = [
+        module.num_embeddings
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES
+    ]
+    if positions and shape[0] > min(positions):
+        limit = min(positions)
+        raise DataError(
+            f"data.context: {shape[0]} tokens is more than the model's {limit} positions;"
+            f" allowed: at most {limit} (set data.context: {limit}, or give the model"
+            f" model.kwargs.context: {shape[0]} or more)"
+        )
 
 
 def load_state_dict_file(model: nn.Module, path: str | Path) -> None:

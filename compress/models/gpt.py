@@ -6,9 +6,16 @@ Queries, keys and values are separate ``nn.Linear`` layers, as in Llama: the for
 Linear annotation and Torch-Pruning's head grouping both read (GPT-2's fused ``Conv1D`` is
 neither). Use it from a recipe as ``model: {name: "compress.models:gpt", kwargs: {...}}``;
 ``num_classes`` is the vocabulary, which the dataset gives.
+
+``GPT.decoder()`` is the same weights as one decoding step with a key/value cache of
+static shape (every layer's keys and values for ``context`` positions, written in place of
+a mask): what generation runs, one token at a time, and what ONNX Runtime and OpenVINO
+run too, since no shape changes from one step to the next.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +23,8 @@ from torch import nn
 
 
 class _Attention(nn.Module):
+    shape_attributes = ("heads",)  # what structured pruning changes, saved with the shapes
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         if width % heads:
@@ -25,11 +34,28 @@ class _Attention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        shape = (batch, length, self.heads, width // self.heads)
+        batch, length, _ = x.shape
+        inner = self.query.out_features  # heads x head width: fewer once heads are pruned
+        shape = (batch, length, self.heads, inner // self.heads)
         q, k, v = (f(x).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
         mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(mixed.transpose(1, 2).reshape(batch, length, width))
+        return self.out(mixed.transpose(1, 2).reshape(batch, length, inner))
+
+    def step(
+        self, x: torch.Tensor, cache: torch.Tensor, slot: torch.Tensor, seen: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position: x (N, 1, W); cache (2, N, heads, context, W / heads) of keys and
+        values; slot (context,) true at this position, seen (1, context) up to it. The new
+        keys and values replace the slot's (a select, not an indexed write: both runtimes
+        take it as it is)."""
+        batch, inner = x.shape[0], self.query.out_features
+        shape = (batch, 1, self.heads, inner // self.heads)
+        q, k, v = (f(x).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
+        keys = torch.where(slot[:, None], k, cache[0])
+        values = torch.where(slot[:, None], v, cache[1])
+        mixed = F.scaled_dot_product_attention(q, keys, values, attn_mask=seen)
+        out = self.out(mixed.transpose(1, 2).reshape(batch, 1, inner))
+        return out, torch.stack((keys, values))
 
 
 class _Block(nn.Module):
@@ -44,6 +70,13 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def step(
+        self, x: torch.Tensor, cache: torch.Tensor, slot: torch.Tensor, seen: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed, cache = self.attention.step(self.norm1(x), cache, slot, seen)
+        x = x + mixed
+        return x + self.mlp(self.norm2(x)), cache
 
 
 class GPT(nn.Module):
@@ -60,6 +93,51 @@ class GPT(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         places = torch.arange(ids.shape[1], device=ids.device)
         return self.head(self.norm(self.blocks(self.tokens(ids) + self.positions(places))))
+
+    def decoder(self) -> Decoder:
+        """This model's weights as one decoding step with a static key/value cache."""
+        return Decoder(self)
+
+
+class Decoder(nn.Module):
+    """One decoding step of a :class:`GPT`: ``(ids (N, 1), position (1,), cache)`` to
+    ``(logits (N, 1, vocabulary), cache)``, the cache ``(layers, 2, N, heads, context,
+    width / heads)`` (from :meth:`empty_cache`) every layer's keys and values so far.
+
+    Example:
+        >>> model = gpt(num_classes=84, context=16)
+        >>> step, ids = model.decoder(), torch.tensor([[3, 1, 4]])
+        >>> cache = step.empty_cache(batch=1)
+        >>> for i in range(3):
+        ...     logits, cache = step(ids[:, i : i + 1], torch.tensor([i]), cache)
+        >>> torch.allclose(logits[:, 0], model(ids)[:, 2], atol=1e-5)
+        True
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def empty_cache(self, batch: int = 1) -> torch.Tensor:
+        model = self.model
+        layers, context = len(model.blocks), model.positions.num_embeddings
+        attention = cast(_Block, model.blocks[0]).attention  # pruning keeps layers alike
+        heads = attention.heads
+        shape = (layers, 2, batch, heads, context, attention.query.out_features // heads)
+        return torch.zeros(shape, device=self.model.tokens.weight.device)
+
+    def forward(
+        self, ids: torch.Tensor, position: torch.Tensor, cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        places = torch.arange(model.positions.num_embeddings, device=ids.device)
+        slot, seen = places == position, (places <= position)[None]
+        x = model.tokens(ids) + model.positions(position)
+        caches = []
+        for layer, block in enumerate(model.blocks):
+            x, layer_cache = cast(_Block, block).step(x, cache[layer], slot, seen)
+            caches.append(layer_cache)
+        return model.head(model.norm(x)), torch.stack(caches)
 
 
 def gpt(

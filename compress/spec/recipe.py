@@ -212,6 +212,10 @@ class EvaluateConfig(Config):
     # Alternating rounds (baseline, model, ...) that give each latency ratio its interval;
     # each times iterations / rounds calls of both (at least 5).
     latency_rounds: int = option(10, min=3, max=1000)
+    # Language models that decode step by step (a GPT): new tokens generated at batch 1 with
+    # a key/value cache after a prompt filling the rest of the context, timed in each
+    # runtime (tokens a second, median of 3); 0 leaves decoding untimed.
+    decode_tokens: int = option(128, min=0, max=65536)
     # Threads for the timings (rank 0 alone, the others waiting). None: all usable cores, as
     # a deployment has; under torchrun each rank's accuracy share then uses cores / ranks.
     threads: int | None = option(None, min=1, max=1024)

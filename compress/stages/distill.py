@@ -103,7 +103,7 @@ def distill(
     """
     teacher = teacher if teacher is not None else context.baseline
     if config.teacher is not None:
-        teacher = build_model(config.teacher, data.num_classes, data.input_shape[0])
+        teacher = build_model(config.teacher, data=data)
     if teacher is None:
         raise ValueError(
             "distill needs a teacher: the run's baseline, teacher= in Python, or distill.teacher"
@@ -112,7 +112,7 @@ def distill(
         # Seeded: the same student starts from the same weights, whatever ran before.
         with torch.random.fork_rng():
             torch.manual_seed(context.seed)
-            student = build_model(config.student, data.num_classes, data.input_shape[0])
+            student = build_model(config.student, data=data)
     else:
         student = copy.deepcopy(model)
         # The previous stage's remarks describe that stage, not this one's result.

@@ -7,7 +7,10 @@
 * ``structured``: channels really removed, with torch-pruning's dependency graph keeping
   every coupled layer (residual adds, depthwise convolutions, norms) consistent. The
   target is a channel ``ratio``, a fraction of the baseline's MACs (``target_macs``) or a
-  measured p50 latency (``target_latency_ms``).
+  measured p50 latency (``target_latency_ms``). In a transformer whose attention layers
+  have a ``heads`` count and q/k/v Linear layers (compress.models.gpt, the Llama form),
+  whole heads go at the same ratio as the MLP's channels, and the residual width, tied to
+  the embedding tables, stays.
 
 Over 400 lines because both methods share what a prune stage is: the layers it may touch,
 its fine-tunes, the latency target's search over amounts and the per-layer report; apart,
@@ -273,6 +276,9 @@ def _structured(
     # torch-pruning caps layers at max_pruning_ratio in global pruning only: cap here too.
     asked = config.ratio if config.ratio is not None else DEFAULT_RATIO  # set by the config
     ratio = config.max_layer_ratio if searching else min(asked, config.max_layer_ratio)
+    heads = _head_options(model, ratio)
+    if heads:  # the residual width, tied to the embedding tables, stays
+        ignored += [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
     try:
         pruner = tp.pruner.BasePruner(
             model,
@@ -284,6 +290,7 @@ def _structured(
             iterative_steps=steps,
             ignored_layers=[model.get_submodule(n) for n in ignored],
             round_to=config.round_to,
+            **heads,
         )
     except Exception as error:  # noqa: BLE001 - torch-pruning's graph tracing failures
         message = (
@@ -337,6 +344,7 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
         if config.importance == "taylor":
             _taylor_gradients(model, data)
         pruner.step()
+        _sync_heads(model, pruner)
         model.zero_grad(set_to_none=True)
         if config.target_macs is not None:
             reached = count_flops(model, example) <= config.target_macs * base_flops
@@ -350,6 +358,38 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
         if searching and reached:
             break
     return reached
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Self-attention layers whose heads prune whole: a ``heads`` count and ``query``,
+    ``key`` and ``value`` Linear layers (compress.models.gpt's, Llama's form)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "heads", None), int)
+        and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+    ]
+
+
+def _head_options(model: nn.Module, ratio: float) -> dict:
+    """torch-pruning's options that remove whole heads (``ratio`` of each layer's), never
+    a part of one; none for a model without such attention layers."""
+    layers = _attention_modules(model)
+    if not layers:
+        return {}
+    return {
+        "num_heads": {linear: m.heads for m in layers for linear in (m.query, m.key, m.value)},
+        "prune_num_heads": True,
+        "prune_head_dims": False,
+        "head_pruning_ratio": ratio,
+    }
+
+
+def _sync_heads(model: nn.Module, pruner) -> None:
+    """Each attention layer's head count after a step, as torch-pruning left it."""
+    counts = getattr(pruner, "num_heads", {})
+    for m in _attention_modules(model):
+        m.heads = counts.get(m.query, m.heads)
 
 
 def _taylor_gradients(model: nn.Module, data: Data, batches: int = 4) -> None:
@@ -382,12 +422,19 @@ _SHAPE_ATTRIBUTES = {
 }
 
 
+def _shape_attributes(module: nn.Module) -> tuple[str, ...]:
+    """What pruning may change in ``module``: its type's entry, or a model's own module's
+    ``shape_attributes`` (an attention layer's ``heads``)."""
+    own = getattr(type(module), "shape_attributes", ())
+    return _SHAPE_ATTRIBUTES.get(type(module), tuple(own) if isinstance(own, tuple) else ())
+
+
 def module_shapes(model: nn.Module) -> dict:
     """Every module's shape attributes and every tensor's shape: the pruned architecture as data."""
     modules = {
-        name: {attr: _plain(getattr(m, attr)) for attr in _SHAPE_ATTRIBUTES.get(type(m), ())}
+        name: {attr: _plain(getattr(m, attr)) for attr in _shape_attributes(m)}
         for name, m in model.named_modules()
-        if type(m) in _SHAPE_ATTRIBUTES
+        if _shape_attributes(m)
     }
     tensors = {k: list(v.shape) for k, v in model.state_dict().items()}
     return {"modules": modules, "tensors": tensors}
@@ -403,7 +450,7 @@ def apply_shapes(model: nn.Module, shapes: dict) -> None:
     state = model.state_dict()
     for name, attrs in shapes["modules"].items():
         module = model.get_submodule(name)
-        allowed = _SHAPE_ATTRIBUTES.get(type(module), ())
+        allowed = _shape_attributes(module)
         for attr, value in attrs.items():
             if attr not in allowed or not _is_shape_value(value):
                 raise ValueError(

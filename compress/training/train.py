@@ -28,6 +28,7 @@ from compress.core.registry import StageContext
 from compress.core.storage import write_atomic
 from compress.data import Data
 from compress.measure.scores import metrics
+from compress.models.build import check_fits_data
 from compress.spec.recipe import TrainConfig, as_config
 from compress.spec.tasks import Task, get_task
 from compress.training.augment import augment
@@ -86,6 +87,7 @@ def train(
         >>> model = train(model, data, TrainConfig(epochs=1), seed=0)
     """
     phase: TrainConfig | None = as_config("train", config)
+    check_fits_data(model, data)  # one line, not an IndexError a few steps in
     context = context or StageContext()
     seed = context.seed if seed is None else seed
     device = context.device if device is None else device

@@ -52,7 +52,7 @@ def baseline_model(recipe: Recipe, data: Data, device: str) -> nn.Module:
         model = load_own(stored, recipe)
         distributed.broadcast_state(model)
         return model.to(device).eval()
-    model = build_model(recipe.model, data.num_classes, data.input_shape[0])
+    model = build_model(recipe.model, data=data)  # refused with one line if it cannot take data
     if use_cache:
         distributed.broadcast_state(model)
         return model.to(device).eval()

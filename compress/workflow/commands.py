@@ -31,7 +31,7 @@ from compress.measure.deploy import (
 from compress.measure.evaluate import evaluate
 from compress.measure.machine import environment
 from compress.measure.profile import profile_model
-from compress.models.artifact import MANIFEST, load, read_manifest
+from compress.models.artifact import MANIFEST, example_batch, input_dtype, load, read_manifest
 from compress.spec.architectures import torchvision_models
 from compress.spec.recipe import load_recipe
 from compress.spec.tasks import TASKS
@@ -222,31 +222,12 @@ def _export(args) -> int:
         )
     if out.exists():
         raise RecipeError(f"export: --out {out} exists; compress never overwrites a file")
-    if args.input_shape:
-        try:
-            shape = [int(d) for d in args.input_shape.split(",")]
-        except ValueError:
-            shape = []
-        if not shape or min(shape) < 1:
-            raise RecipeError(
-                f"export: --input-shape {args.input_shape!r}: expected C,H,W as positive"
-                " integers, e.g. 1,28,28"
-            )
-    else:
-        shape = list(read_manifest(folder).get("input_shape") or [])
-        if not shape:
-            raise RecipeError(
-                f"export: {folder} does not record its input shape; pass --input-shape C,H,W"
-            )
-    if not (
-        isinstance(shape, list)
-        and 1 <= len(shape) <= 4
-        and all(isinstance(d, int) and 1 <= d <= 8192 for d in shape)
-        and math.prod(shape) <= 1 << 26
-    ):
-        raise RecipeError(f"export: input shape {shape!r} is not one image's (C,H,W)")
+    manifest = read_manifest(folder)
+    shape = _export_shape(args, folder, manifest)
+    # Float images, or a language model's integer token ids (float32 where not recorded).
+    dtype = input_dtype(manifest.get("input_dtype"), folder)
     model = load(folder, trust_code=args.trust_code).cpu()
-    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    example = example_batch(model, shape, dtype)  # ids: each below the model's vocabulary
     export(model, out, args.format, example)
     runtime = "onnxruntime" if args.format == "onnx" else "openvino"
     try:  # checked before it is kept: the runtime loads it and agrees with torch
@@ -261,6 +242,36 @@ def _export(args) -> int:
         raise
     print(f"written: {out} ({runtime} max |logit difference| from torch: {difference:.3g})")
     return 0
+
+
+def _export_shape(args, folder: Path, manifest: dict) -> list[int]:
+    """One input's shape to export with: ``--input-shape``, else the folder's record."""
+    if args.input_shape:
+        try:
+            shape = [int(d) for d in args.input_shape.split(",")]
+        except ValueError:
+            shape = []
+        if not shape or min(shape) < 1:
+            raise RecipeError(
+                f"export: --input-shape {args.input_shape!r}: expected C,H,W (or T for token"
+                " ids) as positive integers, e.g. 1,28,28"
+            )
+    else:
+        shape = list(manifest.get("input_shape") or [])
+        if not shape:
+            raise RecipeError(
+                f"export: {folder} does not record its input shape; pass --input-shape C,H,W"
+            )
+    if not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= 4
+        and all(isinstance(d, int) and 1 <= d <= 8192 for d in shape)
+        and math.prod(shape) <= 1 << 26
+    ):
+        raise RecipeError(
+            f"export: input shape {shape!r} is not one input's (C,H,W, or T token ids)"
+        )
+    return shape
 
 
 def _list(args) -> int:

@@ -35,7 +35,7 @@ def _save(fig, plt, path: Path) -> Path:
 
 
 def chain_chart(evaluations: list, path: str | Path, title: str) -> Path | None:
-    """Accuracy and p50 latency after each step of one run (baseline first).
+    """The task's metric and p50 latency after each step of one run (baseline first).
 
     Example:
         >>> chain_chart(report.evaluations, "runs/x/chain.png", "resnet_full")
@@ -49,7 +49,8 @@ def chain_chart(evaluations: list, path: str | Path, title: str) -> Path | None:
     scores = [e.score if e.score is not None else float("nan") for e in evaluations]
     metric = evaluations[0].metric
     accuracy_axis.plot(steps, scores, "o-", color="tab:blue", label=metric)
-    accuracy_axis.set_ylabel(f"{metric} (test split)", color="tab:blue")
+    lower = "" if evaluations[0].higher_is_better else ", lower is better"
+    accuracy_axis.set_ylabel(f"{metric} (test split{lower})", color="tab:blue")
     latency_axis = accuracy_axis.twinx()
     latency_axis.plot(
         steps, [e.latency_ms.p50 for e in evaluations], "s--", color="tab:red", label="p50 ms"
@@ -62,11 +63,12 @@ def chain_chart(evaluations: list, path: str | Path, title: str) -> Path | None:
 
 
 def pareto_chart(rows: list[dict], path: str | Path) -> Path | None:
-    """Accuracy against p50 latency, one point per run (marker area by artifact size), the
-    baselines marked, and the Pareto front (no other point both faster and more accurate).
+    """The task's metric against p50 latency, one point per run (marker area by artifact
+    size), the baselines marked, and each metric's Pareto front (no other point both faster
+    and better: higher top-1 or mIoU, lower loss).
 
-    ``rows`` are the summary's: ``run``, ``metric``, ``score``, ``p50_ms``, ``size_mb``,
-    ``baseline``.
+    ``rows`` are the summary's: ``run``, ``metric``, ``score``, ``higher_is_better``
+    (True where absent), ``p50_ms``, ``size_mb``, ``baseline``.
     """
     plt = _pyplot()
     if plt is None:
@@ -80,20 +82,33 @@ def pareto_chart(rows: list[dict], path: str | Path) -> Path | None:
             axis.scatter(r["p50_ms"], r["score"], s=area, marker="*", color="black", zorder=3)
         else:
             axis.scatter(r["p50_ms"], r["score"], s=area, alpha=0.6, zorder=2)
-    front = pareto_front([(r["p50_ms"], r["score"]) for r in points])
-    if front:
-        xs, ys = zip(*front, strict=True)
-        axis.step(xs, ys, where="post", color="tab:green", label="Pareto front")
-        axis.legend(loc="lower right")
+    on_front: set[tuple[float, float]] = set()
+    metrics = sorted({_better(r) for r in points})
+    for metric, higher in metrics:  # runs of different metrics never beat one another
+        mine = [(r["p50_ms"], r["score"]) for r in points if _better(r) == (metric, higher)]
+        front = pareto_front(mine, higher_is_better=higher)
+        on_front.update(front)
+        if front:
+            xs, ys = zip(*front, strict=True)
+            label = "Pareto front" + (f" ({metric})" if len(metrics) > 1 else "")
+            axis.step(xs, ys, where="post", color="tab:green", label=label)
+    if on_front:
+        axis.legend(loc="best")
     axis.set_xscale("log")
     axis.set_xlabel("p50 latency (ms, log scale; each model in its fastest runtime)")
-    axis.set_ylabel(" / ".join(sorted({r.get("metric", "top-1") for r in points})) or "score")
-    axis.set_title("accuracy against latency (marker area: artifact size; star: baseline)")
+    axis.set_ylabel(
+        " / ".join(f"{m} ({'higher' if h else 'lower'} is better)" for m, h in metrics) or "score"
+    )
+    axis.set_title("metric against latency (marker area: artifact size; star: baseline)")
     # Runs on the front and baselines are labelled first, so they get the nearest places.
-    on_front = set(front)
     points.sort(key=lambda r: (r["p50_ms"], r["score"]) not in on_front and not r["baseline"])
     _label_apart(fig, axis, [(r["run"], (r["p50_ms"], r["score"])) for r in points])
     return _save(fig, plt, Path(path))
+
+
+def _better(row: dict) -> tuple[str, bool]:
+    """A summary row's metric and whether higher is better (summaries from before: top-1)."""
+    return row.get("metric", "top-1"), bool(row.get("higher_is_better", True))
 
 
 def _label_apart(fig, axis, labels: list[tuple[str, tuple[float, float]]]) -> None:
@@ -131,18 +146,24 @@ def _label_apart(fig, axis, labels: list[tuple[str, tuple[float, float]]]) -> No
         taken.append(box)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (latency, accuracy) points no other point beats on both, fastest first.
+def pareto_front(
+    points: list[tuple[float, float]], higher_is_better: bool = True
+) -> list[tuple[float, float]]:
+    """The (latency, metric) points no other point beats on both, fastest first: a higher
+    metric is better (top-1), or with ``higher_is_better=False`` a lower one (a loss).
 
     Example:
         >>> pareto_front([(1, 90), (2, 91), (3, 89)])
         [(1, 90), (2, 91)]
+        >>> pareto_front([(1, 1.6), (2, 1.5), (3, 1.7)], higher_is_better=False)
+        [(1, 1.6), (2, 1.5)]
     """
+    sign = 1.0 if higher_is_better else -1.0  # the front of the metric made higher-is-better
     front, best = [], float("-inf")
-    for latency, top1 in sorted(points, key=lambda p: (p[0], -p[1])):
-        if top1 > best:
-            front.append((latency, top1))
-            best = top1
+    for latency, score in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if sign * score > best:
+            front.append((latency, score))
+            best = sign * score
     return front
 
 

@@ -77,6 +77,7 @@ class Report:
                     "p50 x": _latency_ratio(e, base),
                     "img/s": f"{e.throughput_per_s:.0f}",
                     "torch p50 ms": num(_runtime_p50(e, "torch"), ".3f"),
+                    **_decode_columns(e, base),
                 }
             )
         return rows
@@ -283,6 +284,20 @@ def _where(env: dict) -> str:
     """The device, and on a CPU the ISA that decides INT8 and bf16 speed."""
     features = describe_isa(env.get("isa"))
     return f"{env.get('device')}; {features}" if features else str(env.get("device"))
+
+
+def _decode_columns(e: Evaluation, base: Evaluation) -> dict[str, str]:
+    """A language model's decoding speed (its fastest runtime), where the baseline's was timed."""
+    theirs = base.best_decode()
+    if theirs is None:
+        return {}
+    mine, paired = e.best_decode(), e.decode_ratio
+    speedup = ""
+    if paired:  # alternating rounds against the baseline: the figure to read
+        speedup = f"{paired['x']:.2f} {interval(paired['interval'], '.2f')}"
+    elif mine:
+        speedup = f"{mine[1] / theirs[1]:.2f}"
+    return {"decode tok/s": f"{mine[1]:.0f} {mine[0]}" if mine else "", "decode x": speedup}
 
 
 def _runtime_p50(e: Evaluation, runtime: str) -> float | None:

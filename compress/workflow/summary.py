@@ -70,6 +70,7 @@ def summarize(reports: list[Report]) -> list[dict]:
                 "chain": " → ".join(e.name for e in report.evaluations[1:]) or "baseline",
                 "metric": final.metric,
                 "score": final.score,
+                "higher_is_better": final.higher_is_better,  # a language model's loss: lower
                 "drop_pts": drop.points if drop else None,
                 "drop_ci": interval(drop.interval if drop else None, "+.2f"),
                 "lost_gained": flips(drop),
@@ -96,6 +97,7 @@ def summarize(reports: list[Report]) -> list[dict]:
                 "run": f"baseline ({base.params / 1e6:.1f}M params)",
                 "metric": base.metric,
                 "score": base.score,
+                "higher_is_better": base.higher_is_better,
                 "p50_ms": base.latency_ms.p50,
                 "size_mb": base.size_bytes / 1e6,
                 "baseline": True,

@@ -31,6 +31,16 @@ from compress.models.artifact.changes import (
     register_architecture_change,
 )
 from compress.models.artifact.graph import graph_file, load_graph, save_graph
+from compress.models.artifact.inputs import (
+    INPUT_DTYPES,
+    POSITION_TABLES,
+    dtype_name,
+    example_batch,
+    graph_input,
+    input_dtype,
+    recorded_input,
+    token_limit,
+)
 from compress.models.artifact.manifest import (
     FORMAT_VERSION,
     LOADERS,
@@ -82,6 +92,7 @@ def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None
         manifest["format_version"] = FORMAT_VERSION
         if example is not None:  # what `compress export` needs to trace the model again
             manifest.setdefault("input_shape", list(example.shape[1:]))
+            manifest.setdefault("input_dtype", dtype_name(example.dtype))  # ids are integers
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         try:
             os.rename(staging, path)  # fails if the folder appeared meanwhile: never merged
@@ -113,28 +124,36 @@ def load(path: str | Path, *, trust_code: bool = False, trusted_imports: Iterabl
 __all__ = [
     "ARCHITECTURE_CHANGES",
     "FORMAT_VERSION",
+    "INPUT_DTYPES",
     "LOADERS",
     "MANIFEST",
     "MAX_BATCH",
     "MAX_JSON_BYTES",
+    "POSITION_TABLES",
     "SAFE_FACTORIES",
     "ArchitectureChange",
     "ArtifactError",
     "Trust",
     "architecture_changes",
     "data_file",
+    "dtype_name",
+    "example_batch",
     "fill_state",
     "graph_file",
+    "graph_input",
+    "input_dtype",
     "load",
     "load_graph",
     "manifest_counts",
     "mark_changed",
     "read_manifest",
     "read_weights",
+    "recorded_input",
     "register_architecture_change",
     "register_loader",
     "save",
     "save_graph",
     "save_state",
     "spec_architecture",
+    "token_limit",
 ]

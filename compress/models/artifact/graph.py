@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compress.core.errors import ArtifactError
 from compress.core.storage import memory_cap, read_tensors
+from compress.models.artifact.inputs import dtype_name, input_dtype
 from compress.models.artifact.manifest import (
     MAX_BATCH,
     Trust,
@@ -98,6 +99,7 @@ def save_graph(
         "nodes": nodes,
         "parameters": sorted(parameters & set(tensors)),
         "input_shape": list(example.shape[1:]),
+        "input_dtype": dtype_name(example.dtype),  # float images, or integer token ids
     }
     torch.save(tensors, folder / _tensor_file(name))
     (folder / name).write_text(json.dumps(graph))
@@ -153,8 +155,10 @@ def load_graph(file: Path) -> torch.fx.GraphModule:
         raise ArtifactError(
             f"{file}: malformed graph ({type(error).__name__}: {str(error)[:200]}); refused"
         ) from None
-    _check_sizes(module, stored.get("input_shape"), file)
+    dtype = input_dtype(stored.get("input_dtype"), file)  # float32 in graphs saved before it
+    _check_sizes(module, stored.get("input_shape"), dtype, file)
     module.meta["input_shape"] = stored["input_shape"]  # what saving it again needs
+    module.meta["input_dtype"] = dtype
     return module
 
 
@@ -294,14 +298,15 @@ def _decode(value, made: list, file: Path, values: list[int], depth: int = 0):
     raise ArtifactError(f"{file}: argument {str(value)[:100]!r} refused")
 
 
-def _check_sizes(module: torch.fx.GraphModule, input_shape, file: Path) -> None:
-    """Run the graph on fake tensors (no memory, no arithmetic) for one input; refuse it if
-    an intermediate tensor would be larger than the machine can hold."""
+def _check_sizes(module: torch.fx.GraphModule, input_shape, dtype: torch.dtype, file: Path) -> None:
+    """Run the graph on fake tensors (no memory, no arithmetic) for one input of its shape
+    and dtype; refuse it if an intermediate tensor would be larger than the machine can hold."""
     if not (isinstance(input_shape, list) and all(_is_size(d) for d in input_shape)):
         raise ArtifactError(f"{file}: input_shape {input_shape!r} refused")
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            _SizeCheck(module, memory_cap()).run(mode.from_tensor(torch.empty(1, *input_shape)))
+            one = mode.from_tensor(torch.empty(1, *input_shape, dtype=dtype))
+            _SizeCheck(module, memory_cap()).run(one)
     except ArtifactError as error:
         raise ArtifactError(f"{file}: {error}") from None
     except Exception as error:  # noqa: BLE001 - a graph that cannot run on its own input

@@ -95,7 +95,7 @@ def _is_count(value) -> bool:
 
 
 # Import paths of compress's own model factories: safe to build from any folder's spec.
-SAFE_FACTORIES = frozenset({"compress.models:mlp"})
+SAFE_FACTORIES = frozenset({"compress.models:mlp", "compress.models:gpt"})
 
 
 # kind -> loader(folder, manifest, trust) -> model. Compressed model types register theirs.

@@ -1,4 +1,4 @@
-"""The quantize stage: INT8 static/dynamic/QAT (torchao PT2E), FP16/BF16, INT4 weights.
+"""The quantize stage: INT8 static/dynamic/QAT (torchao PT2E), FP16/BF16, INT4/INT8 weights.
 
 ``quantize(model, data, method=...)`` dispatches on the method; with
 ``max_accuracy_drop`` it falls back layer by layer to float until the target is met.
@@ -17,6 +17,7 @@ from torch import nn
 from compress.core.errors import QuantizationError
 from compress.core.registry import StageContext, register_stage
 from compress.data import Data
+from compress.measure.decode import has_decoder
 from compress.models.artifact import MAX_BATCH, register_loader
 from compress.spec.recipe import parse_stage_options
 from compress.stages.quantize._cast import LowPrecisionModel, cast
@@ -26,13 +27,14 @@ from compress.stages.quantize._config import (
     QAT_TRAINING,
     QuantizeConfig,
 )
-from compress.stages.quantize._int4 import Int4WeightOnlyModel, int4_weight_only
+from compress.stages.quantize._per_token import PerTokenInt8Model, per_token_int8
 from compress.stages.quantize._sensitivity import (
     QuantizeFn,
     layer_sensitivity,
     quantize_with_fallback,
 )
 from compress.stages.quantize._speed import only_if_faster
+from compress.stages.quantize._weight_only import WeightOnlyModel, weight_only
 
 __all__ = [
     "FALLBACK_METHODS",
@@ -40,12 +42,13 @@ __all__ = [
     "MAX_BATCH",
     "QAT_TRAINING",
     "QUANTIZE_METHODS",
-    "Int4WeightOnlyModel",
     "LowPrecisionModel",
     "PartlyQuantizedModel",
+    "PerTokenInt8Model",
     "QuantizationError",
     "QuantizeConfig",
     "QuantizedModel",
+    "WeightOnlyModel",
     "layer_sensitivity",
     "quantize",
     "sensitivity",
@@ -99,6 +102,8 @@ def _int8_pt2e(
     from compress.stages.quantize._parts import quantize_parts
     from compress.stages.quantize._pt2e import export_model, quantize_graph
 
+    if mode == "dynamic" and has_decoder(model):  # a language model: per token, and decodes
+        return per_token_int8(model, data, config, context)
     model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
     if exported is not None:
         exported = copy.deepcopy(exported)  # prepare_pt2e rewrites the graph it is given
@@ -124,6 +129,8 @@ def _exporting_once(method: QuantizeFn) -> QuantizeFn:
     graphs: dict[int, tuple[nn.Module, nn.Module | None]] = {}  # id(model): (model, graph)
 
     def quantize_exported_once(model, data, config, context=None):
+        if has_decoder(model):  # no graph: torchao quantizes its layers in place
+            return method(model, data, config, context)
         if id(model) not in graphs:
             try:
                 graph = export_model(copy.deepcopy(model).cpu().eval(), data.example_input(2))
@@ -142,13 +149,16 @@ def _exporting_once(method: QuantizeFn) -> QuantizeFn:
 QUANTIZE_METHODS: dict[str, Callable[..., nn.Module]] = {
     # Post-training static INT8: observers on the calibration split, then conversion.
     "int8_static": functools.partial(_int8_pt2e, mode="static"),
-    # INT8 weights for Linear layers; activations quantized at run time (no calibration).
+    # INT8 weights for Linear layers; activations quantized at run time (no calibration);
+    # per token (torchao, in place) for a model that decodes, so that decoding runs INT8.
     "int8_dynamic": functools.partial(_int8_pt2e, mode="dynamic"),
     # Quantization-aware training: fake-quant, a short fine-tune, then real INT8.
     "int8_qat": functools.partial(_int8_pt2e, mode="qat"),
     "fp16": cast,
     "bf16": cast,
-    "int4_weight_only": int4_weight_only,
+    # Weight-only: Linear weights narrow, run by torch's CPU weight-only kernels.
+    "int4_weight_only": weight_only,
+    "int8_weight_only": weight_only,
 }
 
 

@@ -1,4 +1,4 @@
-"""FP16 and BF16: the whole model cast to a 16-bit float type, inputs cast on the way in."""
+"""FP16 and BF16: the whole model cast to a 16-bit float type, float inputs cast on the way in."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ _FAST_CPU_FLAGS = {
 
 
 class LowPrecisionModel(nn.Module):
-    """``inner`` in FP16/BF16; takes and returns float32 so that it drops in anywhere."""
+    """``inner`` in FP16/BF16; takes float32 (or integer token ids) and returns float32 so
+    that it drops in anywhere."""
 
     def __init__(self, inner: nn.Module, dtype: torch.dtype, param_counts: tuple[int, int]):
         super().__init__()
@@ -48,7 +49,9 @@ class LowPrecisionModel(nn.Module):
         return _not_faster_reason(self.dtype, on_gpu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(self.dtype)).float()
+        # Only floating inputs are cast: a language model's integer token ids index its
+        # embedding tables as they are.
+        return self.inner(x.to(self.dtype) if x.is_floating_point() else x).float()
 
     def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
         if not hasattr(self.inner, "compress_spec"):

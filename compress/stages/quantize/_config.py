@@ -12,7 +12,7 @@ from compress.spec.recipe import TrainConfig
 QAT_TRAINING: dict[str, Any] = {"epochs": 1, "lr": 1e-3, "schedule": "cosine", "weight_decay": 0.0}
 STATIC = ("int8_static",)
 # Methods whose accuracy can be traded back layer by layer (they honour `skip`, cheaply).
-FALLBACK_METHODS = ("int8_static", "int8_dynamic", "int4_weight_only")
+FALLBACK_METHODS = ("int8_static", "int8_dynamic", "int4_weight_only", "int8_weight_only")
 INT8_METHODS = ("int8_static", "int8_dynamic", "int8_qat")
 
 
@@ -23,9 +23,16 @@ class QuantizeConfig(Config):
 
     # int8_static: calibrated INT8 (torchao PT2E, x86 kernels); int8_dynamic: INT8 Linear
     # weights, activations quantized at run time; int8_qat: quantization-aware fine-tune;
-    # fp16 / bf16: cast; int4_weight_only: packed 4-bit Linear weights.
+    # fp16 / bf16: cast; int4_weight_only / int8_weight_only: 4-bit group-wise or 8-bit
+    # per-channel Linear weights, float activations (torch's CPU weight-only kernels).
     method: Literal[
-        "int8_static", "int8_dynamic", "int8_qat", "fp16", "bf16", "int4_weight_only"
+        "int8_static",
+        "int8_dynamic",
+        "int8_qat",
+        "fp16",
+        "bf16",
+        "int4_weight_only",
+        "int8_weight_only",
     ] = "int8_static"
     calibration_batches: int = option(16, min=1, methods=STATIC)  # of data.eval_batch_size
     # Activation range estimator: histogram (torchao's x86 default, minimises the L2 error),

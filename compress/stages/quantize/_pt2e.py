@@ -50,6 +50,7 @@ from compress.measure.counts import count_params
 from compress.models.artifact import (
     MAX_BATCH,
     graph_file,
+    graph_input,
     load_graph,
     manifest_counts,
     save_graph,
@@ -107,8 +108,8 @@ class QuantizedModel(nn.Module):
 
     def save_artifact(self, folder: Path, example: torch.Tensor | None) -> dict:
         graph = cast(torch.fx.GraphModule, self.reference_module)
-        if example is None:  # the graph remembers its input's shape
-            example = torch.zeros(2, *_input_shape(graph))
+        if example is None:  # the graph remembers its input's shape and dtype
+            example = _zeros_input(graph)
         return {
             "kind": "quantized",
             "file": save_graph(graph, folder, example),
@@ -371,12 +372,13 @@ def load_quantized(folder: Path, manifest: dict, trust) -> QuantizedModel:
     )
 
 
-def _input_shape(graph: torch.fx.GraphModule) -> list[int]:
-    """One input's shape: recorded when the graph was loaded, else traced by export."""
-    if "input_shape" in graph.meta:
-        return list(graph.meta["input_shape"])
-    value = next(n for n in graph.graph.nodes if n.op == "placeholder").meta["val"]
-    return [int(d) for d in value.shape[1:]]
+def _zeros_input(graph: torch.fx.GraphModule) -> torch.Tensor:
+    """A batch of two zero inputs of the graph's shape and dtype (recorded when it was
+    loaded, else traced by export): token id 0 for a language model, which takes integers."""
+    found = graph_input(graph)
+    assert found is not None, "an exported or loaded graph knows its input"
+    shape, dtype = found
+    return torch.zeros(2, *shape, dtype=dtype)
 
 
 def export_model(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:

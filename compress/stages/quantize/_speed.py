@@ -55,9 +55,32 @@ def only_if_faster(
     ratio = after.latency_ratio
     if ratio is None:  # rank > 0 of a distributed run gets rank 0's ratio; none: no timing
         return quantized
-    faster = ratio.p50 < 1.0
+    faster, check, measured = _decoding(before, after, method) or _latency(
+        before, after, method, ratio
+    )
+    if faster:
+        details = {**traits(quantized).details, "speed_check": check}
+        set_traits(quantized, stage_details=details)
+        log.info("quantize: %s pays: %s", method, measured)
+        return quantized
+    log.warning("quantize: %s is not faster here: %s; kept float", method, measured)
+    if trainings_before is not None:  # QAT's fine-tune made the INT8 model, not this one
+        del context.budget[trainings_before:]
+    note = (
+        f"kept float: {method} ran at {measured}, not faster, so the stage returns its input"
+        f" (quantize.goal: size keeps INT8 for its {after.size_bytes / before.size_bytes:.2f}x"
+        " size)"
+    )
+    tried = traits(quantized)  # what the INT8 model said of itself (a fallback's steps)
+    notes = [note, *(f"the INT8 model timed: {n}" for n in tried.notes)]
+    details = {**tried.details, "speed_check": check}
+    return set_traits(float_copy, notes=notes, stage_details=details)
+
+
+def _latency(before, after, method: str, ratio) -> tuple[bool, dict, str]:
+    """Faster where the paired p50 ratio of the best deployments is below 1."""
     check = {
-        "kept": "int8" if faster else "float",
+        "kept": "int8" if ratio.p50 < 1.0 else "float",
         "p50_x": ratio.p50,
         "interval": list(ratio.interval),
         "rounds": ratio.rounds,
@@ -69,20 +92,32 @@ def only_if_faster(
         f" ({method} in {after.runtime} against float in {before.runtime}, {ratio.rounds}"
         " alternating rounds)"
     )
-    if faster:
-        details = {**traits(quantized).details, "speed_check": check}
-        set_traits(quantized, stage_details=details)
-        log.info("quantize: %s pays: %s", method, measured)
-        return quantized
-    log.warning("quantize: %s is not faster here: %s; kept float", method, measured)
-    if trainings_before is not None:  # QAT's fine-tune made the INT8 model, not this one
-        del context.budget[trainings_before:]
-    note = (
-        f"kept float: {method} ran {measured}, not faster, so the stage returns its input"
-        f" (quantize.goal: size keeps INT8 for its {after.size_bytes / before.size_bytes:.2f}x"
-        " size)"
+    return ratio.p50 < 1.0, check, measured
+
+
+def _decoding(before, after, method: str) -> tuple[bool, dict, str] | None:
+    """A language model is deployed to generate: faster where it decodes more tokens a
+    second than its input (each in its fastest runtime); None where either was not timed."""
+    mine, theirs = after.best_decode(), before.best_decode()
+    if mine is None or theirs is None:
+        return None
+    paired = after.decode_ratio or {"x": mine[1] / theirs[1], "interval": None, "rounds": 0}
+    speedup = paired["x"]
+    check = {
+        "kept": "int8" if speedup > 1.0 else "float",
+        "decode_x": speedup,
+        "interval": paired["interval"],
+        "rounds": paired["rounds"],
+        "runtime": mine[0],
+        "input_runtime": theirs[0],
+    }
+    spread = f" {_interval(paired['interval'])}" if paired["interval"] else ""
+    measured = (
+        f"{speedup:.2f}x{spread} its input's decoding tokens/s ({method} in {mine[0]} against"
+        f" float in {theirs[0]}, {paired['rounds'] or 'no'} alternating rounds)"
     )
-    tried = traits(quantized)  # what the INT8 model said of itself (a fallback's steps)
-    notes = [note, *(f"the INT8 model timed: {n}" for n in tried.notes)]
-    details = {**tried.details, "speed_check": check}
-    return set_traits(float_copy, notes=notes, stage_details=details)
+    return speedup > 1.0, check, measured
+
+
+def _interval(bounds) -> str:
+    return f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"

@@ -1,0 +1,199 @@
+"""Decoding speed of a language model: new tokens a second at batch 1, one step at a time
+with a key/value cache, in each runtime a model ships to.
+
+A model that decodes has ``decoder()``: one step ``(ids (N, 1), position (1,), cache) ->
+(logits, cache)`` over a cache of static shape (``compress.models.gpt.Decoder``). Every
+step then costs the same whatever its position, so a timed run is the prompt's positions
+filled by the same steps, then ``new_tokens`` greedy steps timed. The runtimes:
+``torch`` (eager), ``inductor`` (torch.compile, freezing on), and ONNX Runtime and
+OpenVINO on the step exported to ONNX with the cache as an input and an output.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.core.errors import ExportError
+from compress.core.stats import median_interval
+from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel, first_line, quiet_exporter
+
+DECODE_RUNTIMES = ("torch", "inductor", "onnxruntime", "openvino")
+Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def has_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` decodes step by step (it or its inner model has ``decoder()``)."""
+    try:
+        decoder = getattr(model, "decoder", None)
+        return callable(decoder) and decoder() is not None
+    except (AttributeError, TypeError):
+        return False
+
+
+def decoding_step(model: nn.Module, runtime: str, threads: int, folder: Path) -> Step:
+    """One decoding step of ``model`` in ``runtime``, on numpy arrays (ids, position, cache).
+
+    Example:
+        >>> step = decoding_step(model, "onnxruntime", threads=2, folder=Path("/tmp/d"))
+        >>> tokens_per_second(step, empty_cache(model), prompt=128, new_tokens=128)
+    """
+    decoder = getattr(model, "decoder")().eval()  # noqa: B009 - a method nn.Module types as Tensor
+    if runtime in ("torch", "inductor"):
+        run = decoder if runtime == "torch" else _compiled(decoder)
+
+        def torch_step(ids, position, cache):
+            with torch.inference_mode():
+                logits, cache = run(*(torch.from_numpy(a) for a in (ids, position, cache)))
+            return logits.numpy(), cache.numpy()
+
+        return torch_step
+    reason = getattr(model, "not_exportable", None)
+    if isinstance(reason, str):
+        raise ExportError(f"{type(model).__name__} does not export: {reason}")
+    exported = getattr(model, "export_module", None)  # its exportable form, where it has one
+    if callable(exported):
+        decoder = exported().decoder().eval()
+    onnx_file = export_decoder(decoder, folder / "decoder.onnx")
+    if runtime == "onnxruntime":
+        session = OnnxRuntimeModel(onnx_file, threads).session
+
+        def ort_step(ids, position, cache):
+            logits, cache = session.run(None, {"ids": ids, "position": position, "cache": cache})
+            return logits, cache
+
+        return ort_step
+    if runtime == "openvino":
+        request = OpenVinoModel(onnx_file, threads).request
+
+        def openvino_step(ids, position, cache):
+            out = request.infer([ids, position, cache], share_inputs=True, share_outputs=False)
+            logits, cache = out.values()
+            return logits, cache
+
+        return openvino_step
+    raise ValueError(f"decode runtime {runtime!r}: one of {', '.join(DECODE_RUNTIMES)}")
+
+
+def _compiled(decoder: nn.Module):
+    """The step through torch.compile, frozen at its first call (as InductorModel is)."""
+    compiled = torch.compile(decoder, dynamic=False)
+    first = [True]
+
+    def run(*inputs):
+        if not first[0]:
+            return compiled(*inputs)
+        first[0] = False
+        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return compiled(*inputs)
+
+    return run
+
+
+def empty_cache(model: nn.Module, batch: int = 1) -> np.ndarray:
+    """The zero cache a decoding of ``batch`` sequences starts from."""
+    return getattr(model, "decoder")().empty_cache(batch).numpy()  # noqa: B009 - as above
+
+
+def tokens_per_second(step: Step, cache: np.ndarray, prompt: int, new_tokens: int) -> float:
+    """Greedy new tokens a second after a ``prompt`` of positions (untimed) at batch 1."""
+    ids = np.zeros((1, 1), dtype=np.int64)
+    step(ids, np.array([0], dtype=np.int64), cache)  # untimed, whatever the prompt: compiles
+    for position in range(prompt):
+        _, cache = step(ids, np.array([position], dtype=np.int64), cache)
+    start = time.perf_counter()
+    for position in range(prompt, prompt + new_tokens):
+        logits, cache = step(ids, np.array([position], dtype=np.int64), cache)
+        ids = logits[:, -1:].argmax(-1).astype(np.int64)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def export_decoder(decoder: nn.Module, path: Path) -> Path:
+    """Write the decoding step as ONNX: inputs ids, position, cache; outputs logits, cache."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = (
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.tensor([0]),
+        decoder.empty_cache(1),  # type: ignore[operator]
+    )
+    try:
+        with quiet_exporter():
+            program = torch.onnx.export(
+                decoder.eval(),
+                example,
+                dynamo=True,
+                input_names=["ids", "position", "cache"],
+                output_names=["logits", "new_cache"],
+                external_data=False,
+                verbose=False,
+                report=False,
+            )
+    except Exception as error:  # noqa: BLE001 - the exporter's errors are many and long
+        raise ExportError(f"the decoding step does not export: {first_line(error)}") from None
+    if program is None:
+        raise ExportError("the decoding step does not export: no program")
+    program.save(str(path))
+    return path
+
+
+class Decoding(NamedTuple):
+    """A model's decoding step in one runtime, ready to time again (kept in memory only)."""
+
+    step: Step
+    cache: np.ndarray
+    prompt: int
+    new_tokens: int
+
+    def rate(self) -> float:
+        return tokens_per_second(self.step, self.cache, self.prompt, self.new_tokens)
+
+
+def measure_decode(
+    model: nn.Module, runtimes: list[str], threads: int, new_tokens: int, notes: list[str]
+) -> tuple[dict[str, float], Decoding | None]:
+    """Tokens a second (median of 3 decodings) in each of ``runtimes`` that decodes, after a
+    prompt filling the rest of the cache, and the fastest runtime's :class:`Decoding`; a
+    runtime the step cannot reach is a note."""
+    context = empty_cache(model).shape[4]
+    new_tokens = min(new_tokens, context)
+    rates: dict[str, float] = {}
+    steps: dict[str, Decoding] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="compress-decode-"))  # the sessions read from it
+    for runtime in (r for r in runtimes if r in DECODE_RUNTIMES):
+        try:
+            step = decoding_step(model, runtime, threads, scratch / runtime)
+        except ExportError as error:
+            notes.append(f"decode not measured in {runtime}: {error}")
+            continue
+        steps[runtime] = Decoding(step, empty_cache(model), context - new_tokens, new_tokens)
+        rates[runtime] = statistics.median(steps[runtime].rate() for _ in range(3))
+    fastest = max(rates, key=rates.__getitem__) if rates else None
+    return rates, steps[fastest] if fastest else None
+
+
+def paired_decode_ratio(baseline: Decoding, model: Decoding, rounds: int) -> dict:
+    """``model``'s tokens a second over ``baseline``'s from alternating rounds (the order
+    alternating too): the median round ratio, its 95 % interval and the rounds.
+
+    Example:
+        >>> paired_decode_ratio(base_decoding, int8_decoding, rounds=5)["x"]
+    """
+    ratios = []
+    for round_ in range(rounds):
+        order = (baseline, model) if round_ % 2 == 0 else (model, baseline)
+        rate = {id(d): d.rate() for d in order}
+        ratios.append(rate[id(model)] / rate[id(baseline)])
+    low, high = median_interval(ratios)
+    return {"x": float(np.median(ratios)), "interval": [low, high], "rounds": rounds}

@@ -1,0 +1,168 @@
+"""Compressing a GPT so that it still decodes: step by step with a key/value cache (in
+every runtime), the weight-only INT8/INT4 kernels and torchao's per-token INT8 that run its
+Linear layers in both forward and decode, structured pruning that removes whole heads, and
+a speed check that a language model passes by its decoding."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from compress.core.registry import StageContext
+from compress.measure.counts import count_flops, sqnr_db
+from compress.measure.decode import (
+    decoding_step,
+    empty_cache,
+    has_decoder,
+    tokens_per_second,
+)
+from compress.models.artifact import load, save
+from compress.models.build import build_model
+from compress.spec.recipe import ModelConfig, parse_stage_options
+from compress.stages.prune import prune
+from compress.stages.quantize import PerTokenInt8Model, quantize
+from compress.stages.quantize._speed import _decoding
+
+# Widths the int4 kernel takes (outputs a multiple of 16, inputs of the group); the head's
+# outputs are the vocabulary (84 characters), which it does not.
+GPT = {"context": 32, "layers": 2, "heads": 2, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny_text):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="compress.models:gpt", kwargs=GPT), data=tiny_text).eval()
+
+
+def _decoded_logits(step, model, ids: torch.Tensor) -> np.ndarray:
+    cache, rows = empty_cache(model), []
+    for position in range(ids.shape[1]):
+        logits, cache = step(ids[:, position : position + 1].numpy(), np.array([position]), cache)
+        rows.append(logits[0, 0])
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "tolerance"),
+    [
+        ("torch", 1e-4),
+        pytest.param("onnxruntime", 1e-4, marks=pytest.mark.slow),
+        # OpenVINO runs float models in bf16 where the CPU has it (AVX-512 BF16, AMX).
+        pytest.param("openvino", 0.1, marks=pytest.mark.slow),
+    ],
+)
+def test_the_decoding_step_gives_the_forward_passs_logits(
+    runtime, tolerance, gpt, tiny_text, tmp_path
+):
+    if runtime != "torch":
+        pytest.importorskip(runtime)
+    ids = tiny_text.example_input(1)[:, :12]
+    expected = gpt(ids)[0].detach().numpy()
+    step = decoding_step(gpt, runtime, threads=1, folder=tmp_path)
+    assert np.abs(_decoded_logits(step, gpt, ids) - expected).max() < tolerance
+    # A timed decoding returns a rate, over positions the cache holds.
+    assert tokens_per_second(step, empty_cache(gpt), prompt=20, new_tokens=4) > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "kernel", "min_sqnr", "max_size"),
+    [
+        ("int8_weight_only", {}, "aten._weight_int8pack_mm", 35.0, 0.4),  # 0.35: float embeddings
+        ("int4_weight_only", {"group_size": 32}, "aten._weight_int4pack_mm_for_cpu", 15.0, 0.3),
+    ],
+)
+def test_weight_only_kernels_run_forward_and_decode_and_save_narrow(
+    method, options, kernel, min_sqnr, max_size, gpt, tiny_text, tmp_path
+):
+    quantized = quantize(gpt, tiny_text, method=method, **options)
+    kernels = [m for m in quantized.modules() if type(m).__name__ == "_PackedLinear"]
+    int4 = method == "int4_weight_only"
+    # Every block's q, k, v, out and two MLP layers; the head's 84 outputs only in INT8.
+    assert len(kernels) == 2 * 6 + (not int4)
+    assert f"run in {kernel}" in quantized.notes[0] and ("head" in quantized.notes[0]) != int4
+    if int4:  # the int4 kernel's outputs are a multiple of 16: dequantized, and said so
+        assert quantized.notes[2].endswith("(no kernel for their shape): head")
+    ids = tiny_text.example_input(4)
+    with torch.inference_mode():
+        logits = quantized(ids)
+        assert sqnr_db(gpt(ids), logits) >= min_sqnr
+    assert has_decoder(quantized)
+    step = decoding_step(quantized, "torch", threads=1, folder=tmp_path)
+    decoded = _decoded_logits(step, quantized, ids[:1, :8])
+    assert np.abs(decoded - logits[0, :8].numpy()).max() < 1e-4  # the same kernels
+    # Saved as codes, loaded into the same kernels: the same logits, a fraction of the size.
+    folder = save(quantized, tmp_path / method, tiny_text.example_input(2))
+    loaded = load(folder)
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids), logits)
+    float_folder = save(gpt, tmp_path / "float", tiny_text.example_input(2))
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    assert size <= max_size * sum(f.stat().st_size for f in float_folder.iterdir())
+
+
+def test_structured_pruning_removes_whole_heads_and_mlp_channels(tiny_text, tmp_path):
+    torch.manual_seed(0)
+    six = {**GPT, "heads": 6, "width": 96}  # heads 16 wide
+    model = build_model(ModelConfig(name="compress.models:gpt", kwargs=six), data=tiny_text).eval()
+    config = parse_stage_options("prune", {"method": "structured", "ratio": 0.3, "round_to": 16})
+    pruned = prune(model, tiny_text, config, context=StageContext(baseline=model))
+    for block in pruned.blocks:
+        attention = block.attention
+        assert attention.heads == 4  # 2 of 6 heads: whole ones, 16 wide each
+        assert attention.query.out_features == attention.key.out_features == 4 * 16
+        assert attention.out.in_features == 4 * 16
+        hidden = block.mlp[0].out_features
+        assert hidden <= 0.7 * 4 * 96 and hidden % 16 == 0  # MLP channels, kernel-friendly
+    assert pruned.tokens.embedding_dim == 96 == pruned.head.in_features  # the width stays
+    # Saved with its head counts, loaded and decoded as it runs.
+    loaded = load(save(pruned, tmp_path / "pruned", tiny_text.example_input(2)))
+    ids = tiny_text.example_input(2)
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids), pruned(ids))
+    step = decoding_step(loaded, "torch", threads=1, folder=tmp_path)
+    with torch.inference_mode():
+        expected = loaded(ids[:1, :6])[0].numpy()
+    assert np.abs(_decoded_logits(step, loaded, ids[:1, :6]) - expected).max() < 1e-4
+
+
+def test_int8_dynamic_on_a_gpt_is_per_token_and_its_decoding_runs_int8(gpt, tiny_text, tmp_path):
+    quantized = quantize(gpt, tiny_text, method="int8_dynamic", goal="size")
+    assert isinstance(quantized, PerTokenInt8Model) and "per-token" in quantized.compute_dtype
+    ids = tiny_text.example_input(4)
+    eager = quantized.reference_module  # the INT8 layers as they are, uncompiled
+    with torch.inference_mode():
+        logits = eager(ids)
+        assert sqnr_db(gpt(ids), logits) >= 25.0
+    weights = [m.weight for m in eager.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(type(w).__name__ == "Int8Tensor" for w in weights) and len(weights) == 13
+    # Each token is quantized on its own: decoding one at a time gives the same logits but
+    # for an activation's rounding flipped by float noise (the masked attention's).
+    step = decoding_step(quantized, "torch", threads=1, folder=tmp_path)
+    decoded = _decoded_logits(step, quantized, ids[:1, :8])
+    assert np.abs(decoded[0] - logits[0, 0].numpy()).max() < 1e-5  # the first: exact
+    assert np.abs(decoded - logits[0, :8].numpy()).max() < 0.05
+    # Counted as the float model's MACs (int8 matmuls included), saved as codes, loaded exact.
+    assert count_flops(eager, ids[:1]) == count_flops(gpt, ids[:1])
+    loaded = load(save(quantized, tmp_path / "int8", tiny_text.example_input(2)))
+    with torch.inference_mode():
+        assert torch.equal(loaded.reference_module(ids), logits)
+
+
+ROUNDS = {"x": 1.2, "interval": [1.1, 1.4], "rounds": 10}
+
+
+def test_the_speed_check_of_a_model_that_decodes_is_its_decoding():
+    def timed(runtime, rate):
+        return SimpleNamespace(best_decode=lambda: (runtime, rate), decode_ratio=None)
+
+    faster, check, said = _decoding(timed("openvino", 500.0), timed("inductor", 650.0), "m")
+    assert faster and check["decode_x"] == pytest.approx(1.3) and check["kept"] == "int8"
+    assert "1.30x its input's decoding tokens/s (m in inductor against float in openvino" in said
+    slower = _decoding(timed("openvino", 500.0), timed("inductor", 400.0), "m")
+    assert slower is not None and not slower[0] and slower[1]["kept"] == "float"
+    untimed = SimpleNamespace(best_decode=lambda: None, decode_ratio=None)  # its latency decides
+    paired = SimpleNamespace(best_decode=lambda: ("inductor", 1.0), decode_ratio=ROUNDS)
+    faster, check, said = _decoding(timed("openvino", 2.0), paired, "m")  # the rounds decide
+    assert faster and check["interval"] == [1.1, 1.4] and "1.20x [1.10, 1.40]" in said
+    assert _decoding(untimed, timed("inductor", 1.0), "m") is None

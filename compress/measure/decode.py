@@ -26,6 +26,7 @@ from torch import nn
 from compress.core.errors import ExportError
 from compress.core.stats import median_interval
 from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel, first_line, quiet_exporter
+from compress.measure.latency import ROUND_WARMUP_S
 
 DECODE_RUNTIMES = ("torch", "inductor", "onnxruntime", "openvino")
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -106,9 +107,16 @@ def empty_cache(model: nn.Module, batch: int = 1) -> np.ndarray:
 
 
 def tokens_per_second(step: Step, cache: np.ndarray, prompt: int, new_tokens: int) -> float:
-    """Greedy new tokens a second after a ``prompt`` of positions (untimed) at batch 1."""
-    ids = np.zeros((1, 1), dtype=np.int64)
-    step(ids, np.array([0], dtype=np.int64), cache)  # untimed, whatever the prompt: compiles
+    """Greedy new tokens a second after a ``prompt`` of positions (untimed) at batch 1.
+
+    Untimed first, whatever the prompt: the first step (which compiles), and steps for at
+    least ROUND_WARMUP_S, so that another runtime's spinning threads (ONNX Runtime's) have
+    gone idle before the clock starts."""
+    ids, first = np.zeros((1, 1), dtype=np.int64), np.array([0], dtype=np.int64)
+    step(ids, first, cache)
+    warm = time.perf_counter()
+    while time.perf_counter() - warm < ROUND_WARMUP_S:
+        step(ids, first, cache)
     for position in range(prompt):
         _, cache = step(ids, np.array([position], dtype=np.int64), cache)
     start = time.perf_counter()

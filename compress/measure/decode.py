@@ -178,15 +178,17 @@ def measure_decode(
     new_tokens = min(new_tokens, context)
     rates: dict[str, float] = {}
     steps: dict[str, Decoding] = {}
-    scratch = Path(tempfile.mkdtemp(prefix="compress-decode-"))  # the sessions read from it
-    for runtime in (r for r in runtimes if r in DECODE_RUNTIMES):
-        try:
-            step = decoding_step(model, runtime, threads, scratch / runtime)
-        except ExportError as error:
-            notes.append(f"decode not measured in {runtime}: {error}")
-            continue
-        steps[runtime] = Decoding(step, empty_cache(model), context - new_tokens, new_tokens)
-        rates[runtime] = statistics.median(steps[runtime].rate() for _ in range(3))
+    # The exported steps are read once, when their sessions are made: then removed.
+    with tempfile.TemporaryDirectory(prefix="compress-decode-") as scratch:
+        for runtime in (r for r in runtimes if r in DECODE_RUNTIMES):
+            try:
+                step = decoding_step(model, runtime, threads, Path(scratch) / runtime)
+            except ExportError as error:
+                notes.append(f"decode not measured in {runtime}: {error}")
+                continue
+            steps[runtime] = Decoding(step, empty_cache(model), context - new_tokens, new_tokens)
+    for runtime, decoding in steps.items():
+        rates[runtime] = statistics.median(decoding.rate() for _ in range(3))
     fastest = max(rates, key=rates.__getitem__) if rates else None
     return rates, steps[fastest] if fastest else None
 

@@ -26,7 +26,16 @@ LAYERS = [
 ]
 # Packages compress runs without; imported where they are used, so that a missing one
 # fails only the feature that needs it.
-OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "matplotlib"}
+OPTIONAL = {
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "openvino",
+    "nncf",
+    "matplotlib",
+    "transformers",
+    "tokenizers",
+}
 # Imported on first use because each costs seconds at start-up (torchao's PT2E flow pulls in
 # dynamo and inductor; scipy.stats ~1 s), paid only by the commands that need them.
 DEFERRED = {"torchao", "scipy", "compress.stages.quantize._pt2e", "compress.stages.quantize._parts"}

@@ -129,3 +129,71 @@ def test_a_new_dataset_is_one_module(tmp_path, monkeypatch, capsys):
     finally:
         sys.modules.pop("stripes_data", None)
         DATASETS.pop("stripes", None)
+
+
+# ---------------------------------------------------------------------- the text dataset
+
+
+def _corpus(root, files: dict[str, str]):
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content, encoding="utf-8")
+    return root
+
+
+def test_text_folder_splits_whole_files_by_character(tmp_path):
+    root = _corpus(tmp_path, {f"{c}.txt": c * 900 + "\n" for c in "abcdefghij"})
+    data = build_data({"name": "text", "root": str(root), "context": 16, "calibration_size": 2})
+    assert data.task == "language_model" and data.num_classes == 11  # a..j and the newline
+    train_ids = torch.cat([b[0].flatten() for b in data.loader("train")])
+    test_ids = torch.cat([b[0].flatten() for b in data.loader("test")])
+    # 90 % of the characters: files a..i train, j alone tests; no file in both
+    assert set(test_ids.tolist()) <= {0, 10} and 10 not in set(train_ids.tolist())  # "\n" is 0
+    inputs, targets = data.test[0]
+    assert torch.equal(inputs[1:], targets[:-1])  # next-character targets
+
+
+def test_text_honours_train_and_test_folders_and_cuts_one_file_at_a_line(tmp_path):
+    from compress.data.text import text_splits
+
+    root = _corpus(tmp_path / "split", {"train/x.txt": "train text", "test/y.txt": "test text"})
+    assert text_splits(root) == ("train text", "test text")
+    single = tmp_path / "one.txt"
+    single.write_text("".join(f"line {i}\n" for i in range(100)))
+    train, test = text_splits(single)
+    assert train + test == single.read_text() and train.endswith("\n")
+    assert 0.85 < len(train) / len(single.read_text()) <= 0.9
+
+
+def test_text_with_a_local_tokenizer_encodes_as_the_tokenizer_does(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "[UNK]"]
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    line = "to be or not to be that is the question "
+    root = _corpus(tmp_path / "corpus", {"a.txt": line * 40, "b.txt": line * 4})
+    config = {"name": "text", "root": str(root), "tokenizer": str(tmp_path), "context": 8}
+    data = build_data({**config, "calibration_size": 2})
+    assert data.num_classes == len(words)
+    expected = tokenizer.encode((line * 4).replace("\r\n", "\n")).ids
+    got = torch.cat([b[0] for b in data.loader("test")], 0)
+    assert got[0].tolist() == expected[:8]
+
+
+def test_bad_text_inputs_are_one_line_errors(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n" * 10)
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        build_data({"name": "text", "root": str(tmp_path / "bad.txt"), "context": 4})
+    (tmp_path / "good.txt").write_text("hello world\n" * 50)
+    with pytest.raises(DataError, match="data.tokenizer: .* holds no tokenizer.json"):
+        build_data(
+            {
+                "name": "text",
+                "root": str(tmp_path / "good.txt"),
+                "tokenizer": str(tmp_path / "none"),
+            }
+        )
+    with pytest.raises(DataError, match="data.root"):
+        build_data({"name": "text", "context": 4})

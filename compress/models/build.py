@@ -7,12 +7,20 @@ A model built here carries its *spec* (``model.compress_spec``, see architecture
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 
 from compress.core.errors import ArtifactError, DataError, ModelError
 from compress.core.storage import memory_cap, model_bytes, read_tensors
 from compress.models.artifact import MANIFEST, POSITION_TABLES, load
+from compress.models.hugging_face import (
+    FACTORY,
+    CausalLM,
+    fill_hugging_face,
+    is_hugging_face_folder,
+    load_hugging_face,
+)
 from compress.spec.architectures import model_from_spec
 from compress.spec.recipe import ModelConfig, as_config
 
@@ -28,8 +36,8 @@ def build_model(
 
     ``config`` is a ModelConfig, the same as a mapping, or just a name. torchvision models
     get ``num_classes`` outputs and a first convolution that takes ``in_channels`` (both
-    read from ``data`` when given; else 1000 and 3). A ``checkpoint`` (a state_dict file or
-    a compress artifact folder) is loaded with ``weights_only=True``. With ``data``, a model
+    read from ``data`` when given; else 1000 and 3). A ``checkpoint`` (a state_dict file, a
+    compress artifact folder, or a Hugging Face ``save_pretrained`` folder) is read as data. With ``data``, a model
     that cannot take its inputs is refused (:func:`check_fits_data`).
 
     Example:
@@ -46,15 +54,27 @@ def build_model(
         if data is not None:
             check_fits_data(model, data)
         return model
+    kwargs, hugging_face_files = dict(config.kwargs), None
+    if config.checkpoint and is_hugging_face_folder(config.checkpoint):
+        if config.name != FACTORY:
+            raise ModelError(
+                f"model.name: {config.name!r} with a Hugging Face folder as checkpoint;"
+                f" allowed: {FACTORY!r}"
+            )
+        kwargs, hugging_face_files = load_hugging_face(config.checkpoint, num_classes)
     spec = {
         "name": config.name,
-        "kwargs": dict(config.kwargs),
+        "kwargs": kwargs,
         "num_classes": num_classes,
         "in_channels": in_channels,
         "weights": config.weights,
     }
     model = model_from_spec(spec)
-    if config.checkpoint:
+    if hugging_face_files is not None:
+        fill_hugging_face(
+            cast(CausalLM, model), hugging_face_files, f"model.checkpoint: {config.checkpoint}"
+        )
+    elif config.checkpoint:
         load_state_dict_file(model, config.checkpoint)
     if data is not None:
         check_fits_data(model, data)

@@ -72,7 +72,7 @@ class DataConfig(Config):
 
     # A registered dataset (listed below and by `compress list`): fashion_mnist (Debian's
     # dataset-fashion-mnist), fashion_mnist_scenes, cifar10, imagefolder, voc, synthetic,
-    # shakespeare_char (text: make setup fetches it).
+    # shakespeare_char (text: make setup fetches it), text (a UTF-8 file or folder under root).
     # Or the user's own: "package.module:factory", called with `kwargs`, returning a mapping
     # of Datasets {"train", "test", and optionally "calibration", "num_classes", "task"}.
     name: str = "fashion_mnist"
@@ -104,6 +104,9 @@ class DataConfig(Config):
     classes: int | None = option(None, min=2, max=65536)
     # Language models: tokens per block, the context a model sees (nanoGPT's block_size).
     context: int = option(256, min=2, max=65536)
+    # text: a Hugging Face tokenizer saved locally (tokenizer.json, or its folder); none:
+    # one token per character.
+    tokenizer: str | None = None
 
     def image_shape(self) -> tuple[int, int, int] | None:
         """Channels, height and width of the images the model gets, where known unread."""

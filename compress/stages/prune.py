@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from compress.core import distributed
-from compress.core.errors import PruningError
+from compress.core.errors import PruningError, RecipeError
 from compress.core.modules import forward_with_hooks, matching_modules
 from compress.core.registry import StageContext, register_stage
 from compress.core.schema import Config, FieldError, option
@@ -123,10 +123,15 @@ def prune(
         >>> pruned = prune(model, data, method="structured", target_macs=0.5)
         >>> sparse = prune(model, data, method="magnitude", sparsity=0.8, fine_tune={"epochs": 1})
     """
-    model = copy.deepcopy(model).cpu().eval()
     if config.method == "magnitude":
-        return _magnitude(model, data, config, context)
-    return _structured(model, data, config, context)
+        return _magnitude(copy.deepcopy(model).cpu().eval(), data, config, context)
+    refusal = getattr(model, "structured_pruning_refusal", None)  # e.g. GPT-2's fused q/k/v
+    if refusal:
+        raise RecipeError(
+            f"prune.method: 'structured' cannot prune this model: {refusal}; allowed:"
+            " 'magnitude' (zeros in place, shapes kept)"
+        )
+    return _structured(copy.deepcopy(model).cpu().eval(), data, config, context)
 
 
 def ignored_modules(
@@ -360,25 +365,38 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
     return reached
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention layers whose heads prune whole: a ``heads`` count and ``query``,
-    ``key`` and ``value`` Linear layers (compress.models.gpt's, Llama's form)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "heads", None), int)
-        and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
-    ]
+# Attention layers whose heads prune whole: their query, key and value Linear layers, as
+# compress's GPT names them (it keeps a ``heads`` count) and as Llama, Mistral and Qwen2 do
+# (they keep ``head_dim`` and infer the count).
+_ATTENTION_FORMS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+
+
+def _attention_layers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], int]]:
+    """Each self-attention layer with one key and value head per query head: the layer, its
+    query, key and value Linear layers, and its head count."""
+    found = []
+    for m in model.modules():
+        for names in _ATTENTION_FORMS:
+            linears = [x for n in names if isinstance(x := getattr(m, n, None), nn.Linear)]
+            if len(linears) < len(names):
+                continue
+            heads = getattr(m, "heads", None)
+            head_dim = getattr(m, "head_dim", None)
+            if not isinstance(heads, int) and isinstance(head_dim, int) and head_dim > 0:
+                heads = linears[0].out_features // head_dim
+            if isinstance(heads, int) and len({x.out_features for x in linears}) == 1:
+                found.append((m, linears, heads))
+    return found
 
 
 def _head_options(model: nn.Module, ratio: float) -> dict:
     """torch-pruning's options that remove whole heads (``ratio`` of each layer's), never
     a part of one; none for a model without such attention layers."""
-    layers = _attention_modules(model)
+    layers = _attention_layers(model)
     if not layers:
         return {}
     return {
-        "num_heads": {linear: m.heads for m in layers for linear in (m.query, m.key, m.value)},
+        "num_heads": {linear: heads for _, linears, heads in layers for linear in linears},
         "prune_num_heads": True,
         "prune_head_dims": False,
         "head_pruning_ratio": ratio,
@@ -386,10 +404,12 @@ def _head_options(model: nn.Module, ratio: float) -> dict:
 
 
 def _sync_heads(model: nn.Module, pruner) -> None:
-    """Each attention layer's head count after a step, as torch-pruning left it."""
+    """Each attention layer's head count after a step, as torch-pruning left it (a layer
+    that infers its count from ``head_dim`` needs none)."""
     counts = getattr(pruner, "num_heads", {})
-    for m in _attention_modules(model):
-        m.heads = counts.get(m.query, m.heads)
+    for m, linears, heads in _attention_layers(model):
+        if isinstance(getattr(m, "heads", None), int):
+            m.heads = counts.get(linears[0], heads)
 
 
 def _taylor_gradients(model: nn.Module, data: Data, batches: int = 4) -> None:

@@ -153,7 +153,13 @@ def baseline_key(recipe: Recipe) -> str:
     }
     # Keys at the defaults they had before they existed leave the key as it was: the
     # shipped references and earlier caches hold.
-    for key, default in (("classes", None), ("kwargs", {}), ("task", None), ("context", 256)):
+    for key, default in (
+        ("classes", None),
+        ("kwargs", {}),
+        ("task", None),
+        ("context", 256),
+        ("tokenizer", None),
+    ):
         if data.get(key, default) == default:
             data.pop(key, None)
     # Validation reads the weights, never changes them. How ranks share BatchNorm

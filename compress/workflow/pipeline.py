@@ -91,7 +91,13 @@ def run(
         report.run_dir = run_dir
         return report
     except Exception as error:
-        log.error("run failed: %s: %s", type(error).__name__, error)
+        if (
+            handler is not None
+        ):  # the run's log says why it ended; stderr gets it once, from the CLI
+            why = (type(error).__name__, error)
+            handler.handle(
+                log.makeRecord(log.name, logging.ERROR, "", 0, "run failed: %s: %s", why, None)
+            )
         raise
     finally:
         if handler is not None:

@@ -93,6 +93,11 @@ def save(model: nn.Module, path: str | Path, example: torch.Tensor | None = None
         if example is not None:  # what `compress export` needs to trace the model again
             manifest.setdefault("input_shape", list(example.shape[1:]))
             manifest.setdefault("input_dtype", dtype_name(example.dtype))  # ids are integers
+        hugging_face = getattr(model, "save_hugging_face", None)  # transformers loads it too
+        if hugging_face is not None:
+            why_not = hugging_face(staging / "hugging_face")
+            if why_not:
+                manifest["hugging_face"] = why_not
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         try:
             os.rename(staging, path)  # fails if the folder appeared meanwhile: never merged

@@ -95,7 +95,9 @@ def _is_count(value) -> bool:
 
 
 # Import paths of compress's own model factories: safe to build from any folder's spec.
-SAFE_FACTORIES = frozenset({"compress.models:mlp", "compress.models:gpt"})
+SAFE_FACTORIES = frozenset(
+    {"compress.models:mlp", "compress.models:gpt", "compress.models:hugging_face"}
+)
 
 
 # kind -> loader(folder, manifest, trust) -> model. Compressed model types register theirs.

@@ -99,11 +99,11 @@ def _int8_pt2e(
 
     ``exported``: ``model``'s graph exported already (a copy of it is quantized).
     """
+    if mode == "dynamic" and _per_token(model, data):  # no graph: dynamo and inductor unneeded
+        return per_token_int8(model, data, config, context)
     from compress.stages.quantize._parts import quantize_parts
     from compress.stages.quantize._pt2e import export_model, quantize_graph
 
-    if mode == "dynamic" and has_decoder(model):  # a language model: per token, and decodes
-        return per_token_int8(model, data, config, context)
     model = copy.deepcopy(model).cpu().eval()  # X86InductorQuantizer targets x86 CPUs
     if exported is not None:
         exported = copy.deepcopy(exported)  # prepare_pt2e rewrites the graph it is given
@@ -118,6 +118,12 @@ def _int8_pt2e(
     return quantize_graph(model, exported, calibration, config, mode, data, context)
 
 
+def _per_token(model: nn.Module, data: Data) -> bool:
+    """A language model (it decodes, or its task is next-token prediction): its activations
+    are quantized per token, by torchao in place, rather than per tensor in a PT2E graph."""
+    return has_decoder(model) or data.task == "language_model"
+
+
 def _exporting_once(method: QuantizeFn) -> QuantizeFn:
     """``method`` for many calls on one float model (the fallback, the sensitivity scan): a
     PT2E method exports each model once and quantizes a copy of that graph on every call
@@ -129,7 +135,7 @@ def _exporting_once(method: QuantizeFn) -> QuantizeFn:
     graphs: dict[int, tuple[nn.Module, nn.Module | None]] = {}  # id(model): (model, graph)
 
     def quantize_exported_once(model, data, config, context=None):
-        if has_decoder(model):  # no graph: torchao quantizes its layers in place
+        if _per_token(model, data):  # no graph: torchao quantizes its layers in place
             return method(model, data, config, context)
         if id(model) not in graphs:
             try:

@@ -68,8 +68,10 @@ def compute_matched_control(
         evaluation.control = matched
     with memory_guard(f"evaluating the control of {recipe.model.name}"):
         # Its latency is the baseline's (the same network): only its accuracy is compared.
+        # Nor is its decoding timed: one unpaired rate per runtime is noise (docs/results.md).
+        unpaired = dataclasses.replace(recipe.evaluate, decode_tokens=0)
         control = evaluate(
-            model, data, recipe.evaluate, name=f"control: baseline + {steps} steps", device=device
+            model, data, unpaired, name=f"control: baseline + {steps} steps", device=device
         )
     if control.score is not None and report.baseline.score is not None:
         control.drop = metric_drop(control, report.baseline, task)

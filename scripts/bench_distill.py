@@ -61,7 +61,7 @@ def main() -> None:
     if args.alpha is not None:
         kd.alpha = args.alpha
     bench = _Bench(data, teacher)
-    bench.line("teacher", bench.score("teacher", teacher), 1.0)
+    bench.line("teacher", bench.score("teacher", teacher))
 
     if args.only != "pruned" and kd.student is not None:
         _students(recipe, data, teacher, kd, bench)
@@ -83,7 +83,7 @@ class _Bench:
         self.rows[name] = example_scores(model, self.data)
         return model
 
-    def line(self, name: str, model, _=None) -> None:
+    def line(self, name: str, model) -> None:
         metric = self.task.summarize(self.rows[name])
         print(
             json.dumps(

@@ -239,3 +239,10 @@ def test_structured_pruning_of_grouped_query_attention_is_one_line(tiny_text):
     model = build_model({"name": FACTORY, "kwargs": {"config": grouped}}, data=tiny_text)
     with pytest.raises(RecipeError, match="grouped-query attention"):
         prune(model, tiny_text, method="structured", ratio=0.3)
+
+
+def test_a_hugging_face_folder_under_another_model_name_is_one_line(gpt2_folder):
+    with pytest.raises(
+        RecipeError, match=r"model.name: 'resnet18'.*allowed: 'compress.models:hugging_face'"
+    ):
+        build_model({"name": "resnet18", "checkpoint": str(gpt2_folder)}, num_classes=84)

@@ -11,7 +11,7 @@ from typing import cast
 
 from torch import nn
 
-from compress.core.errors import ArtifactError, DataError, ModelError
+from compress.core.errors import ArtifactError, DataError, ModelError, RecipeError
 from compress.core.storage import memory_cap, model_bytes, read_tensors
 from compress.models.artifact import MANIFEST, POSITION_TABLES, load
 from compress.models.hugging_face import (
@@ -37,8 +37,8 @@ def build_model(
     ``config`` is a ModelConfig, the same as a mapping, or just a name. torchvision models
     get ``num_classes`` outputs and a first convolution that takes ``in_channels`` (both
     read from ``data`` when given; else 1000 and 3). A ``checkpoint`` (a state_dict file, a
-    compress artifact folder, or a Hugging Face ``save_pretrained`` folder) is read as data. With ``data``, a model
-    that cannot take its inputs is refused (:func:`check_fits_data`).
+    compress artifact folder, or a Hugging Face ``save_pretrained`` folder) is read as data.
+    With ``data``, a model that cannot take its inputs is refused (:func:`check_fits_data`).
 
     Example:
         >>> model = build_model("resnet18", data=data)
@@ -57,7 +57,7 @@ def build_model(
     kwargs, hugging_face_files = dict(config.kwargs), None
     if config.checkpoint and is_hugging_face_folder(config.checkpoint):
         if config.name != FACTORY:
-            raise ModelError(
+            raise RecipeError(
                 f"model.name: {config.name!r} with a Hugging Face folder as checkpoint;"
                 f" allowed: {FACTORY!r}"
             )

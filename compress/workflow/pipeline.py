@@ -91,9 +91,8 @@ def run(
         report.run_dir = run_dir
         return report
     except Exception as error:
-        if (
-            handler is not None
-        ):  # the run's log says why it ended; stderr gets it once, from the CLI
+        # The run's log says why it ended; stderr gets it once, from the CLI.
+        if handler is not None:
             why = (type(error).__name__, error)
             handler.handle(
                 log.makeRecord(log.name, logging.ERROR, "", 0, "run failed: %s: %s", why, None)

@@ -135,7 +135,8 @@ def _exporting_once(method: QuantizeFn) -> QuantizeFn:
     graphs: dict[int, tuple[nn.Module, nn.Module | None]] = {}  # id(model): (model, graph)
 
     def quantize_exported_once(model, data, config, context=None):
-        if _per_token(model, data):  # no graph: torchao quantizes its layers in place
+        if method.keywords.get("mode") == "dynamic" and _per_token(model, data):
+            # no graph: torchao quantizes its layers in place
             return method(model, data, config, context)
         if id(model) not in graphs:
             try:

@@ -29,7 +29,7 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e '.[dev,deploy,hf]' -c constraints.txt
+	$(PY) -m pip install -q --no-compile -e '.[dev,deploy,hf,detection]' -c constraints.txt
 	@# pip compiles bytecode on one core (53 s here); compileall on every core (24 s). A few
 	@# third-party files are not Python 3 (pip skips them too): their errors are ignored.
 	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true

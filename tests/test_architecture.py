@@ -35,6 +35,7 @@ OPTIONAL = {
     "matplotlib",
     "transformers",
     "tokenizers",
+    "pycocotools",
 }
 # Imported on first use because each costs seconds at start-up (torchao's PT2E flow pulls in
 # dynamo and inductor; scipy.stats ~1 s), paid only by the commands that need them.

@@ -159,11 +159,31 @@ def paired_bootstrap(
     if baseline.shape != model.shape or baseline.ndim != 2 or not len(baseline):
         raise ValueError(f"scores of {baseline.shape} and {model.shape} do not pair")
     sign = 1.0 if higher_is_better else -1.0
-    examples = len(baseline)
 
     def drops(weights: np.ndarray) -> np.ndarray:
         return sign * (metric(weights @ baseline) - metric(weights @ model))
 
+    return bootstrap_drops(drops, len(baseline), seed, resamples, confidence)
+
+
+def bootstrap_drops(
+    drops,
+    examples: int,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> Drop:
+    """A paired bootstrap where ``drops`` maps example weights (resamples x examples: how
+    often each example was drawn) to the drop of each resample; for a metric that is not a
+    sum of per-example rows (COCO mAP). All ones gives the point estimate.
+
+    Example:
+        >>> hits = np.r_[np.ones(40), np.zeros(10)]
+        >>> bootstrap_drops(lambda w: 100 * (w.sum(1) - w @ hits) / w.sum(1), 50).points
+        20.0
+    """
+    if examples < 1:
+        raise ValueError("a paired bootstrap needs at least one example")
     points = float(drops(np.ones((1, examples)))[0])
     generator = np.random.default_rng(seed)
     resampled = []

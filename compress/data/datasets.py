@@ -27,7 +27,7 @@ from compress.core.errors import DataError
 from compress.core.registry import DATASETS, dataset_spec
 from compress.spec.architectures import import_factory
 from compress.spec.recipe import DataConfig, as_config
-from compress.spec.tasks import Task
+from compress.spec.tasks import Task, get_task
 
 
 @dataclass
@@ -121,6 +121,7 @@ class Data:
             # Workers' base seed comes from this generator, not from the global RNG.
             generator=torch.Generator().manual_seed(seed + epoch),
             num_workers=self.config.workers,
+            collate_fn=get_task(self.task).collate,  # None: torch's default
         )
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:

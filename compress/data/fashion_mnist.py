@@ -1,6 +1,7 @@
 """Fashion-MNIST, read from its idx files (Debian's `dataset-fashion-mnist` package, or a
-folder the recipe names), and the Fashion-MNIST scenes built from it: garments on a canvas,
-labelled per pixel, written in the VOC layout (voc.py) that any segmentation folder uses.
+folder the recipe names), and the Fashion-MNIST scenes built from it (scenes.py): garments
+on a canvas, labelled per pixel in the VOC layout (voc.py) that any segmentation folder
+uses, and boxed in the COCO layout (coco.py) that any detection folder uses.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from torch.utils.data import TensorDataset
 from compress.core.errors import DataError
 from compress.core.paths import cache_dir
 from compress.core.registry import register_dataset
+from compress.data.coco import BoxTransform, read_coco
 from compress.data.datasets import normalised
-from compress.data.voc import SCENES_CLASSES, PairTransform, read_voc, write_scenes
+from compress.data.scenes import SCENES_CLASSES, write_scenes
+from compress.data.voc import PairTransform, read_voc
 from compress.spec.recipe import DataConfig
 
 # Debian's `dataset-fashion-mnist` package installs the four idx files here.
@@ -71,6 +74,25 @@ def scenes(config: DataConfig, mean: list[float], std: list[float], seed: int):
     return train, test, classes
 
 
+@register_dataset(
+    "fashion_mnist_boxes",
+    channels=1,
+    train_images=SCENES_COUNTS["train"],
+    size=64,
+    mean=(0.1009,),  # the scenes' own: the same images
+    std=(0.2516,),
+    task="detection",
+)
+def boxes(config: DataConfig, mean: list[float], std: list[float], seed: int):
+    """Fashion-MNIST scenes boxed: a box per visible garment, 10 classes + background."""
+    train, test, num_classes = read_coco(
+        fashion_mnist_scenes(config.root, config.download), config.image_size
+    )
+    for split in (train, test):
+        split.transform = BoxTransform(mean, std, config.image_size)
+    return train, test, num_classes
+
+
 def scenes_root() -> Path:
     """Where Fashion-MNIST scenes live unless data.root says otherwise (the cache folder)."""
     return cache_dir() / "fashion_mnist_scenes"
@@ -79,8 +101,9 @@ def scenes_root() -> Path:
 def fashion_mnist_scenes(
     root: str | Path | None = None, download: bool = False, counts: dict | None = None
 ) -> Path:
-    """The Fashion-MNIST scenes folder (VOC layout), written first where it is missing;
-    ``counts`` scenes per split (default :data:`SCENES_COUNTS`).
+    """The Fashion-MNIST scenes folder (VOC layout, and COCO boxes), written first where it
+    is missing (the boxes alone where only they are); ``counts`` scenes per split (default
+    :data:`SCENES_COUNTS`).
 
     Example:
         >>> train, test, classes = read_voc(fashion_mnist_scenes())

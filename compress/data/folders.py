@@ -1,6 +1,6 @@
 """Datasets read from a folder the recipe's ``data.root`` names: CIFAR-10 (its Python
-batches), ImageFolder (one sub-folder per class) and Pascal VOC segmentation (voc.py).
-Nothing is fetched unless ``data.download: true`` (CIFAR-10 only)."""
+batches), ImageFolder (one sub-folder per class), Pascal VOC segmentation (voc.py) and COCO
+detection (coco.py). Nothing is fetched unless ``data.download: true`` (CIFAR-10 only)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torchvision import transforms
 
 from compress.core.errors import DataError
 from compress.core.registry import register_dataset
+from compress.data.coco import BoxTransform, read_coco
 from compress.data.voc import PairTransform, read_voc
 from compress.spec.recipe import DataConfig
 
@@ -74,6 +75,15 @@ def voc(config: DataConfig, mean: list[float], std: list[float], seed: int):
     for split in (train, test):
         split.transform = PairTransform(mean, std, config.image_size)
     return train, test, classes
+
+
+@register_dataset("coco", task="detection", **_IMAGENET)  # grey photos made RGB: BoxTransform
+def coco(config: DataConfig, mean: list[float], std: list[float], seed: int):
+    """COCO layout under data.root: annotations/instances_<split>.json and their images."""
+    train, test, num_classes = read_coco(_root(config), config.image_size)
+    for split in (train, test):
+        split.transform = BoxTransform(mean, std, config.image_size)
+    return train, test, num_classes
 
 
 def _root(config: DataConfig) -> Path:

@@ -1,13 +1,10 @@
-"""Segmentation data in the Pascal VOC layout, and *Fashion-MNIST scenes* written in it.
+"""Segmentation data in the Pascal VOC layout (the Fashion-MNIST scenes are written in it:
+scenes.py).
 
 The layout: ``root/JPEGImages/<id>.jpg|png``, ``root/SegmentationClass/<id>.png`` (one class
 index per pixel, 255 for pixels that count for nothing) and
 ``root/ImageSets/Segmentation/{train,val,test}.txt`` (one id per line). Every read is bounded:
 a list file by its size, an image by the size its header announces, before it is decoded.
-
-Fashion-MNIST scenes place real Fashion-MNIST garments on a canvas; each pixel of a
-garment is labelled with its class + 1 and the rest is background (0), 11 classes. They are
-built deterministically from Fashion-MNIST's own splits (test scenes only from test images).
 
 Example:
     >>> train, test, classes = read_voc("data/VOC2012")
@@ -25,64 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from compress.core.errors import DataError
-from compress.core.storage import write_atomic
 
-SCENES_CLASSES = 11  # background + Fashion-MNIST's 10 garments
-SCENES_SIZE = 64  # pixels on each side of a scene
-# Where `make setup` writes the scenes (relative to the working directory: the checkout).
-SCENES_ROOT = Path(".cache/data/fashion_mnist_scenes")
-# A garment's pixel belongs to it above this intensity (of 255): the rest is background.
-GARMENT_THRESHOLD = 32
 MAX_IMAGE_SIDE = 4096  # pixels: a header announcing more is refused before decoding
 MAX_LIST_BYTES = 64 << 20  # a split list of ids (VOC's are ~100 KB)
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-
-
-def write_scenes(
-    root: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray, int]], seed: int = 0
-) -> Path:
-    """Write scenes in the VOC layout under ``root``: for each split, ``count`` scenes
-    made of its ``(garments (N, 28, 28) uint8, labels (N,))`` only (ids ``<split>_00000``;
-    lists ``<split>.txt``, written last). Returns ``root``; a finished folder is kept.
-
-    Example:
-        >>> write_scenes("/tmp/scenes", {"train": (images, labels, 64), "test": (t, l, 32)})
-    """
-    root = Path(root)
-    lists = root / "ImageSets" / "Segmentation"
-    if all((lists / f"{split}.txt").is_file() for split in splits):
-        return root
-    for sub in ("JPEGImages", "SegmentationClass"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    lists.mkdir(parents=True, exist_ok=True)
-    generator = np.random.default_rng(seed)
-    for split, (garments, labels, count) in splits.items():
-        ids = []
-        for index in range(count):
-            image, mask = _scene(garments, labels, generator)
-            name = f"{split}_{index:05d}"
-            Image.fromarray(image).save(root / "JPEGImages" / f"{name}.png")
-            Image.fromarray(mask).save(root / "SegmentationClass" / f"{name}.png")
-            ids.append(name)
-        write_atomic(lists / f"{split}.txt", "\n".join(ids) + "\n")
-    return root
-
-
-def _scene(garments: np.ndarray, labels: np.ndarray, generator) -> tuple[np.ndarray, np.ndarray]:
-    """One canvas with 1 to 3 garments at random places; a later garment covers an
-    earlier one where they overlap, in the image and in the mask."""
-    image = np.zeros((SCENES_SIZE, SCENES_SIZE), np.uint8)
-    mask = np.zeros((SCENES_SIZE, SCENES_SIZE), np.uint8)
-    side = garments.shape[-1]
-    for _ in range(int(generator.integers(1, 4))):
-        pick = int(generator.integers(len(garments)))
-        top, left = (int(v) for v in generator.integers(0, SCENES_SIZE - side + 1, 2))
-        garment = garments[pick]
-        on = garment > GARMENT_THRESHOLD
-        window = (slice(top, top + side), slice(left, left + side))
-        image[window] = np.where(on, garment, image[window])
-        mask[window] = np.where(on, labels[pick] + 1, mask[window])
-    return image, mask
 
 
 def read_voc(
@@ -152,10 +95,7 @@ class VocSegmentation(Dataset):
                 f" pixel (palette or grey) of its image's size {image.size}; got {mask.mode}"
                 f" {mask.size}"
             )
-        grey = image.mode in ("L", "1", "I;16")
-        pixels = torch.from_numpy(np.asarray(image.convert("L" if grey else "RGB")).copy())
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
-        item = pixels.float().div_(255.0), torch.from_numpy(np.asarray(mask, np.int64).copy())
+        item = _pixels(image), torch.from_numpy(np.asarray(mask, np.int64).copy())
         return self.transform(*item) if self.transform is not None else item
 
     def _image_file(self, name: str) -> Path:
@@ -198,6 +138,14 @@ class PairTransform:
                 mask[None, None].float(), size=(self.size, self.size), mode="nearest"
             )[0, 0].long()
         return (image - self.mean) / self.std, mask
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """An image as floats (C, H, W) in [0, 1]: grey images keep one channel, others are RGB."""
+    grey = image.mode in ("L", "1", "I;16")
+    pixels = torch.from_numpy(np.asarray(image.convert("L" if grey else "RGB")).copy())
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return pixels.float().div_(255.0)
 
 
 def _open(file: Path) -> Image.Image:

@@ -35,6 +35,7 @@ from compress.core.traits import traits
 from compress.measure.onnx_rewrite import (
     dynamic_matmuls,
     dynamic_quantization_translations,
+    onnx_precision,
     quantize_biases,
 )
 from compress.models.artifact import (  # exported graphs take the batches saved ones do
@@ -198,7 +199,10 @@ class InductorModel(nn.Module):
             return self.compiled(x)
         with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = self.compiled(x)
+            try:
+                out = self.compiled(x)
+            except Exception as error:  # noqa: BLE001 - dynamo's and inductor's errors are many
+                raise ExportError(f"torch.compile failed: {first_line(error)}") from None
         self._shapes.add(x.shape)
         return out
 
@@ -225,7 +229,7 @@ class OnnxRuntimeModel(nn.Module):
             raise ExportError(f"onnxruntime cannot load {path}: {first_line(error)}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.file = Path(path)
-        self.precision = _onnx_precision(path)
+        self.precision = onnx_precision(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = _as_input(x)
@@ -273,19 +277,6 @@ class OpenVinoModel(nn.Module):
 # OpenVINO runs FP16/BF16 models as float32 IR with its own inference precision: its ONNX
 # front end takes no bfloat16 graph, and its CPU plugin casts per layer as it sees fit.
 _OPENVINO_PRECISION = {torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-def _onnx_precision(path: str | Path) -> str:
-    """What an ONNX file computes in: int8 (QDQ or dynamic), float16 or float32."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    ops = {n.op_type for n in graph.node}
-    if ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"}:
-        return "int8"
-    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer):
-        return "float16"
-    return "float32"
 
 
 def _as_input(x: torch.Tensor):
@@ -370,7 +361,8 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
 @contextlib.contextmanager
 def quiet_exporter():
     """The ONNX exporter without its chatter: it logs every pass at INFO and prints its
-    progress on stdout; a run's log keeps its own lines, and a failure is one line.
+    progress on stdout (and, failing, the whole graph on stderr); a run's log keeps its own
+    lines, and a failure is one line.
 
     Example:
         >>> with quiet_exporter():
@@ -381,7 +373,11 @@ def quiet_exporter():
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -127,7 +127,7 @@ def measure_runtimes(
     task = get_task(data.task)
     batch = data.example_input(config.latency_batch_size)
     with torch.inference_mode():
-        expected = task.output(model(batch)).float()
+        expected = task.output(model(batch))
     scratch = Path(tempfile.mkdtemp(prefix="compress-deploy-")) if deploy_to is None else None
     rows: dict[str, dict] = {}
     try:
@@ -139,7 +139,7 @@ def measure_runtimes(
                 module = deployed(model, runtime, threads, batch, stem)
                 latency = measure_latency(module, batch, config.warmup, config.iterations)
                 with torch.inference_mode():
-                    difference = (task.output(module(batch)).float() - expected).abs().max().item()
+                    difference = task.difference(task.output(module(batch)), expected)
                 score = None
                 if torch_score is not None and runtime != "inductor":  # inductor: torch's numbers
                     score = metrics(module, data, "cpu", shard=False)[task.metric]

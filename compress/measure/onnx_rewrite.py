@@ -1,9 +1,12 @@
 """Rewrites of an exported ONNX graph that the exporter cannot express: dynamic INT8 as
 ONNX's DynamicQuantizeLinear feeding integer matmuls, and biases of quantized layers
-stored as int32 (as ONNX Runtime's and OpenVINO's own INT8 graphs have them).
+stored as int32 (as ONNX Runtime's and OpenVINO's own INT8 graphs have them); and what a
+graph computes in (:func:`onnx_precision`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -200,3 +203,21 @@ def quantize_biases(model) -> int:
         graph.node.extend(nodes)
         _drop_dead_nodes(graph)  # the float biases, now stored as int32
     return len(added)
+
+
+def onnx_precision(path: str | Path) -> str:
+    """What an ONNX file computes in: int8 (QDQ or dynamic), float16 or float32.
+
+    Example:
+        >>> onnx_precision("runs/resnet_int8/quantize.onnx")
+        'int8'
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    if ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"}:
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer):
+        return "float16"
+    return "float32"

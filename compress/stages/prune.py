@@ -298,20 +298,16 @@ def _structured(
             **heads,
         )
     except Exception as error:  # noqa: BLE001 - torch-pruning's graph tracing failures
-        message = (
-            f"torch-pruning cannot build the dependency graph of {type(model).__name__}:"
-            f" {_graph_failure(error)}"
-        )
-        if config.on_unprunable == "skip":
-            log.warning("prune: %s; left unpruned (on_unprunable: skip)", message)
-            return set_traits(original, notes=[f"left unpruned (on_unprunable: skip): {message}"])
-        raise PruningError(
-            f"{message} (set on_unprunable: skip to go on without pruning)"
-        ) from None
+        why = f"cannot build the dependency graph of {type(model).__name__}"
+        return _unprunable(original, config, f"torch-pruning {why}: {_graph_failure(error)}")
     base_flops = count_flops(model, example)
     with torch.random.fork_rng():  # random importance draws from the run's seed alone
         torch.manual_seed(context.seed)
-        reached = _prune_steps(model, data, config, pruner, steps, example, base_flops)
+        try:
+            reached = _prune_steps(model, data, config, pruner, steps, example, base_flops)
+        except (IndexError, KeyError, ValueError, RuntimeError) as error:  # its graph's gaps
+            why = f"failed pruning {type(model).__name__}'s coupled layers"
+            return _unprunable(original, config, f"torch-pruning {why}: {_graph_failure(error)}")
     model.eval()
     if config.fine_tune.epochs or config.fine_tune.max_steps:
         train(model, data, config.fine_tune, desc="fine-tune", context=context)
@@ -338,6 +334,14 @@ def _structured(
             " the baseline's",
         )
     return model
+
+
+def _unprunable(original: nn.Module, config: PruneConfig, message: str) -> nn.Module:
+    """The model unpruned with a note (on_unprunable: skip), else one line."""
+    if config.on_unprunable == "skip":
+        log.warning("prune: %s; left unpruned (on_unprunable: skip)", message)
+        return set_traits(original, notes=[f"left unpruned (on_unprunable: skip): {message}"])
+    raise PruningError(f"{message} (set on_unprunable: skip to go on without pruning)")
 
 
 def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> bool:

@@ -27,7 +27,7 @@ from compress.core.errors import TaskError, TrainingError
 from compress.core.registry import StageContext
 from compress.core.storage import write_atomic
 from compress.data import Data
-from compress.measure.scores import metrics
+from compress.measure.scores import metrics, to_device
 from compress.models.build import check_fits_data
 from compress.spec.recipe import TrainConfig, as_config
 from compress.spec.tasks import Task, get_task
@@ -54,10 +54,11 @@ DDP_BF16_GRADIENTS = False  # bf16 gradient exchange (halves the bytes sent)
 
 def _augmentable(task, config: TrainConfig):
     """``task``, where ``config.augment`` can apply to its inputs; else one clear line."""
-    if config.augment != "none" and not task.images:
+    if config.augment != "none" and not (task.images and task.augmentable):
+        what = "its targets would have to move too" if task.images else "it takes token ids"
         raise TaskError(
-            f"train.augment: {config.augment!r} crops, flips or erases images; task {task.name}"
-            " takes token ids (allowed: none)"
+            f"train.augment: {config.augment!r} crops, flips or erases images; task {task.name}:"
+            f" {what} (allowed: none)"
         )
     return task
 
@@ -259,8 +260,8 @@ def _epoch(run: _Phase, epoch: int) -> tuple[torch.Tensor, list]:
             )
         else:
             images = augment(images, config.augment, config.crop_padding, draws)
-        images, labels = images.to(run.device), labels.to(run.device)
-        extra = tuple(e.to(run.device) for e in extra)
+        images, labels = to_device(images, run.device), to_device(labels, run.device)
+        extra = tuple(to_device(e, run.device) for e in extra)
         # The last micro-batch of a step (or of the epoch) steps the optimizer; the ones
         # before it only add their gradients, without a DDP exchange (no_sync).
         stepping = (index + 1) % config.accumulate == 0 or index + 1 == run.micro_batches
@@ -284,7 +285,8 @@ def _epoch(run: _Phase, epoch: int) -> tuple[torch.Tensor, list]:
                     f" lower train.lr or set train.grad_clip{last_good}"
                 )
             run.scaler.scale(loss / in_step).backward()  # a step's mean over its micro-batches
-        seen.append(task.scores(logits.detach().float(), labels))
+        if logits is not None:  # a detector in training mode gives its losses alone
+            seen.append(task.scores(_detached(logits), labels))
         if not stepping:
             continue
         if config.grad_clip:
@@ -296,10 +298,10 @@ def _epoch(run: _Phase, epoch: int) -> tuple[torch.Tensor, list]:
         run.step += 1
         run.progress.update()
         if run.step % 10 == 0 or run.step >= run.total_steps:  # the running metric: cheap
-            running = task.summarize(np.concatenate(seen))[task.metric]
-            run.progress.set_postfix(
-                epoch=epoch, loss=f"{loss.item():.3f}", metric=f"{running:.1f}"
-            )
+            shown = {"epoch": epoch, "loss": f"{loss.item():.3f}"}
+            if seen:
+                shown["metric"] = f"{task.summarize(np.concatenate(seen))[task.metric]:.1f}"
+            run.progress.set_postfix(**shown)
         if run.step >= run.total_steps:
             break
     return loss, seen
@@ -310,15 +312,15 @@ def _end_epoch(run: _Phase, epoch: int, loss: torch.Tensor, seen: list) -> None:
     model, task = run.model, run.task
     distributed.broadcast_buffers(model)  # every rank validates and ends with rank 0's
     score = _validate(model, run.data, run.device) if run.config.validate else None
+    running = task.summarize(np.concatenate(seen))[task.metric] if seen else None
     log.info(
-        "%s: epoch %d done, step %d/%d, last loss %.3f, train %s %.1f%s",
+        "%s: epoch %d done, step %d/%d, last loss %.3f%s%s",
         run.desc,
         epoch,
         run.step,
         run.total_steps,
         loss.item(),
-        task.metric,
-        task.summarize(np.concatenate(seen))[task.metric] if seen else math.nan,
+        "" if running is None else f", train {task.metric} {running:.1f}",  # none: a detector's
         "" if score is None else f", validation {task.metric} {score:.2f}",
     )
     if score is not None and run.better * score > run.best["score"]:
@@ -356,5 +358,9 @@ def _validate(model: nn.Module, data: Data, device: str) -> float:
 
 
 def _task_loss(model, inputs, targets, task, label_smoothing: float):
-    output = task.output(model(inputs))
-    return task.loss(output, targets, label_smoothing), output
+    return task.train_loss(model, inputs, targets, label_smoothing)
+
+
+def _detached(output):
+    """A batch's output for the running metric: a float tensor, or a detector's dicts."""
+    return output.detach().float() if isinstance(output, torch.Tensor) else output

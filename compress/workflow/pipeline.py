@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 
 import compress.stages  # noqa: F401  (importing the package registers every stage)
 from compress.core import distributed
-from compress.core.errors import RunDirError
+from compress.core.errors import CompressError, RunDirError, UsageError
 from compress.core.memory import memory_guard
 from compress.core.registry import STAGES, StageContext
 from compress.core.storage import write_atomic
@@ -91,11 +92,13 @@ def run(
         report.run_dir = run_dir
         return report
     except Exception as error:
-        # The run's log says why it ended; stderr gets it once, from the CLI.
+        # The run's log says why it ended (with the traceback of an error compress did not
+        # foresee, for its bug report); stderr gets one line, from the CLI.
         if handler is not None:
             why = (type(error).__name__, error)
+            trace = None if isinstance(error, (CompressError, UsageError)) else sys.exc_info()
             handler.handle(
-                log.makeRecord(log.name, logging.ERROR, "", 0, "run failed: %s: %s", why, None)
+                log.makeRecord(log.name, logging.ERROR, "", 0, "run failed: %s: %s", why, trace)
             )
         raise
     finally:

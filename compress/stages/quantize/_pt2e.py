@@ -139,7 +139,7 @@ class QuantizedModel(nn.Module):
         bucket = 1 << (n - 1).bit_length()
         if bucket != n:
             x = torch.cat([x, x.new_zeros(bucket - n, *x.shape[1:])])
-        return self._run(x)[:n]
+        return _first_rows(self._run(x), n)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if not self._compile:
@@ -423,7 +423,11 @@ def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
         ):
             if i >= batches:
                 break
-            prepared(images)
+            # A part's batch can exceed what the graph takes (a detector's box head sees
+            # every proposal of every image): its rows are observed a chunk at a time.
+            large = isinstance(images, torch.Tensor) and images.shape[0] > MAX_BATCH
+            for chunk in images.split(MAX_BATCH) if large else [images]:
+                prepared(chunk)
     distributed.broadcast_state(prepared)
 
 
@@ -461,3 +465,15 @@ def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
             owner_name, _, attr = name.rpartition(".")
             owner = graph_module.get_submodule(owner_name) if owner_name else graph_module
             delattr(owner, attr)
+
+
+def _first_rows(output, n: int):
+    """The first ``n`` rows of an output padded to its batch bucket: a tensor, or the
+    tensors of a dict, list or tuple (a detector's backbone gives a dict of feature maps)."""
+    if isinstance(output, torch.Tensor):
+        return output[:n]
+    if isinstance(output, dict):
+        return type(output)((k, _first_rows(v, n)) for k, v in output.items())
+    if isinstance(output, (list, tuple)):
+        return type(output)(_first_rows(v, n) for v in output)
+    return output

@@ -1,0 +1,160 @@
+"""The detection task: COCO mAP from pycocotools, its paired interval, torchvision's
+detectors built for the data, and a detector trained on real Fashion-MNIST scenes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compress.core.errors import TaskError
+from compress.data import build_data
+from compress.measure.scores import metrics
+from compress.models.build import build_model
+from compress.spec.detection import _Matches
+from compress.spec.tasks import get_task
+from compress.training.train import train
+
+pytest.importorskip("pycocotools")
+TASK = get_task("detection")
+
+
+def _truth(*boxes, label=1):
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "labels": torch.full((len(boxes),), label),
+    }
+
+
+def _found(boxes, scores, labels):
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "labels": torch.tensor(labels),
+    }
+
+
+def test_map_of_a_hand_made_case():
+    """Two images with one garment each: found exactly in one, missed in the other. COCO's
+    precision is 1 up to recall 0.5 and 0 beyond: 51 of its 101 recall points, at every IoU
+    threshold; finding both gives 100."""
+    truth = [_truth([10, 10, 30, 40]), _truth([5, 5, 25, 25])]
+    one = [_found([[10, 10, 30, 40]], [0.9], [1]), _found([], [], [])]
+    both = [_found([[10, 10, 30, 40]], [0.9], [1]), _found([[5, 5, 25, 25]], [0.8], [1])]
+    assert TASK.summarize(TASK.scores(one, truth))["mAP"] == pytest.approx(100 * 51 / 101)
+    assert TASK.summarize(TASK.scores(both, truth)) == pytest.approx(
+        {"mAP": 100.0, "mAP@.5": 100.0, "mAP@.75": 100.0}
+    )
+    wrong_class = [_found([[10, 10, 30, 40]], [0.9], [2]), _found([[5, 5, 25, 25]], [0.8], [1])]
+    assert TASK.summarize(TASK.scores(wrong_class, truth))["mAP"] == pytest.approx(100 * 51 / 101)
+    # A half-overlapping box (IoU 1/3) misses at every threshold; ranked first, it halves
+    # the precision at which the other garment is found: 0.5 up to recall 0.5.
+    loose = [_found([[20, 10, 40, 40]], [0.9], [1]), _found([[5, 5, 25, 25]], [0.8], [1])]
+    assert TASK.summarize(TASK.scores(loose, truth))["mAP"] == pytest.approx(50 * 51 / 101)
+
+
+def _random_rows(images: int, noise: float, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    truth, found = [], []
+    for _ in range(images):
+        count = int(torch.randint(1, 4, (1,), generator=generator))
+        corner = torch.rand(count, 2, generator=generator) * 40
+        boxes = torch.cat([corner, corner + 8 + torch.rand(count, 2, generator=generator) * 20], 1)
+        labels = torch.randint(1, 5, (count,), generator=generator)
+        truth.append({"boxes": boxes, "labels": labels})
+        pick = torch.randint(0, count, (12,), generator=generator)
+        found.append(
+            {
+                "boxes": boxes[pick] + torch.randn(12, 4, generator=generator) * noise,
+                "labels": torch.where(torch.rand(12, generator=generator) < 0.8, labels[pick], 1),
+                "scores": torch.rand(12, generator=generator),
+            }
+        )
+    return truth, found
+
+
+def test_resampled_map_is_pycocotools_at_unit_weights():
+    """The bootstrap's re-accumulation of COCO matches gives pycocotools' own mAP when every
+    image is drawn once, and a different one when some are not."""
+    truth, found = _random_rows(60, noise=2.0, seed=0)
+    rows = TASK.scores(found, truth)
+    matches = _Matches(rows)
+    expected = TASK.summarize(rows)["mAP"]
+    assert 5 < expected < 95
+    assert matches.mean_ap(np.ones((1, 60)))[0] == pytest.approx(expected, abs=1e-9)
+    half = np.r_[np.ones(30), np.zeros(30)][None]
+    assert matches.mean_ap(half)[0] == pytest.approx(TASK.summarize(rows[:30])["mAP"], abs=1e-9)
+
+
+def test_drop_pairs_images_and_its_interval_holds_the_point():
+    truth, found = _random_rows(80, noise=1.0, seed=1)
+    worse = [{**f, "boxes": f["boxes"] + torch.randn_like(f["boxes"]) * 4} for f in found]
+    base, mine = TASK.scores(found, truth), TASK.scores(worse, truth)
+    same = TASK.drop(base, base)
+    assert same.points == 0.0 and same.interval == (0.0, 0.0)
+    drop = TASK.drop(base, mine)
+    expected = TASK.summarize(base)["mAP"] - TASK.summarize(mine)["mAP"]
+    assert drop.points == pytest.approx(expected, abs=1e-9) and drop.points > 0
+    assert drop.interval[0] < drop.points < drop.interval[1] and drop.metric == "mAP"
+    with pytest.raises(TaskError, match="different images"):
+        TASK.drop(base, TASK.scores(found[:40] * 2, truth[40:] * 2))
+
+
+def test_a_detector_without_targets_or_loss_is_one_line():
+    with pytest.raises(TaskError, match="one dict of boxes, labels and scores"):
+        TASK.output(torch.zeros(2, 10))
+    with pytest.raises(TaskError, match="one target dict per image"):
+        TASK.scores([_found([], [], [])], [])
+    with pytest.raises(TaskError, match="loss dict"):
+        TASK.train_loss(lambda images, targets: images, torch.zeros(1), [])
+
+
+@pytest.mark.parametrize(
+    "name", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+)
+def test_torchvision_detectors_are_built_for_the_data(name):
+    """Grey images, 11 classes with background, the data's own normalisation, the input
+    side the recipe asks for: no weights fetched."""
+    model = build_model({"name": name, "kwargs": {"image_size": 96}}, num_classes=11, in_channels=1)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1 and model.transform.min_size == (96,)
+    assert model.transform.image_mean == [0.0] and model.transform.image_std == [1.0]
+    with torch.no_grad():
+        found = TASK.output(model.eval()(torch.randn(2, 1, 64, 64)))
+    assert len(found) == 2 and found[0]["boxes"].shape[1] == 4
+    assert int(found[0]["labels"].max()) <= 10  # boxes in the input's own pixels
+    assert float(found[0]["boxes"].max()) <= 64.0
+
+
+@pytest.fixture(scope="module")
+def boxes(scenes_folder):
+    """The session's real scenes (600 train, 200 test) with their boxes, as detection data."""
+    config = {"name": "fashion_mnist_boxes", "root": str(scenes_folder), "batch_size": 16}
+    return build_data({**config, "calibration_size": 40, "test_subset": 32, "eval_batch_size": 16})
+
+
+def test_ssdlite_learns_on_real_scenes(boxes):
+    """A few steps of the detector's own loss on real scenes lower it on a fixed batch, and
+    the evaluator scores the result in COCO mAP; augmentation that would move boxes is
+    refused in one line."""
+    torch.manual_seed(0)
+    model = build_model(
+        {"name": "ssdlite320_mobilenet_v3_large", "kwargs": {"image_size": 64}}, data=boxes
+    )
+    images, targets = next(iter(boxes.loader("test")))
+    assert images.shape == (16, 1, 64, 64) and isinstance(targets, list)
+
+    def loss() -> float:
+        model.train()  # a detector gives its losses in training mode alone
+        with torch.no_grad():
+            value = float(TASK.train_loss(model, images, targets)[0])
+        model.eval()
+        return value
+
+    before = loss()
+    train(model, boxes, {"epochs": 0, "max_steps": 25, "lr": 0.02, "augment": "none"})
+    assert loss() < 0.8 * before
+    figures = metrics(model, boxes)
+    assert set(figures) == {"mAP", "mAP@.5", "mAP@.75"} and 0.0 <= figures["mAP"] <= 100.0
+    with pytest.raises(TaskError, match="task detection: its targets would have to move"):
+        train(model, boxes, {"epochs": 0, "max_steps": 1, "augment": "flip"})

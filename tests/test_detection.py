@@ -9,10 +9,13 @@ import torch
 
 from compress.core.errors import TaskError
 from compress.data import build_data
+from compress.measure.evaluate import evaluate
 from compress.measure.scores import metrics
 from compress.models.build import build_model
+from compress.models.detector import DetectorNetwork, SplitDetector, head_outputs
 from compress.spec.detection import _Matches
 from compress.spec.tasks import get_task
+from compress.stages.prune import PruneConfig, prune
 from compress.training.train import train
 
 pytest.importorskip("pycocotools")
@@ -158,3 +161,59 @@ def test_ssdlite_learns_on_real_scenes(boxes):
     assert set(figures) == {"mAP", "mAP@.5", "mAP@.75"} and 0.0 <= figures["mAP"] <= 100.0
     with pytest.raises(TaskError, match="task detection: its targets would have to move"):
         train(model, boxes, {"epochs": 0, "max_steps": 1, "augment": "flip"})
+
+
+def test_the_split_detector_is_the_detector():
+    """Backbone and head as one network, anchors and NMS around it: the same detections."""
+    torch.manual_seed(0)
+    model = build_model(
+        {"name": "ssdlite320_mobilenet_v3_large", "kwargs": {"image_size": 96}},
+        num_classes=11,
+        in_channels=1,
+    ).eval()
+    for parameter in model.head.parameters():  # scores away from uniform: NMS has work
+        parameter.data.normal_(0, 0.05)
+    images = torch.randn(2, 1, 64, 64)
+    split = SplitDetector(model)
+    with torch.no_grad():
+        expected, found = model(images), split(images)
+        rows = DetectorNetwork(model)(split.resized(images))
+    assert rows.shape[0] == 2 and rows.shape[2] == 4 + 11  # anchors' boxes, then classes
+    for mine, theirs in zip(found, expected, strict=True):
+        assert torch.equal(mine["labels"], theirs["labels"])
+        assert torch.allclose(mine["boxes"], theirs["boxes"]) and len(mine["boxes"]) > 10
+
+
+@pytest.mark.slow  # exports to ONNX Runtime
+def test_a_detector_is_measured_network_alone_and_end_to_end(boxes):
+    """ONNX Runtime runs the network; the evaluator times it alone and with the detector's
+    own pre- and post-processing in torch, and scores the runtime's detections in mAP."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = build_model(
+        {"name": "ssdlite320_mobilenet_v3_large", "kwargs": {"image_size": 64}}, data=boxes
+    )
+    config = {"runtimes": ["torch", "onnxruntime"], "warmup": 2, "iterations": 5, "profile": False}
+    result = evaluate(model.eval(), boxes, config)
+    for runtime in ("torch", "onnxruntime"):
+        row = result.runtimes[runtime]
+        assert 0 < row["network_p50_ms"] < row["latency_ms"].p50
+    assert result.runtimes["onnxruntime"]["score"] == pytest.approx(result.score, abs=0.5)
+    assert any("network alone / end to end" in note for note in result.notes)
+
+
+def test_structured_pruning_keeps_the_heads_outputs(boxes):
+    """Backbone and head channels pruned through the network; the head's outputs (classes
+    and boxes per anchor) keep their counts, so the detector still detects."""
+    torch.manual_seed(0)
+    model = build_model(
+        {"name": "ssdlite320_mobilenet_v3_large", "kwargs": {"image_size": 64}}, data=boxes
+    ).eval()
+    kept = {name: model.get_submodule(name).out_channels for name in head_outputs(model)}
+    before = sum(p.numel() for p in model.parameters())
+    pruned = prune(model, boxes, PruneConfig(method="structured", ratio=0.5))
+    assert {name: pruned.get_submodule(name).out_channels for name in kept} == kept
+    assert sum(p.numel() for p in pruned.parameters()) < 0.4 * before
+    with torch.no_grad():
+        found = pruned.eval()(torch.randn(1, 1, 64, 64))
+    assert found[0]["boxes"].shape[1] == 4 and int(found[0]["labels"].max()) <= 10

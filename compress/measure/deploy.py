@@ -38,10 +38,8 @@ from compress.measure.onnx_rewrite import (
     onnx_precision,
     quantize_biases,
 )
-from compress.models.artifact import (  # exported graphs take the batches saved ones do
-    MAX_BATCH,
-    recorded_input,
-)
+from compress.models.artifact import MAX_BATCH, recorded_input  # the batches saved ones take
+from compress.models.detector import SplitDetector, split_detector
 
 # Where the evaluator can measure a model. ``torch``: the model as ``model(x)`` runs it
 # (eager for float models; INT8 models compile themselves); ``inductor``: a float model
@@ -145,8 +143,12 @@ def deployed(
         >>> ov_model = deployed(int8_model, "openvino", threads=2, example=x)
         >>> ov_model(x).argmax(1)
     """
+    split = split_detector(model)  # a detector's network deploys; NMS and the rest stay torch's
+    if split is not None and runtime != "torch":
+        network = deployed(split.network, runtime, threads, split.resized(example), stem)
+        return SplitDetector(split.detector, network)
     if runtime == "torch":
-        return model
+        return split or model
     if runtime == "inductor":
         return InductorModel(model)
     if runtime not in RUNTIMES:

@@ -30,11 +30,14 @@ from compress.measure.latency import (
     LatencyRatio,
     measure_latency,
     measure_runtimes,
+    network_note,
     paired_latency_ratio,
+    time_network,
 )
 from compress.measure.profile import count_memory_access, profile_summary
 from compress.measure.scores import example_scores
 from compress.models.build import check_fits_data
+from compress.models.detector import split_detector
 from compress.spec.recipe import EvaluateConfig, as_config
 from compress.spec.tasks import Task, get_task
 
@@ -190,6 +193,10 @@ def _time_runtimes(
         config.iterations,
     )
     runtimes = {"torch": {"latency_ms": latency, "score": score}}
+    split = split_detector(model)
+    if split is not None:  # a detector: its network alone too
+        batch = data.example_input(config.latency_batch_size).to(device)
+        runtimes["torch"]["network_p50_ms"] = time_network(split, batch, config)
     wanted = config.runtimes if config.runtimes is not None else available_runtimes()
     others = [r for r in wanted if r != "torch"]
     modules: dict = {}
@@ -201,6 +208,9 @@ def _time_runtimes(
         )
     elif others:
         notes.append(f"measured in torch on {device} only: {', '.join(others)} run on the CPU")
+    note = network_note(runtimes)
+    if note is not None:
+        notes.append(note)
     candidates = [r for r in runtimes if r in wanted] or ["torch"]
     best = min(candidates, key=lambda r: runtimes[r]["latency_ms"].p50)
     decoding = None

@@ -19,6 +19,7 @@ from compress.core.stats import median_interval
 from compress.data import Data
 from compress.measure.deploy import ExportError, deployed, deployed_files
 from compress.measure.scores import metrics
+from compress.models.detector import SplitDetector
 from compress.spec.recipe import EvaluateConfig, as_config
 from compress.spec.tasks import get_task
 
@@ -157,6 +158,9 @@ def measure_runtimes(
                 row["file"] = file.name if deploy_to is not None else None
                 row["size_bytes"] = sum(f.stat().st_size for f in deployed_files(file))
             rows[runtime] = row
+            network = time_network(module, batch, config)
+            if network is not None:
+                row["network_p50_ms"] = network
             if modules is not None:
                 modules[runtime] = module
             if (
@@ -173,6 +177,30 @@ def measure_runtimes(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return rows
+
+
+def time_network(module: nn.Module, batch: torch.Tensor, config: EvaluateConfig) -> float | None:
+    """A split detector's network alone: its p50 in ms on the batch it takes (the images
+    resized), or None for any other model."""
+    if not isinstance(module, SplitDetector):
+        return None
+    network = module.network
+    return measure_latency(network, module.resized(batch), config.warmup, config.iterations).p50
+
+
+def network_note(runtimes: dict[str, dict]) -> str | None:
+    """What a detector's post-processing costs in each runtime, in words, or None."""
+    pairs = [
+        f"{name} {row['network_p50_ms']:.2f}/{row['latency_ms'].p50:.2f}"
+        for name, row in runtimes.items()
+        if row.get("network_p50_ms") is not None
+    ]
+    if not pairs:
+        return None
+    return (
+        f"network alone / end to end, p50 ms: {', '.join(pairs)} (resizing, anchors, box"
+        " decoding and NMS run in torch after the network, in every runtime)"
+    )
 
 
 def measure_latency(

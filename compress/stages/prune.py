@@ -44,6 +44,7 @@ from compress.data import Data
 from compress.measure.counts import count_flops
 from compress.measure.latency import measure_latency
 from compress.models.artifact import mark_changed, register_architecture_change
+from compress.models.detector import head_outputs, split_detector
 from compress.spec.recipe import TrainConfig
 from compress.spec.tasks import get_task
 from compress.training.train import train
@@ -266,8 +267,7 @@ def _structured(
     model: nn.Module, data: Data, config: PruneConfig, context: StageContext
 ) -> nn.Module:
     original = copy.deepcopy(model)
-    example = data.example_input(1)
-    ignored = ignored_modules(model, config.ignore, example)
+    net, example, ignored = _what_to_prune(model, data, config)
     importance = {
         "l1": lambda: tp.importance.MagnitudeImportance(p=1),
         "l2": lambda: tp.importance.MagnitudeImportance(p=2),
@@ -281,30 +281,30 @@ def _structured(
     # torch-pruning caps layers at max_pruning_ratio in global pruning only: cap here too.
     asked = config.ratio if config.ratio is not None else DEFAULT_RATIO  # set by the config
     ratio = config.max_layer_ratio if searching else min(asked, config.max_layer_ratio)
-    heads = _head_options(model, ratio)
+    heads = _head_options(net, ratio)
     if heads:  # the residual width, tied to the embedding tables, stays
-        ignored += [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        ignored += [n for n, m in net.named_modules() if isinstance(m, nn.Embedding)]
     try:
         pruner = tp.pruner.BasePruner(
-            model,
+            net,
             example,
             importance=importance,
             global_pruning=config.scope == "global",
             pruning_ratio=ratio,
             max_pruning_ratio=config.max_layer_ratio,
             iterative_steps=steps,
-            ignored_layers=[model.get_submodule(n) for n in ignored],
+            ignored_layers=[net.get_submodule(n) for n in ignored],
             round_to=config.round_to,
             **heads,
         )
     except Exception as error:  # noqa: BLE001 - torch-pruning's graph tracing failures
         why = f"cannot build the dependency graph of {type(model).__name__}"
         return _unprunable(original, config, f"torch-pruning {why}: {_graph_failure(error)}")
-    base_flops = count_flops(model, example)
+    base_flops = count_flops(net, example)
     with torch.random.fork_rng():  # random importance draws from the run's seed alone
         torch.manual_seed(context.seed)
         try:
-            reached = _prune_steps(model, data, config, pruner, steps, example, base_flops)
+            reached = _prune_steps(net, data, config, pruner, steps, example, base_flops)
         except (IndexError, KeyError, ValueError, RuntimeError) as error:  # its graph's gaps
             why = f"failed pruning {type(model).__name__}'s coupled layers"
             return _unprunable(original, config, f"torch-pruning {why}: {_graph_failure(error)}")
@@ -312,7 +312,7 @@ def _structured(
     if config.fine_tune.epochs or config.fine_tune.max_steps:
         train(model, data, config.fine_tune, desc="fine-tune", context=context)
     mark_changed(model, "shapes")
-    macs_ratio = count_flops(model, example) / base_flops
+    macs_ratio = count_flops(net, example) / base_flops
     details = {"layers": layer_table(original, model), "macs_ratio": macs_ratio}
     set_traits(model, stage_details=details, notes=[])
     if not searching and asked > config.max_layer_ratio:
@@ -334,6 +334,21 @@ def _structured(
             " the baseline's",
         )
     return model
+
+
+def _what_to_prune(model: nn.Module, data: Data, config: PruneConfig):
+    """The module torch-pruning traces, the input it traces with, and the layers whose
+    output channels stay: the model and its classifier; a detector's network (backbone and
+    head, which share their layers with it) and the head's outputs (classes and boxes per
+    anchor)."""
+    split = split_detector(model)
+    if split is None:
+        example = data.example_input(1)
+        return model, example, ignored_modules(model, config.ignore, example)
+    example = split.resized(data.example_input(1))
+    ignored = matching_modules(model, config.ignore, key="prune.ignore") if config.ignore else []
+    inside = [n for n in ignored if n.split(".")[0] in ("backbone", "head")]  # the network's
+    return split.network, example, sorted({*inside, *head_outputs(model)})
 
 
 def _unprunable(original: nn.Module, config: PruneConfig, message: str) -> nn.Module:

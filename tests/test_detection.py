@@ -217,3 +217,52 @@ def test_structured_pruning_keeps_the_heads_outputs(boxes):
     with torch.no_grad():
         found = pruned.eval()(torch.randn(1, 1, 64, 64))
     assert found[0]["boxes"].shape[1] == 4 and int(found[0]["labels"].max()) <= 10
+
+
+class _CenterDetector(torch.nn.Module):
+    """A user's detector: a small network, then its own data-dependent decoding (a python
+    branch on the scores, a boolean mask, a loop over images) that no tracer follows."""
+
+    def __init__(self, num_classes: int = 11, in_channels: int = 1):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, 16, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+        )
+        self.head = torch.nn.Conv2d(32, num_classes + 4, 1)  # classes, then a box per cell
+
+    def forward(self, images, targets=None):
+        rows = self.head(self.backbone(images))  # (N, classes + 4, h, w)
+        logits, boxes = rows[:, :-4], rows[:, -4:].sigmoid() * images.shape[-1]
+        found = []
+        for image_logits, image_boxes in zip(logits, boxes, strict=True):
+            scores, labels = image_logits.softmax(0)[1:].max(0)
+            keep = scores > 0.05
+            if not keep.any():  # data-dependent: the branch depends on the values
+                keep = scores >= scores.max()
+            corners = image_boxes.permute(1, 2, 0)[keep]
+            corners = torch.cat([corners[:, :2], corners[:, :2] + corners[:, 2:]], 1)
+            found.append({"boxes": corners, "scores": scores[keep], "labels": labels[keep] + 1})
+        return found
+
+
+@pytest.mark.slow  # compiles INT8 kernels
+def test_a_users_detector_with_its_own_control_flow_is_quantized_in_part(boxes):
+    """What traces (its backbone and head) goes INT8; the decoding stays float and is named;
+    the result is scored in mAP like the float model. No traceback anywhere."""
+    from compress.stages.quantize import PartlyQuantizedModel, quantize
+
+    model = _CenterDetector().eval()
+    quantized = quantize(model, boxes, method="int8_static", goal="size", calibration_batches=2)
+    assert isinstance(quantized, PartlyQuantizedModel)
+    assert set(quantized.quantized) == {"backbone", "head"}
+    notes = " ".join(quantized.notes)
+    assert "the whole model does not export" in notes and "Traceback" not in notes
+    images = boxes.example_input(4)
+    with torch.inference_mode():
+        mine, theirs = quantized(images), model(images)
+    assert len(mine) == 4 and all(set(d) == {"boxes", "scores", "labels"} for d in mine)
+    assert abs(metrics(quantized, boxes)["mAP"] - metrics(model, boxes)["mAP"]) < 5.0
+    assert sum(len(d["boxes"]) for d in theirs) > 0

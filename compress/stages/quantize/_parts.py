@@ -133,6 +133,10 @@ def quantize_parts(
                 continue  # asked to stay float, or nothing to quantize
             batches = inputs.get(name)
             failure = "takes other than one tensor" if not batches else None
+            shapes = {tuple(b.shape[1:]) for b in batches or []}
+            if len(shapes) > 1:  # one module run on each feature map (a detector's RPN head)
+                failure = f"called with inputs of {len(shapes)} shapes; its graph takes one"
+                batches = None
             if batches:
                 try:
                     exported = export_model(module, batches[0][:2])

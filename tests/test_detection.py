@@ -3,6 +3,8 @@ detectors built for the data, and a detector trained on real Fashion-MNIST scene
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -266,3 +268,39 @@ def test_a_users_detector_with_its_own_control_flow_is_quantized_in_part(boxes):
     assert len(mine) == 4 and all(set(d) == {"boxes", "scores", "labels"} for d in mine)
     assert abs(metrics(quantized, boxes)["mAP"] - metrics(model, boxes)["mAP"]) < 5.0
     assert sum(len(d["boxes"]) for d in theirs) > 0
+
+
+def test_a_detector_distils_by_its_own_loss_and_backbone_hints(boxes):
+    """Distillation of a detector: its own loss plus hints on each feature map the backbone
+    gives the head (the default pairs). With the hints weighted 0 it is exactly the same
+    steps of its own loss; with the default hints the student ends elsewhere."""
+    from compress.stages.distill import DistillConfig, LayerPair, _detector_hints, distill
+
+    torch.manual_seed(0)
+    teacher = build_model(
+        {"name": "ssdlite320_mobilenet_v3_large", "kwargs": {"image_size": 64}}, data=boxes
+    ).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for parameter in student.backbone.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    hints = _detector_hints(student, teacher)
+    assert [h.student for h in hints][:2] == ["backbone.features.0", "backbone.features.1"]
+    assert len(hints) == 6  # two backbone stages and four extra layers: six feature maps
+    schedule = {"epochs": 0, "max_steps": 5, "lr": 0.01, "augment": "none"}
+    alone = train(copy.deepcopy(student), boxes, schedule)
+    silent = [LayerPair(student="backbone.features.1", teacher="backbone.features.1", weight=0)]
+    unhinted = distill(
+        copy.deepcopy(student),
+        boxes,
+        DistillConfig(train=schedule, features=silent),
+        teacher=teacher,
+    )
+    hinted = distill(student, boxes, DistillConfig(train=schedule), teacher=teacher)
+
+    def weights(model):
+        return torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
+
+    assert torch.allclose(weights(unhinted), weights(alone), atol=1e-6)
+    assert not torch.allclose(weights(hinted), weights(alone), atol=1e-4)
+    assert 0.0 <= metrics(hinted, boxes)["mAP"] <= 100.0

@@ -47,6 +47,7 @@ class Detection(Task):
     metric = "mAP"
     interval_method = "paired bootstrap over test images (COCO matches re-accumulated)"
     augmentable = False  # a crop or flip would have to move the boxes too
+    own_distillation = True  # the detector's loss and backbone hints: NMS'd boxes carry no KL
 
     def collate(self, items: list) -> tuple:
         """Images stacked (a list where their sizes differ), targets a list of dicts."""

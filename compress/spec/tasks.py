@@ -82,6 +82,8 @@ class Task:
     dense = False  # targets are per-pixel masks that move with their images (augmentation)
     images = True  # inputs are images: train.augment (crop, flip, erase) applies
     augmentable = True  # False where augmenting would have to move the targets too (boxes)
+    # Distilled by its own loss plus feature hints (a detector), not by the outputs' KL.
+    own_distillation = False
     collate: Callable | None = None  # a DataLoader's collate_fn; None: torch's default
 
     def train_loss(self, model, inputs, targets, label_smoothing: float = 0.0):

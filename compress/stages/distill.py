@@ -119,15 +119,16 @@ def distill(
         set_traits(student, notes=[], stage_details={})
     device = context.device
     teacher = teacher.to(device).eval()  # runs under no_grad below; its weights untouched
-    pairs = [("features", p) for p in config.features] + [
-        ("attention", p) for p in config.attention
-    ]
+    task = get_task(data.task)
+    hints = config.features or (_detector_hints(student, teacher) if task.own_distillation else [])
+    pairs = [("features", p) for p in hints] + [("attention", p) for p in config.attention]
     example = data.example_input(2)
     wrapped = _StudentWithAdapters(student, teacher, pairs, example, device)
-    task = get_task(data.task)
-    with torch.inference_mode():
-        output_bytes = task.output(teacher(example.to(device)))[0].numel() * 4
-    cached = output_bytes * dataset_length(data.train) <= MAX_CACHED_TEACHER_BYTES
+    cached = False
+    if not task.own_distillation:
+        with torch.inference_mode():
+            output_bytes = task.output(teacher(example.to(device)))[0].numel() * 4
+        cached = output_bytes * dataset_length(data.train) <= MAX_CACHED_TEACHER_BYTES
 
     def kd(output, teacher_output, targets):
         return task.distill_loss(output, teacher_output, targets, config.temperature, config.alpha)
@@ -142,7 +143,13 @@ def distill(
         output = task.output(net(inputs))
         return kd(output, teacher_output, targets) + wrapped.layer_loss(), output
 
-    loss_fn: Callable[..., Any] = from_teacher
+    def hinted(net, inputs, targets, *_):  # a detector: its own loss and the hints
+        with torch.no_grad():
+            teacher(inputs)  # records the teacher's paired layers
+        loss, output = task.train_loss(net, inputs, targets)
+        return loss + wrapped.layer_loss(), output
+
+    loss_fn: Callable[..., Any] = hinted if task.own_distillation else from_teacher
     if not pairs and config.cache_teacher and config.train.augment == "none" and cached:
         # The teacher's outputs, once: every later epoch costs the student alone.
         data = dataclasses.replace(
@@ -155,6 +162,20 @@ def distill(
     finally:  # the teacher (often the caller's baseline) keeps no hooks of ours
         wrapped.remove_hooks()
     return student.eval()
+
+
+def _detector_hints(student: nn.Module, teacher: nn.Module) -> list[LayerPair]:
+    """A detector's default hints: each feature map its backbone gives the head (the
+    backbone's stages and extra layers of an SSD), where both models have it."""
+    mine, theirs = dict(student.named_modules()), dict(teacher.named_modules())
+    names = [
+        f"backbone.{group}.{child}"
+        for group in ("features", "extra")
+        for child, _ in getattr(
+            getattr(teacher, "backbone", None), group, nn.Sequential()
+        ).named_children()
+    ]
+    return [LayerPair(student=n, teacher=n) for n in names if n in mine and n in theirs]
 
 
 class _StudentWithAdapters(nn.Module):
@@ -213,8 +234,8 @@ class _StudentWithAdapters(nn.Module):
 
         return hook
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.student(images)
+    def forward(self, *inputs):  # a detector in training takes (images, targets)
+        return self.student(*inputs)
 
     def layer_loss(self) -> torch.Tensor | float:
         """The weighted hint and attention losses of the last forward pass."""

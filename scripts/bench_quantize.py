@@ -22,9 +22,11 @@ batch size, with the ratios the issues set targets on.
 With ``--run RUN_DIR`` the contenders are a finished run's: its baseline (the recipe's
 shipped reference, trained weights) in every runtime, the peers' INT8 of that baseline
 calibrated on the recipe's real calibration split, and the run's final model (``chain_*``:
-whatever its stages made, e.g. prune -> distill -> INT8) exported to each runtime:
+whatever its stages made, e.g. prune -> distill -> INT8) exported to each runtime; for a
+detector, its network alone and end to end (the ``_e2e`` figures):
 
     python scripts/bench_quantize.py --run runs/experiments/<stamp>/seg_full --batch-sizes 1
+    python scripts/bench_quantize.py --run runs/det_full --batch-sizes 1
 """
 
 from __future__ import annotations
@@ -116,8 +118,12 @@ def _rounds(contenders: dict, batch: torch.Tensor, args) -> dict[str, list[float
 
 
 def _bench_run(args, threads: int) -> None:
-    """A finished run's final model against the peers' INT8 of its own baseline."""
+    """A finished run's final model against the peers' INT8 of its own baseline. A
+    detector's network (backbone and head) is what every toolkit quantizes and every runtime
+    runs; each is timed alone and end to end, inside the detector's own resizing, anchors
+    and NMS in torch (``*_e2e_p50_ms``)."""
     from compress.models.artifact import load
+    from compress.models.detector import SplitDetector, split_detector
     from compress.spec.recipe import load_recipe
     from compress.workflow.baseline import baseline_model
 
@@ -125,54 +131,79 @@ def _bench_run(args, threads: int) -> None:
     data = build_data(recipe.data, seed=recipe.seed)
     baseline = baseline_model(recipe, data, "cpu").cpu().eval()
     chain = load(args.run / "model")
+    splits = {"fp32": split_detector(baseline), "chain": split_detector(chain)}
+    split = splits["fp32"]
+
+    def network_input(images: torch.Tensor) -> torch.Tensor:
+        return split.resized(images) if split is not None else images
+
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{recipe.name}-"))
-    example = data.example_input(2)
-    calibration = [batch[0] for batch in data.loader("calibration")][:CALIBRATION_BATCHES]
-    fp32_onnx = export(baseline, folder / "fp32.onnx", "onnx", example)
-    export(baseline, folder / "fp32.xml", "openvino", example)
+    example = network_input(data.example_input(2))
+    calibration = [network_input(batch[0]) for batch in data.loader("calibration")]
+    calibration = calibration[:CALIBRATION_BATCHES]
+    models = {"fp32": baseline, "chain": chain}
+    networks = {k: splits[k].network if splits[k] is not None else models[k] for k in models}
+    fp32_onnx = export(networks["fp32"], folder / "fp32.onnx", "onnx", example)
+    export(networks["fp32"], folder / "fp32.xml", "openvino", example)
     contenders = {
-        "fp32_inductor": InductorModel(baseline),
+        "fp32_inductor": InductorModel(networks["fp32"]),
         "fp32_ort": OnnxRuntimeModel(fp32_onnx, threads),
         "fp32_ov": OpenVinoModel(folder / "fp32.xml", threads),
         "ort_int8": OnnxRuntimeModel(_ort_quantize_static(fp32_onnx, calibration), threads),
         "nncf_ov_int8": OpenVinoModel(_nncf_quantize(folder / "fp32.xml", calibration), threads),
-        "chain_torch": chain,
+        "chain_torch": networks["chain"],
     }
     for runtime, suffix, kind in (("ort", "onnx", OnnxRuntimeModel), ("ov", "xml", OpenVinoModel)):
         try:
-            contenders[f"chain_{runtime}"] = kind(
-                export(
-                    chain,
-                    folder / f"chain.{suffix}",
-                    "onnx" if suffix == "onnx" else "openvino",
-                    example,
-                ),
-                threads,
+            file = folder / f"chain.{suffix}"
+            file = export(
+                networks["chain"], file, "onnx" if suffix == "onnx" else "openvino", example
             )
+            contenders[f"chain_{runtime}"] = kind(file, threads)
         except Exception as error:  # noqa: BLE001 - a chain a runtime cannot take: said, not fatal
             print(f"chain in {runtime}: not exported ({str(error)[:120]})", file=sys.stderr)
     for batch_size in args.batch_sizes:
+        images = data.example_input(batch_size)
         ms = {
             k: statistics.median(v)
-            for k, v in _rounds(contenders, data.example_input(batch_size), args).items()
+            for k, v in _rounds(contenders, network_input(images), args).items()
         }
-        best = {p: min((k for k in ms if k.startswith(p)), key=ms.get) for p in ("fp32_", "chain_")}
-        peer = min(("ort_int8", "nncf_ov_int8"), key=ms.get)
-        row = {
-            "run": str(args.run),
-            "recipe": recipe.name,
-            "batch_size": batch_size,
-            "threads": threads,
-            "rounds": args.rounds,
-            **{f"{k}_p50_ms": round(v, 3) for k, v in ms.items()},
-            "best_fp32": best["fp32_"],
-            "best_chain": best["chain_"],
-            "best_peer": peer,
-            "chain_vs_best_fp32": round(ms[best["chain_"]] / ms[best["fp32_"]], 3),
-            "best_peer_vs_chain": round(ms[peer] / ms[best["chain_"]], 3),  # x faster than the peer
-            "best_peer_vs_best_fp32": round(ms[peer] / ms[best["fp32_"]], 3),
+        if split is not None:  # the same networks inside each detector's own processing
+            whole = {
+                k: SplitDetector(splits["chain" if k.startswith("chain") else "fp32"].detector, m)
+                for k, m in contenders.items()
+            }
+            e2e = {k: statistics.median(v) for k, v in _rounds(whole, images, args).items()}
+            ms |= {f"{k}_e2e": v for k, v in e2e.items()}
+        print(json.dumps(_run_row(args, recipe.name, batch_size, threads, ms)), flush=True)
+
+
+def _run_row(args, recipe: str, batch_size: int, threads: int, ms: dict) -> dict:
+    """One JSON line: every p50, and the ratios of each best (end to end where timed)."""
+    row = {
+        "run": str(args.run),
+        "recipe": recipe,
+        "batch_size": batch_size,
+        "threads": threads,
+        "rounds": args.rounds,
+        **{f"{k}_p50_ms": round(v, 3) for k, v in ms.items()},
+    }
+    for suffix in ("", "_e2e") if any(k.endswith("_e2e") for k in ms) else ("",):
+        mine = {k: v for k, v in ms.items() if k.endswith("_e2e") == (suffix == "_e2e")}
+        best = {
+            p: min((k for k in mine if k.startswith(p)), key=mine.get) for p in ("fp32_", "chain_")
         }
-        print(json.dumps(row), flush=True)
+        peer = min((f"ort_int8{suffix}", f"nncf_ov_int8{suffix}"), key=mine.get)
+        row |= {
+            f"best_fp32{suffix}": best["fp32_"],
+            f"best_chain{suffix}": best["chain_"],
+            f"best_peer{suffix}": peer,
+            f"chain_vs_best_fp32{suffix}": round(mine[best["chain_"]] / mine[best["fp32_"]], 3),
+            # x faster than the peer
+            f"best_peer_vs_chain{suffix}": round(mine[peer] / mine[best["chain_"]], 3),
+            f"best_peer_vs_best_fp32{suffix}": round(mine[peer] / mine[best["fp32_"]], 3),
+        }
+    return row
 
 
 def _contenders(name, data, calibration, folder: Path, threads: int) -> dict:

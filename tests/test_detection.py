@@ -101,6 +101,8 @@ def test_drop_pairs_images_and_its_interval_holds_the_point():
     expected = TASK.summarize(base)["mAP"] - TASK.summarize(mine)["mAP"]
     assert drop.points == pytest.approx(expected, abs=1e-9) and drop.points > 0
     assert drop.interval[0] < drop.points < drop.interval[1] and drop.metric == "mAP"
+    fewer = [{k: v[: len(v) // 2] for k, v in f.items()} for f in found]  # its own count
+    assert TASK.drop(base, TASK.scores(fewer, truth)).points > 0
     with pytest.raises(TaskError, match="different images"):
         TASK.drop(base, TASK.scores(found[:40] * 2, truth[40:] * 2))
 
@@ -179,11 +181,15 @@ def test_the_split_detector_is_the_detector():
     split = SplitDetector(model)
     with torch.no_grad():
         expected, found = model(images), split(images)
+        expected_one = model(images[1:])  # batch 1 rounds a little otherwise: not batch 2's
         rows = DetectorNetwork(model)(split.resized(images))
+        # Again (the anchors kept from the first call), and at another batch shape.
+        again, one = split(images), split(images[1:])
     assert rows.shape[0] == 2 and rows.shape[2] == 4 + 11  # anchors' boxes, then classes
-    for mine, theirs in zip(found, expected, strict=True):
+    for mine, theirs in zip(found + again + one, expected + expected + expected_one, strict=True):
         assert torch.equal(mine["labels"], theirs["labels"])
         assert torch.allclose(mine["boxes"], theirs["boxes"]) and len(mine["boxes"]) > 10
+    assert len(split._anchors) == 2
 
 
 @pytest.mark.slow  # exports to ONNX Runtime
@@ -253,15 +259,21 @@ class _CenterDetector(torch.nn.Module):
 @pytest.mark.slow  # compiles INT8 kernels
 def test_a_users_detector_with_its_own_control_flow_is_quantized_in_part(boxes):
     """What traces (its backbone and head) goes INT8; the decoding stays float and is named;
-    the result is scored in mAP like the float model. No traceback anywhere."""
+    the result is scored in mAP like the float model, the accuracy-aware fallback's drop
+    too. No traceback anywhere."""
+    from compress.core.traits import traits
     from compress.stages.quantize import PartlyQuantizedModel, quantize
 
     model = _CenterDetector().eval()
-    quantized = quantize(model, boxes, method="int8_static", goal="size", calibration_batches=2)
+    quantized = quantize(
+        model, boxes, method="int8_static", goal="size", calibration_batches=2, max_accuracy_drop=50
+    )
     assert isinstance(quantized, PartlyQuantizedModel)
     assert set(quantized.quantized) == {"backbone", "head"}
-    notes = " ".join(quantized.notes)
+    notes = " ".join(traits(quantized).notes)
     assert "the whole model does not export" in notes and "Traceback" not in notes
+    (step,) = traits(quantized).details["fallback_steps"]  # within 50 points at once
+    assert step["kept_float"] == [] and abs(step["drop"]) < 50.0
     images = boxes.example_input(4)
     with torch.inference_mode():
         mine, theirs = quantized(images), model(images)

@@ -555,3 +555,14 @@ def test_the_shipped_gpt_is_every_gpt_recipes_baseline_and_scores_its_record():
     loss = metrics(model, build_data(recipes[0].data))["loss"]
     assert loss == pytest.approx(record["test_loss"], abs=0.0005)
     assert loss <= 1.75
+
+
+@pytest.mark.slow  # SSDlite on the 2,000 test scenes and pycocotools' evaluation: ~30 s
+def test_the_shipped_detector_is_every_det_recipes_baseline_and_scores_its_record():
+    """Both detection recipes rest on one shipped reference, and its weights still score
+    the test mAP@[.5:.95] that references.json (and so README and docs) quote."""
+    recipes = [load_recipe(path) for path in sorted(Path("recipes").glob("det_*.yaml"))]
+    assert len(recipes) >= 2 and all(r.data.name == "fashion_mnist_boxes" for r in recipes)
+    model, record = _shipped_reference(recipes)
+    mean_ap = metrics(model, build_data(recipes[0].data))["mAP"]
+    assert mean_ap == pytest.approx(record["test_map"], abs=0.005)

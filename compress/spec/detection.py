@@ -139,8 +139,9 @@ class Detection(Task):
         """Points of mAP lost, paired image by image: every resample weights both models'
         matched detections with the same image counts."""
         baseline, model = np.asarray(baseline, np.float64), np.asarray(model, np.float64)
-        truth = slice(0, 2 + MAX_OBJECTS * _BOX)
-        if baseline.shape != model.shape or not np.array_equal(baseline[:, truth], model[:, truth]):
+        truth = [0, *range(2, 2 + MAX_OBJECTS * _BOX)]  # box count and boxes; not column 1,
+        same = baseline.shape == model.shape  # the detection count, which is each model's own
+        if not same or not np.array_equal(baseline[:, truth], model[:, truth]):
             raise TaskError("task detection: the two models were scored on different images")
         theirs, mine = _Matches(baseline), _Matches(model)
         drop = stats.bootstrap_drops(

@@ -118,24 +118,32 @@ def _describe(steps: list[dict], chosen: dict, target: float) -> str:
 
 def _score(model: nn.Module, data: Data, reference: nn.Module | None = None):
     """The task's metric of ``model`` on the calibration split, and the SQNR (dB) of its
-    outputs against the float ``reference``'s (None without one), batch by batch: a
-    segmenter's outputs for the whole split need not fit in memory."""
+    outputs against the float ``reference``'s (None without one; NaN where the outputs are
+    not one tensor, a detector's boxes), batch by batch: a segmenter's outputs for the whole
+    split need not fit in memory."""
     task = get_task(data.task)
     model = traits(model).reference
     rows, signal, noise = [], 0.0, 0.0
     with torch.inference_mode():
         for batch in data.loader("calibration"):
             inputs, targets, _ = task.split(batch)
-            output = task.output(model(inputs)).float()
+            output = _as_float(task.output(model(inputs)))
             rows.append(task.scores(output, targets))
             if reference is not None:
-                expected = task.output(reference(inputs)).float()
+                expected = _as_float(task.output(reference(inputs)))
+                if not isinstance(output, torch.Tensor):
+                    signal = noise = math.nan
+                    continue
                 signal += expected.pow(2).sum().item()
                 noise += (expected - output).pow(2).sum().item()
     score = task.summarize(np.concatenate(rows))[task.metric]
     if reference is None:
         return score, None
     return score, math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def _as_float(output):
+    return output.float() if isinstance(output, torch.Tensor) else output
 
 
 def _drop(float_score: float, score: float, data: Data) -> float:

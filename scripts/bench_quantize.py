@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import statistics
@@ -139,8 +140,8 @@ def _bench_run(args, threads: int) -> None:
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{recipe.name}-"))
     example = network_input(data.example_input(2))
-    calibration = [network_input(batch[0]) for batch in data.loader("calibration")]
-    calibration = calibration[:CALIBRATION_BATCHES]
+    batches = itertools.islice(data.loader("calibration"), CALIBRATION_BATCHES)
+    calibration = [network_input(images) for images, _ in batches]
     models = {"fp32": baseline, "chain": chain}
     networks = {k: splits[k].network if splits[k] is not None else models[k] for k in models}
     fp32_onnx = export(networks["fp32"], folder / "fp32.onnx", "onnx", example)

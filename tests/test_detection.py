@@ -168,8 +168,10 @@ def test_ssdlite_learns_on_real_scenes(boxes):
 
 
 def test_the_split_detector_is_the_detector():
-    """Backbone and head as one network, anchors and NMS around it: the same detections."""
+    """Backbone and head as one network, anchors and NMS (compress's whole-tensor
+    post-processing) around it: the same detections; torch's threads as they were."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     model = build_model(
         {"name": "ssdlite320_mobilenet_v3_large", "kwargs": {"image_size": 96}},
         num_classes=11,
@@ -187,9 +189,16 @@ def test_the_split_detector_is_the_detector():
         again, one = split(images), split(images[1:])
     assert rows.shape[0] == 2 and rows.shape[2] == 4 + 11  # anchors' boxes, then classes
     for mine, theirs in zip(found + again + one, expected + expected + expected_one, strict=True):
-        assert torch.equal(mine["labels"], theirs["labels"])
-        assert torch.allclose(mine["boxes"], theirs["boxes"]) and len(mine["boxes"]) > 10
-    assert len(split._anchors) == 2
+        assert len(mine["boxes"]) > 10
+        # Equal scores may come in either order (a random head ties many): as sets.
+        assert torch.allclose(_detection_rows(mine), _detection_rows(theirs), atol=1e-4)
+    assert len(split._anchors) == 2 and torch.get_num_threads() == threads
+
+
+def _detection_rows(found: dict) -> torch.Tensor:
+    """An image's detections as rows (score, label, box), sorted: comparable as a set."""
+    rows = torch.cat([found["scores"][:, None], found["labels"][:, None], found["boxes"]], 1)
+    return torch.tensor(sorted(rows.round(decimals=4).tolist()))
 
 
 @pytest.mark.slow  # exports to ONNX Runtime
@@ -316,3 +325,45 @@ def test_a_detector_distils_by_its_own_loss_and_backbone_hints(boxes):
     assert torch.allclose(weights(unhinted), weights(alone), atol=1e-6)
     assert not torch.allclose(weights(hinted), weights(alone), atol=1e-4)
     assert 0.0 <= metrics(hinted, boxes)["mAP"] <= 100.0
+
+
+@pytest.mark.slow  # compiles INT8 kernels
+def test_faster_rcnn_is_pruned_in_its_backbone_and_quantized_in_part(boxes, tmp_path):
+    """Faster R-CNN's heads (proposals, ROI pooling) do not trace: structured pruning prunes
+    its backbone with the pyramid's levels kept at the width its heads expect, and INT8
+    quantizes what traces and names what stays float; the result still detects, and saved
+    and loaded (its INT8 backbone returns named feature maps) detects the same."""
+    from compress.core.traits import traits
+    from compress.models.artifact import load, save
+    from compress.stages.quantize import PartlyQuantizedModel, quantize
+
+    torch.manual_seed(0)
+    size = {"min_size": 64, "max_size": 64}  # the scenes' own size: no resizing
+    model = build_model(
+        {"name": "fasterrcnn_mobilenet_v3_large_320_fpn", "kwargs": size}, data=boxes
+    ).eval()
+    pruned = prune(copy.deepcopy(model), boxes, method="structured", target_macs=0.6)
+    levels = [m for n, m in pruned.backbone.fpn.named_modules() if n.startswith("layer_blocks")]
+    widths = {m.out_channels for m in levels if isinstance(m, torch.nn.Conv2d)}
+    assert widths == {model.backbone.out_channels}
+    body = [
+        m.out_channels for m in pruned.backbone.body.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    original = [
+        m.out_channels for m in model.backbone.body.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    assert sum(body) < 0.9 * sum(original)
+    quantized = quantize(model, boxes, method="int8_static", goal="size", calibration_batches=2)
+    assert isinstance(quantized, PartlyQuantizedModel) and "backbone" in quantized.quantized
+    notes = " ".join(traits(quantized).notes)
+    assert "the whole model does not export" in notes and "left in float" in notes
+    images = boxes.example_input(2)
+    save(quantized, tmp_path / "int8")
+    with torch.inference_mode():
+        for detections in (pruned(list(images)), quantized(images)):
+            assert len(detections) == 2 and all(
+                set(d) == {"boxes", "scores", "labels"} for d in detections
+            )
+        for mine, theirs in zip(load(tmp_path / "int8")(images), quantized(images), strict=True):
+            assert torch.equal(mine["labels"], theirs["labels"])
+            assert torch.allclose(mine["boxes"], theirs["boxes"])

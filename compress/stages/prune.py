@@ -27,7 +27,7 @@ import logging
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch_pruning as tp
@@ -44,7 +44,7 @@ from compress.data import Data
 from compress.measure.counts import count_flops
 from compress.measure.latency import measure_latency
 from compress.models.artifact import mark_changed, register_architecture_change
-from compress.models.detector import head_outputs, split_detector
+from compress.models.detector import head_outputs, pyramid_backbone, split_detector
 from compress.spec.recipe import TrainConfig
 from compress.spec.tasks import get_task
 from compress.training.train import train
@@ -338,15 +338,22 @@ def _structured(
 
 def _what_to_prune(model: nn.Module, data: Data, config: PruneConfig):
     """The module torch-pruning traces, the input it traces with, and the layers whose
-    output channels stay: the model and its classifier; a detector's network (backbone and
+    output channels stay: the model and its classifier; an SSD's network (backbone and
     head, which share their layers with it) and the head's outputs (classes and boxes per
-    anchor)."""
-    split = split_detector(model)
-    if split is None:
+    anchor); a pyramid detector's backbone (R-CNN's heads do not trace: proposals, ROI
+    pooling) and the pyramid's levels."""
+    split, pyramid = split_detector(model), pyramid_backbone(model)
+    if split is None and pyramid is None:
         example = data.example_input(1)
         return model, example, ignored_modules(model, config.ignore, example)
-    example = split.resized(data.example_input(1))
     ignored = matching_modules(model, config.ignore, key="prune.ignore") if config.ignore else []
+    if pyramid is not None:
+        backbone, levels = pyramid
+        example = cast(Any, model).transform(list(data.example_input(1)))[0].tensors
+        inside = [n.removeprefix("backbone.") for n in ignored if n.startswith("backbone.")]
+        return backbone, example, sorted({*inside, *levels})
+    assert split is not None
+    example = split.resized(data.example_input(1))
     inside = [n for n in ignored if n.split(".")[0] in ("backbone", "head")]  # the network's
     return split.network, example, sorted({*inside, *head_outputs(model)})
 

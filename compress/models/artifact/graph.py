@@ -86,10 +86,7 @@ def save_graph(
             entry["args"] = _encode(node.args, index)
             entry["kwargs"] = _encode(node.kwargs, index)
         elif node.op == "output":
-            result = node.args[0]
-            if isinstance(result, (tuple, list)) and len(result) == 1:
-                result = result[0]  # export's pytree output form; a classifier returns one
-            entry["args"] = _encode(result, index)
+            entry["args"] = _encode(_as_returned(module, node.args[0]), index)
         elif node.op != "placeholder":
             raise ArtifactError(f"cannot store a {node.op} node ({node.target}) as data")
         index[node] = len(nodes)
@@ -104,6 +101,22 @@ def save_graph(
     torch.save(tensors, folder / _tensor_file(name))
     (folder / name).write_text(json.dumps(graph))
     return name
+
+
+def _as_returned(module: torch.fx.GraphModule, result):
+    """An exported graph's flat outputs in the form its module returned them: one tensor
+    (a classifier's), or a mapping of named tensors (a detector backbone's feature maps)
+    with its keys, which export keeps in its code rather than in the graph."""
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "out_spec", None)
+    kind = getattr(spec, "type", None)
+    if isinstance(result, (tuple, list)) and isinstance(kind, type) and issubclass(kind, dict):
+        keys = spec.context
+        if len(keys) == len(result) and all(isinstance(k, str) for k in keys):
+            return dict(zip(keys, result, strict=True))
+    if isinstance(result, (tuple, list)) and len(result) == 1:
+        return result[0]  # export's pytree output form; a classifier returns one
+    return result
 
 
 def load_graph(file: Path) -> torch.fx.GraphModule:

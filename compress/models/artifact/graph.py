@@ -109,11 +109,11 @@ def _as_returned(module: torch.fx.GraphModule, result):
     with its keys, which export keeps in its code rather than in the graph."""
     info = getattr(module.graph._codegen, "pytree_info", None)
     spec = getattr(info, "out_spec", None)
-    kind = getattr(spec, "type", None)
-    if isinstance(result, (tuple, list)) and isinstance(kind, type) and issubclass(kind, dict):
-        keys = spec.context
-        if len(keys) == len(result) and all(isinstance(k, str) for k in keys):
-            return dict(zip(keys, result, strict=True))
+    kind, keys = getattr(spec, "type", None), getattr(spec, "context", None)
+    if isinstance(kind, type) and issubclass(kind, dict) and isinstance(result, (tuple, list)):
+        if isinstance(keys, list) and len(keys) == len(result):
+            if all(isinstance(k, str) for k in keys):
+                return dict(zip(keys, result, strict=True))
     if isinstance(result, (tuple, list)) and len(result) == 1:
         return result[0]  # export's pytree output form; a classifier returns one
     return result

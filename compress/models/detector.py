@@ -109,10 +109,10 @@ def ssd_detections(
 ) -> list[dict[str, torch.Tensor]]:
     """torchvision's SSD post-processing on :class:`DetectorNetwork`'s ``rows``: boxes
     decoded from the anchors and clipped, each class's top ``topk_candidates`` above
-    ``score_thresh``, class-wise NMS, the best ``detections_per_img`` kept — the detections
-    of ``SSD.postprocess_detections``, in the same order, with whole-tensor ops in place of
-    its loop over classes (and of torch's softmax, ~0.1 ms on 11 classes): 0.65 -> 0.25 ms
-    per image at 128 pixels.
+    ``score_thresh``, class-wise NMS, the best ``detections_per_img`` kept: the detections
+    of ``SSD.postprocess_detections`` (equal scores may swap places), in whole-tensor ops
+    rather than its loop over classes, and a softmax of our own (torch's takes ~0.1 ms on
+    11 classes): 0.65 -> 0.35 ms per image at 128 pixels on one thread.
 
     Example:
         >>> ssd_detections(ssdlite, DetectorNetwork(ssdlite)(x), anchors, sizes)[0]["boxes"]

@@ -118,7 +118,7 @@ def ssd_detections(
         >>> ssd_detections(ssdlite, DetectorNetwork(ssdlite)(x), anchors, sizes)[0]["boxes"]
     """
     coder = detector.box_coder
-    weights = torch.tensor(coder.weights, dtype=rows.dtype)
+    weights = torch.tensor(coder.weights, dtype=rows.dtype, device=rows.device)
     logits = rows[..., 4:]
     exp = (logits - logits.amax(-1, keepdim=True)).exp()
     all_scores = (exp / exp.sum(-1, keepdim=True))[..., 1:]  # the background column dropped
@@ -137,7 +137,7 @@ def ssd_detections(
         top, index = scores.topk(min(detector.topk_candidates, len(scores)), dim=0)
         top, index = top.T, index.T  # class by class, best first, as torchvision concatenates
         kept = top > detector.score_thresh
-        labels = torch.arange(1, top.shape[0] + 1).unsqueeze(1).expand_as(top)[kept]
+        labels = torch.arange(1, top.shape[0] + 1, device=rows.device)[:, None].expand_as(top)[kept]
         chosen_boxes, chosen_scores = boxes[index[kept]], top[kept]
         keep = box_ops.batched_nms(chosen_boxes, chosen_scores, labels, detector.nms_thresh)
         keep = keep[: detector.detections_per_img]

@@ -141,7 +141,7 @@ def _bench_run(args, threads: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{recipe.name}-"))
     example = network_input(data.example_input(2))
     batches = itertools.islice(data.loader("calibration"), CALIBRATION_BATCHES)
-    calibration = [network_input(images) for images, _ in batches]
+    calibration = [network_input(batch[0]) for batch in batches]
     models = {"fp32": baseline, "chain": chain}
     networks = {k: splits[k].network if splits[k] is not None else models[k] for k in models}
     fp32_onnx = export(networks["fp32"], folder / "fp32.onnx", "onnx", example)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.core.errors import TaskError
+from compress.core.errors import PruningError, TaskError
 from compress.data import build_data
 from compress.measure.evaluate import evaluate
 from compress.measure.scores import metrics
@@ -353,6 +353,18 @@ def test_faster_rcnn_is_pruned_in_its_backbone_and_quantized_in_part(boxes, tmp_
         m.out_channels for m in model.backbone.body.modules() if isinstance(m, torch.nn.Conv2d)
     ]
     assert sum(body) < 0.9 * sum(original)
+    # Built with pretrained weights its batch norms are frozen: refused in one line.
+    from torchvision.ops import FrozenBatchNorm2d
+
+    frozen = copy.deepcopy(model)
+    name = next(
+        n for n, m in frozen.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+    )
+    parent, _, leaf = name.rpartition(".")
+    norm = FrozenBatchNorm2d(frozen.backbone.get_submodule(name).num_features)
+    setattr(frozen.backbone.get_submodule(parent), leaf, norm)
+    with pytest.raises(PruningError, match="FrozenBatchNorm2d.*on_unprunable: skip"):
+        prune(frozen, boxes, method="structured", target_macs=0.6)
     quantized = quantize(model, boxes, method="int8_static", goal="size", calibration_batches=2)
     assert isinstance(quantized, PartlyQuantizedModel) and "backbone" in quantized.quantized
     notes = " ".join(traits(quantized).notes)

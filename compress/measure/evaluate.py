@@ -186,15 +186,15 @@ def _time_runtimes(
 ) -> tuple[dict, tuple]:
     """Rank 0's part of an evaluation: latency in every runtime wanted, and which is best;
     and the best deployment as ``(callable, batch)``, for the paired latency rounds."""
+    split = split_detector(model)  # a detector: timed as every runtime's (the same code)
     latency = measure_latency(
-        model,
+        split or model,
         data.example_input(config.latency_batch_size).to(device),
         config.warmup,
         config.iterations,
     )
     runtimes = {"torch": {"latency_ms": latency, "score": score}}
-    split = split_detector(model)
-    if split is not None:  # a detector: its network alone too
+    if split is not None:  # its network alone too
         batch = data.example_input(config.latency_batch_size).to(device)
         runtimes["torch"]["network_p50_ms"] = time_network(split, batch, config)
     wanted = config.runtimes if config.runtimes is not None else available_runtimes()

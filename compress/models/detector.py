@@ -85,7 +85,11 @@ class SplitDetector(nn.Module):
         rows = self.network(resized.tensors)
         with _one_torch_thread():
             anchors = self._anchors_for(resized)
-            found = ssd_detections(self.detector, rows, anchors, resized.image_sizes)
+            if type(self.detector).postprocess_detections is SSD.postprocess_detections:
+                found = ssd_detections(self.detector, rows, anchors, resized.image_sizes)
+            else:  # a subclass's own post-processing
+                head = {"bbox_regression": rows[..., :4], "cls_logits": rows[..., 4:]}
+                found = self.detector.postprocess_detections(head, anchors, resized.image_sizes)
             return self.detector.transform.postprocess(found, resized.image_sizes, original)
 
     def _anchors_for(self, resized) -> list[torch.Tensor]:
@@ -153,7 +157,7 @@ def _one_torch_thread() -> Iterator[None]:
     for a while after each call, and a second torch thread waiting for a core they hold
     cost 3-4 ms per image at batch 1 on 2 cores (ONNX Runtime's network 1.3 ms, its
     post-processing 5 ms instead of 1)."""
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()  # process-wide: torch in other threads meanwhile too
     torch.set_num_threads(1)
     try:
         yield

@@ -267,7 +267,10 @@ def _structured(
     model: nn.Module, data: Data, config: PruneConfig, context: StageContext
 ) -> nn.Module:
     original = copy.deepcopy(model)
-    net, example, ignored = _what_to_prune(model, data, config)
+    try:
+        net, example, ignored = _what_to_prune(model, data, config)
+    except PruningError as error:  # a part torch-pruning cannot take, said up front
+        return _unprunable(original, config, str(error))
     importance = {
         "l1": lambda: tp.importance.MagnitudeImportance(p=1),
         "l2": lambda: tp.importance.MagnitudeImportance(p=2),
@@ -349,8 +352,20 @@ def _what_to_prune(model: nn.Module, data: Data, config: PruneConfig):
     ignored = matching_modules(model, config.ignore, key="prune.ignore") if config.ignore else []
     if pyramid is not None:
         backbone, levels = pyramid
+        frozen = [n for n, m in backbone.named_modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+        if frozen:  # torch-pruning leaves its buffers whole: the next forward would fail
+            raise PruningError(
+                f"cannot prune {type(model).__name__}'s backbone: its batch norms are frozen"
+                f" (FrozenBatchNorm2d, e.g. backbone.{frozen[0]}: a detector built with"
+                " pretrained weights), which torch-pruning does not prune"
+            )
         example = cast(Any, model).transform(list(data.example_input(1)))[0].tensors
-        inside = [n.removeprefix("backbone.") for n in ignored if n.startswith("backbone.")]
+        # Names within the backbone (itself: ""); the heads are never pruned anyway.
+        inside = [
+            n.removeprefix("backbone").removeprefix(".")
+            for n in ignored
+            if n == "backbone" or n.startswith("backbone.")
+        ]
         return backbone, example, sorted({*inside, *levels})
     assert split is not None
     example = split.resized(data.example_input(1))

@@ -111,7 +111,8 @@ def _as_returned(module: torch.fx.GraphModule, result):
     spec = getattr(info, "out_spec", None)
     kind, keys = getattr(spec, "type", None), getattr(spec, "context", None)
     if isinstance(kind, type) and issubclass(kind, dict) and isinstance(result, (tuple, list)):
-        if isinstance(keys, list) and len(keys) == len(result):
+        leaves = all(child.is_leaf() for child in getattr(spec, "children_specs", None) or [])
+        if isinstance(keys, list) and len(keys) == len(result) and leaves:
             if all(isinstance(k, str) for k in keys):
                 return dict(zip(keys, result, strict=True))
     if isinstance(result, (tuple, list)) and len(result) == 1:

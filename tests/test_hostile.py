@@ -138,6 +138,17 @@ GRAPH_ATTACKS = {
 }
 
 
+def test_a_keywords_name_is_refused_before_it_becomes_code(graph_folder, marker):
+    """A keyword argument's name is written into the graph's generated code: only a plain
+    identifier passes, before any node runs."""
+    keyword = "x=__import__('os').system('touch x'),y"
+    node = {"op": "call_function", "target": "aten.relu.default"}
+    node |= {"args": {"tuple": [{"node": 0}]}, "kwargs": {"dict": {keyword: 1}}}
+    hostile.edit_graph(graph_folder, _before_output(node))
+    refused(lambda: load(graph_folder), match="a keyword argument's name refused")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("attack", sorted(GRAPH_ATTACKS))
 def test_graph_names_only_allowed_operations(attack, graph_folder, marker, tmp_path):
     hostile.edit_graph(graph_folder, GRAPH_ATTACKS[attack])

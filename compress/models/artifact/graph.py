@@ -156,6 +156,8 @@ def load_graph(file: Path) -> torch.fx.GraphModule:
                 kwargs = _decode(entry["kwargs"], made, file, values)
                 if not isinstance(args, tuple) or not isinstance(kwargs, dict):
                     raise ArtifactError(f"{file}: malformed arguments; refused")
+                if not all(_IDENTIFIER.fullmatch(key) for key in kwargs):  # written into code
+                    raise ArtifactError(f"{file}: a keyword argument's name refused")
                 node = graph.call_function(_op(entry["target"], file), args, kwargs)
             elif op == "output":
                 node = graph.output(_decode(entry["args"], made, file, values))

@@ -19,7 +19,9 @@ Contenders (the trained model of ``--recipe``'s baseline: the shipped reference 
 - ``nncf_ov_int8``, ``nncf_ov_int4``: NNCF's ``compress_weights`` (INT8_ASYM; INT4_ASYM in
   groups of 64) on the OpenVINO model;
 - with ``--run RUN_DIR``, ``chain_*``: that run's final model, eager, compiled and, where it
-  exports, in both runtimes.
+  exports (a float model), in both runtimes; the summary then sets its best decode and
+  prefill against the best of the peers' INT8 (``torchao_int8*``, ``ort_int8dyn``,
+  ``nncf_ov_int8``) of the unpruned model.
 
 Decode: greedy tokens a second at batch 1 with a key/value cache, ``--new-tokens`` after a
 prompt of ``context - new_tokens`` positions. Prefill: p50 of one forward pass over a
@@ -50,7 +52,13 @@ import torch
 
 from compress.core.distributed import set_threads
 from compress.data import build_data
-from compress.measure.decode import decoding_step, empty_cache, has_decoder, tokens_per_second
+from compress.measure.decode import (
+    decoding_step,
+    empty_cache,
+    has_decoder,
+    onnx_step,
+    tokens_per_second,
+)
 from compress.measure.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
 from compress.measure.latency import measure_latency
 from compress.measure.machine import describe_isa, isa
@@ -110,10 +118,13 @@ def main() -> None:
     print(json.dumps(_summary(rows, recipe.name, threads, args)), flush=True)
 
 
+PEER_INT8 = ("torchao_int8", "ort_int8", "nncf_ov_int8")  # the peers' own INT8, by name
+
+
 def _summary(rows: dict, recipe: str, threads: int, args) -> dict:
     """The best of each family and the ratios against the float model's best runtime."""
 
-    def best(prefix: str, key: str, faster) -> str | None:
+    def best(prefix: str | tuple[str, ...], key: str, faster) -> str | None:
         found = [k for k in rows if k.startswith(prefix) and key in rows[k]]
         return faster(found, key=lambda k: rows[k][key]) if found else None
 
@@ -133,6 +144,21 @@ def _summary(rows: dict, recipe: str, threads: int, args) -> dict:
         if forward and fp32_prefill:
             ratio = rows[fp32_prefill]["prefill_p50_ms"] / rows[forward]["prefill_p50_ms"]
             summary[f"{family}_prefill_x_best_fp32"] = round(ratio, 3)
+    # The chain against the peers' best INT8 of the unpruned model (the issue's "best peer").
+    peer_decode = best(PEER_INT8, "decode_tokens_per_s", max)
+    peer_prefill = best(PEER_INT8, "prefill_p50_ms", min)
+    chain_decode, chain_prefill = (
+        best("chain", "decode_tokens_per_s", max),
+        best("chain", "prefill_p50_ms", min),
+    )
+    if peer_decode and chain_decode:
+        summary["best_peer_int8_decode"] = peer_decode
+        ratio = rows[chain_decode]["decode_tokens_per_s"] / rows[peer_decode]["decode_tokens_per_s"]
+        summary["chain_decode_x_best_peer_int8"] = round(ratio, 3)
+    if peer_prefill and chain_prefill:
+        summary["best_peer_int8_prefill"] = peer_prefill
+        ratio = rows[peer_prefill]["prefill_p50_ms"] / rows[chain_prefill]["prefill_p50_ms"]
+        summary["chain_prefill_x_best_peer_int8"] = round(ratio, 3)
     return summary
 
 
@@ -166,6 +192,28 @@ def _contenders(model, data, folder: Path, threads: int, args) -> dict[str, dict
         _add_torch(
             found, "chain", chain, threads, folder, _saved_mb(chain, folder / "chain", example)
         )
+        if getattr(chain, "not_exportable", None) is None:  # a float chain: its runtimes too
+            files = {kind: folder / f"chain.{kind}" for kind in ("onnx", "xml")}
+            forward = {
+                k: export(chain, f, "openvino" if k == "xml" else k, example)
+                for k, f in files.items()
+            }
+            _add_runtime(
+                found,
+                "chain_ort",
+                OnnxRuntimeModel(forward["onnx"], threads),
+                chain,
+                threads,
+                folder / "chain",
+            )
+            _add_runtime(
+                found,
+                "chain_ov",
+                OpenVinoModel(forward["xml"], threads),
+                chain,
+                threads,
+                folder / "chain",
+            )
     return found
 
 
@@ -184,7 +232,8 @@ def _add_torch(found: dict, name: str, model, threads: int, folder: Path, size_m
 
 
 def _add_runtime(found: dict, name: str, forward, model, threads: int, folder: Path) -> None:
-    """A float model's file in its runtime, and its decoding step exported alike."""
+    """A float model's file in its runtime, and its decoding step exported alike (once per
+    ``folder``: one folder per model)."""
     runtime = "onnxruntime" if name.endswith("_ort") else "openvino"
     files = [forward.file] + ([forward.file.with_suffix(".bin")] if runtime == "openvino" else [])
     found[name] = {
@@ -229,7 +278,7 @@ def _add_peers(found: dict, model, folder: Path, threads: int) -> None:
         found[f"ort_{label}"] = {
             "runtime": "onnxruntime",
             "forward": OnnxRuntimeModel(forward, threads),
-            "step": _ort_step(step_file, threads),
+            "step": onnx_step(step_file, "onnxruntime", threads),
             "cache": empty_cache(model),
             "size_mb": round(forward.stat().st_size / 1e6, 3),
         }
@@ -241,7 +290,7 @@ def _add_peers(found: dict, model, folder: Path, threads: int) -> None:
         found[f"nncf_ov_{label}"] = {
             "runtime": "openvino",
             "forward": OpenVinoModel(forward, threads),
-            "step": _ov_step(step_file, threads),
+            "step": onnx_step(step_file, "openvino", threads),
             "cache": empty_cache(model),
             "size_mb": round(forward.with_suffix(".bin").stat().st_size / 1e6, 3),
         }
@@ -280,26 +329,6 @@ def _nncf_weights(source: Path, target: Path, options: dict) -> Path:
         compressed = nncf.compress_weights(ov.Core().read_model(str(source)), mode=mode, **extra)
     ov.save_model(compressed, str(target), compress_to_fp16=False)
     return target
-
-
-def _ort_step(path: Path, threads: int):
-    session = OnnxRuntimeModel(path, threads).session
-
-    def step(ids, position, cache):
-        logits, cache = session.run(None, {"ids": ids, "position": position, "cache": cache})
-        return logits, cache
-
-    return step
-
-
-def _ov_step(path: Path, threads: int):
-    request = OpenVinoModel(path, threads).request
-
-    def step(ids, position, cache):
-        logits, cache = request.infer([ids, position, cache], share_inputs=True).values()
-        return logits, cache
-
-    return step
 
 
 def _saved_mb(model, folder: Path, example: torch.Tensor) -> float:

@@ -3,12 +3,16 @@ every runtime), the weight-only INT8/INT4 kernels and torchao's per-token INT8 t
 Linear layers in both forward and decode, structured pruning that removes whole heads, and
 a speed check that a language model passes by its decoding."""
 
+import itertools
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from compress.core.errors import RecipeError
 from compress.core.registry import StageContext
 from compress.measure.counts import count_flops, sqnr_db
 from compress.measure.decode import (
@@ -23,6 +27,7 @@ from compress.spec.recipe import ModelConfig, parse_stage_options
 from compress.stages.prune import prune
 from compress.stages.quantize import PerTokenInt8Model, quantize
 from compress.stages.quantize._speed import _decoding
+from tests.conftest import TINY_TEXT
 
 # Widths the int4 kernel takes (outputs a multiple of 16, inputs of the group); the head's
 # outputs are the vocabulary (84 characters), which it does not.
@@ -126,6 +131,71 @@ def test_structured_pruning_removes_whole_heads_and_mlp_channels(tiny_text, tmp_
     assert np.abs(_decoded_logits(step, loaded, ids[:1, :6]) - expected).max() < 1e-4
 
 
+def _influence_by_hand(model, block, data) -> float:
+    """1 minus the mean cosine of ``block``'s output to its input over every token of the
+    first 4 calibration batches."""
+    cosines = []
+    handle = block.register_forward_hook(
+        lambda _, inputs, output: cosines.append(
+            torch.nn.functional.cosine_similarity(inputs[0], output, dim=-1).flatten()
+        )
+    )
+    with torch.no_grad():
+        for ids, _ in itertools.islice(data.loader("calibration"), 4):
+            model(ids)
+    handle.remove()
+    return 1.0 - torch.cat(cosines).mean().item()
+
+
+def test_depth_pruning_removes_the_least_influential_whole_blocks(tiny_text, tmp_path):
+    torch.manual_seed(0)
+    four = {**GPT, "layers": 4}
+    model = build_model(ModelConfig(name="compress.models:gpt", kwargs=four), data=tiny_text)
+    model.eval()
+    with torch.no_grad():  # unequal blocks, so that the ranking is not a tie
+        for i, block in enumerate(model.blocks):
+            block.mlp[2].weight.mul_(1 + 3 * (i % 2))
+    config = parse_stage_options("prune", {"method": "structured", "layers": 2, "ratio": 0.0})
+    pruned = prune(model, tiny_text, config, context=StageContext(baseline=model))
+    depth = pruned.stage_details["depth"]
+    influence, removed = depth["influence"], depth["removed"]
+    kept = [i for i in range(4) if i not in removed]
+    assert len(pruned.blocks) == 2 and len(removed) == 2 and depth["stack"] == "blocks"
+    assert max(influence[i] for i in removed) < min(influence[i] for i in kept)
+    for i in (0, 3):
+        assert influence[i] == pytest.approx(
+            _influence_by_hand(model, model.blocks[i], tiny_text), abs=1e-4
+        )
+    for block, i in zip(pruned.blocks, kept, strict=True):  # whole blocks, as they were
+        assert torch.equal(block.mlp[2].weight, model.blocks[i].mlp[2].weight)
+    assert "2 of the 4 blocks in blocks removed" in pruned.notes[0]
+    # Saved as its length, loaded and decoded as it runs; with width pruning on top.
+    ids = tiny_text.example_input(2)
+    loaded = load(save(pruned, tmp_path / "shallow", ids))
+    with torch.inference_mode():
+        assert len(loaded.blocks) == 2 and torch.equal(loaded(ids), pruned(ids))
+        expected = loaded(ids[:1, :6])[0].numpy()
+    step = decoding_step(loaded, "torch", threads=1, folder=tmp_path)
+    assert np.abs(_decoded_logits(step, loaded, ids[:1, :6]) - expected).max() < 1e-4
+    both = parse_stage_options("prune", {"method": "structured", "layers": 1, "ratio": 0.5})
+    narrow = prune(model, tiny_text, both, context=StageContext(baseline=model))
+    assert len(narrow.blocks) == 3 and narrow.blocks[0].attention.heads == 1
+    again = load(save(narrow, tmp_path / "narrow", ids))
+    with torch.inference_mode():
+        assert torch.equal(again(ids), narrow(ids))
+
+
+def test_depth_pruning_says_what_it_cannot_remove(gpt, tiny_text):
+    with pytest.raises(
+        RecipeError,
+        match=r"prune.layers: 2 is not fewer than the 2 blocks of blocks \(allowed: 0 to 1\)",
+    ):
+        prune(gpt, tiny_text, method="structured", layers=2, ratio=0.0)
+    flat = torch.nn.Sequential(torch.nn.Embedding(84, 8), torch.nn.Linear(8, 84))
+    with pytest.raises(RecipeError, match="no stack of blocks that keep their input's shape"):
+        prune(flat, tiny_text, method="structured", layers=1, ratio=0.0)
+
+
 def test_int8_dynamic_on_a_gpt_is_per_token_and_its_decoding_runs_int8(gpt, tiny_text, tmp_path):
     quantized = quantize(gpt, tiny_text, method="int8_dynamic", goal="size")
     assert isinstance(quantized, PerTokenInt8Model) and "per-token" in quantized.compute_dtype
@@ -147,6 +217,33 @@ def test_int8_dynamic_on_a_gpt_is_per_token_and_its_decoding_runs_int8(gpt, tiny
     loaded = load(save(quantized, tmp_path / "int8", tiny_text.example_input(2)))
     with torch.inference_mode():
         assert torch.equal(loaded.reference_module(ids), logits)
+
+
+def test_per_token_int8_with_its_fallback_leaves_inductors_lowering_alone():
+    # torchao's x86 quantizer registers inductor patterns for the whole process when it is
+    # imported; one lowers per-token INT8 to oneDNN's qlinear, 3x slower at decoding. The
+    # accuracy-aware fallback of a per-token model must not import it (a fresh process:
+    # this one has it already).
+    code = (
+        "import sys, torch\n"
+        "from compress.data import build_data\n"
+        "from compress.models.build import build_model\n"
+        "from compress.spec.recipe import ModelConfig\n"
+        "from compress.stages.quantize import PerTokenInt8Model, quantize\n"
+        f"data = build_data({TINY_TEXT!r})\n"
+        f"kwargs = {GPT!r}\n"
+        "model = build_model(ModelConfig(name='compress.models:gpt', kwargs=kwargs), data=data)\n"
+        "q = quantize(model.eval(), data, method='int8_dynamic', goal='size', max_accuracy_drop=0.5)\n"
+        "assert isinstance(q, PerTokenInt8Model), type(q)\n"
+        "assert 'fallback' in ' '.join(q.notes)\n"
+        "name = 'torchao.quantization.pt2e.quantizer.x86_inductor_quantizer'\n"
+        "print(name in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
 
 
 ROUNDS = {"x": 1.2, "interval": [1.1, 1.4], "rounds": 10}

@@ -3,6 +3,7 @@ INT8 exports in the QDQ form ONNX Runtime fuses into integer kernels; the evalua
 headline is the fastest runtime; what cannot export says so in one line."""
 
 import collections
+import copy
 import json
 
 import onnx
@@ -14,7 +15,14 @@ from compress.core.errors import RecipeError
 from compress.core.registry import STAGES, StageContext
 from compress.measure import deploy
 from compress.measure.counts import sqnr_db
-from compress.measure.deploy import ExportError, OnnxRuntimeModel, OpenVinoModel, deployed, export
+from compress.measure.deploy import (
+    ExportError,
+    InductorModel,
+    OnnxRuntimeModel,
+    OpenVinoModel,
+    deployed,
+    export,
+)
 from compress.measure.evaluate import EvaluateConfig, evaluate
 from compress.models.artifact import save
 from compress.models.build import build_model
@@ -235,3 +243,23 @@ def test_unexportable_model_is_one_line(fmnist, tmp_path):
         export(_DataDependent(), tmp_path / "m.onnx", "onnx", fmnist.example_input(2))
     assert "_DataDependent does not export to ONNX" in str(error.value)
     assert "\n" not in str(error.value) and not (tmp_path / "m.onnx").exists()
+
+
+def test_every_model_compiled_in_one_process_runs_compiled():
+    # Dynamo runs a code object eagerly once 8 graphs sit on it, and a run compiles a new
+    # model of one class per evaluation: each must still get a graph of its own.
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(2, 8)
+    for _ in range(10):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+        compiled = InductorModel(model)
+        graphs = counters["frames"]["ok"]
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)
+        assert counters["frames"]["ok"] == graphs + 1  # compiled, not run eagerly
+    copied = copy.deepcopy(compiled)  # a copy compiles its own weights, not the original's
+    with torch.no_grad():
+        copied.model[0].weight.add_(1.0)
+        assert torch.allclose(copied(x), copied.model(x), atol=1e-5)
+        assert not torch.allclose(copied(x), compiled(x))

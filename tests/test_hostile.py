@@ -233,6 +233,10 @@ def test_manifest_values_are_checked_against_the_architecture(spec_folder):
     hostile.edit_manifest(spec_folder, lambda m: m.update(shapes=shapes))
     refused(lambda: load(spec_folder), match="does not build")  # an attribute not a shape
     hostile.edit_manifest(spec_folder, lambda m: m.pop("shapes"))
+    for depth in ({"stack": "1.weight", "blocks": 1}, {"stack": "", "blocks": 99}, {"blocks": 1}):
+        hostile.edit_manifest(spec_folder, lambda m, d=depth: m.update(depth=d))
+        refused(lambda: load(spec_folder), match="does not build")  # no stack, or no length
+    hostile.edit_manifest(spec_folder, lambda m: m.pop("depth"))
     hostile.edit_manifest(spec_folder, lambda m: m.update(input_shape=[100_000] * 3))
     assert cli.main(["export", str(spec_folder)]) == 2  # 10^15 pixels: refused, not made
     assert not list(spec_folder.parent.glob("*.onnx"))

@@ -239,6 +239,10 @@ def test_structured_pruning_of_grouped_query_attention_is_one_line(tiny_text):
     model = build_model({"name": FACTORY, "kwargs": {"config": grouped}}, data=tiny_text)
     with pytest.raises(RecipeError, match="grouped-query attention"):
         prune(model, tiny_text, method="structured", ratio=0.3)
+    # Its layers are numbered in its config: no whole layer is removed either.
+    llama = build_model({"name": FACTORY, "kwargs": {"config": TINY_LLAMA}}, data=tiny_text)
+    with pytest.raises(RecipeError, match=r"prune.layers: 1: .*numbers its layers in its config"):
+        prune(llama, tiny_text, method="structured", layers=1, ratio=0.0)
 
 
 def test_a_hugging_face_folder_under_another_model_name_is_one_line(gpt2_folder):

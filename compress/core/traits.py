@@ -23,6 +23,8 @@ save_artifact       ``save_artifact(folder, example) -> manifest``: a kind      
                     that saves itself (quantized models)                       or a graph
 compress_replace-   layers a stage swapped for others, as data, to replay on   []
 ments               load (factorize)
+compress_depth_     the name of the stack of blocks depth pruning shortened    None
+stack               (its length is saved, and restored on load)
 ==================  =========================================================  ==============
 
 A stage writes them with :func:`set_traits` and :func:`add_note`: one place that knows the
@@ -52,6 +54,7 @@ TRAIT_NAMES = frozenset(
         "compress_changes",
         "save_artifact",
         "compress_replacements",
+        "compress_depth_stack",
     }
 )
 

@@ -6,7 +6,9 @@ A model that decodes has ``decoder()``: one step ``(ids (N, 1), position (1,), c
 step then costs the same whatever its position, so a timed run is the prompt's positions
 filled by the same steps, then ``new_tokens`` greedy steps timed. The runtimes:
 ``torch`` (eager), ``inductor`` (torch.compile, freezing on), and ONNX Runtime and
-OpenVINO on the step exported to ONNX with the cache as an input and an output.
+OpenVINO on the step exported to ONNX, the cache an input and the step's own keys and
+values an output. Each runtime reads the cache where it lies (no copy in or out), and the
+step's keys and values are written into it in place, as a deployed decoder keeps its cache.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import torch
 from torch import nn
 
 from compress.core.errors import ExportError
+from compress.core.modules import compile_module
 from compress.core.stats import median_interval
 from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel, first_line, quiet_exporter
 from compress.measure.latency import ROUND_WARMUP_S
 
 DECODE_RUNTIMES = ("torch", "inductor", "onnxruntime", "openvino")
+# (ids, position, cache) -> (logits, cache): the cache updated in place with the step's
+# keys and values at ``position``.
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -54,8 +59,8 @@ def decoding_step(model: nn.Module, runtime: str, threads: int, folder: Path) ->
 
         def torch_step(ids, position, cache):
             with torch.inference_mode():
-                logits, cache = run(*(torch.from_numpy(a) for a in (ids, position, cache)))
-            return logits.numpy(), cache.numpy()
+                logits, new = run(*(torch.from_numpy(a) for a in (ids, position, cache)))
+            return logits.numpy(), _written(cache, new.numpy(), position)
 
         return torch_step
     reason = getattr(model, "not_exportable", None)
@@ -64,30 +69,43 @@ def decoding_step(model: nn.Module, runtime: str, threads: int, folder: Path) ->
     exported = getattr(model, "export_module", None)  # its exportable form, where it has one
     if callable(exported):
         decoder = exported().decoder().eval()
-    onnx_file = export_decoder(decoder, folder / "decoder.onnx")
+    return onnx_step(export_decoder(decoder, folder / "decoder.onnx"), runtime, threads)
+
+
+def onnx_step(path: Path, runtime: str, threads: int) -> Step:
+    """The decoding step in ``path`` (ONNX, or OpenVINO IR) run by ONNX Runtime or OpenVINO.
+
+    Example:
+        >>> step = onnx_step(export_decoder(model.decoder(), Path("d.onnx")), "openvino", 2)
+    """
     if runtime == "onnxruntime":
-        session = OnnxRuntimeModel(onnx_file, threads).session
+        session = OnnxRuntimeModel(path, threads).session
 
         def ort_step(ids, position, cache):
-            logits, cache = session.run(None, {"ids": ids, "position": position, "cache": cache})
-            return logits, cache
+            logits, new = session.run(None, {"ids": ids, "position": position, "cache": cache})
+            return logits, _written(cache, new, position)
 
         return ort_step
     if runtime == "openvino":
-        request = OpenVinoModel(onnx_file, threads).request
+        request = OpenVinoModel(path, threads).request
 
         def openvino_step(ids, position, cache):
-            out = request.infer([ids, position, cache], share_inputs=True, share_outputs=False)
-            logits, cache = out.values()
-            return logits, cache
+            out = request.infer([ids, position, cache], share_inputs=True, share_outputs=True)
+            logits, new = out.values()  # the request's own buffers, until its next call
+            return logits.copy(), _written(cache, new, position)
 
         return openvino_step
     raise ValueError(f"decode runtime {runtime!r}: one of {', '.join(DECODE_RUNTIMES)}")
 
 
+def _written(cache: np.ndarray, new: np.ndarray, position: np.ndarray) -> np.ndarray:
+    cache[:, :, :, :, int(position[0])] = new[:, :, :, :, 0]  # compress.models.gpt.Decoder
+    return cache
+
+
 def _compiled(decoder: nn.Module):
     """The step through torch.compile, frozen at its first call (as InductorModel is)."""
-    compiled = torch.compile(decoder, dynamic=False)
+    compiled = compile_module(decoder)
     first = [True]
 
     def run(*inputs):
@@ -127,7 +145,8 @@ def tokens_per_second(step: Step, cache: np.ndarray, prompt: int, new_tokens: in
 
 
 def export_decoder(decoder: nn.Module, path: Path) -> Path:
-    """Write the decoding step as ONNX: inputs ids, position, cache; outputs logits, cache."""
+    """Write the decoding step as ONNX: inputs ids, position, cache; outputs logits and the
+    step's keys and values."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +162,7 @@ def export_decoder(decoder: nn.Module, path: Path) -> Path:
                 example,
                 dynamo=True,
                 input_names=["ids", "position", "cache"],
-                output_names=["logits", "new_cache"],
+                output_names=["logits", "new"],
                 external_data=False,
                 verbose=False,
                 report=False,

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.core.errors import ExportError
+from compress.core.modules import compile_module
 from compress.core.traits import traits
 from compress.measure.onnx_rewrite import (
     dynamic_matmuls,
@@ -193,7 +194,7 @@ class InductorModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
-        self.compiled = torch.compile(self.model, dynamic=False)
+        self.compiled = compile_module(self.model)
         self._shapes: set[torch.Size] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

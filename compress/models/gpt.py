@@ -8,9 +8,10 @@ neither). Use it from a recipe as ``model: {name: "compress.models:gpt", kwargs:
 ``num_classes`` is the vocabulary, which the dataset gives.
 
 ``GPT.decoder()`` is the same weights as one decoding step with a key/value cache of
-static shape (every layer's keys and values for ``context`` positions, written in place of
-a mask): what generation runs, one token at a time, and what ONNX Runtime and OpenVINO
-run too, since no shape changes from one step to the next.
+static shape (every layer's keys and values for ``context`` positions, those not yet
+written masked): what generation runs, one token at a time, and what ONNX Runtime and
+OpenVINO run too, since no shape changes from one step to the next. A step returns only
+its own position's keys and values, which the caller writes into the cache in place.
 """
 
 from __future__ import annotations
@@ -42,20 +43,24 @@ class _Attention(nn.Module):
         return self.out(mixed.transpose(1, 2).reshape(batch, length, inner))
 
     def step(
-        self, x: torch.Tensor, cache: torch.Tensor, slot: torch.Tensor, seen: torch.Tensor
+        self, x: torch.Tensor, cache: torch.Tensor, before: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One position: x (N, 1, W); cache (2, N, heads, context, W / heads) of keys and
-        values; slot (context,) true at this position, seen (1, context) up to it. The new
-        keys and values replace the slot's (a select, not an indexed write: both runtimes
-        take it as it is)."""
+        """One position: x (N, 1, W); cache (2, N, heads, context, W / heads) of the keys
+        and values so far, ``before`` (1, context) true where they are. Returns the output
+        and this position's keys and values (2, N, heads, 1, W / heads): the caller writes
+        them into its cache, so that no step copies the whole cache (it did, three times,
+        and that was most of a step's time)."""
         batch, inner = x.shape[0], self.query.out_features
         shape = (batch, 1, self.heads, inner // self.heads)
         q, k, v = (f(x).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
-        keys = torch.where(slot[:, None], k, cache[0])
-        values = torch.where(slot[:, None], v, cache[1])
-        mixed = F.scaled_dot_product_attention(q, keys, values, attn_mask=seen)
+        # Softmax over the cached positions and this one, which is not in the cache yet.
+        scale = (inner // self.heads) ** -0.5
+        cached = (q @ cache[0].transpose(-1, -2) * scale).masked_fill(~before, float("-inf"))
+        weights = torch.softmax(torch.cat((cached, (q * k).sum(-1, keepdim=True) * scale), -1), -1)
+        context = cached.shape[-1]
+        mixed = weights[..., :context] @ cache[1] + weights[..., context:] * v
         out = self.out(mixed.transpose(1, 2).reshape(batch, 1, inner))
-        return out, torch.stack((keys, values))
+        return out, torch.stack((k, v))
 
 
 class _Block(nn.Module):
@@ -72,11 +77,11 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     def step(
-        self, x: torch.Tensor, cache: torch.Tensor, slot: torch.Tensor, seen: torch.Tensor
+        self, x: torch.Tensor, cache: torch.Tensor, before: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mixed, cache = self.attention.step(self.norm1(x), cache, slot, seen)
+        mixed, new = self.attention.step(self.norm1(x), cache, before)
         x = x + mixed
-        return x + self.mlp(self.norm2(x)), cache
+        return x + self.mlp(self.norm2(x)), new
 
 
 class GPT(nn.Module):
@@ -101,15 +106,18 @@ class GPT(nn.Module):
 
 class Decoder(nn.Module):
     """One decoding step of a :class:`GPT`: ``(ids (N, 1), position (1,), cache)`` to
-    ``(logits (N, 1, vocabulary), cache)``, the cache ``(layers, 2, N, heads, context,
-    width / heads)`` (from :meth:`empty_cache`) every layer's keys and values so far.
+    ``(logits (N, 1, vocabulary), new)``; the cache ``(layers, 2, N, heads, context,
+    width / heads)`` (from :meth:`empty_cache`) holds every layer's keys and values before
+    ``position``; the caller writes the step's ``new`` ones (``(layers, 2, N, heads, 1,
+    width / heads)``) into it at ``position``.
 
     Example:
         >>> model = gpt(num_classes=84, context=16)
         >>> step, ids = model.decoder(), torch.tensor([[3, 1, 4]])
         >>> cache = step.empty_cache(batch=1)
         >>> for i in range(3):
-        ...     logits, cache = step(ids[:, i : i + 1], torch.tensor([i]), cache)
+        ...     logits, new = step(ids[:, i : i + 1], torch.tensor([i]), cache)
+        ...     cache[:, :, :, :, i] = new[:, :, :, :, 0]
         >>> torch.allclose(logits[:, 0], model(ids)[:, 2], atol=1e-5)
         True
     """
@@ -131,13 +139,13 @@ class Decoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         places = torch.arange(model.positions.num_embeddings, device=ids.device)
-        slot, seen = places == position, (places <= position)[None]
+        before = (places < position)[None]
         x = model.tokens(ids) + model.positions(position)
-        caches = []
+        new = []
         for layer, block in enumerate(model.blocks):
-            x, layer_cache = cast(_Block, block).step(x, cache[layer], slot, seen)
-            caches.append(layer_cache)
-        return model.head(model.norm(x)), torch.stack(caches)
+            x, layer_new = cast(_Block, block).step(x, cache[layer], before)
+            new.append(layer_new)
+        return model.head(model.norm(x)), torch.stack(new)
 
 
 def gpt(

@@ -68,6 +68,10 @@ class CausalLM(nn.Module):
         super().__init__()
         self.lm, self.model_type = lm, model_type
         self.conv1d_layers = _conv1d_to_linear(lm)
+        # Read by the prune stage: each layer's index is in its config and its cache.
+        self.depth_pruning_refusal = (
+            "a Hugging Face model numbers its layers in its config (prune its width instead)"
+        )
         heads = getattr(lm.config, "num_attention_heads", None)
         groups = getattr(lm.config, "num_key_value_heads", None) or heads
         if model_type in FUSED_ATTENTION:  # read by the prune stage

@@ -10,7 +10,7 @@
   measured p50 latency (``target_latency_ms``). In a transformer whose attention layers
   have a ``heads`` count and q/k/v Linear layers (compress.models.gpt, the Llama form),
   whole heads go at the same ratio as the MLP's channels, and the residual width, tied to
-  the embedding tables, stays.
+  the embedding tables, stays. ``layers: N`` removes N whole blocks first (depth).
 
 Over 400 lines because both methods share what a prune stage is: the layers it may touch,
 its fine-tunes, the latency target's search over amounts and the per-layer report; apart,
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -86,6 +87,12 @@ class PruneConfig(Config):
     round_to: int | None = option(None, min=1, methods=STRUCTURED)
     # No layer loses more than this fraction of its channels.
     max_layer_ratio: float = option(0.9, min=0.0, max=1.0, methods=STRUCTURED)
+    # Whole blocks removed from the model's longest stack of blocks that keep their input's
+    # shape (a transformer's layers): the N whose output differs least from their input on
+    # calibration data (ShortGPT's block influence), before any channel target, which then
+    # applies to the blocks left (ratio: 0 for depth alone). Where a step's time is one
+    # launch per layer (decoding a small model), only fewer layers make it faster.
+    layers: int = option(0, min=0, methods=STRUCTURED)
     # Modules never pruned (dotted names or "re:" patterns). Default: the last Conv/Linear to
     # run, the classifier head (SqueezeNet's is a convolution).
     ignore: list[str] = option(default_factory=list)
@@ -132,7 +139,19 @@ def prune(
             f"prune.method: 'structured' cannot prune this model: {refusal}; allowed:"
             " 'magnitude' (zeros in place, shapes kept)"
         )
-    return _structured(copy.deepcopy(model).cpu().eval(), data, config, context)
+    model = copy.deepcopy(model).cpu().eval()
+    depth = _prune_depth(model, data, config.layers) if config.layers else None
+    pruned = _structured(model, data, config, context)
+    if depth is not None:
+        mark_changed(pruned, "depth")
+        details = getattr(pruned, "stage_details", None) or {}
+        set_traits(pruned, stage_details={**details, "depth": depth})
+        add_note(
+            pruned,
+            f"{config.layers} of the {depth['blocks_before']} blocks in {depth['stack']} removed"
+            f" (block influence, the lowest): {', '.join(map(str, depth['removed']))}",
+        )
+    return pruned
 
 
 def ignored_modules(
@@ -464,6 +483,123 @@ def _taylor_gradients(model: nn.Module, data: Data, batches: int = 4) -> None:
         inputs, targets, _ = task.split(batch)
         task.loss(task.output(model(inputs)), targets).backward()
     model.eval()
+
+
+# ------------------------------------------------------------------------------- depth
+
+Stack = nn.Sequential | nn.ModuleList  # blocks in order, whole ones removable
+
+
+def _prune_depth(model: nn.Module, data: Data, layers: int) -> dict:
+    """Remove ``layers`` whole blocks of ``model``'s stack in place, those of least
+    influence; what was removed, as the report's stage details."""
+    refusal = getattr(model, "depth_pruning_refusal", None)
+    if refusal or split_detector(model) is not None or pyramid_backbone(model) is not None:
+        why = refusal or "a detector's blocks change their input's shape"
+        raise RecipeError(f"prune.layers: {layers}: cannot remove blocks of this model: {why}")
+    name, stack = _block_stack(model, data.example_input(1))
+    if layers >= len(stack):
+        raise RecipeError(
+            f"prune.layers: {layers} is not fewer than the {len(stack)} blocks of {name}"
+            f" (allowed: 0 to {len(stack) - 1})"
+        )
+    influence = _block_influence(model, stack, data)
+    removed = sorted(sorted(range(len(stack)), key=influence.__getitem__)[:layers])
+    kept = [block for i, block in enumerate(stack) if i not in removed]
+    _set_stack(model, name, _stack_of(stack, kept))
+    set_traits(model, compress_depth_stack=name)
+    return {
+        "stack": name,
+        "blocks_before": len(stack),
+        "removed": removed,
+        "influence": [round(x, 5) for x in influence],
+    }
+
+
+def _block_stack(model: nn.Module, example: torch.Tensor) -> tuple[str, Stack]:
+    """The longest ``nn.Sequential`` or ``nn.ModuleList`` of blocks of one type, each
+    keeping its input's shape in a forward pass of ``example`` (a transformer's layers)."""
+    stacks: dict[str, Stack] = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Sequential, nn.ModuleList))
+        and len(m) >= 2
+        and len({type(block) for block in m}) == 1
+    }
+    blocks = {id(block) for stack in stacks.values() for block in stack}
+    keeps: dict[int, bool] = {}
+
+    def hook_for(_name: str, module: nn.Module):
+        def hook(m, inputs, output):
+            same = bool(inputs) and isinstance(inputs[0], torch.Tensor)
+            same = same and isinstance(output, torch.Tensor) and output.shape == inputs[0].shape
+            keeps[id(m)] = keeps.get(id(m), True) and same
+
+        return hook if id(module) in blocks else None
+
+    forward_with_hooks(model, example, hook_for)
+    found = [(n, m) for n, m in stacks.items() if all(keeps.get(id(b), False) for b in m)]
+    if not found:
+        raise RecipeError(
+            f"prune.layers: {type(model).__name__} has no stack of blocks that keep their"
+            " input's shape (an nn.Sequential or nn.ModuleList of one block type); allowed: 0"
+        )
+    return max(found, key=lambda item: len(item[1]))
+
+
+def _block_influence(model: nn.Module, stack: Stack, data: Data, batches: int = 4):
+    """Each block's influence (ShortGPT): 1 minus the mean cosine similarity of its output
+    to its input, per token (per example for other shapes), over calibration batches."""
+    index = {id(block): i for i, block in enumerate(stack)}
+    sums, counts = [0.0] * len(index), [0] * len(index)
+
+    def hook_for(_name: str, module: nn.Module):
+        def hook(m, inputs, output):
+            cosine = F.cosine_similarity(_rows(inputs[0]), _rows(output), dim=-1)
+            sums[index[id(m)]] += cosine.sum().item()
+            counts[index[id(m)]] += cosine.numel()
+
+        return hook if id(module) in index else None
+
+    task = get_task(data.task)
+    for i, batch in enumerate(data.loader("calibration")):
+        if i >= batches:
+            break
+        forward_with_hooks(model, task.split(batch)[0], hook_for)
+    return [1.0 - total / max(count, 1) for total, count in zip(sums, counts, strict=True)]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A block's input or output as rows to compare: tokens (N, T, W), else examples."""
+    return (t.flatten(0, 1) if t.dim() == 3 else t.flatten(1)).float()
+
+
+def _stack_of(stack: Stack, blocks: list[nn.Module]) -> Stack:
+    return nn.Sequential(*blocks) if isinstance(stack, nn.Sequential) else nn.ModuleList(blocks)
+
+
+def _set_stack(model: nn.Module, name: str, stack: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attribute, stack)
+
+
+def _stack_length(model: nn.Module) -> dict:
+    name = getattr(model, "compress_depth_stack")  # noqa: B009 - a trait, typed as Tensor
+    return {"stack": name, "blocks": len(cast(Stack, model.get_submodule(name)))}
+
+
+@register_architecture_change("depth", capture=_stack_length, order=-1)  # before shapes
+def apply_depth(model: nn.Module, depth: dict) -> None:
+    """Shorten a freshly built model's stack to its saved length, in place (the blocks'
+    weights come after); ``depth`` may come from a file."""
+    name, blocks = str(depth.get("stack") or ""), depth.get("blocks")
+    stack = model.get_submodule(name) if name else None
+    if not isinstance(stack, (nn.Sequential, nn.ModuleList)) or type(blocks) is not int:
+        raise ValueError(f"depth {depth!r} is not a stack of the model's and a length")
+    if not 1 <= blocks <= len(stack):
+        raise ValueError(f"depth: {blocks} blocks of {name} (it has {len(stack)})")
+    _set_stack(model, name, _stack_of(stack, list(stack)[:blocks]))
+    set_traits(model, compress_depth_stack=name)
 
 
 # --------------------------------------------------------------------- shapes as data

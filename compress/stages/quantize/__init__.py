@@ -130,14 +130,17 @@ def _exporting_once(method: QuantizeFn) -> QuantizeFn:
     (ResNet-18: 2.6 s an export, 0.05 s a copy; the scan quantizes once per layer)."""
     if not (isinstance(method, functools.partial) and method.func is _int8_pt2e):
         return method
-    from compress.stages.quantize._pt2e import export_model
-
     graphs: dict[int, tuple[nn.Module, nn.Module | None]] = {}  # id(model): (model, graph)
 
     def quantize_exported_once(model, data, config, context=None):
         if method.keywords.get("mode") == "dynamic" and _per_token(model, data):
-            # no graph: torchao quantizes its layers in place
+            # No graph: torchao quantizes its layers in place. And no import of _pt2e:
+            # torchao's x86 quantizer registers inductor patterns for the whole process
+            # on import, and one of them lowers per-token INT8 to oneDNN's qlinear with a
+            # scale read back per call, which decoded a GPT 3x slower (700 tokens/s, 2,500).
             return method(model, data, config, context)
+        from compress.stages.quantize._pt2e import export_model
+
         if id(model) not in graphs:
             try:
                 graph = export_model(copy.deepcopy(model).cpu().eval(), data.example_input(2))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from compress.core.errors import ArtifactError
-from compress.core.modules import matching_modules
+from compress.core.modules import compile_module, matching_modules
 from compress.data import Data
 from compress.measure.counts import count_params
 from compress.models.artifact import (
@@ -54,7 +54,7 @@ class PerTokenInt8Model(nn.Module):
             "int8 weights and per-token int8 activations (torchao"
             f" Int8DynamicActivationInt8WeightConfig) in: {', '.join(layers) or 'no layer'}"
         ]
-        self._compiled = torch.compile(inner, dynamic=False)
+        self._compiled = compile_module(inner)
         self._shapes: set[torch.Size] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from compress.core import distributed
 from compress.core.errors import QuantizationError
-from compress.core.modules import matching_modules
+from compress.core.modules import compile_module, matching_modules
 from compress.core.registry import StageContext
 from compress.data import Data
 from compress.measure.counts import count_params
@@ -146,7 +146,7 @@ class QuantizedModel(nn.Module):
             return self.reference_module(x)
         compiled = self._compiled
         if compiled is None:
-            compiled = self._compiled = torch.compile(self.reference_module, dynamic=False)
+            compiled = self._compiled = compile_module(self.reference_module)
         if x.shape in self._shapes_compiled:
             return compiled(x)  # compiled already: no config patch on the hot path
         before = _int8_lowerings()

@@ -183,6 +183,12 @@ def test_depth_pruning_removes_the_least_influential_whole_blocks(tiny_text, tmp
     again = load(save(narrow, tmp_path / "narrow", ids))
     with torch.inference_mode():
         assert torch.equal(again(ids), narrow(ids))
+    # Quantized per token, it saves its shapes and depth too, and loads exactly.
+    int8 = quantize(narrow, tiny_text, method="int8_dynamic", goal="size")
+    loaded_int8 = load(save(int8, tmp_path / "narrow_int8", ids))
+    with torch.inference_mode():
+        assert len(loaded_int8.inner.blocks) == 3
+        assert torch.equal(loaded_int8.reference_module(ids), int8.reference_module(ids))
 
 
 def test_depth_pruning_says_what_it_cannot_remove(gpt, tiny_text):

@@ -27,6 +27,7 @@ from compress.core.modules import compile_module, matching_modules
 from compress.data import Data
 from compress.measure.counts import count_params
 from compress.models.artifact import (
+    architecture_changes,
     manifest_counts,
     read_weights,
     register_loader,
@@ -94,6 +95,7 @@ class PerTokenInt8Model(nn.Module):
             "spec": self.inner.compress_spec,
             "layers": self.layers,
             "param_counts": list(self.param_counts),
+            **architecture_changes(self.inner),  # pruned shapes and depth, rebuilt on load
         }
 
 

@@ -4,8 +4,9 @@ Runs the stage (structured pruning to 0.5x MACs by default) on a torchvision mod
 random weights and synthetic images in a child process whose memory guard
 (compress/core/memory.py) is given ``--cap-gib`` over what the process held before the stage;
 the parent reads the child's peak resident memory (VmHWM) when it ends. Prints one JSON
-line per model: whether the stage finished or the guard stopped it, the peak, the time and
-the guard's one line. The cap keeps the figure safe to take on a shared machine.
+line per model: whether the stage finished or the guard stopped it, the peak, the time, the
+MACs ratio reached, and the stage's first note or the guard's one line. The cap keeps the
+figure safe to take on a shared machine.
 
     python scripts/bench_memory.py [--models swin_t resnet18] [--image-size 224] [--cap-gib 8]
 """
@@ -34,8 +35,8 @@ data = build_data(
 )
 model = build_model(name, data=data)
 with memory_guard(f"prune (structured) of {name}", resident_bytes() + int(cap * 2**30)):
-    prune(model, data, method="structured", target_macs=0.5)
-print("pruned")
+    pruned = prune(model, data, method="structured", target_macs=0.5)
+print("pruned", pruned.stage_details["macs_ratio"], *pruned.notes, sep=chr(10))
 """
 
 
@@ -71,19 +72,19 @@ def main() -> None:
         )
         peak, out, err = peak_of(child)
         guard = [line for line in err.splitlines() if "out of memory" in line]
+        lines = out.splitlines()
+        pruned = lines[lines.index("pruned") + 1 :] if "pruned" in lines else []
         row = {
             "model": name,
             "stage": "prune structured, target_macs 0.5",
             "image_size": args.image_size,
             "cap_gib": args.cap_gib,
-            "outcome": "pruned"
-            if "pruned" in out
-            else "stopped by the guard"
-            if guard
-            else "failed",
+            "outcome": "pruned" if pruned else "stopped by the guard" if guard else "failed",
+            "macs_ratio": round(float(pruned[0]), 3) if pruned else None,
             "peak_gib": round(peak, 2),
             "seconds": round(time.perf_counter() - started, 1),
-            "message": (guard or err.strip().splitlines()[-1:] or [""])[0][:300],
+            # The stage's notes where it pruned (what it left), else the guard's or last line.
+            "message": (pruned[1:] or guard or err.strip().splitlines()[-1:] or [""])[0][:300],
         }
         print(json.dumps(row), flush=True)
 

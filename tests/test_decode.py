@@ -3,6 +3,7 @@ every runtime), the weight-only INT8/INT4 kernels and torchao's per-token INT8 t
 Linear layers in both forward and decode, structured pruning that removes whole heads, and
 a speed check that a language model passes by its decoding."""
 
+import copy
 import itertools
 import subprocess
 import sys
@@ -21,11 +22,13 @@ from compress.measure.decode import (
     has_decoder,
     tokens_per_second,
 )
+from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel, export
 from compress.models.artifact import load, save
 from compress.models.build import build_model
 from compress.spec.recipe import ModelConfig, parse_stage_options
 from compress.stages.prune import prune
 from compress.stages.quantize import PerTokenInt8Model, quantize
+from compress.stages.quantize._smooth import smooth
 from compress.stages.quantize._speed import _decoding
 from tests.conftest import TINY_TEXT
 
@@ -223,6 +226,15 @@ def test_int8_dynamic_on_a_gpt_is_per_token_and_its_decoding_runs_int8(gpt, tiny
     loaded = load(save(quantized, tmp_path / "int8", tiny_text.example_input(2)))
     with torch.inference_mode():
         assert torch.equal(loaded.reference_module(ids), logits)
+    # Exported as its int8 codes, one per weight, which each runtime's own dynamic INT8
+    # runs: the same logits but for activations rounded per block there.
+    exported = export(quantized, tmp_path / "int8.onnx", "onnx", tiny_text.example_input(1))
+    runtime = OnnxRuntimeModel(exported, 1)
+    assert runtime.precision == "float32 (int8 weights)"
+    assert sqnr_db(logits, runtime(ids)) >= 30.0
+    step = decoding_step(quantized, "openvino", threads=1, folder=tmp_path / "openvino")
+    decoded = torch.from_numpy(_decoded_logits(step, quantized, ids[:1, :8]))
+    assert sqnr_db(logits[:1, :8], decoded) >= 25.0
 
 
 def test_per_token_int8_with_its_fallback_leaves_inductors_lowering_alone():
@@ -269,3 +281,119 @@ def test_the_speed_check_of_a_model_that_decodes_is_its_decoding():
     faster, check, said = _decoding(timed("openvino", 2.0), paired, "m")  # the rounds decide
     assert faster and check["interval"] == [1.1, 1.4] and "1.20x [1.10, 1.40]" in said
     assert _decoding(untimed, timed("inductor", 1.0), "m") is None
+
+
+def _input_peaks(model, data, layer: str, batches: int) -> torch.Tensor:
+    peaks = []
+    hook = model.get_submodule(layer).register_forward_pre_hook(
+        lambda m, args: peaks.append(args[0].abs().reshape(-1, args[0].shape[-1]).amax(0))
+    )
+    with torch.no_grad():
+        for _, (inputs, _targets) in zip(range(batches), data.loader("calibration"), strict=False):
+            model(inputs)
+    hook.remove()
+    return torch.stack(peaks).amax(0)
+
+
+def test_smoothquant_moves_an_outlier_channel_into_the_weights(gpt, tiny_text):
+    outlier = copy.deepcopy(gpt)
+    with torch.no_grad():  # one channel 40x the others' range, as in large transformers
+        for block in outlier.blocks:
+            block.norm1.weight[5] *= 40.0
+    smoothed, note = smooth(outlier, tiny_text, alpha=0.5, batches=2)
+    assert note.startswith("smoothquant (α = 0.5): 9 Linear layers behind 5 norms smoothed")
+    ids = tiny_text.example_input(4)
+    with torch.no_grad():
+        assert torch.allclose(smoothed(ids), outlier(ids), atol=1e-4)
+    # s_j = max|X_j|^α / max|W_:,j|^(1-α), the weight's maximum over q, k and v together.
+    peaks = _input_peaks(outlier, tiny_text, "blocks.0.attention.query", 2)
+    attention = outlier.blocks[0].attention
+    weights = torch.stack(
+        [m.weight.abs().amax(0) for m in (attention.query, attention.key, attention.value)]
+    )
+    factor = peaks.sqrt() / weights.amax(0).sqrt()
+    expected = attention.query.weight * factor
+    assert torch.allclose(smoothed.blocks[0].attention.query.weight, expected, rtol=1e-5)
+    after = _input_peaks(smoothed, tiny_text, "blocks.0.attention.query", 2)
+    assert after.max() / after.median() < 0.5 * (peaks.max() / peaks.median())
+    # Per-tensor static INT8 of the activations keeps more of the logits once smoothed.
+    options = {"method": "int8_static", "goal": "size", "calibration_batches": 2}
+    plain = quantize(outlier, tiny_text, **options)
+    with_smoothing = quantize(outlier, tiny_text, **options, smoothquant=0.5)
+    assert any(n.startswith("smoothquant") for n in with_smoothing.notes)
+    with torch.no_grad():
+        reference = outlier(ids)
+        assert sqnr_db(reference, with_smoothing(ids)) > sqnr_db(reference, plain(ids)) + 3.0
+
+
+class _NormTwice(torch.nn.Module):
+    """One norm feeds a Linear only; the other's output is also added back (not a Linear's
+    input alone), so that dividing it by a factor would change the function."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(84, 16)
+        self.clean, self.shared = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+        self.first, self.second = torch.nn.Linear(16, 16), torch.nn.Linear(16, 84)
+
+    def forward(self, ids):
+        x = self.first(self.clean(self.embed(ids)))
+        y = self.shared(x)
+        return self.second(y) + y.sum(-1, keepdim=True)
+
+
+def test_smoothquant_leaves_a_norm_whose_output_goes_elsewhere(tiny_text):
+    torch.manual_seed(0)
+    model = _NormTwice().eval()
+    with torch.no_grad():
+        model.clean.weight.uniform_(0.5, 3.0)
+        model.shared.weight.uniform_(0.5, 3.0)
+    smoothed, note = smooth(model, tiny_text, alpha=0.5, batches=1)
+    assert "1 Linear layers behind 1 norms smoothed" in note and note.endswith(": shared")
+    assert not torch.equal(smoothed.clean.weight, model.clean.weight)
+    assert torch.equal(smoothed.shared.weight, model.shared.weight)
+    assert torch.equal(smoothed.second.weight, model.second.weight)
+    ids = tiny_text.example_input(2)
+    with torch.no_grad():
+        assert torch.allclose(smoothed(ids), model(ids), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "method, options, max_size",
+    [("int4_weight_only", {"group_size": 32}, 0.5), ("int8_weight_only", {}, 0.55)],
+)
+def test_weight_only_models_export_their_codes_to_both_runtimes(
+    method, options, max_size, gpt, tiny_text, tmp_path
+):
+    import onnx
+
+    quantized = quantize(gpt, tiny_text, method=method, **options)
+    ids = tiny_text.example_input(2)
+    with torch.inference_mode():
+        logits = quantized(ids)
+    float_file = export(gpt, tmp_path / "float.onnx", "onnx", tiny_text.example_input(1))
+    onnx_file = export(quantized, tmp_path / "codes.onnx", "onnx", tiny_text.example_input(1))
+    graph = onnx.load(str(onnx_file)).graph
+    dequantized = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantized) == len(quantized.packed) == 13  # every Linear, the head's too
+    float_weights = [i for i in graph.initializer if i.data_type == 1 and len(i.dims) == 2]
+    linear_shapes = {(64, 64), (64, 256), (256, 64), (64, 84)}  # as MatMul takes them: K x N
+    assert not {tuple(i.dims) for i in float_weights} & linear_shapes  # scales, embeddings
+    assert onnx_file.stat().st_size <= max_size * float_file.stat().st_size
+    # Each runtime runs the codes in its own weight-only kernel (activations rounded per
+    # block there): the logits stay the model's, within that rounding.
+    for runtime, stem in (("onnxruntime", "codes.onnx"), ("openvino", "codes.xml")):
+        path = onnx_file if runtime == "onnxruntime" else tmp_path / stem
+        if runtime == "openvino":
+            export(quantized, path, "openvino", tiny_text.example_input(1))
+            assert path.with_suffix(".bin").stat().st_size <= max_size * float_file.stat().st_size
+        model = (OnnxRuntimeModel if runtime == "onnxruntime" else OpenVinoModel)(path, 1)
+        assert model.precision.endswith(f"(int{quantized.bits} weights)")  # said in the report
+        assert sqnr_db(logits, model(ids)) >= 30.0
+        step = decoding_step(quantized, runtime, threads=1, folder=tmp_path / runtime)
+        assert (
+            sqnr_db(logits[:1, :8], torch.from_numpy(_decoded_logits(step, quantized, ids[:1, :8])))
+            >= 30.0
+        )
+    decoder = onnx.load(str(tmp_path / "onnxruntime" / "decoder.onnx")).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in decoder.node) == 13

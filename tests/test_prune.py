@@ -286,3 +286,30 @@ def test_iterative_steps_reach_the_same_ratio_in_steps(synthetic):
     channels = [[r["channels_after"] for r in m.stage_details["layers"]] for m in (once, stepped)]
     assert channels[0] == channels[1]
     assert sum(channels[0]) < 0.6 * sum(r["channels_before"] for r in once.stage_details["layers"])
+
+
+def test_a_model_with_linear_layers_on_image_grids_prunes_its_mlps_hidden_channels(synthetic):
+    # Swin keeps tokens as a channels-last grid; torch-pruning's groups through its residual
+    # stream grow past 8 GiB at 224 px (scripts/bench_memory.py): only MLPs' hidden
+    # channels go, whose groups hold their two Linear layers alone.
+    model = _model("swin_t")
+    pruned = prune(model, synthetic, method="structured", ratio=0.5)
+    assert pruned.notes[0].startswith("only the hidden channels of 12 MLPs pruned")
+    changed = {
+        r["layer"]
+        for r in pruned.stage_details["layers"]
+        if r["channels_after"] < r["channels_before"]
+    }
+    assert changed and all(name.endswith("mlp.0") for name in changed)
+    for name, module in pruned.named_modules():
+        before = model.get_submodule(name)
+        if name.endswith("mlp.3"):  # the pair's second layer loses the same inputs
+            hidden = pruned.get_submodule(name.removesuffix("3") + "0").out_features
+            assert module.in_features == hidden < before.in_features
+        elif isinstance(module, PRUNABLE) and not name.endswith("mlp.0"):
+            assert module.weight.shape == before.weight.shape, name
+    x = synthetic.example_input(2)
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
+    # Less: at 28 px attention runs on windows padded to 7x7 and outweighs the MLPs.
+    assert count_flops(pruned, x) < count_flops(model, x)

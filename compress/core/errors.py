@@ -6,6 +6,8 @@ line naming what is wrong, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import re
+
 
 class UsageError(ValueError):
     """Something the user gave is not valid: a recipe key, an option, a path, a folder."""
@@ -57,3 +59,13 @@ class PruningError(CompressError):
 
 class ExportError(CompressError):
     """A model that cannot be exported to, or run in, a deployment runtime."""
+
+
+def first_line(error: BaseException) -> str:
+    """The most telling line of a long error: its root cause's first, without colours."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines():
+        if line.strip() and not line.startswith(("Traceback", "[torch.onnx]")):
+            return line.strip()[:300]
+    return type(error).__name__

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.core.errors import ExportError
+from compress.core.errors import ExportError, first_line
 from compress.core.modules import compile_module
 from compress.core.stats import median_interval
-from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel, first_line, quiet_exporter
+from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel, quiet_exporter
 from compress.measure.latency import ROUND_WARMUP_S
+from compress.measure.onnx_rewrite import WeightCodes, finish_export
 
 DECODE_RUNTIMES = ("torch", "inductor", "onnxruntime", "openvino")
 # (ids, position, cache) -> (logits, cache): the cache updated in place with the step's
@@ -67,9 +68,12 @@ def decoding_step(model: nn.Module, runtime: str, threads: int, folder: Path) ->
     if isinstance(reason, str):
         raise ExportError(f"{type(model).__name__} does not export: {reason}")
     exported = getattr(model, "export_module", None)  # its exportable form, where it has one
+    codes = ()
     if callable(exported):
-        decoder = exported().decoder().eval()
-    return onnx_step(export_decoder(decoder, folder / "decoder.onnx"), runtime, threads)
+        module = exported()
+        decoder, codes = module.decoder().eval(), getattr(module, "onnx_weight_codes", ())
+    path = export_decoder(decoder, folder / "decoder.onnx", codes)
+    return onnx_step(path, runtime, threads)
 
 
 def onnx_step(path: Path, runtime: str, threads: int) -> Step:
@@ -144,9 +148,9 @@ def tokens_per_second(step: Step, cache: np.ndarray, prompt: int, new_tokens: in
     return new_tokens / (time.perf_counter() - start)
 
 
-def export_decoder(decoder: nn.Module, path: Path) -> Path:
+def export_decoder(decoder: nn.Module, path: Path, codes: Sequence[WeightCodes] = ()) -> Path:
     """Write the decoding step as ONNX: inputs ids, position, cache; outputs logits and the
-    step's keys and values."""
+    step's keys and values. ``codes``: weights the file stores as codes (weight-only models)."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +175,11 @@ def export_decoder(decoder: nn.Module, path: Path) -> Path:
         raise ExportError(f"the decoding step does not export: {first_line(error)}") from None
     if program is None:
         raise ExportError("the decoding step does not export: no program")
-    program.save(str(path))
+    import onnx
+
+    proto = program.model_proto  # a new copy at each access: edit this one
+    finish_export(proto, codes)
+    onnx.save_model(proto, str(path))
     return path
 
 

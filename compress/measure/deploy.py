@@ -6,11 +6,9 @@ OpenVINO, or PyTorch with inductor), so the shared evaluator measures every depl
 with the same code. onnx, onnxscript, onnxruntime and openvino are the optional extra
 ``compress[deploy]``; without them the evaluator measures PyTorch alone and says so.
 
-INT8 graphs export as QuantizeLinear/DequantizeLinear (QDQ) around Conv/Gemm, the form
-both runtimes fuse into integer kernels. ONNX Runtime fuses a Conv only when *every*
-input comes from a DequantizeLinear, the bias included, so a float bias is stored as
-int32 at scale ``input_scale * weight_scale`` (as ONNX Runtime's own quantizer does).
-"""
+INT8 graphs export as QDQ around Conv/Gemm, the form both runtimes fuse into integer
+kernels; ``onnx_rewrite.finish_export`` adds what the exporter does not (int32 biases,
+dynamic INT8's form, a weight-only model's codes)."""
 
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ import importlib.util
 import io
 import logging
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,14 +27,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.core.errors import ExportError
+from compress.core.errors import ExportError, first_line
 from compress.core.modules import compile_module
 from compress.core.traits import traits
 from compress.measure.onnx_rewrite import (
-    dynamic_matmuls,
     dynamic_quantization_translations,
+    finish_export,
     onnx_precision,
-    quantize_biases,
 )
 from compress.models.artifact import MAX_BATCH, recorded_input  # the batches saved ones take
 from compress.models.detector import SplitDetector, split_detector
@@ -266,8 +262,15 @@ class OpenVinoModel(nn.Module):
         self.request = compiled.create_infer_request()
         self.file = Path(path)
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if any(op.get_type_name() == "FakeQuantize" for op in graph.get_ops()):
+        ops = graph.get_ops()
+        codes = {
+            o.get_element_type().get_type_name() for o in ops if o.get_type_name() == "Constant"
+        }
+        if any(op.get_type_name() == "FakeQuantize" for op in ops):
             self.precision = f"int8, the rest {self.precision}"
+        elif codes & {"u4", "i8"}:  # a weight-only model's codes
+            bits = 4 if "u4" in codes else 8
+            self.precision = f"{self.precision} (int{bits} weights)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shared buffers: OpenVINO reads the input in place and the output is copied once
@@ -356,8 +359,7 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
     if program is None:
         raise ExportError(f"{type(model).__name__} does not export to ONNX: no program")
     proto = program.model_proto  # a new copy at each access: edit this one
-    dynamic_matmuls(proto)
-    quantize_biases(proto)
+    finish_export(proto, getattr(module, "onnx_weight_codes", ()))
     onnx.save_model(proto, str(path))
 
 
@@ -386,13 +388,3 @@ def quiet_exporter():
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
-
-
-def first_line(error: BaseException) -> str:
-    """The most telling line of a long error: its root cause's first, without colours."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines():
-        if line.strip() and not line.startswith(("Traceback", "[torch.onnx]")):
-            return line.strip()[:300]
-    return type(error).__name__

@@ -6,6 +6,8 @@ graph computes in (:func:`onnx_precision`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,15 @@ def dynamic_quantization_translations() -> dict:
         ops.quantize_per_tensor.tensor: quantize,
         ops.dequantize_per_tensor.tensor: dequantize,
     }
+
+
+def finish_export(model, weight_codes: Sequence[WeightCodes] = ()) -> None:
+    """What every exported ONNX graph gets before it is saved: dynamic INT8 in ONNX's form,
+    int32 biases of quantized layers, and a weight-only model's codes in place of its
+    float weights (each rewrite leaves a graph without its pattern as it is)."""
+    dynamic_matmuls(model)
+    quantize_biases(model)
+    weight_code_matmuls(model, weight_codes)
 
 
 def dynamic_matmuls(model) -> int:
@@ -205,8 +216,103 @@ def quantize_biases(model) -> int:
     return len(added)
 
 
+@dataclass(frozen=True)
+class WeightCodes:
+    """A Linear weight stored as integer codes: ``(codes - zeros) * scales`` per group of
+    ``group`` inputs (INT8: one group, no zeros), and the float weight they stand for. What
+    a weight-only model hands the exporter, so that its ONNX file holds the codes."""
+
+    bits: int  # 4 (codes 0..15, unsigned) or 8 (codes -127..127, signed)
+    codes: np.ndarray  # (out, in), one code per element
+    scales: np.ndarray  # (out, groups), float32
+    zeros: np.ndarray | None  # (out, groups) codes, or None for symmetric codes
+    group: int  # inputs per scale
+    weight: np.ndarray  # (out, in) float32: the float weight the exported file holds
+
+
+def weight_code_matmuls(model, weights: Sequence[WeightCodes]) -> int:
+    """Store each MatMul's constant weight that is one of ``weights`` (as the exporter
+    folded it: transposed, float) as its codes behind a DequantizeLinear; returns how many.
+
+    INT8 codes are per output channel (``axis=1`` of the K x N weight); INT4 codes are
+    ``uint4`` in blocks of ``group`` inputs (opset 21's blocked DequantizeLinear), the form
+    ONNX Runtime fuses into its 4-bit ``MatMulNBits`` kernel and OpenVINO keeps compressed.
+    The float file's weights are matched by value, so any exporter's names do.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    by_value = {}  # (shape, bytes) -> (codes, transposed): K x N for MatMul, N x K for Gemm
+    for codes in weights:
+        for transposed in (True, False):
+            folded = np.ascontiguousarray(codes.weight.T if transposed else codes.weight)
+            by_value[(folded.shape, folded.tobytes())] = (codes, transposed)
+    values = {i.name: i for i in graph.initializer}
+    added: list = []
+    four_bit = False
+    for node in graph.node:
+        initializer = values.get(node.input[1]) if node.op_type in ("MatMul", "Gemm") else None
+        if initializer is None or initializer.data_type != TensorProto.FLOAT:
+            continue
+        weight = np.ascontiguousarray(numpy_helper.to_array(initializer))
+        found = by_value.get((weight.shape, weight.tobytes()))
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        if found is None or (node.op_type == "Gemm" and trans_b == found[1]):
+            continue
+        codes, transposed = found
+        name = f"{initializer.name}_codes{len(added)}"
+        orient = (lambda a: a.T) if transposed else (lambda a: a)
+        out_axis = 1 if transposed else 0
+        inputs = [name, f"{name}_scale"]
+        if codes.bits == 8:
+            stored = [
+                numpy_helper.from_array(
+                    np.ascontiguousarray(orient(codes.codes).astype(np.int8)), name
+                ),
+                numpy_helper.from_array(codes.scales.reshape(-1).astype(np.float32), inputs[1]),
+            ]
+            attributes = {"axis": out_axis}
+        else:
+            assert codes.zeros is not None, "4-bit codes are asymmetric"
+            stored = [
+                _uint4(name, orient(codes.codes)),
+                numpy_helper.from_array(
+                    np.ascontiguousarray(orient(codes.scales).astype(np.float32)), inputs[1]
+                ),
+                _uint4(f"{name}_zero", orient(codes.zeros)),
+            ]
+            inputs.append(f"{name}_zero")
+            attributes = {"axis": 1 - out_axis, "block_size": codes.group}
+            four_bit = True
+        graph.initializer.extend(stored)
+        node.input[1] = f"{name}_float"
+        added.append(helper.make_node("DequantizeLinear", inputs, [node.input[1]], **attributes))  # type: ignore[arg-type]
+    if added:  # the new nodes read initializers only: first in the graph is in order
+        nodes = added + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_dead_nodes(graph)  # the float weights
+    if four_bit:  # blocked and 4-bit DequantizeLinear came with opset 21
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, 21)
+    return len(added)
+
+
+def _uint4(name: str, values: np.ndarray):
+    """A uint4 initializer: two codes per byte, the first in the low half."""
+    from onnx import TensorProto, helper
+
+    flat = values.astype(np.uint8).reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.UINT4, values.shape, packed.tobytes(), raw=True)
+
+
 def onnx_precision(path: str | Path) -> str:
-    """What an ONNX file computes in: int8 (QDQ or dynamic), float16 or float32.
+    """What an ONNX file computes in: int8 (QDQ or dynamic), float16 or float32, with
+    "(int4 weights)" or "(int8 weights)" where weights alone are codes.
 
     Example:
         >>> onnx_precision("runs/resnet_int8/quantize.onnx")
@@ -220,4 +326,8 @@ def onnx_precision(path: str | Path) -> str:
         return "int8"
     if any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer):
         return "float16"
+    types = {i.data_type for i in graph.initializer}
+    for code, bits in ((onnx.TensorProto.UINT4, 4), (onnx.TensorProto.INT8, 8)):
+        if "DequantizeLinear" in ops and code in types:
+            return f"float32 (int{bits} weights)"
     return "float32"

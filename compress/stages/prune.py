@@ -306,6 +306,7 @@ def _structured(
     heads = _head_options(net, ratio)
     if heads:  # the residual width, tied to the embedding tables, stays
         ignored += [n for n, m in net.named_modules() if isinstance(m, nn.Embedding)]
+    ignored, grid_note = _grid_restriction(net, example, ignored)
     try:
         pruner = tp.pruner.BasePruner(
             net,
@@ -336,7 +337,7 @@ def _structured(
     mark_changed(model, "shapes")
     macs_ratio = count_flops(net, example) / base_flops
     details = {"layers": layer_table(original, model), "macs_ratio": macs_ratio}
-    set_traits(model, stage_details=details, notes=[])
+    set_traits(model, stage_details=details, notes=[grid_note] if grid_note else [])
     if not searching and asked > config.max_layer_ratio:
         add_note(
             model,
@@ -356,6 +357,74 @@ def _structured(
             " the baseline's",
         )
     return model
+
+
+# Modules an MLP's hidden channels pass through one for one, between its two Linear layers.
+_CHANNELWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Dropout, nn.Identity)
+
+
+def _grid_restriction(
+    model: nn.Module, example: torch.Tensor, ignored: list[str]
+) -> tuple[list[str], str | None]:
+    """The layers to leave whole, and a note: for a model that runs Linear layers on image
+    grids, every layer but its MLPs' first (their hidden channels); else as given."""
+    if not _linear_on_grids(model, example):
+        return ignored, None
+    pairs = _hidden_pairs(model, example, ignored)
+    whole = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in pairs]
+    return whole, (
+        f"only the hidden channels of {len(pairs)} MLPs pruned: the model runs Linear"
+        " layers on channels-last image grids (Swin, MaxViT), whose reshapes"
+        " torch-pruning maps channel by position (its groups grew past 8 GiB on swin_t)"
+    )
+
+
+def _linear_on_grids(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether a Linear layer runs on a 4-D activation: tokens kept as a channels-last image
+    grid (Swin's and MaxViT's windows), not a sequence."""
+    seen: list[int] = []
+
+    def record(_name, module):
+        if isinstance(module, nn.Linear):
+            return lambda _m, args, _output: seen.append(args[0].dim())
+        return None
+
+    forward_with_hooks(model, example, record)
+    return 4 in seen
+
+
+def _hidden_pairs(model: nn.Module, example: torch.Tensor, ignored: list[str]) -> list[str]:
+    """The Linear layers whose output reaches another Linear through channelwise modules
+    alone (an MLP's first layer), and whose torch-pruning group of one channel holds just
+    the two: found by following tensors, since the groups of every Linear through a
+    grid model's residual stream grow without bound."""
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(tensor): (first Linear, tensor)
+    candidates: set[str] = set()
+
+    def follow(name, module):
+        def hook(_m, args, output):
+            source = produced.get(id(args[0]))
+            if isinstance(module, nn.Linear):
+                if source is not None:
+                    candidates.add(source[0])
+                produced[id(output)] = (name, output)
+            elif source is not None:
+                produced[id(output)] = (source[0], output)
+
+        return hook if isinstance(module, (nn.Linear, *_CHANNELWISE)) else None
+
+    forward_with_hooks(model, example, follow)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    names = {module: name for name, module in model.named_modules()}
+    pairs = []
+    for name in sorted(candidates - set(ignored)):
+        module = model.get_submodule(name)
+        if module not in graph.module2node:
+            continue
+        group = graph.get_pruning_group(module, tp.prune_linear_out_channels, idxs=[0])
+        if len({names[d.target.module] for d, _ in group if d.target.module in names}) == 2:
+            pairs.append(name)
+    return pairs
 
 
 def _what_to_prune(model: nn.Module, data: Data, config: PruneConfig):

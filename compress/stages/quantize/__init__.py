@@ -16,6 +16,7 @@ from torch import nn
 
 from compress.core.errors import QuantizationError
 from compress.core.registry import StageContext, register_stage
+from compress.core.traits import add_note
 from compress.data import Data
 from compress.measure.decode import has_decoder
 from compress.models.artifact import MAX_BATCH, register_loader
@@ -33,6 +34,7 @@ from compress.stages.quantize._sensitivity import (
     layer_sensitivity,
     quantize_with_fallback,
 )
+from compress.stages.quantize._smooth import smooth
 from compress.stages.quantize._speed import only_if_faster
 from compress.stages.quantize._weight_only import WeightOnlyModel, weight_only
 
@@ -188,12 +190,17 @@ def quantize(
     """
     method = QUANTIZE_METHODS[config.method]
     trainings_before = len(context.budget)
+    given, smoothing = model, None
+    if config.smoothquant is not None:
+        model, smoothing = smooth(model, data, config.smoothquant, config.calibration_batches)
     if config.max_accuracy_drop is not None and config.method in FALLBACK_METHODS:
         quantized = quantize_with_fallback(model, data, config, _exporting_once(method))
     else:
         quantized = method(model, data, config, context)
+    if smoothing is not None:
+        add_note(quantized, smoothing)
     if config.method in INT8_METHODS and config.goal == "speed":
-        return only_if_faster(model, quantized, data, config.method, context, trainings_before)
+        return only_if_faster(given, quantized, data, config.method, context, trainings_before)
     return quantized
 
 

@@ -11,6 +11,7 @@ from compress.spec.recipe import TrainConfig
 # How a quantization-aware fine-tune trains by default: short, gentle, from the trained model.
 QAT_TRAINING: dict[str, Any] = {"epochs": 1, "lr": 1e-3, "schedule": "cosine", "weight_decay": 0.0}
 STATIC = ("int8_static",)
+SMOOTHABLE = ("int8_static", "int8_dynamic")  # activations quantized: outliers matter
 # Methods whose accuracy can be traded back layer by layer (they honour `skip`, cheaply).
 FALLBACK_METHODS = ("int8_static", "int8_dynamic", "int4_weight_only", "int8_weight_only")
 INT8_METHODS = ("int8_static", "int8_dynamic", "int8_qat")
@@ -34,7 +35,8 @@ class QuantizeConfig(Config):
         "int4_weight_only",
         "int8_weight_only",
     ] = "int8_static"
-    calibration_batches: int = option(16, min=1, methods=STATIC)  # of data.eval_batch_size
+    # Batches of data.eval_batch_size that static INT8's observers and SmoothQuant read.
+    calibration_batches: int = option(16, min=1, methods=SMOOTHABLE)
     # Activation range estimator: histogram (torchao's x86 default, minimises the L2 error),
     # minmax, moving_average (of per-batch min/max), percentile (clips outliers).
     observer: Literal["minmax", "moving_average", "histogram", "percentile"] = option(
@@ -45,6 +47,10 @@ class QuantizeConfig(Config):
     # One weight scale per output channel; false gives all channels one scale (per-tensor
     # numbers, still the fast per-channel kernels).
     per_channel: bool = option(True, methods=STATIC)
+    # SmoothQuant's migration strength α (0-1): each input channel of a Linear behind a norm
+    # is divided by max|X|^α / max|W|^(1-α), folded into the norm, before INT8 (for
+    # transformers whose activations have outlier channels); null: off.
+    smoothquant: float | None = option(None, min=0.0, max=1.0, methods=SMOOTHABLE)
     # Activations' zero point fixed mid-range (else fitted to the range).
     symmetric: bool = option(False, methods=STATIC)
     # Layers kept in float: dotted module names, or "re:<regex>" patterns ("re:layer4\..*").

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from compress.core.errors import ArtifactError
 from compress.core.modules import compile_module, matching_modules
 from compress.data import Data
 from compress.measure.counts import count_params
+from compress.measure.onnx_rewrite import WeightCodes
 from compress.models.artifact import (
     architecture_changes,
     manifest_counts,
@@ -44,7 +45,6 @@ class PerTokenInt8Model(nn.Module):
 
     compute_dtype = "int8 (per-token dynamic)"
     cpu_only = True  # the x86 INT8 lowering; measured on the CPU
-    not_exportable = "torchao's INT8 weights have no ONNX form; it runs in PyTorch, compiled"
 
     def __init__(self, inner: nn.Module, layers: list[str], param_counts: tuple[int, int]):
         super().__init__()
@@ -53,7 +53,10 @@ class PerTokenInt8Model(nn.Module):
         self.reference_module = inner  # counted eagerly; what runs is compiled
         self.notes = [
             "int8 weights and per-token int8 activations (torchao"
-            f" Int8DynamicActivationInt8WeightConfig) in: {', '.join(layers) or 'no layer'}"
+            f" Int8DynamicActivationInt8WeightConfig) in: {', '.join(layers) or 'no layer'}",
+            "exported as the same int8 weight codes: ONNX Runtime runs them in MatMulNBits"
+            " and OpenVINO in its FullyConnected, each rounding activations to INT8 per"
+            " block of 32 inputs (its own dynamic quantization, finer than per token)",
         ]
         self._compiled = compile_module(inner)
         self._shapes: set[torch.Size] = set()
@@ -71,6 +74,22 @@ class PerTokenInt8Model(nn.Module):
         # torchao's INT8 weights cannot be swapped by .cpu() / .to(): on the CPU already,
         # where their kernels run, the model stays as it is.
         return self
+
+    def export_module(self) -> nn.Module:
+        """What the exporter traces: the inner model with float Linear layers holding the
+        dequantized INT8 weights, and the codes (``onnx_weight_codes``) the file stores."""
+        plain = _float_copy(self.inner, self.layers)
+        weight_codes = []
+        for name in self.layers:
+            codes, scales = _int8_parts(self.inner.get_submodule(name))
+            dequantized = cast(nn.Linear, plain.get_submodule(name)).weight.detach().numpy()
+            weight_codes.append(
+                WeightCodes(
+                    8, codes.numpy(), scales.numpy(), None, dequantized.shape[1], dequantized
+                )
+            )
+        plain.onnx_weight_codes = weight_codes  # type: ignore[assignment]  # for the exporter
+        return plain
 
     def decoder(self) -> nn.Module:
         """The inner model's decoding step, on the same INT8 layers."""
@@ -97,6 +116,29 @@ class PerTokenInt8Model(nn.Module):
             "param_counts": list(self.param_counts),
             **architecture_changes(self.inner),  # pruned shapes and depth, rebuilt on load
         }
+
+
+def _int8_parts(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchao INT8 weight's codes (out, in) and float scales (out, 1)."""
+    weight: Any = linear.weight
+    return weight.qdata, weight.scale.float().reshape(-1, 1)
+
+
+def _float_copy(inner: nn.Module, layers: list[str]) -> nn.Module:
+    """A copy of ``inner`` whose INT8 Linear layers are float ones holding the dequantized
+    weights (codes times scales, exactly what the INT8 matmul multiplies by)."""
+    swapped = {}
+    for name in layers:
+        linear = cast(nn.Linear, inner.get_submodule(name))
+        plain = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None)
+        with torch.no_grad():
+            codes, scales = _int8_parts(linear)
+            plain.weight.copy_(codes.float() * scales)
+            if linear.bias is not None:
+                plain.bias.copy_(linear.bias)
+        swapped[name] = plain
+    memo = {id(inner.get_submodule(name)): module for name, module in swapped.items()}
+    return copy.deepcopy(inner, memo)
 
 
 def _quantize_in_place(model: nn.Module, layers: list[str]) -> None:

@@ -10,8 +10,10 @@ INT8 codes are symmetric per output channel (an FP32 scale each) and run in
 ``aten._weight_int8pack_mm``. Activations stay float: these methods shrink the weights
 and the memory traffic of small batches (decoding), not the arithmetic.
 
-Export (ONNX Runtime, OpenVINO) sees the dequantized float weights: those runtimes time
-the float arithmetic, and the report says so.
+Exported (ONNX Runtime, OpenVINO), the file holds the same codes behind a DequantizeLinear
+per layer (INT4 as opset 21's blocked ``uint4``): ONNX Runtime fuses each into its
+``MatMulNBits`` kernel (accuracy level 4: activations rounded to INT8 per block), OpenVINO
+keeps the weights compressed in its FullyConnected; the report scores each runtime.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from compress.core.errors import ArtifactError
 from compress.core.modules import matching_modules
 from compress.data import Data
 from compress.measure.counts import count_params
+from compress.measure.onnx_rewrite import WeightCodes
 from compress.models.artifact import (
     manifest_counts,
     read_weights,
@@ -113,7 +116,9 @@ class WeightOnlyModel(nn.Module):
         self.notes = [
             f"int{bits} weights run in {INT4_KERNEL if bits == 4 else INT8_KERNEL}"
             f" (activations float): {', '.join(kernel) or 'no layer'}",
-            "exported to ONNX Runtime or OpenVINO, the weights run dequantized to float",
+            f"exported as the same int{bits} codes: ONNX Runtime runs them in MatMulNBits"
+            " (activations rounded to INT8 per block), OpenVINO in its compressed-weight"
+            " FullyConnected",
         ]
         if dequantized:
             self.notes.append(
@@ -127,8 +132,8 @@ class WeightOnlyModel(nn.Module):
         return self.inner(x)
 
     def export_module(self) -> nn.Module:
-        """What ONNX Runtime and OpenVINO get: the inner model with the dequantized weights
-        as plain Linear layers (no weight-only kernel of theirs takes these codes)."""
+        """What the exporter traces: the inner model with the dequantized weights as plain
+        Linear layers, and the codes (``onnx_weight_codes``) that the file stores instead."""
         plain = copy.deepcopy(self.inner)
         for name, codes in self.packed.items():
             packed = plain.get_submodule(name)
@@ -139,6 +144,8 @@ class WeightOnlyModel(nn.Module):
                     if packed.bias is not None:
                         linear.bias.copy_(packed.bias)
                 _set_submodule(plain, name, linear)
+        weight_codes = [_weight_codes(c) for c in self.packed.values()]
+        plain.onnx_weight_codes = weight_codes  # type: ignore[assignment]  # for the exporter
         return plain
 
     def decoder(self) -> nn.Module:
@@ -170,6 +177,17 @@ class WeightOnlyModel(nn.Module):
             "group_size": self.group_size,
             "param_counts": list(self.param_counts),
         }
+
+
+def _weight_codes(codes: dict) -> WeightCodes:
+    """The codes as the ONNX rewrite stores them, with the float weight they stand for."""
+    weight = dequantize(codes).numpy()
+    if "int8" in codes:
+        scales = codes["int8_scales"].float().numpy()[:, None]
+        return WeightCodes(8, codes["int8"].numpy(), scales, None, weight.shape[1], weight)
+    group = codes["shape"][2]
+    scales, zeros = codes["scales"].float().numpy(), codes["zeros"].numpy()
+    return WeightCodes(4, _unpack_int4(codes).numpy(), scales, zeros, group, weight)
 
 
 def _fits_kernel(codes: dict, bits: int) -> bool:

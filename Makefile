@@ -12,7 +12,7 @@ RECIPE ?= recipes/resnet_int8.yaml
 # as written.
 QUICK ?= --set train.epochs=0 --set train.max_steps=600 --set train.lr=0.1 \
 	--set train.label_smoothing=0 --set train.augment=none
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15  # the slowest tests, printed: the suite must stay under ~15 min on 2 cores
 # `make experiments`: which recipes, where their runs go (one new folder per call), where
 # the summary goes. E.g. make experiments RECIPES="recipes/resnet_int8.yaml recipes/resnet_full.yaml"
 RECIPES ?= $(sort $(wildcard recipes/*.yaml))

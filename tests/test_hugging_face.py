@@ -9,16 +9,18 @@ that says so; structured pruning of GPT-2's fused attention is one line; hostile
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from compress.core.errors import ArtifactError, RecipeError  # noqa: E402
+from compress.measure.decode import decoding_step, empty_cache, has_decoder  # noqa: E402
 from compress.measure.scores import example_scores  # noqa: E402
 from compress.models.artifact import load, save  # noqa: E402
 from compress.models.build import build_model  # noqa: E402
-from compress.models.hugging_face import FACTORY, CausalLM  # noqa: E402
+from compress.models.hugging_face import ARCHITECTURES, FACTORY, CausalLM  # noqa: E402
 from compress.spec.tasks import get_task  # noqa: E402
 from compress.stages.prune import prune  # noqa: E402
 from compress.stages.quantize import PerTokenInt8Model, quantize  # noqa: E402
@@ -250,3 +252,32 @@ def test_a_hugging_face_folder_under_another_model_name_is_one_line(gpt2_folder)
         RecipeError, match=r"model.name: 'resnet18'.*allowed: 'compress.models:hugging_face'"
     ):
         build_model({"name": "resnet18", "checkpoint": str(gpt2_folder)}, num_classes=84)
+
+
+def _decoded(step, model, ids: torch.Tensor):
+    cache = empty_cache(model)
+    logits = []
+    for position in range(ids.shape[1]):
+        out, cache = step(ids[:, position : position + 1].numpy(), np.array([position]), cache)
+        logits.append(out[:, 0])
+    return torch.from_numpy(np.stack(logits, 1))
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_decodes_with_a_cache_in_each_runtime(model_type, tiny_text, tmp_path):
+    config = TINY_LLAMA if model_type != "gpt2" else GPT2_CONFIG
+    torch.manual_seed(0)
+    model = build_model(
+        {"name": FACTORY, "kwargs": {"config": {**config, "model_type": model_type}}},
+        data=tiny_text,
+    )
+    if model_type == "llama":  # pruned heads: the cache follows the layers, not the config
+        model = prune(model, tiny_text, method="structured", ratio=0.34, fine_tune={"epochs": 0})
+    assert has_decoder(model) and empty_cache(model).shape[4] == 64  # the config's positions
+    ids = _ids(count=1, length=12)
+    with torch.no_grad():
+        expected = model(ids)
+    for runtime, tolerance in (("torch", 1e-4), ("onnxruntime", 1e-4), ("openvino", 0.05)):
+        step = decoding_step(model, runtime, threads=1, folder=tmp_path / runtime)
+        got = _decoded(step, model, ids)
+        assert (got - expected).abs().max() < tolerance, runtime

@@ -12,7 +12,8 @@ and a pickle (``pytorch_model.bin``) is refused. No download: a name that is not
 is an error.
 
 compress runs the model as :class:`CausalLM`: token ids (N, T) to logits (N, T,
-vocabulary), without a cache. GPT-2's ``Conv1D`` layers (x @ W, the transposed Linear) are
+vocabulary), without a cache; its :meth:`CausalLM.decoder` is one decoding step over a
+static key/value cache (the form compress's GPT has), which exports to ONNX as it is. GPT-2's ``Conv1D`` layers (x @ W, the transposed Linear) are
 ``nn.Linear`` inside it, so that INT8 reaches them; they go back to ``Conv1D`` when the
 model is saved to the Hugging Face layout again (:meth:`CausalLM.save_hugging_face`, which
 ``compress.models.artifact.save`` calls for every float model of this kind).
@@ -30,6 +31,7 @@ from torch import nn
 
 from compress.core.errors import ArtifactError, ModelError, RecipeError
 from compress.core.storage import memory_cap
+from compress.models.hugging_face_decoder import Decoder
 
 FACTORY = "compress.models:hugging_face"  # the name recipes and saved specs use
 # model_type: (config class, causal LM class) of transformers. Separate q/k/v projections
@@ -85,6 +87,10 @@ class CausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=ids, use_cache=False).logits
+
+    def decoder(self) -> nn.Module:
+        """One decoding step with a key/value cache, as :class:`compress.models.gpt.Decoder`."""
+        return Decoder(self.lm)
 
     def save_hugging_face(self, folder: Path) -> str | None:
         """Write ``folder`` in the ``save_pretrained`` layout (transformers loads it); None,

@@ -263,3 +263,43 @@ def test_every_model_compiled_in_one_process_runs_compiled():
         copied.model[0].weight.add_(1.0)
         assert torch.allclose(copied(x), copied.model(x), atol=1e-5)
         assert not torch.allclose(copied(x), compiled(x))
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_weight_codes_go_in_along_the_axis_each_node_reads(gemm):
+    # The exporter stores a Linear's weight as MatMul's K x N or as Gemm's N x K (transB):
+    # the per-output-channel scales must run along the axis that node reads as outputs.
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.measure.onnx_rewrite import WeightCodes, weight_code_matmuls
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (8, 8)).astype(np.int8)
+    scales = rng.uniform(0.005, 0.02, (8, 1)).astype(np.float32)  # one per output channel
+    weight = (codes * scales).astype(np.float32)
+    stored = weight if gemm else weight.T
+    node = (
+        helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+        if gemm
+        else helper.make_node("MatMul", ["x", "w"], ["y"])
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(np.ascontiguousarray(stored), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    weights = [WeightCodes(8, codes, scales, None, 8, weight)]
+    assert weight_code_matmuls(model, weights) == 1
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", node.op_type]
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    options = ort.SessionOptions()  # DequantizeLinear and MatMul as written: exact
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weight.T, rtol=1e-5, atol=1e-5)

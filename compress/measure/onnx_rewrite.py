@@ -242,11 +242,13 @@ def weight_code_matmuls(model, weights: Sequence[WeightCodes]) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    by_value = {}  # (shape, bytes) -> (codes, transposed): K x N for MatMul, N x K for Gemm
-    for codes in weights:
+    # (transposed, shape, bytes) -> codes: K x N as MatMul (and Gemm) take it, or N x K as
+    # Gemm with transB does; the node's own orientation picks which to look for.
+    by_value = {}
+    for layer in weights:
         for transposed in (True, False):
-            folded = np.ascontiguousarray(codes.weight.T if transposed else codes.weight)
-            by_value[(folded.shape, folded.tobytes())] = (codes, transposed)
+            folded = np.ascontiguousarray(layer.weight.T if transposed else layer.weight)
+            by_value[(transposed, folded.shape, folded.tobytes())] = layer
     values = {i.name: i for i in graph.initializer}
     added: list = []
     four_bit = False
@@ -255,11 +257,10 @@ def weight_code_matmuls(model, weights: Sequence[WeightCodes]) -> int:
         if initializer is None or initializer.data_type != TensorProto.FLOAT:
             continue
         weight = np.ascontiguousarray(numpy_helper.to_array(initializer))
-        found = by_value.get((weight.shape, weight.tobytes()))
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        if found is None or (node.op_type == "Gemm" and trans_b == found[1]):
+        transposed = not any(a.name == "transB" and a.i for a in node.attribute)
+        codes = by_value.get((transposed, weight.shape, weight.tobytes()))
+        if codes is None:
             continue
-        codes, transposed = found
         name = f"{initializer.name}_codes{len(added)}"
         orient = (lambda a: a.T) if transposed else (lambda a: a)
         out_axis = 1 if transposed else 0

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from compress.core.errors import QuantizationError
+from compress.core.modules import forward_with_hooks
 from compress.data import Data
 
 # Largest relative change of the model's outputs a smoothed norm may cause (float rounding
@@ -42,38 +43,29 @@ def _is_norm(module: nn.Module) -> bool:
 def _norm_consumers(model: nn.Module, batches: list) -> tuple[dict, dict]:
     """Which Linear layers read each norm's output as it is, and each Linear's largest
     absolute input per channel over ``batches``."""
-    norms = {name: m for name, m in model.named_modules() if _is_norm(m)}
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor held: its id stays its own
     consumers: dict[str, set[str]] = {}
     input_max: dict[str, torch.Tensor] = {}
 
-    def norm_hook(name):
-        def hook(module, args, output):
+    def hook_for(name, module):
+        def norm_output(_module, _args, output):
             if isinstance(output, torch.Tensor):
                 outputs[id(output)] = (name, output)
 
-        return hook
-
-    def linear_hook(name):
-        def hook(module, args):
+        def linear_input(_module, args, _output):
             x = args[0]
             if id(x) in outputs:
                 consumers.setdefault(outputs[id(x)][0], set()).add(name)
             peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             input_max[name] = peak if name not in input_max else input_max[name].maximum(peak)
 
-        return hook
+        if isinstance(module, nn.Linear):
+            return linear_input
+        return norm_output if _is_norm(module) else None
 
-    handles = [m.register_forward_hook(norm_hook(n)) for n, m in norms.items()]
-    handles += [m.register_forward_pre_hook(linear_hook(n)) for n, m in linears.items()]
-    try:
-        for inputs in batches:
-            model(inputs)
-            outputs.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
+    for inputs in batches:
+        forward_with_hooks(model, inputs, hook_for)
+        outputs.clear()
     return consumers, input_max
 
 

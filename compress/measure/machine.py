@@ -4,13 +4,16 @@ can do, measured: FP32 and INT8 GEMM peaks and copy bandwidth (the profile's roo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
@@ -95,6 +98,42 @@ def environment(device: str = "cpu") -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+@functools.cache
+def channel_block() -> int | None:
+    """How many channels ONNX Runtime's CPU convolutions run as one block on this machine (its
+    NCHWc layout: 16 with AVX-512, 8 with AVX2), read from the runtime itself: the width it
+    pads a 65-channel convolution's weights to (the next multiple of its block). None where ONNX Runtime is not installed or
+    does not block. A layer pruned to a multiple of it keeps the blocked kernels; one left
+    between blocks pays for the padding, or falls back to a slower layout.
+
+    Example:
+        >>> channel_block()
+        16
+    """
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    weight = onnx.numpy_helper.from_array(np.ones((65, 16, 1, 1), np.float32), "weight")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "weight"], ["y"])],
+        "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 65, 8, 8])],
+        [weight],
+    )
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        options.log_severity_level = 3  # its warning that the file suits this CPU alone
+        ort.InferenceSession(probe.SerializeToString(), options, ["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    padded = [int(t.dims[0]) for t in optimized.graph.initializer if len(t.dims) == 4]
+    return padded[0] - 64 if padded and padded[0] > 65 else None
 
 
 def machine_peaks(threads: int | None = None, refresh: bool = False) -> dict:

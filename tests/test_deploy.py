@@ -96,6 +96,55 @@ def test_int8_exports_as_qdq_that_onnxruntime_fuses(trained_tiny, fmnist, tmp_pa
     assert ops["QLinearConv"] == 3 and ops["QGemm"] + ops["QLinearMatMul"] == 1
 
 
+class _ConvNextBlock(torch.nn.Module):
+    """ConvNeXt's block: depthwise 7x7, then LayerNorm and an MLP on channels-last."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.depthwise = torch.nn.Conv2d(width, width, 7, padding=3, groups=width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
+        )
+
+    def forward(self, x):
+        y = self.norm(self.depthwise(x).permute(0, 2, 3, 1))
+        return x + self.mlp(y).permute(0, 3, 1, 2)
+
+
+@pytest.mark.slow
+def test_int8_convolutions_and_linears_run_int8_in_openvino(fmnist, tmp_path):
+    """Weights' all-zero zero points are left out of OpenVINO's file: it kept them as a
+    Subtract on the weight path, and ran this ConvNeXt block's layers in bf16 on weights
+    decompressed at each call, NNCF's graph of the same model in INT8."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 4, stride=4),
+        _ConvNextBlock(32),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    ).eval()
+    int8 = quantize(model, fmnist, method="int8_static", goal="size", calibration_batches=2)
+    path = export(int8, tmp_path / "model.xml", "openvino", fmnist.example_input(2))
+    import openvino
+
+    graph = openvino.Core().read_model(str(path)).get_ordered_ops()
+    assert not [op for op in graph if op.get_type_name() == "Subtract"]  # on the weight path
+    runtime_graph = openvino.Core().compile_model(str(path), "CPU").get_runtime_model()
+    layers = [
+        rt["runtimePrecision"].astype(str)
+        for rt in (op.get_rt_info() for op in runtime_graph.get_ordered_ops())
+        if rt["layerType"].astype(str) in ("Convolution", "FullyConnected")
+    ]
+    assert len(layers) == 5 and set(layers) <= {"u8", "i8"}, layers
+    # and the numbers are torch's INT8 ones (OpenVINO runs the rest in bf16 on this CPU)
+    images = fmnist.example_input(8)
+    with torch.inference_mode():
+        expected = int8(images)
+    assert sqnr_db(expected, OpenVinoModel(path, 1)(images)) > 20
+
+
 @pytest.mark.slow
 def test_dynamic_int8_exports_in_onnxruntimes_dynamic_form(fmnist, tmp_path):
     torch.manual_seed(0)

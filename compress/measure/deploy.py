@@ -359,7 +359,7 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, format: st
     if program is None:
         raise ExportError(f"{type(model).__name__} does not export to ONNX: no program")
     proto = program.model_proto  # a new copy at each access: edit this one
-    finish_export(proto, getattr(module, "onnx_weight_codes", ()))
+    finish_export(proto, getattr(module, "onnx_weight_codes", ()), openvino=format == "openvino")
     onnx.save_model(proto, str(path))
 
 

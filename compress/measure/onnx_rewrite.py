@@ -43,13 +43,16 @@ def dynamic_quantization_translations() -> dict:
     }
 
 
-def finish_export(model, weight_codes: Sequence[WeightCodes] = ()) -> None:
+def finish_export(model, weight_codes: Sequence[WeightCodes] = (), openvino: bool = False) -> None:
     """What every exported ONNX graph gets before it is saved: dynamic INT8 in ONNX's form,
-    int32 biases of quantized layers, and a weight-only model's codes in place of its
-    float weights (each rewrite leaves a graph without its pattern as it is)."""
+    int32 biases of quantized layers, a weight-only model's codes in place of its float
+    weights; and, for OpenVINO, symmetric weights without their zero points (each rewrite
+    leaves a graph without its pattern as it is)."""
     dynamic_matmuls(model)
     quantize_biases(model)
     weight_code_matmuls(model, weight_codes)
+    if openvino:
+        drop_zero_weight_zero_points(model)
 
 
 def dynamic_matmuls(model) -> int:
@@ -145,6 +148,33 @@ def _drop_dead_nodes(graph) -> None:
     used = {name for n in graph.node for name in n.input}
     for initializer in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(initializer)
+
+
+def drop_zero_weight_zero_points(model) -> int:
+    """Remove the all-zero zero point of every DequantizeLinear of a constant (symmetric
+    weights, int32 biases): ONNX's default is zero of the codes' type, so the graph computes
+    the same. OpenVINO keeps an explicit one as a ``Subtract`` on the weight path, and
+    ConvNeXt's convolutions and Linear layers then ran in bf16 on weights decompressed each
+    call, where without it all ran INT8 (1.28x faster, level with NNCF's graph); returns how
+    many it removed. Not for ONNX Runtime: its QGemm fusion wants the zero point (a Gemm
+    stayed float without it)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    values = {i.name: i for i in graph.initializer}
+    dropped = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not node.input[2]:
+            continue
+        codes, zero = values.get(node.input[0]), values.get(node.input[2])
+        if codes is None or zero is None or zero.data_type != codes.data_type:
+            continue
+        if not numpy_helper.to_array(zero).any():
+            del node.input[2]
+            dropped += 1
+    if dropped:
+        _drop_dead_nodes(graph)
+    return dropped
 
 
 def quantize_biases(model) -> int:

@@ -21,7 +21,7 @@ EXPERIMENTS := runs/experiments/$(shell date +%Y%m%d-%H%M%S)
 endif
 RESULTS ?= results
 
-.PHONY: setup run test test-fast lint format clean data bench experiments docs
+.PHONY: setup run test test-fast lint format clean data bench bench-zoo experiments docs
 
 setup: $(STAMP) data
 
@@ -66,6 +66,13 @@ test-fast: setup
 bench: setup
 	$(PY) scripts/bench_quantize.py
 	$(PY) scripts/bench_prune.py
+
+# The torchvision zoo through INT8 and pruning against NNCF + OpenVINO (about an hour a size).
+ZOO ?= results/zoo.jsonl
+bench-zoo: setup
+	@mkdir -p $(dir $(ZOO)); test ! -e $(ZOO) || { echo "$(ZOO) exists; set ZOO=" >&2; exit 2; }
+	$(PY) scripts/bench_zoo.py > $(ZOO).partial && mv $(ZOO).partial $(ZOO)
+	$(PY) scripts/bench_zoo.py --table $(ZOO)
 
 # Every recipe as written (the ResNet-18 ones on the converged reference baseline), seeded,
 # each into its own run folder, each training stage with its compute-matched control; then

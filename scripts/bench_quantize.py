@@ -99,11 +99,11 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         contenders = _contenders(name, data, calibration, folder, threads)
         for batch_size in args.batch_sizes:
-            p50 = _rounds(contenders, data.example_input(batch_size), args)
+            p50 = alternating_rounds(contenders, data.example_input(batch_size), args)
             print(json.dumps(_row(name, batch_size, args, threads, p50)), flush=True)
 
 
-def _rounds(contenders: dict, batch: torch.Tensor, args) -> dict[str, list[float]]:
+def alternating_rounds(contenders: dict, batch: torch.Tensor, args) -> dict[str, list[float]]:
     """Each contender's p50 per round; the order within a round is the same, the rounds
     follow each other, so a drift of the machine weighs on every contender alike."""
     p50 = {label: [] for label in contenders}
@@ -150,8 +150,8 @@ def _bench_run(args, threads: int) -> None:
         "fp32_inductor": InductorModel(networks["fp32"]),
         "fp32_ort": OnnxRuntimeModel(fp32_onnx, threads),
         "fp32_ov": OpenVinoModel(folder / "fp32.xml", threads),
-        "ort_int8": OnnxRuntimeModel(_ort_quantize_static(fp32_onnx, calibration), threads),
-        "nncf_ov_int8": OpenVinoModel(_nncf_quantize(folder / "fp32.xml", calibration), threads),
+        "ort_int8": OnnxRuntimeModel(ort_quantize_static(fp32_onnx, calibration), threads),
+        "nncf_ov_int8": OpenVinoModel(nncf_quantize(folder / "fp32.xml", calibration), threads),
         "chain_torch": networks["chain"],
     }
     for runtime, suffix, kind in (("ort", "onnx", OnnxRuntimeModel), ("ov", "xml", OpenVinoModel)):
@@ -167,14 +167,16 @@ def _bench_run(args, threads: int) -> None:
         images = data.example_input(batch_size)
         ms = {
             k: statistics.median(v)
-            for k, v in _rounds(contenders, network_input(images), args).items()
+            for k, v in alternating_rounds(contenders, network_input(images), args).items()
         }
         if split is not None:  # the same networks inside each detector's own processing
             whole = {
                 k: SplitDetector(splits["chain" if k.startswith("chain") else "fp32"].detector, m)
                 for k, m in contenders.items()
             }
-            e2e = {k: statistics.median(v) for k, v in _rounds(whole, images, args).items()}
+            e2e = {
+                k: statistics.median(v) for k, v in alternating_rounds(whole, images, args).items()
+            }
             ms |= {f"{k}_e2e": v for k, v in e2e.items()}
         print(json.dumps(_run_row(args, recipe.name, batch_size, threads, ms)), flush=True)
 
@@ -226,8 +228,8 @@ def _contenders(name, data, calibration, folder: Path, threads: int) -> dict:
         "compress_torch": int8,
         "compress_ort": OnnxRuntimeModel(folder / "compress.onnx", threads),
         "compress_ov": OpenVinoModel(folder / "compress.xml", threads),
-        "ort_int8": OnnxRuntimeModel(_ort_quantize_static(fp32_onnx, calibration), threads),
-        "nncf_ov_int8": OpenVinoModel(_nncf_quantize(folder / "fp32.xml", calibration), threads),
+        "ort_int8": OnnxRuntimeModel(ort_quantize_static(fp32_onnx, calibration), threads),
+        "nncf_ov_int8": OpenVinoModel(nncf_quantize(folder / "fp32.xml", calibration), threads),
     }
 
 
@@ -275,7 +277,7 @@ def _iterations(model, batch: torch.Tensor, seconds: float) -> int:
     return max(5, min(500, int(seconds / max(once, 1e-5))))
 
 
-def _ort_quantize_static(fp32_onnx: Path, calibration: list[torch.Tensor]) -> Path:
+def ort_quantize_static(fp32_onnx: Path, calibration: list[torch.Tensor]) -> Path:
     """ONNX Runtime's own static QDQ quantization of the FP32 file, as its users run it."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -307,7 +309,7 @@ def _ort_quantize_static(fp32_onnx: Path, calibration: list[torch.Tensor]) -> Pa
     return quantized
 
 
-def _nncf_quantize(fp32_xml: Path, calibration: list[torch.Tensor]) -> Path:
+def nncf_quantize(fp32_xml: Path, calibration: list[torch.Tensor]) -> Path:
     """NNCF's default post-training quantization of the OpenVINO model (the Intel flow)."""
     import nncf
     import openvino as ov

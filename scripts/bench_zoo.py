@@ -1,10 +1,11 @@
-"""The torchvision zoo through INT8 and structured pruning, each in its best runtime, against the
-float model's best runtime and NNCF + OpenVINO INT8 of the same model, side by side (issue 34).
+"""The torchvision zoo through INT8 and structured pruning, each in its best runtime, against
+the float model's best runtime and NNCF + OpenVINO INT8 of the same model, side by side.
 
 For each model and image size (random weights: latency does not depend on their values;
 synthetic images; batch 1; nothing is downloaded), the contenders:
 
-- ``fp32_ort``, ``fp32_ov`` (and ``fp32_torch``, compiled by inductor, with ``--inductor``): the float model;
+- ``fp32_ort``, ``fp32_ov`` (and ``fp32_torch``, compiled by inductor, with ``--inductor``):
+  the float model;
 - ``int8_ort``, ``int8_ov`` (and ``int8_torch``): compress's INT8 as the quantize stage makes it
   (``int8_static``, ``goal: size``: the INT8 graph itself; ``goal: speed``, the default, keeps
   the float model wherever this graph is not faster, after timing both);
@@ -22,7 +23,7 @@ of its error; transformers (``vit_*``, ``swin_*``, ``maxvit_t``) run at 224 only
     python scripts/bench_zoo.py                                  # the issue's 17, at 224 and 64
     python scripts/bench_zoo.py --models resnet18 mobilenet_v3_small --sizes 64 --rounds 2
     python scripts/bench_zoo.py --models all > zoo.jsonl         # every torchvision classifier
-    python scripts/bench_zoo.py --table zoo.jsonl                # the markdown table of docs/results.md
+    python scripts/bench_zoo.py --table zoo.jsonl                # docs/results.md's table
 """
 
 from __future__ import annotations

@@ -104,9 +104,10 @@ def environment(device: str = "cpu") -> dict:
 def channel_block() -> int | None:
     """How many channels ONNX Runtime's CPU convolutions run as one block on this machine (its
     NCHWc layout: 16 with AVX-512, 8 with AVX2), read from the runtime itself: the width it
-    pads a 65-channel convolution's weights to (the next multiple of its block). None where ONNX Runtime is not installed or
-    does not block. A layer pruned to a multiple of it keeps the blocked kernels; one left
-    between blocks pays for the padding, or falls back to a slower layout.
+    pads a 65-channel convolution's weights to, the next multiple of its block. None where
+    ONNX Runtime is not installed or does not block. A layer pruned to a multiple of it keeps
+    the blocked kernels; one left between blocks pays for the padding, or falls back to a
+    slower layout.
 
     Example:
         >>> channel_block()

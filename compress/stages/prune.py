@@ -84,13 +84,13 @@ class PruneConfig(Config):
     target_macs: float | None = option(None, min=0.01, max=1.0, methods=STRUCTURED)  # see ratio
     target_latency_ms: float | None = option(None, min=0.0, methods=STRUCTURED)  # see ratio
     iterative_steps: int = option(1, min=1, methods=STRUCTURED)  # ratio reached in N steps
-    # Each layer's channels rounded to a multiple of N: down for a ratio (at least the ratio
-    # goes), to the nearest for a MACs or latency target. Default (null): the block ONNX
+    # Each layer's channels rounded to a multiple of N. Default (null): the block ONNX
     # Runtime's convolutions run channels in on this CPU (16 with AVX-512, 8 with AVX2; read
-    # from the runtime): a layer between blocks falls off its blocked kernels (pruned
-    # MobileNets ran 2-3x slower there unrounded). 1: counts as the ranking leaves them. A
-    # layer keeps one block at least (one no wider stays whole); rounding may take a layer up
-    # to a block past max_layer_ratio.
+    # from the runtime), each layer to the nearest multiple: a layer between blocks falls off
+    # its blocked kernels (pruned MobileNets ran 2-3x slower there unrounded). A number given
+    # here rounds down for a ratio (at least the ratio goes), to the nearest for a MACs or
+    # latency target. 1: counts as the ranking leaves them. A layer keeps one block at least
+    # (one no wider stays whole); rounding may take a layer a block past max_layer_ratio.
     round_to: int | None = option(None, min=1, methods=STRUCTURED)
     # No layer loses more than this fraction of its channels.
     max_layer_ratio: float = option(0.9, min=0.0, max=1.0, methods=STRUCTURED)
@@ -316,7 +316,8 @@ def _structured(
         ignored += [n for n, m in net.named_modules() if isinstance(m, nn.Embedding)]
     ignored, grid_note = _grid_restriction(net, example, ignored)
     try:
-        pruner = (_NearestRounding if searching else tp.pruner.BasePruner)(
+        nearest = searching or config.round_to is None
+        pruner = (_NearestRounding if nearest else tp.pruner.BasePruner)(
             net,
             example,
             importance=importance,
@@ -381,10 +382,11 @@ def _rounding_note(config: PruneConfig, round_to: int, layers: list[dict]) -> li
 
 
 class _NearestRounding(tp.pruner.BasePruner):
-    """torch-pruning's pruner with ``round_to`` as its docstring says, for the searches: a
-    layer keeps the multiple nearest to the channels its ranking keeps. Its code rounds down,
-    which suits a ratio (at least that much goes) but made the first 2 % step of a MACs
-    search take a whole block from every layer at once (0.41x MACs where 0.5x was asked)."""
+    """torch-pruning's pruner with ``round_to`` as its docstring says: a layer keeps the
+    multiple nearest to the channels its ranking keeps. Its code rounds down, which suits a
+    ratio given with its own ``round_to`` (at least that much goes), but made the first 2 %
+    step of a MACs search take a whole block from every layer at once (0.41x MACs where 0.5x
+    was asked), and the runtime's block of 16 halve a 32-channel layer at a 0.25 ratio."""
 
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
         kept = round((current_channels - n_pruned) / round_to) * round_to

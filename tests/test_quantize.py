@@ -150,6 +150,73 @@ def test_skip_keeps_layers_in_float(tiny, fmnist):
         quantize(tiny, fmnist, method="int8_static", goal="size", skip=["44"])
 
 
+def test_squeeze_excitation_gates_stay_float(fmnist):
+    """The gate of ``x * gate(pool(x))`` runs on a pooled vector: left float, as NNCF does,
+    so that no runtime converts ``x`` for a quantizer of the pool's input."""
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        nn.Hardswish(),
+        SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid),
+        nn.Conv2d(16, 10, 3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    qmodel = quantize(model, fmnist, method="int8_static", goal="size", calibration_batches=1)
+    graph = qmodel.reference_module.graph
+    per_channel = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(per_channel) == 2  # the two convolutions outside the gate; fc1, fc2 float
+    pools = [n for n in graph.nodes if "adaptive_avg_pool2d" in str(n.target)]
+    dequantized = ["dequantize" in str(pool.args[0].target) for pool in pools]
+    assert sorted(dequantized) == [False, True]  # the gate's pool reads float; the head's INT8
+    images = fmnist.example_input(64)
+    with torch.inference_mode():
+        assert sqnr_db(model(images), qmodel(images)) >= 25.0 - INT8_MARGIN
+
+
+class _Concatenating(nn.Module):
+    """``cat([a, conv(a)])`` read by a float BatchNorm (DenseNet) or by a channel shuffle."""
+
+    def __init__(self, shuffle: bool):
+        super().__init__()
+        self.shuffle = shuffle
+        self.stem = nn.Conv2d(1, 8, 3)
+        self.pool = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))  # as DenseNet's stem
+        self.grow = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 10, 1)
+
+    def forward(self, x):
+        stem = self.pool(self.stem(x))
+        features = torch.cat([stem, self.grow(stem)], 1)
+        if self.shuffle:
+            n, c, h, w = features.shape
+            features = features.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        else:
+            features = nn.functional.relu(self.norm(features))
+        return self.head(features).mean((2, 3))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_concatenation_is_requantized_only_for_int8_readers(shuffle, fmnist):
+    """DenseNet's ``cat → BatchNorm`` leaves the concatenation unquantized (OpenVINO
+    requantized each feature once per reader); a channel shuffle keeps it INT8."""
+    torch.manual_seed(0)
+    model = _Concatenating(shuffle).eval()
+    qmodel = quantize(model, fmnist, method="int8_static", goal="size", calibration_batches=1)
+    (cat,) = [n for n in qmodel.reference_module.graph.nodes if "cat" in str(n.target)]
+    assert all("dequantize" in str(arg.target) for arg in cat.args[0])  # INT8 in, always
+    requantized = any(
+        str(user.target).startswith("quantized_decomposed.quantize_") for user in cat.users
+    )
+    assert requantized == shuffle
+    images = fmnist.example_input(64)
+    with torch.inference_mode():
+        assert sqnr_db(model(images), qmodel(images)) >= 25.0 - INT8_MARGIN
+
+
 class _Untraceable(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import os
 import warnings
 from collections.abc import Callable
@@ -265,16 +266,33 @@ _PER_CONV_KIND_HELPERS = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper"
 
 
 class DeployableX86Quantizer(xiq.X86InductorQuantizer):
-    """torchao's X86 quantizer, plus quantized inputs on both sides of a residual add.
+    """torchao's X86 quantizer, plus quantized inputs on both sides of a residual add,
+    squeeze-excitation gates left in float, and no requantizing after a concatenation that
+    only float ops read.
 
     For ``conv → add`` torchao leaves the convolution's output in float, because inductor
     fuses the add into the INT8 convolution. ONNX Runtime and OpenVINO fuse only what sits
     between DequantizeLinear and QuantizeLinear, so with a float input the convolution
     and the add run in float there. Observing that input too (as ONNX Runtime's and NNCF's
     own quantizers do) gives one graph that every runtime runs in INT8.
+
+    A squeeze-excitation gate (``x * gate(pool(x))``) works on a pooled vector: INT8 saves
+    nothing there, and quantizing the pool's input makes OpenVINO convert ``x`` from the
+    bf16 layout its convolution wrote to the f32 one its quantizer reads, once per block
+    (mobilenet_v3_small at 224 in OpenVINO: 1.28x its float model's time; gates float,
+    0.84-0.99x, 0.81-1.08x NNCF's INT8; efficientnet_b0 1.17x NNCF's -> 0.87-0.93x).
+    Quantizing ``x`` once for both the pool and the product (NNCF's placement) measured
+    the same within the noise, and a float gate keeps its precision.
+
+    torchao quantizes a concatenation's output with its inputs' scale. Where only float
+    ops read it (DenseNet's ``cat → BatchNorm → ReLU → conv``), that quantizer made
+    OpenVINO requantize every feature once per concatenation reading it (649 runtime
+    quantizers for NNCF's 62): densenet121's INT8 ran 2.6-2.8x NNCF's time at 64 px, and
+    0.86-0.93x without it. A view or a channel shuffle after it keeps it (ShuffleNet).
     """
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        xiq._annotate_nodes_not_quantize(list(_excitation_gates(model.graph)))
         model = super().annotate(model)
         adds = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
         for node in model.graph.nodes:
@@ -285,7 +303,68 @@ class DeployableX86Quantizer(xiq.X86InductorQuantizer):
             for arg in node.args[:2]:
                 if isinstance(arg, torch.fx.Node) and arg not in annotation.input_qspec_map:
                     annotation.input_qspec_map[arg] = spec
+        _unread_outputs_float(model.graph)
         return model
+
+
+def _unread_outputs_float(graph: torch.fx.Graph) -> None:
+    """No quantizer on the output of an INT8-in-INT8-out op (a concatenation, a pool) whose
+    consumers all compute in float: none reads it quantized, none only moves it."""
+    for node in graph.nodes:
+        annotation = node.meta.get("quantization_annotation")
+        if node.target not in xiq.int8_in_int8_out_ops or annotation is None:
+            continue
+        if annotation.output_qspec is None:
+            continue
+        kept = [
+            user
+            for user in node.users
+            if node in getattr(user.meta.get("quantization_annotation"), "input_qspec_map", {})
+            or _moves_data(user)
+        ]
+        if not kept:
+            annotation.output_qspec = None
+
+
+_DATA_MOVES = {
+    "view", "_unsafe_view", "reshape", "transpose", "permute", "split", "split_with_sizes",
+    "chunk", "flatten", "slice", "narrow", "select", "unsqueeze", "squeeze", "expand",
+    "contiguous", "clone", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "native_channel_shuffle",
+}  # fmt: skip
+
+
+def _moves_data(node: torch.fx.Node) -> bool:
+    """A view, a reshuffle or a split: runtimes carry INT8 through it unchanged."""
+    if node.target is operator.getitem:
+        return True
+    packet = getattr(node.target, "overloadpacket", None)
+    return packet is not None and packet.__name__ in _DATA_MOVES
+
+
+_POOLS = (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten.mean.dim)
+_MULS = (torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor)
+_GATE_DEPTH = 8  # pool → conv/linear → activation → conv/linear → sigmoid, with views between
+
+
+def _excitation_gates(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes of every squeeze-excitation gate: ``mul(x, g)`` where ``g`` comes, through
+    a chain of first arguments, from a global pool of ``x`` (the pool included)."""
+    gates: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _MULS or len(node.args) != 2:
+            continue
+        for source, gate in (node.args, node.args[::-1]):
+            chain = []
+            while isinstance(gate, torch.fx.Node) and gate.op == "call_function":
+                chain.append(gate)
+                if gate.target in _POOLS and gate.args[0] is source:
+                    gates.update(chain)
+                    break
+                if len(chain) == _GATE_DEPTH or not gate.args:
+                    break
+                gate = gate.args[0]
+    return gates
 
 
 def quantization_config(config: QuantizeConfig, mode: str):

@@ -16,7 +16,7 @@ from torch import nn
 
 from compress.core.errors import QuantizationError
 from compress.core.registry import StageContext, register_stage
-from compress.core.traits import add_note
+from compress.core.traits import add_note, traits
 from compress.data import Data
 from compress.measure.decode import has_decoder
 from compress.models.artifact import MAX_BATCH, register_loader
@@ -35,7 +35,7 @@ from compress.stages.quantize._sensitivity import (
     quantize_with_fallback,
 )
 from compress.stages.quantize._smooth import smooth
-from compress.stages.quantize._speed import only_if_faster
+from compress.stages.quantize._speed import float_where_slower, only_if_faster
 from compress.stages.quantize._weight_only import WeightOnlyModel, weight_only
 
 __all__ = [
@@ -199,9 +199,16 @@ def quantize(
         quantized = method(model, data, config, context)
     if smoothing is not None:
         add_note(quantized, smoothing)
-    if config.method in INT8_METHODS and config.goal == "speed":
-        return only_if_faster(given, quantized, data, config.method, context, trainings_before)
-    return quantized
+    if config.method not in INT8_METHODS or config.goal != "speed":
+        return quantized
+    kept = only_if_faster(given, quantized, data, config.method, context, trainings_before)
+    check = traits(kept).details.get("speed_check")  # none: not timed (rank > 0)
+    if config.speed_by_block and kept is not quantized and check is not None:
+        fn = _exporting_once(method)
+        mixed = float_where_slower(model, quantized, data, config, fn, context, check["runtime"])
+        if mixed is not None:
+            return only_if_faster(given, mixed, data, config.method, context, trainings_before)
+    return kept
 
 
 def sensitivity(

@@ -51,6 +51,10 @@ class QuantizeConfig(Config):
     # is divided by max|X|^α / max|W|^(1-α), folded into the norm, before INT8 (for
     # transformers whose activations have outlier channels); null: off.
     smoothquant: float | None = option(None, min=0.0, max=1.0, methods=SMOOTHABLE)
+    # Shift each INT8 layer's bias by the mean error its rounded weights add to its output
+    # (their error times the layer's mean input on the calibration split), as NNCF's
+    # post-training flow does by default; false: the rounded weights' biases unchanged.
+    bias_correction: bool = option(True, methods=STATIC)
     # Activations' zero point fixed mid-range (else fitted to the range).
     symmetric: bool = option(False, methods=STATIC)
     # Layers kept in float: dotted module names, or "re:<regex>" patterns ("re:layer4\..*").
@@ -64,6 +68,11 @@ class QuantizeConfig(Config):
     # in their fastest runtimes of evaluate.runtimes (the report says which and by how much);
     # size: INT8 even where it is slower, for its size alone.
     goal: Literal["speed", "size"] = option("speed", methods=INT8_METHODS)
+    # With goal: speed, where the whole INT8 model is not faster: its blocks (top-level
+    # children; MobileNet's `features.N`) go back to float one at a time, each kept float
+    # where the model is then faster in INT8's runtime (paired rounds). One export and
+    # timing per block (a minute or more per model), so it is asked for, not default.
+    speed_by_block: bool = option(False, methods=("int8_static", "int8_dynamic"))
     # The shared training loop's settings for the quantization-aware fine-tune.
     fine_tune: TrainConfig = option(
         default_factory=lambda: TrainConfig(**QAT_TRAINING),

@@ -56,6 +56,7 @@ from compress.models.artifact import (
     manifest_counts,
     save_graph,
 )
+from compress.stages.quantize._bias import BiasCorrection
 from compress.stages.quantize._config import QuantizeConfig
 from compress.training.train import train
 
@@ -215,7 +216,8 @@ def quantize_graph(
         allow_exported_model_train_eval(prepared)  # the shared loop calls .train()/.eval()
         train(prepared, data, config.fine_tune, desc="qat", context=context)
     else:
-        calibrate(prepared, calibration, 1 if mode == "dynamic" else config.calibration_batches)
+        batches = 1 if mode == "dynamic" else config.calibration_batches
+        calibrate(prepared, calibration, batches, mode == "static" and config.bias_correction)
     with _only_present_convs(prepared):
         converted = convert_pt2e(prepared)
     _drop_unused_tensors(converted)
@@ -480,8 +482,9 @@ def export_model(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModul
         ) from None
 
 
-def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
-    """Run the first ``batches`` input batches of ``calibration`` through the observers.
+def calibrate(prepared: nn.Module, calibration, batches: int, correct_bias: bool = False) -> None:
+    """Run the first ``batches`` input batches of ``calibration`` through the observers;
+    with ``correct_bias``, then shift each INT8 layer's bias by its weights' mean error.
 
     Under torchrun rank 0 calibrates and the observed ranges are broadcast, so every rank
     converts the same model.
@@ -489,6 +492,7 @@ def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
     if not distributed.is_main():
         distributed.broadcast_state(prepared)
         return
+    observe = BiasCorrection(cast(torch.fx.GraphModule, prepared)) if correct_bias else prepared
     with torch.no_grad():
         for i, images in enumerate(
             tqdm(
@@ -506,7 +510,9 @@ def calibrate(prepared: nn.Module, calibration, batches: int) -> None:
             # every proposal of every image): its rows are observed a chunk at a time.
             large = isinstance(images, torch.Tensor) and images.shape[0] > MAX_BATCH
             for chunk in images.split(MAX_BATCH) if large else [images]:
-                prepared(chunk)
+                observe(chunk)
+    if isinstance(observe, BiasCorrection):
+        observe.apply()
     distributed.broadcast_state(prepared)
 
 

@@ -93,7 +93,7 @@ def quantize_with_fallback(
                 best, chosen = candidate, step
             if step["drop"] <= target:
                 break
-    set_traits(best, stage_details={"fallback_steps": steps})
+    set_traits(best, stage_details={"fallback_steps": steps, "kept_float": chosen["kept_float"]})
     add_note(best, _describe(steps, chosen, target))
     return best
 

@@ -7,7 +7,9 @@ On these CPUs INT8 is not always faster: requantizing around concatenations, cha
 shuffles, squeeze-excitation and hard-swish, and small inputs where a call is mostly
 overhead, can cost more than the INT8 matmuls save (LR-ASPP on 64x64 scenes: 1.05x its
 float model; mobilenet_v3_small at 224: every INT8, the peers' included, slower than float).
-``goal: size`` keeps INT8 for its size alone.
+``goal: size`` keeps INT8 for its size alone. ``speed_by_block: true`` looks finer where
+the whole model does not pay: block by block, float where INT8 is slower
+(:func:`float_where_slower`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ import logging
 
 from torch import nn
 
+from compress.core.distributed import usable_cores
+from compress.core.modules import matching_modules
 from compress.core.registry import StageContext
-from compress.core.traits import set_traits, traits
+from compress.core.traits import add_note, set_traits, traits
 from compress.data import Data
+from compress.measure.deploy import deployed
 from compress.measure.evaluate import evaluate
+from compress.measure.latency import paired_latency_ratio
 from compress.spec.recipe import EvaluateConfig
+from compress.stages.quantize._config import QuantizeConfig
+from compress.stages.quantize._sensitivity import QuantizeFn, candidate_layers
 
 log = logging.getLogger("compress")
 
@@ -121,3 +129,73 @@ def _decoding(before, after, method: str) -> tuple[bool, dict, str] | None:
 
 def _interval(bounds) -> str:
     return f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+
+def float_where_slower(
+    model: nn.Module,
+    quantized: nn.Module,
+    data: Data,
+    config: QuantizeConfig,
+    quantize_fn: QuantizeFn,
+    context: StageContext,
+    runtime: str,
+) -> nn.Module | None:
+    """``model`` in INT8 but for the blocks whose INT8 form is slower: each block in turn goes
+    back to float and is timed against the model so far in ``runtime`` (INT8's best in the
+    speed check; paired rounds, as the report times); it stays float where that is faster.
+    None where no block stayed INT8 (the float model is then the answer).
+
+    Example:
+        >>> mixed = float_where_slower(model, int8, data, config, fn, StageContext(), "openvino")
+        >>> traits(mixed).details["speed_blocks"][0]
+        {'block': 'features.0', 'p50_x': 0.93, 'float': True}
+    """
+    settings = context.evaluate or EvaluateConfig()
+    batch = data.example_input(settings.latency_batch_size)
+    threads = settings.threads or usable_cores()
+    fixed = [*config.skip, *traits(quantized).details.get("kept_float", [])]  # accuracy's
+    blocks = model_blocks(model, matching_modules(model, fixed, key="quantize.skip"))
+    current, timed = quantized, deployed(quantized, runtime, threads, batch)
+    floats: list[str] = []
+    steps: list[dict] = []
+    for block in blocks:
+        skip = [*fixed, *floats, block]
+        candidate = quantize_fn(
+            model, data, dataclasses.replace(config, skip=skip, max_accuracy_drop=None)
+        )
+        deployment = deployed(candidate, runtime, threads, batch)
+        ratio = paired_latency_ratio((timed, batch), (deployment, batch), settings)
+        steps.append({"block": block, "p50_x": round(ratio.p50, 3), "float": ratio.p50 < 1.0})
+        if ratio.p50 < 1.0:
+            current, timed, floats = candidate, deployment, [*floats, block]
+    if len(floats) == len(blocks):
+        return None
+    details = {**traits(current).details, "speed_blocks": steps}
+    set_traits(current, stage_details=details)
+    kept = ", ".join(f"{s['block']} ({s['p50_x']:.2f}x)" for s in steps if s["float"]) or "none"
+    add_note(
+        current,
+        f"blocks kept float for speed in {runtime}: {kept}, each timed against the model so"
+        f" far; {len(blocks) - len(floats)} of {len(blocks)} blocks INT8",
+    )
+    return current
+
+
+def model_blocks(model: nn.Module, skip: list[str]) -> list[str]:
+    """The blocks of ``model`` that hold quantizable layers, in order: its top-level
+    children, and in place of a child holding most of the layers, that child's children
+    (MobileNet's ``features.0`` ... ``features.12``; ResNet's ``conv1``, ``layer1`` ...)."""
+    layers = candidate_layers(model, skip)
+
+    def blocks(prefix: str, module: nn.Module) -> list[str]:
+        found = []
+        for name, child in module.named_children():
+            full = prefix + name
+            inside = [n for n in layers if n == full or n.startswith(full + ".")]
+            if 2 * len(inside) > len(layers) and len(list(child.children())) > 1:
+                found += blocks(full + ".", child)
+            elif inside:
+                found.append(full)
+        return found
+
+    return blocks("", model)

@@ -590,6 +590,7 @@ def test_blocks_are_top_level_children_or_the_children_of_the_one_holding_most_l
     assert model_blocks(mobile, []) == [f"features.{i}" for i in range(13)] + ["classifier"]
     resnet = torchvision.models.resnet18()
     assert model_blocks(resnet, ["fc"]) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    assert model_blocks(resnet, ["layer1", "fc"]) == ["conv1", "layer2", "layer3", "layer4"]
 
 
 def test_speed_by_block_keeps_float_the_blocks_whose_float_form_times_faster(

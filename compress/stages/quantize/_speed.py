@@ -184,8 +184,11 @@ def float_where_slower(
 def model_blocks(model: nn.Module, skip: list[str]) -> list[str]:
     """The blocks of ``model`` that hold quantizable layers, in order: its top-level
     children, and in place of a child holding most of the layers, that child's children
-    (MobileNet's ``features.0`` ... ``features.12``; ResNet's ``conv1``, ``layer1`` ...)."""
-    layers = candidate_layers(model, skip)
+    (MobileNet's ``features.0`` ... ``features.12``; ResNet's ``conv1``, ``layer1`` ...).
+    A layer under a skipped module is float already, and counts for no block."""
+    layers = [
+        n for n in candidate_layers(model) if not any(n.startswith(s + ".") or n == s for s in skip)
+    ]
 
     def blocks(prefix: str, module: nn.Module) -> list[str]:
         found = []

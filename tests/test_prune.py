@@ -361,3 +361,46 @@ def test_a_model_with_linear_layers_on_image_grids_prunes_its_mlps_hidden_channe
         assert pruned(x).shape == (2, 10)
     # Less: at 28 px attention runs on windows padded to 7x7 and outweighs the MLPs.
     assert count_flops(pruned, x) < count_flops(model, x)
+
+
+def test_a_grid_model_prunes_its_inverted_bottlenecks_with_their_depthwise_conv_and_gate():
+    # MaxViT's MBConv: expand 1x1 -> BN -> depthwise 3x3 -> BN -> squeeze-excitation ->
+    # project 1x1. Its hidden channels stay inside the block, so they prune (MLPs alone
+    # left maxvit_t at 0.63x MACs for a 0.5x target); the residual stream stays whole.
+    from torchvision.models.maxvit import MaxVit
+
+    from compress.data import build_data
+    from compress.spec.recipe import DataConfig
+
+    data = build_data(
+        DataConfig(name="synthetic", image_size=32, calibration_size=8, eval_batch_size=8), seed=0
+    )
+    torch.manual_seed(0)
+    model = MaxVit(
+        input_size=(32, 32),
+        stem_channels=16,
+        partition_size=2,
+        block_channels=[32, 64],
+        block_layers=[1, 1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    ).eval()
+    pruned = prune(model, data, method="structured", ratio=0.5, round_to=8)
+    assert "MLPs and" in pruned.notes[0] and "convolution blocks pruned" in pruned.notes[0]
+    for block in ("blocks.0.layers.0.layers.MBconv", "blocks.1.layers.0.layers.MBconv"):
+        before, after = model.get_submodule(block).layers, pruned.get_submodule(block).layers
+        hidden = after.conv_a[0].out_channels
+        assert hidden == before.conv_a[0].out_channels // 2
+        assert after.conv_b[0].groups == after.conv_b[0].out_channels == hidden  # depthwise
+        assert after.squeeze_excitation.fc1.in_channels == hidden
+        assert after.squeeze_excitation.fc2.out_channels == hidden
+        assert after.conv_c.in_channels == hidden
+        assert after.conv_c.out_channels == before.conv_c.out_channels  # residual stream
+    for name, module in pruned.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith(("mlp_layer.1", "classifier.3")):
+            assert module.out_features == model.get_submodule(name).out_features, name
+    x = data.example_input(2)
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
+    assert count_flops(pruned, x) < 0.7 * count_flops(model, x)

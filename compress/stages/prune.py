@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from torchvision.ops import SqueezeExcitation
 
 from compress.core import distributed
 from compress.core.errors import PruningError, RecipeError
@@ -393,21 +394,39 @@ class _NearestRounding(tp.pruner.BasePruner):
         return max(current_channels - max(kept, round_to), 0)
 
 
-# Modules an MLP's hidden channels pass through one for one, between its two Linear layers.
-_CHANNELWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Dropout, nn.Identity)
+# Modules a block's hidden channels pass through one for one, between the layer that makes
+# them and the one that reads them (an MLP's two Linear layers, an inverted bottleneck's
+# expanding and projecting convolutions). Depthwise convolutions count too (see _passes).
+_CHANNELWISE = (
+    nn.GELU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Tanh,
+    nn.Dropout,
+    nn.Identity,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    SqueezeExcitation,  # scales each channel by a gate it computes from them
+)
 
 
 def _grid_restriction(
     model: nn.Module, example: torch.Tensor, ignored: list[str]
 ) -> tuple[list[str], str | None]:
     """The layers to leave whole, and a note: for a model that runs Linear layers on image
-    grids, every layer but its MLPs' first (their hidden channels); else as given."""
+    grids, every layer but those making a block's hidden channels (an MLP's first Linear,
+    an inverted bottleneck's expanding convolution, with what prunes along); else as given."""
     if not _linear_on_grids(model, example):
         return ignored, None
-    pairs = _hidden_pairs(model, example, ignored)
-    whole = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in pairs]
+    hidden = _hidden_groups(model, example, ignored)
+    makers = {n for names in hidden.values() for n in names}
+    whole = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in makers]
+    mlps = sum(isinstance(model.get_submodule(n), nn.Linear) for n in hidden)
+    convs = f" and {len(hidden) - mlps} convolution blocks" if len(hidden) > mlps else ""
     return whole, (
-        f"only the hidden channels of {len(pairs)} MLPs pruned: the model runs Linear"
+        f"only the hidden channels of {mlps} MLPs{convs} pruned: the model runs Linear"
         " layers on channels-last image grids (Swin, MaxViT), whose reshapes"
         " torch-pruning maps channel by position (its groups grew past 8 GiB on swin_t)"
     )
@@ -427,38 +446,67 @@ def _linear_on_grids(model: nn.Module, example: torch.Tensor) -> bool:
     return 4 in seen
 
 
-def _hidden_pairs(model: nn.Module, example: torch.Tensor, ignored: list[str]) -> list[str]:
-    """The Linear layers whose output reaches another Linear through channelwise modules
-    alone (an MLP's first layer), and whose torch-pruning group of one channel holds just
-    the two: found by following tensors, since the groups of every Linear through a
-    grid model's residual stream grow without bound."""
-    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(tensor): (first Linear, tensor)
-    candidates: set[str] = set()
+def _passes(module: nn.Module) -> bool:
+    """Whether ``module`` maps each channel to itself (channelwise, or a depthwise conv)."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return module.groups == module.in_channels == module.out_channels > 1
+    return isinstance(module, _CHANNELWISE)
+
+
+def _hidden_groups(
+    model: nn.Module, example: torch.Tensor, ignored: list[str]
+) -> dict[str, list[str]]:
+    """Each layer whose output reaches another layer through channelwise modules alone
+    (an MLP's first Linear, an inverted bottleneck's expanding conv), mapped to the layers
+    whose output channels prune with it: where its torch-pruning group of one channel stays
+    inside the block the two share. Found by following tensors, since the groups of every
+    layer on a grid model's residual stream grow without bound (and are never built)."""
+    # id(tensor): the layer that made its channels, and the tensor (kept, so that no later
+    # tensor takes its id)
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    consumer: dict[str, str] = {}  # maker: the layer that reads them
 
     def follow(name, module):
         def hook(_m, args, output):
-            source = produced.get(id(args[0]))
-            if isinstance(module, nn.Linear):
+            source = produced.get(id(args[0])) if args else None
+            if _passes(module):
                 if source is not None:
-                    candidates.add(source[0])
+                    produced[id(output)] = (source[0], output)
+            else:
+                if source is not None:
+                    consumer[source[0]] = name
                 produced[id(output)] = (name, output)
-            elif source is not None:
-                produced[id(output)] = (source[0], output)
 
-        return hook if isinstance(module, (nn.Linear, *_CHANNELWISE)) else None
+        return hook if isinstance(module, PRUNABLE) or _passes(module) else None
 
     forward_with_hooks(model, example, follow)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     names = {module: name for name, module in model.named_modules()}
-    pairs = []
-    for name in sorted(candidates - set(ignored)):
+    hidden: dict[str, list[str]] = {}
+    for name in sorted(set(consumer) - set(ignored)):
+        block = _common_parent(name, consumer[name])
         module = model.get_submodule(name)
-        if module not in graph.module2node:
-            continue
-        group = graph.get_pruning_group(module, tp.prune_linear_out_channels, idxs=[0])
-        if len({names[d.target.module] for d, _ in group if d.target.module in names}) == 2:
-            pairs.append(name)
-    return pairs
+        if not block or module not in graph.module2node:
+            continue  # between two blocks: a residual stream's layer
+        pruner = graph.get_pruner_of_module(module)
+        group = graph.get_pruning_group(module, pruner.prune_out_channels, idxs=[0])
+        members = [
+            (names[d.target.module], d.handler) for d, _ in group if d.target.module in names
+        ]
+        if all(n.startswith(block) for n, _ in members):
+            out = {n for n, handler in members if graph.is_out_channel_pruning_fn(handler)}
+            hidden[name] = sorted(out)
+    return hidden
+
+
+def _common_parent(a: str, b: str) -> str:
+    """The dotted prefix two module names share, ending in a dot ("" for none)."""
+    shared = []
+    for x, y in zip(a.split(".")[:-1], b.split(".")[:-1], strict=False):
+        if x != y:
+            break
+        shared.append(x)
+    return ".".join(shared) + "." if shared else ""
 
 
 def _what_to_prune(model: nn.Module, data: Data, config: PruneConfig):

@@ -134,6 +134,23 @@ def test_structured_pruning_removes_whole_heads_and_mlp_channels(tiny_text, tmp_
     assert np.abs(_decoded_logits(step, loaded, ids[:1, :6]) - expected).max() < 1e-4
 
 
+def test_a_macs_search_removes_heads_gradually_and_keeps_one(tiny_text):
+    # torch-pruning removes ceil(ratio x heads left) at each of the search's 50 steps: a head
+    # a step, until none was left (a ZeroDivisionError in the model's forward).
+    torch.manual_seed(0)
+    six = {**GPT, "heads": 6, "width": 96}
+    model = build_model(ModelConfig(name="compress.models:gpt", kwargs=six), data=tiny_text).eval()
+    options = {"method": "structured", "target_macs": 0.6, "round_to": 16}
+    config = parse_stage_options("prune", options)
+    pruned = prune(model, tiny_text, config, context=StageContext(baseline=model))
+    assert 0.55 <= pruned.stage_details["macs_ratio"] <= 0.6
+    for block in pruned.blocks:
+        assert 1 <= block.attention.heads < 6
+        assert block.attention.query.out_features == block.attention.heads * 16
+    with torch.inference_mode():
+        assert pruned(tiny_text.example_input(2)).shape[-1] == model.head.out_features
+
+
 def _influence_by_hand(model, block, data) -> float:
     """1 minus the mean cosine of ``block``'s output to its input over every token of the
     first 4 calibration batches."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ class PruneConfig(Config):
     )
     # One target at most: the fraction of channels removed (ratio); the fraction of the
     # baseline's MACs kept (target_macs, pruned in 50 small steps until the count reaches
-    # it); or a p50 ms at batch 1 (target_latency_ms, measured after each step). None: ratio 0.5.
+    # it, the last group by group where it would go 2 points past); or a p50 ms at batch 1
+    # (target_latency_ms, measured after each step). None: ratio 0.5.
     ratio: float | None = option(None, min=0.0, max=0.99, methods=STRUCTURED)
     target_macs: float | None = option(None, min=0.01, max=1.0, methods=STRUCTURED)  # see ratio
     target_latency_ms: float | None = option(None, min=0.0, methods=STRUCTURED)  # see ratio
@@ -393,6 +395,18 @@ class _NearestRounding(tp.pruner.BasePruner):
         kept = round((current_channels - n_pruned) / round_to) * round_to
         return max(current_channels - max(kept, round_to), 0)
 
+    def get_target_head_pruning_ratio(self, module) -> float:
+        """The ratio that makes torch-pruning's step leave the nearest whole number of the
+        heads the layer started with, one at least. It removes ceil(ratio x the heads left)
+        at each step, the ratio being the steps' total so far: a 50-step MACs search took a
+        head a step until none was left (a ZeroDivisionError in the model's forward)."""
+        total = super().get_target_head_pruning_ratio(module)
+        initial, left = self.init_num_heads.get(module), self.num_heads.get(module)
+        if not initial or not left:
+            return total
+        remove = left - max(1, initial - int(total * initial + 0.5))
+        return (remove - 0.5) / left if remove > 0 else 0.0  # torch-pruning takes the ceil
+
 
 # Modules a block's hidden channels pass through one for one, between the layer that makes
 # them and the one that reads them (an MLP's two Linear layers, an inverted bottleneck's
@@ -559,11 +573,20 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
     for step in range(steps):
         if config.importance == "taylor":
             _taylor_gradients(model, data)
+        # A MACs search can undo its step: a copy of the weights (a ratio's steps need none).
+        before = _snapshot(model, pruner) if config.target_macs is not None else None
         pruner.step()
         _sync_heads(model, pruner)
         model.zero_grad(set_to_none=True)
         if config.target_macs is not None:
-            reached = count_flops(model, example) <= config.target_macs * base_flops
+            target = config.target_macs * base_flops
+            flops = count_flops(model, example)
+            reached = flops <= target
+            if before and flops < target - MACS_TOLERANCE * base_flops:  # well past it
+                _restore(model, pruner, before)
+                if config.importance == "taylor":
+                    _taylor_gradients(model, data)
+                _step_until(model, pruner, example, target)
         if config.target_latency_ms is not None:
             p50 = measure_latency(model.eval(), example, warmup=3, iterations=30).p50
             log.info(
@@ -574,6 +597,103 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
         if searching and reached:
             break
     return reached
+
+
+# A MACs search's last step lands at most this fraction of the baseline's MACs under the
+# target: past it, the step is taken again group by group. Rounding to the runtime's block
+# of 16 makes every layer of a width lose a block in the same step (squeezenet1_1 went
+# from 0.55x to 0.40x in one step where 0.5x was asked).
+MACS_TOLERANCE = 0.02
+
+
+def _step_until(model: nn.Module, pruner, example: torch.Tensor, target: float) -> None:
+    """One pruning step taken group by group (torch-pruning's interactive step), stopping
+    at the first group after which the model's MACs are at most ``target``.
+
+    Between groups the count is estimated: the whole model's, scaled as its conv and Linear
+    layers' MACs are (from their channel counts and the output positions one forward
+    recorded), so that a step of 50 groups costs one more count, not 50; that count decides."""
+    positions = _output_positions(model, example)
+    flops, layers = count_flops(model, example), max(_layer_macs(model, positions), 1)
+    groups = pruner.step(interactive=True)
+    for group in groups:
+        group.prune()
+        if flops * _layer_macs(model, positions) / layers <= target:
+            break
+    for group in groups:  # the other layers' MACs fell short: exact counts from here
+        _sync_heads(model, pruner)  # an attention layer's forward reads its head count
+        if count_flops(model, example) <= target:
+            break
+        group.prune()
+    _sync_heads(model, pruner)
+    model.zero_grad(set_to_none=True)
+
+
+def _output_positions(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Each conv and Linear layer's output positions (pixels, tokens) for ``example``."""
+    positions: dict[str, int] = {}
+
+    def record(name, module):
+        if not isinstance(module, PRUNABLE):
+            return None
+        width = -1 if isinstance(module, nn.Linear) else 1  # features, channels
+        return lambda m, _args, out: positions.__setitem__(name, out.numel() // out.shape[width])
+
+    forward_with_hooks(model, example, record)
+    return positions
+
+
+def _layer_macs(model: nn.Module, positions: dict[str, int]) -> int:
+    """The MACs of the layers in ``positions`` at their present channel counts."""
+    total = 0
+    for name, count in positions.items():
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Linear):
+            total += count * m.in_features * m.out_features
+        elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            kernel = math.prod(m.kernel_size)
+            total += count * m.out_channels * (m.in_channels // m.groups) * kernel
+    return total
+
+
+def _snapshot(model: nn.Module, pruner) -> tuple:
+    """What a pruning step changes: shape attributes, tensors, and the pruner's step and
+    per-layer counts (heads, and the channel groups it keeps equal to them)."""
+    shapes = {n: {a: getattr(m, a) for a in _shape_attributes(m)} for n, m in model.named_modules()}
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    counts = {a: dict(getattr(pruner, a)) for a in _PRUNER_COUNTS if hasattr(pruner, a)}
+    joins = {  # torch-pruning's concatenations and splits: the sizes of their parts
+        op: {a: copy.copy(getattr(op, a)) for a in _JOIN_SIZES if hasattr(op, a)}
+        for op in pruner.DG.module2node
+        if isinstance(op, _JOINS)
+    }
+    return shapes, tensors, pruner.current_step, counts, joins
+
+
+_PRUNER_COUNTS = ("num_heads", "out_channel_groups", "in_channel_groups")
+_JOINS = (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._UnbindOp)
+_JOIN_SIZES = ("concat_sizes", "split_sizes", "offsets")
+
+
+def _restore(model: nn.Module, pruner, snapshot: tuple) -> None:
+    """The model and pruner as :func:`_snapshot` saw them, in place: the same modules and
+    parameter objects, which torch-pruning's graph refers to."""
+    shapes, tensors, step, counts, joins = snapshot
+    for name, attributes in shapes.items():
+        module = model.get_submodule(name)
+        for attribute, value in attributes.items():
+            setattr(module, attribute, value)
+    for key, value in tensors.items():
+        owner_name, _, attribute = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        getattr(owner, attribute).data = value
+    pruner.current_step = step
+    for attribute, values in counts.items():
+        getattr(pruner, attribute).update(values)
+    for op, sizes in joins.items():
+        for attribute, value in sizes.items():
+            setattr(op, attribute, value)
+    _sync_heads(model, pruner)
 
 
 # Attention layers whose heads prune whole: their query, key and value Linear layers, as

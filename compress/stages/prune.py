@@ -569,7 +569,7 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
     """torch-pruning's steps: all of them for a ratio (iterative_steps reach it gradually),
     until the target is met for MACs or measured latency; whether it was."""
     searching = config.target_macs is not None or config.target_latency_ms is not None
-    reached = not searching
+    reached, previous = not searching, base_flops  # the MACs before the step
     for step in range(steps):
         if config.importance == "taylor":
             _taylor_gradients(model, data)
@@ -586,7 +586,8 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
                 _restore(model, pruner, before)
                 if config.importance == "taylor":
                     _taylor_gradients(model, data)
-                _step_until(model, pruner, example, target)
+                _step_until(model, pruner, example, target, previous)
+            previous = flops
         if config.target_latency_ms is not None:
             p50 = measure_latency(model.eval(), example, warmup=3, iterations=30).p50
             log.info(
@@ -606,15 +607,18 @@ def _prune_steps(model, data, config, pruner, steps, example, base_flops) -> boo
 MACS_TOLERANCE = 0.02
 
 
-def _step_until(model: nn.Module, pruner, example: torch.Tensor, target: float) -> None:
+def _step_until(
+    model: nn.Module, pruner, example: torch.Tensor, target: float, flops: float
+) -> None:
     """One pruning step taken group by group (torch-pruning's interactive step), stopping
-    at the first group after which the model's MACs are at most ``target``.
+    at the first group after which the model's MACs are at most ``target``; ``flops``: the
+    model's count before the step.
 
-    Between groups the count is estimated: the whole model's, scaled as its conv and Linear
-    layers' MACs are (from their channel counts and the output positions one forward
-    recorded), so that a step of 50 groups costs one more count, not 50; that count decides."""
+    Between groups the count is estimated: ``flops`` scaled as the conv and Linear layers'
+    MACs are (from their channel counts and the output positions one forward recorded), so
+    that a step of 50 groups costs one more count, not 50; that count decides."""
     positions = _output_positions(model, example)
-    flops, layers = count_flops(model, example), max(_layer_macs(model, positions), 1)
+    layers = max(_layer_macs(model, positions), 1)
     groups = pruner.step(interactive=True)
     for group in groups:
         group.prune()

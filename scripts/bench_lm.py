@@ -4,13 +4,16 @@ in every runtime, compress's weight-only INT8/INT4 against the peers' own.
 Contenders (the trained model of ``--recipe``'s baseline: the shipped reference of
 ``recipes/gpt_int8.yaml`` by default; nothing is downloaded):
 
-- ``fp32_torch``, ``fp32_inductor`` (torch.compile, freezing), ``fp32_ort``, ``fp32_ov``:
-  the float model in each runtime (OpenVINO picks its own precision: bf16 on CPUs with
-  AVX-512 BF16 or AMX);
+- ``fp32_torch``, ``fp32_inductor`` (torch.compile, freezing; its decoding step compiled
+  ahead of time by AOTInductor, as every ``*_inductor`` one), ``fp32_ort``, ``fp32_ov``:
+  the float model in each runtime; OpenVINO in its own default precision (bf16 on CPUs with
+  AVX-512 BF16 or AMX) and, where that is not f32, in f32 too (``*_ov_f32``): a decoding
+  step can run faster in f32 kernels, so every OpenVINO contender gets both;
 - ``compress_int8dyn``: compress's ``int8_dynamic`` on a model that decodes (torchao's
   per-token INT8, compiled); ``compress_int8wo_*``, ``compress_int4_*``: its
   ``int8_weight_only`` and ``int4_weight_only`` (torch's CPU weight-only kernels), eager
-  and compiled;
+  and compiled, and the INT4 codes exported (``compress_int4_ort``: MatMulNBits;
+  ``compress_int4_ov*``: OpenVINO's compressed weights);
 - ``torchao_int8wo``, ``torchao_int8dyn``: torchao's own ``Int8WeightOnlyConfig`` and
   ``Int8DynamicActivationInt8WeightConfig`` applied with ``quantize_``, compiled (torchao
   0.18 has no CPU int4 packing format);
@@ -59,7 +62,13 @@ from compress.measure.decode import (
     onnx_step,
     tokens_per_second,
 )
-from compress.measure.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
+from compress.measure.deploy import (
+    InductorModel,
+    OnnxRuntimeModel,
+    OpenVinoModel,
+    export,
+    openvino_default_precision,
+)
 from compress.measure.latency import measure_latency
 from compress.measure.machine import describe_isa, isa
 from compress.measure.scores import metrics
@@ -165,21 +174,20 @@ def _summary(rows: dict, recipe: str, threads: int, args) -> dict:
 def _contenders(model, data, folder: Path, threads: int, args) -> dict[str, dict]:
     example = data.example_input(2)
     found: dict[str, dict] = {}
-    float_onnx = export(model, folder / "fp32.onnx", "onnx", example)
-    float_xml = export(model, folder / "fp32.xml", "openvino", example)
     _add_torch(found, "fp32", model, threads, folder, _saved_mb(model, folder / "fp32", example))
-    _add_runtime(found, "fp32_ort", OnnxRuntimeModel(float_onnx, threads), model, threads, folder)
-    _add_runtime(found, "fp32_ov", OpenVinoModel(float_xml, threads), model, threads, folder)
+    _add_runtimes(found, "fp32", model, threads, folder, example)
     for method, label in (("int8_weight_only", "int8wo"), ("int4_weight_only", "int4")):
         options = {"group_size": 64} if method == "int4_weight_only" else {}
         quantized = quantize(model, data, method=method, **options)
         size = _saved_mb(quantized, folder / label, example)
         _add_torch(found, f"compress_{label}", quantized, threads, folder, size)
+        if label == "int4":  # its codes in both runtimes (MatMulNBits, compressed weights)
+            _add_runtimes(found, "compress_int4", quantized, threads, folder, example)
     per_token = quantize(model, data, method="int8_dynamic", goal="size")
     found["compress_int8dyn"] = {  # compiles itself; its decoding step compiled alike
         "runtime": "inductor",
         "forward": per_token,
-        "step": decoding_step(per_token, "inductor", threads, folder),
+        "step": decoding_step(per_token, "inductor", threads, folder / "compress_int8dyn"),
         "cache": empty_cache(per_token),
         "size_mb": _saved_mb(per_token, folder / "int8dyn", example),
     }
@@ -192,28 +200,8 @@ def _contenders(model, data, folder: Path, threads: int, args) -> dict[str, dict
         _add_torch(
             found, "chain", chain, threads, folder, _saved_mb(chain, folder / "chain", example)
         )
-        if getattr(chain, "not_exportable", None) is None:  # a float chain: its runtimes too
-            files = {kind: folder / f"chain.{kind}" for kind in ("onnx", "xml")}
-            forward = {
-                k: export(chain, f, "openvino" if k == "xml" else k, example)
-                for k, f in files.items()
-            }
-            _add_runtime(
-                found,
-                "chain_ort",
-                OnnxRuntimeModel(forward["onnx"], threads),
-                chain,
-                threads,
-                folder / "chain",
-            )
-            _add_runtime(
-                found,
-                "chain_ov",
-                OpenVinoModel(forward["xml"], threads),
-                chain,
-                threads,
-                folder / "chain",
-            )
+        if getattr(chain, "not_exportable", None) is None:  # its runtimes too
+            _add_runtimes(found, "chain", chain, threads, folder, example)
     return found
 
 
@@ -231,18 +219,29 @@ def _add_torch(found: dict, name: str, model, threads: int, folder: Path, size_m
         }
 
 
-def _add_runtime(found: dict, name: str, forward, model, threads: int, folder: Path) -> None:
-    """A float model's file in its runtime, and its decoding step exported alike (once per
-    ``folder``: one folder per model)."""
-    runtime = "onnxruntime" if name.endswith("_ort") else "openvino"
-    files = [forward.file] + ([forward.file.with_suffix(".bin")] if runtime == "openvino" else [])
-    found[name] = {
-        "runtime": runtime,
-        "forward": forward,
-        "step": decoding_step(model, runtime, threads, folder / "float_decoder"),
-        "cache": empty_cache(model),
-        "size_mb": round(sum(f.stat().st_size for f in files) / 1e6, 3),
-    }
+def _add_runtimes(found: dict, name: str, model, threads: int, folder: Path, example) -> None:
+    """``model`` exported to both runtimes (the codes of a weight-only model), with its
+    decoding step exported alike: ``{name}_ort``, ``{name}_ov`` and, where OpenVINO's default
+    is a half precision, ``{name}_ov_f32`` too (a decoding step, one vector through every
+    weight, can run faster in f32 kernels: each model gets both, like for like)."""
+    onnx_file = export(model, folder / f"{name}.onnx", "onnx", example)
+    xml = export(model, folder / f"{name}.xml", "openvino", example)
+    variants = [
+        ("ort", "onnxruntime", OnnxRuntimeModel(onnx_file, threads), None),
+        ("ov", "openvino", OpenVinoModel(xml, threads), None),
+    ]
+    if openvino_default_precision() != "f32":
+        variants.append(("ov_f32", "openvino", OpenVinoModel(xml, threads, "f32"), "f32"))
+    for suffix, runtime, forward, precision in variants:
+        files = [forward.file] + ([xml.with_suffix(".bin")] if runtime == "openvino" else [])
+        found[f"{name}_{suffix}"] = {
+            "runtime": runtime if precision is None else f"{runtime} ({precision})",
+            "forward": forward,
+            "step": decoding_step(model, runtime, threads, folder / f"{name}_decoder", precision),
+            "cache": empty_cache(model),
+            "size_mb": round(sum(f.stat().st_size for f in files) / 1e6, 3),
+            "score": precision is None,  # f32 scores as the original does
+        }
 
 
 def _add_torchao(found: dict, model, threads: int, folder: Path) -> None:
@@ -261,7 +260,7 @@ def _add_torchao(found: dict, model, threads: int, folder: Path) -> None:
         found[f"torchao_{label}"] = {
             "runtime": "inductor",
             "forward": InductorModel(quantized),
-            "step": decoding_step(quantized, "inductor", threads, folder),
+            "step": decoding_step(quantized, "inductor", threads, folder / f"torchao_{label}"),
             "cache": empty_cache(quantized),
             "size_mb": None,  # torchao's tensor subclasses save by pickle only
         }
@@ -271,7 +270,7 @@ def _add_peers(found: dict, model, folder: Path, threads: int) -> None:
     """ONNX Runtime's and NNCF's own weight quantization of the same float files."""
     from compress.measure.decode import export_decoder
 
-    decoder_onnx = export_decoder(model.decoder(), folder / "float_decoder" / "decoder.onnx")
+    decoder_onnx = export_decoder(model.decoder(), folder / "fp32_decoder" / "decoder.onnx")
     for label, quantizer in (("int8dyn", _ort_dynamic), ("int4", _ort_int4)):
         forward = quantizer(folder / "fp32.onnx", folder / f"ort_{label}.onnx")
         step_file = quantizer(decoder_onnx, folder / f"ort_{label}_decoder.onnx")
@@ -287,13 +286,16 @@ def _add_peers(found: dict, model, folder: Path, threads: int) -> None:
     for label, options in (("int8", {}), ("int4", {"mode": "int4_asym", "group_size": 64})):
         forward = _nncf_weights(folder / "fp32.xml", folder / f"nncf_{label}.xml", options)
         step_file = _nncf_weights(decoder_xml, folder / f"nncf_{label}_decoder.xml", options)
-        found[f"nncf_ov_{label}"] = {
-            "runtime": "openvino",
-            "forward": OpenVinoModel(forward, threads),
-            "step": onnx_step(step_file, "openvino", threads),
-            "cache": empty_cache(model),
-            "size_mb": round(forward.with_suffix(".bin").stat().st_size / 1e6, 3),
-        }
+        precisions = [None] + (["f32"] if openvino_default_precision() != "f32" else [])
+        for precision in precisions:  # like compress's: its default and f32, both
+            found[f"nncf_ov_{label}" + (f"_{precision}" if precision else "")] = {
+                "runtime": "openvino" + (f" ({precision})" if precision else ""),
+                "forward": OpenVinoModel(forward, threads, precision),
+                "step": onnx_step(step_file, "openvino", threads, precision),
+                "cache": empty_cache(model),
+                "size_mb": round(forward.with_suffix(".bin").stat().st_size / 1e6, 3),
+                "score": precision is None,
+            }
 
 
 def _ort_dynamic(source: Path, target: Path) -> Path:
@@ -323,6 +325,7 @@ def _nncf_weights(source: Path, target: Path, options: dict) -> Path:
     import nncf
     import openvino as ov
 
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # its import resets it: tables on stdout
     mode = nncf.CompressWeightsMode(options.get("mode", "int8_asym"))
     extra = {"group_size": options["group_size"], "ratio": 1.0} if "group_size" in options else {}
     with contextlib.redirect_stdout(sys.stderr):  # progress bars: keep stdout JSON lines

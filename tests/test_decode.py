@@ -7,6 +7,7 @@ import copy
 import itertools
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,11 +16,13 @@ import torch
 
 from compress.core.errors import RecipeError
 from compress.core.registry import StageContext
+from compress.measure import decode
 from compress.measure.counts import count_flops, sqnr_db
 from compress.measure.decode import (
     decoding_step,
     empty_cache,
     has_decoder,
+    measure_decode,
     tokens_per_second,
 )
 from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel, export
@@ -55,6 +58,7 @@ def _decoded_logits(step, model, ids: torch.Tensor) -> np.ndarray:
     ("runtime", "tolerance"),
     [
         ("torch", 1e-4),
+        pytest.param("inductor", 1e-4, marks=pytest.mark.slow),  # ahead of time
         pytest.param("onnxruntime", 1e-4, marks=pytest.mark.slow),
         # OpenVINO runs float models in bf16 where the CPU has it (AVX-512 BF16, AMX).
         pytest.param("openvino", 0.1, marks=pytest.mark.slow),
@@ -63,12 +67,14 @@ def _decoded_logits(step, model, ids: torch.Tensor) -> np.ndarray:
 def test_the_decoding_step_gives_the_forward_passs_logits(
     runtime, tolerance, gpt, tiny_text, tmp_path
 ):
-    if runtime != "torch":
+    if runtime in ("onnxruntime", "openvino"):
         pytest.importorskip(runtime)
     ids = tiny_text.example_input(1)[:, :12]
     expected = gpt(ids)[0].detach().numpy()
-    step = decoding_step(gpt, runtime, threads=1, folder=tmp_path)
+    notes: list[str] = []
+    step = decoding_step(gpt, runtime, threads=1, folder=tmp_path, notes=notes)
     assert np.abs(_decoded_logits(step, gpt, ids) - expected).max() < tolerance
+    assert notes == []  # inductor's step compiled ahead of time, not through torch.compile
     # A timed decoding returns a rate, over positions the cache holds.
     assert tokens_per_second(step, empty_cache(gpt), prompt=20, new_tokens=4) > 0
 
@@ -238,6 +244,13 @@ def test_int8_dynamic_on_a_gpt_is_per_token_and_its_decoding_runs_int8(gpt, tiny
     decoded = _decoded_logits(step, quantized, ids[:1, :8])
     assert np.abs(decoded[0] - logits[0, 0].numpy()).max() < 1e-5  # the first: exact
     assert np.abs(decoded - logits[0, :8].numpy()).max() < 0.05
+    # Compiled ahead of time by inductor (torchao's INT8 layers exported as they are): the
+    # same logits but for roundings flipped by float noise, as above.
+    notes: list[str] = []
+    step = decoding_step(quantized, "inductor", 1, tmp_path / "inductor", notes=notes)
+    assert (
+        notes == [] and np.abs(_decoded_logits(step, quantized, ids[:1, :8]) - decoded).max() < 0.05
+    )
     # Counted as the float model's MACs (int8 matmuls included), saved as codes, loaded exact.
     assert count_flops(eager, ids[:1]) == count_flops(gpt, ids[:1])
     loaded = load(save(quantized, tmp_path / "int8", tiny_text.example_input(2)))
@@ -298,6 +311,36 @@ def test_the_speed_check_of_a_model_that_decodes_is_its_decoding():
     faster, check, said = _decoding(timed("openvino", 2.0), paired, "m")  # the rounds decide
     assert faster and check["interval"] == [1.1, 1.4] and "1.20x [1.10, 1.40]" in said
     assert _decoding(untimed, timed("inductor", 1.0), "m") is None
+
+
+@pytest.mark.parametrize("default", ["bf16", "f32"])
+def test_openvino_decodes_in_its_default_precision_and_f32_and_the_faster_is_kept(
+    gpt, monkeypatch, default
+):
+    def step_in(model, runtime, threads, folder, precision=None, notes=None):
+        pause = 0.0 if precision == "f32" else 0.002  # f32 the faster, as on this CPU
+        made.append((runtime, precision))
+
+        def step(ids, position, cache):
+            time.sleep(pause)
+            return np.zeros((1, 1, 84), dtype=np.float32), cache
+
+        return step
+
+    made: list = []
+    monkeypatch.setattr(decode, "decoding_step", step_in)
+    monkeypatch.setattr(decode, "openvino_default_precision", lambda: default)
+    monkeypatch.setattr(decode, "ROUND_WARMUP_S", 0.0)
+    notes: list[str] = []
+    rates, fastest = measure_decode(gpt, ["onnxruntime", "openvino"], 1, 8, notes)
+    assert set(rates) == {"onnxruntime", "openvino"} and fastest is not None
+    if default == "f32":  # one precision: nothing to choose
+        assert made == [("onnxruntime", None), ("openvino", None)] and notes == []
+        return
+    assert made == [("onnxruntime", None), ("openvino", None), ("openvino", "f32")]
+    assert rates["openvino"] > 2 * rates["onnxruntime"]  # f32's rate, not the default's
+    assert fastest.rate() > 2 * rates["onnxruntime"]  # and its step, for the paired ratio
+    assert len(notes) == 1 and "OpenVINO decodes faster in f32 than in its default bf16" in notes[0]
 
 
 def _input_peaks(model, data, layer: str, batches: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import io
 import logging
@@ -233,6 +234,15 @@ class OnnxRuntimeModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = _as_input(x)
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+@functools.cache
+def openvino_default_precision() -> str:
+    """The inference precision OpenVINO's CPU plugin picks by default on this machine ("bf16"
+    on CPUs with AVX-512 BF16 or AMX, else "f32")."""
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
 
 
 class OpenVinoModel(nn.Module):

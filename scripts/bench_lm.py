@@ -28,10 +28,11 @@ Contenders (the trained model of ``--recipe``'s baseline: the shipped reference 
 
 Decode: greedy tokens a second at batch 1 with a key/value cache, ``--new-tokens`` after a
 prompt of ``context - new_tokens`` positions. Prefill: p50 of one forward pass over a
-``context``-token prompt. Rounds alternate the contenders, so that a drift of the shared
-machine weighs on all alike; figures are medians over rounds. Loss: nats per character on
-the test split's first ``--test-blocks`` blocks, the same for every contender. One JSON
-line per contender, then one with the ratios the issue sets targets on.
+``context``-token prompt. Rounds alternate the contenders, in reverse order every other
+round, so that a drift of the shared machine weighs on all alike; figures are medians over
+rounds. Loss: nats per character on the test split's first ``--test-blocks`` blocks, the
+same for every contender. One JSON line per contender, then one with the ratios the issue
+sets targets on.
 
     python scripts/bench_lm.py
     python scripts/bench_lm.py --run runs/experiments/<stamp>/gpt_full --rounds 5
@@ -101,8 +102,9 @@ def main() -> None:
     prefill = {name: [] for name, c in contenders.items() if c.get("forward") is not None}
     decode = {name: [] for name, c in contenders.items() if c.get("step") is not None}
     start = recipe.data.context - args.new_tokens
-    for _ in range(args.rounds):
-        for name, c in contenders.items():
+    for round_ in range(args.rounds):
+        order = list(contenders.items())
+        for name, c in order if round_ % 2 == 0 else order[::-1]:  # a drift weighs on all alike
             if name in prefill:
                 prefill[name].append(
                     measure_latency(

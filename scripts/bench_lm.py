@@ -61,6 +61,7 @@ from compress.measure.decode import (
     empty_cache,
     has_decoder,
     onnx_step,
+    openvino_precisions,
     tokens_per_second,
 )
 from compress.measure.deploy import (
@@ -68,7 +69,6 @@ from compress.measure.deploy import (
     OnnxRuntimeModel,
     OpenVinoModel,
     export,
-    openvino_default_precision,
 )
 from compress.measure.latency import measure_latency
 from compress.measure.machine import describe_isa, isa
@@ -228,12 +228,10 @@ def _add_runtimes(found: dict, name: str, model, threads: int, folder: Path, exa
     weight, can run faster in f32 kernels: each model gets both, like for like)."""
     onnx_file = export(model, folder / f"{name}.onnx", "onnx", example)
     xml = export(model, folder / f"{name}.xml", "openvino", example)
-    variants = [
-        ("ort", "onnxruntime", OnnxRuntimeModel(onnx_file, threads), None),
-        ("ov", "openvino", OpenVinoModel(xml, threads), None),
+    variants = [("ort", "onnxruntime", OnnxRuntimeModel(onnx_file, threads), None)] + [
+        ("ov" + (f"_{p}" if p else ""), "openvino", OpenVinoModel(xml, threads, p), p)
+        for p in openvino_precisions()
     ]
-    if openvino_default_precision() != "f32":
-        variants.append(("ov_f32", "openvino", OpenVinoModel(xml, threads, "f32"), "f32"))
     for suffix, runtime, forward, precision in variants:
         files = [forward.file] + ([xml.with_suffix(".bin")] if runtime == "openvino" else [])
         found[f"{name}_{suffix}"] = {
@@ -288,8 +286,7 @@ def _add_peers(found: dict, model, folder: Path, threads: int) -> None:
     for label, options in (("int8", {}), ("int4", {"mode": "int4_asym", "group_size": 64})):
         forward = _nncf_weights(folder / "fp32.xml", folder / f"nncf_{label}.xml", options)
         step_file = _nncf_weights(decoder_xml, folder / f"nncf_{label}_decoder.xml", options)
-        precisions = [None] + (["f32"] if openvino_default_precision() != "f32" else [])
-        for precision in precisions:  # like compress's: its default and f32, both
+        for precision in openvino_precisions():  # like compress's: its default and f32
             found[f"nncf_ov_{label}" + (f"_{precision}" if precision else "")] = {
                 "runtime": "openvino" + (f" ({precision})" if precision else ""),
                 "forward": OpenVinoModel(forward, threads, precision),

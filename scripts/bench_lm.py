@@ -64,14 +64,10 @@ from compress.measure.decode import (
     openvino_precisions,
     tokens_per_second,
 )
-from compress.measure.deploy import (
-    InductorModel,
-    OnnxRuntimeModel,
-    OpenVinoModel,
-    export,
-)
+from compress.measure.deploy import export
 from compress.measure.latency import measure_latency
 from compress.measure.machine import describe_isa, isa
+from compress.measure.runtimes import InductorModel, OnnxRuntimeModel, OpenVinoModel
 from compress.measure.scores import metrics
 from compress.stages.quantize import quantize
 

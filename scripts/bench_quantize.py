@@ -47,8 +47,9 @@ import torch
 
 from compress.core.distributed import set_threads
 from compress.data import build_data
-from compress.measure.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
+from compress.measure.deploy import export
 from compress.measure.latency import ROUND_WARMUP_S, measure_latency
+from compress.measure.runtimes import InductorModel, OnnxRuntimeModel, OpenVinoModel
 from compress.models.build import build_model
 from compress.spec.recipe import DataConfig, ModelConfig
 from compress.stages.quantize import quantize

@@ -46,9 +46,10 @@ from bench_quantize import CALIBRATION_BATCHES, alternating_rounds, nncf_quantiz
 from compress.core.distributed import set_threads
 from compress.core.errors import first_line
 from compress.data import build_data
-from compress.measure.deploy import InductorModel, OnnxRuntimeModel, OpenVinoModel, export
+from compress.measure.deploy import export
 from compress.measure.machine import describe_isa
 from compress.measure.machine import isa as isa_features
+from compress.measure.runtimes import InductorModel, OnnxRuntimeModel, OpenVinoModel
 from compress.models.build import build_model
 from compress.spec.recipe import DataConfig
 from compress.stages.prune import prune

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compress.measure.deploy import OnnxRuntimeModel, OpenVinoModel
+from compress.measure.runtimes import OnnxRuntimeModel, OpenVinoModel
 
 
 def openvino_nodes(path: Path, threads: int, calls: int) -> dict:

@@ -18,9 +18,10 @@ from compress.core.errors import ArtifactError, DataError, TaskError
 from compress.data import build_data
 from compress.data.shakespeare import MAX_TEXT_BYTES, blocks, character_split, shakespeare_texts
 from compress.measure.counts import sqnr_db
-from compress.measure.deploy import OnnxRuntimeModel, export
+from compress.measure.deploy import export
 from compress.measure.evaluate import evaluate
 from compress.measure.evaluation import Evaluation
+from compress.measure.runtimes import OnnxRuntimeModel
 from compress.models.artifact import example_batch, load, recorded_input, save, token_limit
 from compress.models.build import build_model
 from compress.spec.recipe import EvaluateConfig, ModelConfig

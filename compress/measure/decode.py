@@ -28,14 +28,10 @@ from torch import nn
 from compress.core.errors import ExportError, first_line
 from compress.core.modules import compile_module
 from compress.core.stats import median_interval
-from compress.measure.deploy import (
-    OnnxRuntimeModel,
-    OpenVinoModel,
-    openvino_default_precision,
-    quiet_exporter,
-)
+from compress.measure.deploy import quiet_exporter
 from compress.measure.latency import ROUND_WARMUP_S
 from compress.measure.onnx_rewrite import WeightCodes, finish_export
+from compress.measure.runtimes import OnnxRuntimeModel, OpenVinoModel, openvino_default_precision
 
 DECODE_RUNTIMES = ("torch", "inductor", "onnxruntime", "openvino")
 # (ids, position, cache) -> (logits, cache): the cache updated in place with the step's
@@ -86,7 +82,7 @@ def decoding_step(
     if callable(exported):
         module = exported()
         decoder, codes = module.decoder().eval(), getattr(module, "onnx_weight_codes", ())
-    path = export_decoder(decoder, folder / "decoder.onnx", codes)
+    path = export_decoder(decoder, folder / "decoder.onnx", codes, runtime == "openvino")
     return onnx_step(path, runtime, threads, precision)
 
 
@@ -200,9 +196,12 @@ def tokens_per_second(step: Step, cache: np.ndarray, prompt: int, new_tokens: in
     return new_tokens / (time.perf_counter() - start)
 
 
-def export_decoder(decoder: nn.Module, path: Path, codes: Sequence[WeightCodes] = ()) -> Path:
+def export_decoder(
+    decoder: nn.Module, path: Path, codes: Sequence[WeightCodes] = (), openvino: bool = False
+) -> Path:
     """Write the decoding step as ONNX: inputs ids, position, cache; outputs logits and the
-    step's keys and values. ``codes``: weights the file stores as codes (weight-only models)."""
+    step's keys and values. ``codes``: weights the file stores as codes (weight-only models);
+    ``openvino``: in the form OpenVINO converts (see ``finish_export``)."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +229,7 @@ def export_decoder(decoder: nn.Module, path: Path, codes: Sequence[WeightCodes] 
     import onnx
 
     proto = program.model_proto  # a new copy at each access: edit this one
-    finish_export(proto, codes)
+    finish_export(proto, codes, openvino)
     onnx.save_model(proto, str(path))
     return path
 
@@ -250,9 +249,9 @@ class Decoding(NamedTuple):
 def measure_decode(
     model: nn.Module, runtimes: list[str], threads: int, new_tokens: int, notes: list[str]
 ) -> tuple[dict[str, float], Decoding | None]:
-    """Tokens a second (median of 3 decodings) in each of ``runtimes`` that decodes, after a
-    prompt filling the rest of the cache, and the fastest runtime's :class:`Decoding`; a
-    runtime the step cannot reach is a note.
+    """Tokens a second (median of 3 rounds through them all) in each of ``runtimes`` that
+    decodes, after a prompt filling the rest of the cache, and the fastest runtime's
+    :class:`Decoding`; a runtime the step cannot reach is a note.
 
     OpenVINO decodes in its default precision and in f32, the faster kept (and named in a
     note): its default on CPUs with bf16 is bf16, and a decoding step, one vector through
@@ -274,14 +273,19 @@ def measure_decode(
                 continue
             prompt = context - new_tokens
             made[runtime] = [Decoding(s, empty_cache(model), prompt, new_tokens) for s in steps]
+    # Every runtime's (and precision's) decoding in each round, the order reversed every
+    # other round: a drift of this shared machine's speed then weighs on all of them alike.
+    contenders = [
+        (runtime, i) for runtime, decodings in made.items() for i in range(len(decodings))
+    ]
+    timed: dict[tuple[str, int], list[float]] = {contender: [] for contender in contenders}
+    for round_ in range(3):
+        for runtime, i in contenders if round_ % 2 == 0 else contenders[::-1]:
+            timed[runtime, i].append(made[runtime][i].rate())
     rates: dict[str, float] = {}
     chosen: dict[str, Decoding] = {}
     for runtime, decodings in made.items():
-        timed: list[list[float]] = [[] for _ in decodings]  # alternating, where a runtime has two
-        for _ in range(3):
-            for times, decoding in zip(timed, decodings, strict=True):
-                times.append(decoding.rate())
-        medians = [statistics.median(times) for times in timed]
+        medians = [statistics.median(timed[runtime, i]) for i in range(len(decodings))]
         best = max(range(len(medians)), key=medians.__getitem__)
         rates[runtime], chosen[runtime] = medians[best], decodings[best]
         if best:

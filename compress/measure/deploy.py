@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import importlib.util
 import io
 import logging
@@ -29,13 +28,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.core.errors import ExportError, first_line
-from compress.core.modules import compile_module
 from compress.core.traits import traits
-from compress.measure.onnx_rewrite import (
-    dynamic_quantization_translations,
-    finish_export,
-    onnx_precision,
-)
+from compress.measure.onnx_rewrite import dynamic_quantization_translations, finish_export
+from compress.measure.runtimes import InductorModel, OnnxRuntimeModel, OpenVinoModel
 from compress.models.artifact import MAX_BATCH, recorded_input  # the batches saved ones take
 from compress.models.detector import SplitDetector, split_detector
 
@@ -184,121 +179,9 @@ def deployed_files(path: Path) -> list[Path]:
     return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
 
 
-class InductorModel(nn.Module):
-    """A float model through ``torch.compile`` with freezing (weights folded into constants
-    and pre-packed for oneDNN), compiled once per input shape."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = copy.deepcopy(model).eval()
-        self.compiled = compile_module(self.model)
-        self._shapes: set[torch.Size] = set()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape in self._shapes:
-            return self.compiled(x)
-        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                out = self.compiled(x)
-            except Exception as error:  # noqa: BLE001 - dynamo's and inductor's errors are many
-                raise ExportError(f"torch.compile failed: {first_line(error)}") from None
-        self._shapes.add(x.shape)
-        return out
-
-
-class OnnxRuntimeModel(nn.Module):
-    """An ONNX Runtime CPU session with all graph optimisations (QDQ fusion included)."""
-
-    def __init__(self, path: str | Path, threads: int, optimized_to: str | Path | None = None):
-        super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # unused-initializer warnings are noise here
-        if optimized_to is not None:  # the graph as ORT runs it: which nodes it fused
-            options.optimized_model_filepath = str(optimized_to)
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as error:  # noqa: BLE001 - ORT raises its own types, one line is enough
-            raise ExportError(f"onnxruntime cannot load {path}: {first_line(error)}") from None
-        self.input_name = self.session.get_inputs()[0].name
-        self.file = Path(path)
-        self.precision = onnx_precision(path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        array = _as_input(x)
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-
-
-@functools.cache
-def openvino_default_precision() -> str:
-    """The inference precision OpenVINO's CPU plugin picks by default on this machine ("bf16"
-    on CPUs with AVX-512 BF16 or AMX, else "f32")."""
-    import openvino as ov
-
-    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-
-
-class OpenVinoModel(nn.Module):
-    """An OpenVINO CPU model compiled for latency (one stream) with ``threads`` threads.
-
-    OpenVINO picks its own inference precision (bf16 for float models on CPUs with AMX or
-    AVX-512 BF16); ``precision`` records what it chose, since top-1 is measured as it runs.
-    """
-
-    def __init__(
-        self, path: str | Path, threads: int, precision: str | None = None, profile: bool = False
-    ):
-        super().__init__()
-        import openvino as ov
-
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        if precision is not None:  # an FP16/BF16 model: OpenVINO's own half-precision path
-            config["INFERENCE_PRECISION_HINT"] = precision
-        if profile:  # per-node times in request.profiling_info (costs a little per call)
-            config["PERF_COUNT"] = True
-        try:
-            core = ov.Core()
-            graph = core.read_model(str(path))
-            compiled = core.compile_model(graph, "CPU", config)
-        except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError with long text
-            raise ExportError(f"openvino cannot compile {path}: {first_line(error)}") from None
-        self.request = compiled.create_infer_request()
-        self.file = Path(path)
-        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        ops = graph.get_ops()
-        codes = {
-            o.get_element_type().get_type_name() for o in ops if o.get_type_name() == "Constant"
-        }
-        if any(op.get_type_name() == "FakeQuantize" for op in ops):
-            self.precision = f"int8, the rest {self.precision}"
-        elif codes & {"u4", "i8"}:  # a weight-only model's codes
-            bits = 4 if "u4" in codes else 8
-            self.precision = f"{self.precision} (int{bits} weights)"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Shared buffers: OpenVINO reads the input in place and the output is copied once
-        # (~0.07 ms less per call than its default copies at batch 1).
-        array = _as_input(x)
-        result = self.request.infer({0: array}, share_inputs=True, share_outputs=True)
-        return torch.from_numpy(next(iter(result.values())).copy())
-
-
 # OpenVINO runs FP16/BF16 models as float32 IR with its own inference precision: its ONNX
 # front end takes no bfloat16 graph, and its CPU plugin casts per layer as it sees fit.
 _OPENVINO_PRECISION = {torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-def _as_input(x: torch.Tensor):
-    """A batch as the runtimes take it: float32, or integer ids (a language model's) as they are."""
-    x = x.detach().cpu()
-    return (x.float() if x.dtype.is_floating_point else x).contiguous().numpy()
 
 
 def _deployable_module(model: nn.Module, format: str) -> nn.Module:

@@ -6,8 +6,9 @@ graph computes in (:func:`onnx_precision`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,11 @@ def dynamic_quantization_translations() -> dict:
 def finish_export(model, weight_codes: Sequence[WeightCodes] = (), openvino: bool = False) -> None:
     """What every exported ONNX graph gets before it is saved: dynamic INT8 in ONNX's form,
     int32 biases of quantized layers, a weight-only model's codes in place of its float
-    weights; and, for OpenVINO, symmetric weights without their zero points (each rewrite
-    leaves a graph without its pattern as it is)."""
+    weights; and, for OpenVINO, symmetric weights without their zero points and 4-bit codes
+    in blocks that tile each row (each rewrite leaves a graph without its pattern as it is)."""
     dynamic_matmuls(model)
     quantize_biases(model)
-    weight_code_matmuls(model, weight_codes)
+    weight_code_matmuls(model, weight_codes, whole_blocks=openvino)
     if openvino:
         drop_zero_weight_zero_points(model)
 
@@ -260,7 +261,7 @@ class WeightCodes:
     weight: np.ndarray  # (out, in) float32: the float weight the exported file holds
 
 
-def weight_code_matmuls(model, weights: Sequence[WeightCodes]) -> int:
+def weight_code_matmuls(model, weights: Sequence[WeightCodes], whole_blocks: bool = False) -> int:
     """Store each MatMul's constant weight that is one of ``weights`` (as the exporter
     folded it: transposed, float) as its codes behind a DequantizeLinear; returns how many.
 
@@ -268,6 +269,7 @@ def weight_code_matmuls(model, weights: Sequence[WeightCodes]) -> int:
     ``uint4`` in blocks of ``group`` inputs (opset 21's blocked DequantizeLinear), the form
     ONNX Runtime fuses into its 4-bit ``MatMulNBits`` kernel and OpenVINO keeps compressed.
     The float file's weights are matched by value, so any exporter's names do.
+    ``whole_blocks``: blocks that tile a row (OpenVINO converts no shorter last block).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -305,6 +307,8 @@ def weight_code_matmuls(model, weights: Sequence[WeightCodes]) -> int:
             attributes = {"axis": out_axis}
         else:
             assert codes.zeros is not None, "4-bit codes are asymmetric"
+            if whole_blocks:
+                codes = _whole_blocks(codes)
             stored = [
                 _uint4(name, orient(codes.codes)),
                 numpy_helper.from_array(
@@ -328,6 +332,25 @@ def weight_code_matmuls(model, weights: Sequence[WeightCodes]) -> int:
             if opset.domain in ("", "ai.onnx"):
                 opset.version = max(opset.version, 21)
     return len(added)
+
+
+def _whole_blocks(codes: WeightCodes) -> WeightCodes:
+    """``codes`` in blocks that tile each row: where ``group`` does not divide the inputs
+    (784 in groups of 32), blocks of their greatest common divisor, each with its group's
+    scale and zero point, so the codes and what they stand for are the same."""
+    inputs = codes.codes.shape[1]
+    block = math.gcd(inputs, codes.group)
+    if block == codes.group:
+        return codes
+    repeat = codes.group // block
+    blocks = inputs // block
+    assert codes.zeros is not None  # 4-bit codes: the only blocked ones
+    return replace(
+        codes,
+        scales=np.repeat(codes.scales, repeat, axis=1)[:, :blocks],
+        zeros=np.repeat(codes.zeros, repeat, axis=1)[:, :blocks],
+        group=block,
+    )
 
 
 def _uint4(name: str, values: np.ndarray):

@@ -147,6 +147,27 @@ def test_an_undone_pruning_step_leaves_the_model_and_torch_pruning_graph_as_they
         assert torch.equal(model(x), fresh(x))
 
 
+def test_a_snapshot_shares_the_weights_and_refuses_ones_changed_in_place():
+    # A snapshot keeps the tensors a step replaces rather than copying them (a copy doubled
+    # a large model's peak memory): a weight changed in place since cannot be restored.
+    import torch_pruning as tp
+
+    from compress.stages.prune import PruningError, _restore, _snapshot
+
+    torch.manual_seed(0)
+    model = _model().eval()
+    pruner = tp.pruner.MetaPruner(
+        model, torch.randn(1, 1, 32, 32), importance=tp.importance.MagnitudeImportance(p=1)
+    )
+    before = _snapshot(model, pruner)
+    weight = next(model.parameters())
+    assert before[1][next(iter(before[1]))][0].data_ptr() == weight.data_ptr()  # no copy
+    with torch.no_grad():
+        weight.mul_(2.0)
+    with pytest.raises(PruningError, match="changed .* in place: it cannot be undone"):
+        _restore(model, pruner, before)
+
+
 def test_channels_round_to_the_runtimes_block_by_default_and_the_macs_target_holds(synthetic):
     # The block is read from ONNX Runtime (16 with AVX-512): a layer between blocks ran a
     # pruned MobileNet 2-3x slower there. Rounding to the nearest block, not down, keeps a

@@ -662,9 +662,14 @@ def _layer_macs(model: nn.Module, positions: dict[str, int]) -> int:
 
 def _snapshot(model: nn.Module, pruner) -> tuple:
     """What a pruning step changes: shape attributes, tensors, and the pruner's step and
-    per-layer counts (heads, and the channel groups it keeps equal to them)."""
+    per-layer counts (heads, and the channel groups it keeps equal to them).
+
+    The tensors are kept, not copied: torch-pruning gives a layer it prunes new, smaller
+    tensors and leaves the old ones as they were, so a snapshot costs no second copy of the
+    weights (a copy doubled a large model's peak memory). Their version counters are
+    kept too: :func:`_restore` refuses tensors changed in place since."""
     shapes = {n: {a: getattr(m, a) for a in _shape_attributes(m)} for n, m in model.named_modules()}
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors = {k: (v.detach(), v._version) for k, v in model.state_dict().items()}
     counts = {a: dict(getattr(pruner, a)) for a in _PRUNER_COUNTS if hasattr(pruner, a)}
     joins = {  # torch-pruning's concatenations and splits: the sizes of their parts
         op: {a: copy.copy(getattr(op, a)) for a in _JOIN_SIZES if hasattr(op, a)}
@@ -687,7 +692,10 @@ def _restore(model: nn.Module, pruner, snapshot: tuple) -> None:
         module = model.get_submodule(name)
         for attribute, value in attributes.items():
             setattr(module, attribute, value)
-    for key, value in tensors.items():
+    changed = [key for key, (value, version) in tensors.items() if value._version != version]
+    if changed:  # the snapshot shares them: what it saw is gone
+        raise PruningError(f"a pruning step changed {changed[0]} in place: it cannot be undone")
+    for key, (value, _version) in tensors.items():
         owner_name, _, attribute = key.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         getattr(owner, attribute).data = value

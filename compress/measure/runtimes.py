@@ -86,10 +86,17 @@ class OpenVinoModel(nn.Module):
 
     OpenVINO picks its own inference precision (bf16 for float models on CPUs with AMX or
     AVX-512 BF16); ``precision`` records what it chose, since top-1 is measured as it runs.
+    ``activation_group``: the inputs per int8 scale of a 4-bit model's activations (None: the
+    weights' group; 0: not quantized).
     """
 
     def __init__(
-        self, path: str | Path, threads: int, precision: str | None = None, profile: bool = False
+        self,
+        path: str | Path,
+        threads: int,
+        precision: str | None = None,
+        profile: bool = False,
+        activation_group: int | None = None,
     ):
         super().__init__()
         import openvino as ov
@@ -102,12 +109,11 @@ class OpenVinoModel(nn.Module):
         try:
             core = ov.Core()
             graph = core.read_model(str(path))
-            group = _weight_group(graph)
+            # OpenVINO quantizes a 4-bit-weight matmul's activations to int8 as it runs, in
+            # groups of 32 inputs by default; groups as long as the weights' ran the GPT's
+            # prefill faster (scripts/bench_lm.py: compress_int4_ov against int4_ov_group32).
+            group = _weight_group(graph) if activation_group is None else activation_group
             if group is not None:
-                # OpenVINO quantizes a 4-bit-weight matmul's activations to int8 as it runs,
-                # in groups of 32 inputs by default; groups as long as the weights' let one
-                # integer dot product serve a whole weight group. Paired probes on the GPT:
-                # prefill 0.87-0.94x the default's time, decode unchanged.
                 config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
             compiled = core.compile_model(graph, "CPU", config)
         except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError with long text
